@@ -1,0 +1,184 @@
+//! Runs copy plans with a pool of threads, into memory owned by the caller.
+
+use std::ptr;
+use std::sync::{Arc, Mutex};
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::plan::CopyOp;
+use crate::shard::Shard;
+
+/// A pool of copy threads. The pool is (re)built lazily in the process that uses it, so a
+/// forked child gets threads of its own instead of waiting forever on its parent's.
+#[derive(Debug)]
+pub struct Executor {
+    threads: usize,
+    pool: Mutex<Option<(u32, Arc<rayon::ThreadPool>)>>,
+}
+
+/// A destination pointer shared by the copy threads; each writes a disjoint range.
+#[derive(Clone, Copy)]
+struct Destination(*mut u8);
+// SAFETY: the threads write disjoint byte ranges (operations tile the window without
+// overlap) and `Executor::run` does not return before they finish.
+unsafe impl Send for Destination {}
+unsafe impl Sync for Destination {}
+
+impl Destination {
+    /// # Safety
+    /// `offset` must lie inside the destination window.
+    unsafe fn at(self, offset: usize) -> *mut u8 {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.0.add(offset) }
+    }
+}
+
+impl Executor {
+    pub fn new(threads: usize) -> Executor {
+        Executor {
+            threads: threads.max(1),
+            pool: Mutex::new(None),
+        }
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    fn pool(&self) -> Result<Arc<rayon::ThreadPool>> {
+        let pid = std::process::id();
+        let mut pool = self
+            .pool
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match &*pool {
+            Some((owner, p)) if *owner == pid => Ok(p.clone()),
+            _ => {
+                let built = rayon::ThreadPoolBuilder::new()
+                    .num_threads(self.threads)
+                    .thread_name(|i| format!("fastmoe-copy-{i}"))
+                    .build()
+                    .map(Arc::new)
+                    .map_err(|e| Error::io("<copy threads>", "start", std::io::Error::other(e)))?;
+                *pool = Some((pid, built.clone()));
+                Ok(built)
+            }
+        }
+    }
+
+    /// Copies `ops` into a window of the destination: the window holds destination bytes
+    /// `[window_start, window_start + window_len)` and begins at `dst`.
+    ///
+    /// # Safety
+    /// `dst` must be valid for writes of `window_len` bytes for the duration of the call, and
+    /// nothing else may access that memory meanwhile.
+    pub unsafe fn run(
+        &self,
+        shards: &[Arc<Shard>],
+        ops: &[CopyOp],
+        dst: *mut u8,
+        window_start: usize,
+        window_len: usize,
+    ) -> Result<()> {
+        for op in ops {
+            let in_window =
+                op.dst >= window_start && op.dst + op.len() <= window_start + window_len;
+            let shard = shards.get(op.shard);
+            let in_shard = shard.is_some_and(|s| op.src_end() <= s.len());
+            if !in_window || !in_shard || !gatherable(op) {
+                return Err(Error::Checkpoint {
+                    path: shard.map(|s| s.path().to_path_buf()).unwrap_or_default(),
+                    reason: format!(
+                        "copy {op:?} falls outside its window [{window_start}, +{window_len}) or \
+                         its file, or has an unsupported element size; this is a bug"
+                    ),
+                });
+            }
+        }
+        let dst = Destination(dst);
+        self.pool()?.install(|| {
+            ops.par_iter().for_each(|op| {
+                // SAFETY: checked above that the source lies inside the shard's mapping and
+                // the destination inside the window the caller vouches for; operations of a
+                // plan write disjoint ranges.
+                unsafe {
+                    copy(
+                        shards[op.shard].as_ptr().add(op.src),
+                        dst.at(op.dst - window_start),
+                        op,
+                    )
+                }
+            })
+        });
+        Ok(())
+    }
+}
+
+/// # Safety
+/// `src` and `dst` must cover the operation's source and destination bytes.
+unsafe fn copy(src: *const u8, dst: *mut u8, op: &CopyOp) {
+    if op.has_contiguous_rows() {
+        let row_bytes = op.cols * op.elem;
+        for r in 0..op.rows {
+            // SAFETY: row r lies inside the operation's source and destination.
+            unsafe {
+                ptr::copy_nonoverlapping(
+                    src.add(r * op.src_row_stride),
+                    dst.add(r * row_bytes),
+                    row_bytes,
+                )
+            };
+        }
+        return;
+    }
+    // SAFETY: forwarded from the caller; `run` admits only these element sizes.
+    unsafe {
+        match op.elem {
+            1 => gather::<u8>(src, dst, op),
+            2 => gather::<u16>(src, dst, op),
+            4 => gather::<u32>(src, dst, op),
+            _ => gather::<u64>(src, dst, op),
+        }
+    }
+}
+
+/// Element sizes `gather` handles: those of every safetensors dtype that is sliceable.
+fn gatherable(op: &CopyOp) -> bool {
+    op.has_contiguous_rows() || matches!(op.elem, 1 | 2 | 4 | 8)
+}
+
+/// Rows of destination elements gathered from strided source elements.
+///
+/// # Safety
+/// As for [`copy`].
+unsafe fn gather<T: Copy>(src: *const u8, dst: *mut u8, op: &CopyOp) {
+    // Rows per tile when consecutive destination rows are neighbours in the source
+    // (transposes): a tile reads short contiguous source runs and keeps its destination
+    // rows in cache.
+    const TILE: usize = 32;
+    let (rows, cols) = (op.rows, op.cols);
+    let (rs, cs) = (op.src_row_stride, op.src_col_stride);
+    let dst = dst.cast::<T>();
+    // SAFETY: every (r, c) is inside the operation, so both addresses are covered; reads and
+    // writes are unaligned because file offsets and staging windows need not be aligned.
+    let at = |r: usize, c: usize| unsafe {
+        dst.add(r * cols + c)
+            .write_unaligned(src.add(r * rs + c * cs).cast::<T>().read_unaligned())
+    };
+    if rs < cs {
+        for r0 in (0..rows).step_by(TILE) {
+            for c in 0..cols {
+                for r in r0..(r0 + TILE).min(rows) {
+                    at(r, c);
+                }
+            }
+        }
+    } else {
+        for r in 0..rows {
+            for c in 0..cols {
+                at(r, c);
+            }
+        }
+    }
+}

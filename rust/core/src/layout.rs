@@ -1,0 +1,521 @@
+//! Finding routed-expert groups in a checkpoint and describing each expert's matrices as
+//! strided views of the stored tensors.
+//!
+//! The layout is read from names and from the shapes of *both* the gate/up and the down
+//! tensor, never from one tensor alone: a square `[E, H, H]` tensor says nothing about its
+//! orientation, but `gate_up [E, 2I, H]` beside `down [E, H, I]` does.
+
+use std::collections::BTreeMap;
+
+use safetensors::tensor::Dtype;
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+use crate::shard::{elem_bytes, TensorEntry};
+
+/// One matrix of one expert. Gate and up are `[I, H]`, down is `[H, I]`; biases are a
+/// single row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Part {
+    Gate,
+    Up,
+    Down,
+    GateBias,
+    UpBias,
+    DownBias,
+}
+
+/// Fused gate/up + down tensors (transformers v5, gpt-oss, Llama 4, GraniteMoe).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FusedTensors {
+    pub gate_up: String,
+    pub down: String,
+    pub gate_up_bias: Option<String>,
+    pub down_bias: Option<String>,
+    /// `gate_up [E, H, 2I]` and `down [E, I, H]` instead of `[E, 2I, H]` and `[E, H, I]`.
+    pub transposed: bool,
+    /// gate = even, up = odd entries of the 2I axis (gpt-oss) instead of two halves.
+    pub interleaved: bool,
+}
+
+/// One 2-D tensor per expert and matrix (Mixtral, Qwen MoE, DeepSeek, Grok, ...).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PerExpertTensors {
+    pub naming: &'static Naming,
+    /// `tensors[part][expert]`, parts in [`Part`] order; biases only when the checkpoint has them.
+    pub weights: [Vec<String>; 3],
+    pub biases: Option<[Vec<String>; 3]>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExpertTensors {
+    Fused(FusedTensors),
+    PerExpert(PerExpertTensors),
+}
+
+/// A per-expert naming scheme: the module names of gate, up and down.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Naming {
+    pub gate: &'static str,
+    pub up: &'static str,
+    pub down: &'static str,
+}
+
+pub const NAMINGS: [Naming; 3] = [
+    Naming {
+        gate: "gate_proj",
+        up: "up_proj",
+        down: "down_proj",
+    },
+    Naming {
+        gate: "w1",
+        up: "w3",
+        down: "w2",
+    },
+    Naming {
+        gate: "linear",
+        up: "linear_v",
+        down: "linear_1",
+    },
+];
+
+/// Names of a fused gate/up tensor, its down companion, and their biases where the family
+/// has them, as suffixes of the experts prefix.
+struct FusedNames {
+    gate_up: &'static str,
+    down: &'static str,
+    biases: Option<(&'static str, &'static str)>,
+}
+
+const FUSED_NAMES: [FusedNames; 2] = [
+    FusedNames {
+        gate_up: "gate_up_proj",
+        down: "down_proj",
+        biases: Some(("gate_up_proj_bias", "down_proj_bias")),
+    },
+    FusedNames {
+        gate_up: "input_linear.weight",
+        down: "output_linear.weight",
+        biases: None,
+    },
+];
+
+/// `model_type`s whose fused gate/up tensor interleaves gate and up.
+const INTERLEAVED_MODEL_TYPES: [&str; 1] = ["gpt_oss"];
+
+/// A 2-D strided view into one stored tensor, in elements.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MatrixView {
+    pub tensor: String,
+    pub offset: usize,
+    pub rows: usize,
+    pub cols: usize,
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+impl MatrixView {
+    pub fn select_rows(mut self, first: usize, count: usize) -> Self {
+        self.offset += first * self.row_stride;
+        self.rows = count;
+        self
+    }
+
+    pub fn select_cols(mut self, first: usize, count: usize) -> Self {
+        self.offset += first * self.col_stride;
+        self.cols = count;
+        self
+    }
+}
+
+/// One routed-expert group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MoeLayer {
+    pub prefix: String,
+    pub num_experts: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub dtype: Dtype,
+    pub bias_dtype: Option<Dtype>,
+    pub tensors: ExpertTensors,
+}
+
+impl MoeLayer {
+    /// `fused`, `fused_transposed`, `fused_interleaved`, `fused_transposed_interleaved` or
+    /// `per_expert`.
+    pub fn format(&self) -> &'static str {
+        match &self.tensors {
+            ExpertTensors::PerExpert(_) => "per_expert",
+            ExpertTensors::Fused(f) => match (f.transposed, f.interleaved) {
+                (false, false) => "fused",
+                (true, false) => "fused_transposed",
+                (false, true) => "fused_interleaved",
+                (true, true) => "fused_transposed_interleaved",
+            },
+        }
+    }
+
+    pub fn has_bias(&self) -> bool {
+        self.bias_dtype.is_some()
+    }
+
+    /// Every tensor of the group, weights first.
+    pub fn tensor_names(&self) -> Vec<&str> {
+        match &self.tensors {
+            ExpertTensors::Fused(f) => [
+                Some(&f.gate_up),
+                Some(&f.down),
+                f.gate_up_bias.as_ref(),
+                f.down_bias.as_ref(),
+            ]
+            .into_iter()
+            .flatten()
+            .map(String::as_str)
+            .collect(),
+            ExpertTensors::PerExpert(p) => p
+                .weights
+                .iter()
+                .chain(p.biases.iter().flatten())
+                .flatten()
+                .map(String::as_str)
+                .collect(),
+        }
+    }
+
+    /// Where `part` of `expert` lies. Gate/up are `[I, H]`, down `[H, I]`, biases `[1, n]`.
+    /// `None` for an expert id out of range or a bias of a group without biases.
+    pub fn matrix(&self, part: Part, expert: usize) -> Option<MatrixView> {
+        if expert >= self.num_experts {
+            return None;
+        }
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let view = |tensor: &String, offset, rows, cols, row_stride, col_stride| MatrixView {
+            tensor: tensor.clone(),
+            offset,
+            rows,
+            cols,
+            row_stride,
+            col_stride,
+        };
+        match &self.tensors {
+            ExpertTensors::PerExpert(p) => {
+                let (tensors, rows, cols) = match part {
+                    Part::Gate => (&p.weights[0], i, h),
+                    Part::Up => (&p.weights[1], i, h),
+                    Part::Down => (&p.weights[2], h, i),
+                    Part::GateBias => (&p.biases.as_ref()?[0], 1, i),
+                    Part::UpBias => (&p.biases.as_ref()?[1], 1, i),
+                    Part::DownBias => (&p.biases.as_ref()?[2], 1, h),
+                };
+                Some(view(&tensors[expert], 0, rows, cols, cols, 1))
+            }
+            ExpertTensors::Fused(f) => {
+                // Distance between gate and up along the 2I axis, and the step within each.
+                let (up_shift, step) = if f.interleaved { (1, 2) } else { (i, 1) };
+                Some(match (part, f.transposed) {
+                    // gate_up [E, 2I, H]
+                    (Part::Gate | Part::Up, false) => {
+                        let first = if part == Part::Up { up_shift } else { 0 };
+                        view(&f.gate_up, (expert * 2 * i + first) * h, i, h, step * h, 1)
+                    }
+                    // gate_up [E, H, 2I]
+                    (Part::Gate | Part::Up, true) => {
+                        let first = if part == Part::Up { up_shift } else { 0 };
+                        view(&f.gate_up, expert * h * 2 * i + first, i, h, step, 2 * i)
+                    }
+                    // down [E, H, I]
+                    (Part::Down, false) => view(&f.down, expert * h * i, h, i, i, 1),
+                    // down [E, I, H]
+                    (Part::Down, true) => view(&f.down, expert * i * h, h, i, 1, h),
+                    (Part::GateBias | Part::UpBias, _) => {
+                        let first = if part == Part::UpBias { up_shift } else { 0 };
+                        let tensor = f.gate_up_bias.as_ref()?;
+                        view(tensor, expert * 2 * i + first, 1, i, i * step, step)
+                    }
+                    (Part::DownBias, _) => view(f.down_bias.as_ref()?, expert * h, 1, h, h, 1),
+                })
+            }
+        }
+    }
+}
+
+/// Every routed-expert group of the checkpoint, in natural prefix order (layer 2 before 10).
+/// `interleaved` overrides the gate/up interleaving of fused tensors, which is otherwise
+/// taken from `model_type`.
+pub fn detect(ckpt: &Checkpoint, interleaved: Option<bool>) -> Result<Vec<MoeLayer>> {
+    let interleaved = interleaved.unwrap_or_else(|| {
+        ckpt.model_type()
+            .is_some_and(|t| INTERLEAVED_MODEL_TYPES.contains(&t))
+    });
+    let mut layers = Vec::new();
+    for (name, gate_up) in ckpt.entries() {
+        if let Some(layer) = fused_group(ckpt, name, gate_up, interleaved)? {
+            layers.push(layer);
+        }
+    }
+    for (prefix, naming, experts) in per_expert_candidates(ckpt) {
+        if layers.iter().any(|l| l.prefix == prefix) {
+            return Err(layout_error(
+                ckpt,
+                &prefix,
+                "holds both fused and per-expert tensors".into(),
+            ));
+        }
+        layers.push(per_expert_group(ckpt, prefix, naming, experts)?);
+    }
+    layers.sort_by(|a, b| natural_cmp(&a.prefix, &b.prefix));
+    Ok(layers)
+}
+
+fn layout_error(ckpt: &Checkpoint, prefix: &str, reason: String) -> Error {
+    Error::Layout {
+        path: ckpt.path().to_path_buf(),
+        prefix: prefix.to_string(),
+        reason,
+    }
+}
+
+fn entry<'c>(ckpt: &'c Checkpoint, name: &str) -> Option<&'c TensorEntry> {
+    ckpt.tensor(name).ok().map(|(_, e)| e)
+}
+
+/// The fused group whose gate/up tensor is `name`, if `name` is one.
+fn fused_group(
+    ckpt: &Checkpoint,
+    name: &str,
+    gate_up: &TensorEntry,
+    interleaved: bool,
+) -> Result<Option<MoeLayer>> {
+    let Some((prefix, down_suffix, bias_suffixes)) = FUSED_NAMES.iter().find_map(|names| {
+        let prefix = name.strip_suffix(names.gate_up)?.strip_suffix('.')?;
+        Some((prefix, names.down, names.biases))
+    }) else {
+        return Ok(None);
+    };
+    if gate_up.shape.len() != 3 {
+        return Ok(None); // a dense (non-expert) fused MLP, e.g. Phi-3's `mlp.gate_up_proj.weight`
+    }
+    let err = |reason: String| layout_error(ckpt, prefix, reason);
+    let down_name = format!("{prefix}.{down_suffix}");
+    let down = entry(ckpt, &down_name)
+        .ok_or_else(|| err(format!("`{name}` has no companion `{down_name}`")))?;
+    let (g, d) = (&gate_up.shape, &down.shape);
+    if d.len() != 3 || d[0] != g[0] {
+        return Err(err(format!(
+            "`{name}` {g:?} and `{down_name}` {d:?} do not describe the same experts"
+        )));
+    }
+    let normal = g[1] == 2 * d[2] && g[2] == d[1];
+    let transposed = g[2] == 2 * d[1] && g[1] == d[2];
+    let (hidden, inter) = match (normal, transposed) {
+        (true, false) => (g[2], d[2]),
+        (false, true) => (g[1], d[1]),
+        _ => {
+            return Err(err(format!(
+                "cannot tell the orientation of `{name}` {g:?} and `{down_name}` {d:?}: expected \
+                 [E, 2I, H] with [E, H, I], or [E, H, 2I] with [E, I, H]"
+            )))
+        }
+    };
+    let dtype = same_dtype(ckpt, prefix, &[gate_up, down])?;
+    let (num_experts, h, i) = (g[0], hidden, inter);
+
+    let (gate_up_bias, down_bias, bias_dtype) = match bias_suffixes {
+        None => (None, None, None),
+        Some((gb, db)) => {
+            let (gb, db) = (format!("{prefix}.{gb}"), format!("{prefix}.{db}"));
+            match (entry(ckpt, &gb), entry(ckpt, &db)) {
+                (None, None) => (None, None, None),
+                (Some(gbe), Some(dbe)) => {
+                    if gbe.shape != [num_experts, 2 * i] || dbe.shape != [num_experts, h] {
+                        return Err(err(format!(
+                            "biases `{gb}` {:?} and `{db}` {:?} should be [{num_experts}, {}] and \
+                             [{num_experts}, {h}]",
+                            gbe.shape,
+                            dbe.shape,
+                            2 * i
+                        )));
+                    }
+                    let dtype = same_dtype(ckpt, prefix, &[gbe, dbe])?;
+                    (Some(gb), Some(db), Some(dtype))
+                }
+                (Some(_), None) | (None, Some(_)) => {
+                    return Err(err(format!("only one of `{gb}` and `{db}` is present")))
+                }
+            }
+        }
+    };
+    Ok(Some(MoeLayer {
+        prefix: prefix.to_string(),
+        num_experts,
+        hidden_size: h,
+        intermediate_size: i,
+        dtype,
+        bias_dtype,
+        tensors: ExpertTensors::Fused(FusedTensors {
+            gate_up: name.to_string(),
+            down: down_name,
+            gate_up_bias,
+            down_bias,
+            transposed,
+            interleaved,
+        }),
+    }))
+}
+
+/// All entries (at least one) must share one dtype, and it must be sliceable per element.
+fn same_dtype(ckpt: &Checkpoint, prefix: &str, entries: &[&TensorEntry]) -> Result<Dtype> {
+    let first = entries[0].dtype;
+    if let Some(other) = entries.iter().find(|e| e.dtype != first) {
+        return Err(layout_error(
+            ckpt,
+            prefix,
+            format!("mixes dtypes {first} and {}", other.dtype),
+        ));
+    }
+    if elem_bytes(first).is_none() {
+        return Err(layout_error(
+            ckpt,
+            prefix,
+            format!("dtype {first} packs several values per byte and cannot be sliced per element"),
+        ));
+    }
+    Ok(first)
+}
+
+/// `experts[e][0..3]` weights, `[3..6]` biases of one per-expert candidate group.
+type ExpertNames<'c> = BTreeMap<usize, [Option<(&'c str, &'c TensorEntry)>; 6]>;
+
+/// Groups `P.{e}.{gate|up|down}.{weight|bias}` names by prefix and naming scheme.
+fn per_expert_candidates(ckpt: &Checkpoint) -> Vec<(String, &'static Naming, ExpertNames<'_>)> {
+    let mut groups: BTreeMap<(String, usize), ExpertNames> = BTreeMap::new();
+    for (name, entry) in ckpt.entries() {
+        let mut parts = name.rsplitn(4, '.');
+        let (Some(kind), Some(module), Some(expert), Some(prefix)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let kind = match kind {
+            "weight" => 0,
+            "bias" => 3,
+            _ => continue,
+        };
+        let Ok(expert) = expert.parse::<usize>() else {
+            continue;
+        };
+        if prefix
+            .rsplit('.')
+            .next()
+            .is_some_and(|last| last.contains("shared"))
+        {
+            continue; // shared experts are dense weights, not routed experts
+        }
+        for (n, naming) in NAMINGS.iter().enumerate() {
+            let slot = [naming.gate, naming.up, naming.down]
+                .iter()
+                .position(|m| *m == module);
+            if let Some(slot) = slot {
+                let experts = groups.entry((prefix.to_string(), n)).or_default();
+                experts.entry(expert).or_default()[kind + slot] = Some((name, entry));
+            }
+        }
+    }
+    groups
+        .into_iter()
+        // A group must have at least one gate weight; a lone `0.linear.weight` elsewhere in a
+        // model is not an expert group.
+        .filter(|(_, experts)| experts.values().any(|e| e[0].is_some()))
+        .map(|((prefix, n), experts)| (prefix, &NAMINGS[n], experts))
+        .collect()
+}
+
+fn per_expert_group(
+    ckpt: &Checkpoint,
+    prefix: String,
+    naming: &'static Naming,
+    experts: ExpertNames<'_>,
+) -> Result<MoeLayer> {
+    let err = |reason: String| layout_error(ckpt, &prefix, reason);
+    let num_experts = experts.len();
+    if let Some(missing) = (0..num_experts).find(|e| !experts.contains_key(e)) {
+        let last = experts.keys().next_back().copied().unwrap_or(0);
+        return Err(err(format!(
+            "expert {missing} is missing (found {num_experts} experts numbered up to {last})"
+        )));
+    }
+    let modules = [naming.gate, naming.up, naming.down];
+    let has_bias = experts.values().any(|e| e[3..].iter().any(Option::is_some));
+    let kinds = if has_bias { 6 } else { 3 };
+    // found[kind][expert], kinds in `Part` order
+    let mut found: [Vec<(&str, &TensorEntry)>; 6] = Default::default();
+    for (e, tensors) in &experts {
+        for k in 0..kinds {
+            let kind = if k < 3 { "weight" } else { "bias" };
+            let tensor = tensors[k].ok_or_else(|| {
+                err(format!(
+                    "`{prefix}.{e}.{}.{kind}` is missing",
+                    modules[k % 3]
+                ))
+            })?;
+            found[k].push(tensor);
+        }
+    }
+    let (first_name, first) = found[0][0];
+    if first.shape.len() != 2 {
+        return Err(err(format!(
+            "`{first_name}` has shape {:?}; expected [I, H]",
+            first.shape
+        )));
+    }
+    let (i, h) = (first.shape[0], first.shape[1]);
+    let expected: [&[usize]; 6] = [&[i, h], &[i, h], &[h, i], &[i], &[i], &[h]];
+    for k in 0..kinds {
+        if let Some((name, e)) = found[k].iter().find(|(_, e)| e.shape != expected[k]) {
+            return Err(err(format!(
+                "`{name}` has shape {:?}; expected {:?} like `{first_name}`",
+                e.shape, expected[k]
+            )));
+        }
+    }
+    fn entries<'c>(kinds: &[Vec<(&str, &'c TensorEntry)>]) -> Vec<&'c TensorEntry> {
+        kinds.iter().flatten().map(|&(_, e)| e).collect()
+    }
+    let dtype = same_dtype(ckpt, &prefix, &entries(&found[..3]))?;
+    let bias_dtype = has_bias
+        .then(|| same_dtype(ckpt, &prefix, &entries(&found[3..])))
+        .transpose()?;
+    let names = found.map(|tensors| {
+        tensors
+            .iter()
+            .map(|(n, _)| n.to_string())
+            .collect::<Vec<_>>()
+    });
+    let [g, u, d, gb, ub, db] = names;
+    Ok(MoeLayer {
+        num_experts,
+        hidden_size: h,
+        intermediate_size: i,
+        dtype,
+        bias_dtype,
+        tensors: ExpertTensors::PerExpert(PerExpertTensors {
+            naming,
+            weights: [g, u, d],
+            biases: has_bias.then_some([gb, ub, db]),
+        }),
+        prefix,
+    })
+}
+
+/// Orders `layers.2` before `layers.10`.
+fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    let key = |s: &str| -> Vec<(String, u64)> {
+        s.split('.')
+            .map(|part| match part.parse::<u64>() {
+                Ok(n) => (String::new(), n),
+                Err(_) => (part.to_string(), 0),
+            })
+            .collect()
+    };
+    key(a).cmp(&key(b))
+}

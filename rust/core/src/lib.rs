@@ -1,0 +1,18 @@
+//! The core of fastmoe_load: safetensors shards mapped into memory, routed-expert layouts,
+//! and copy plans executed by a thread pool. Pure Rust, no Python and no CUDA: the Python
+//! binding hands it destination pointers (CPU tensors or pinned staging buffers).
+
+pub mod checkpoint;
+pub mod error;
+pub mod exec;
+pub mod layout;
+pub mod plan;
+pub mod shard;
+
+pub use checkpoint::Checkpoint;
+pub use error::{Error, Result};
+pub use exec::Executor;
+pub use layout::{detect, MatrixView, MoeLayer, Part};
+pub use plan::{CopyOp, CopyPlan, LoadRequest, Target};
+pub use safetensors::tensor::Dtype;
+pub use shard::{Shard, TensorEntry};

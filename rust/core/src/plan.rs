@@ -1,0 +1,287 @@
+//! Copy plans: the byte-level recipe that fills one destination tensor (`w13`, `w2` or a bias)
+//! for one TP rank and one list of local experts, touching only the source bytes that rank
+//! keeps.
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+use crate::layout::{MatrixView, MoeLayer, Part};
+
+/// Largest destination span of one operation: the grain of parallel work and of staging
+/// windows. Large enough to amortise per-operation overhead, small enough to spread a
+/// window over many threads.
+pub const OP_BYTES: usize = 1 << 20;
+
+/// The vLLM `FusedMoE` parameters a plan can fill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// `[E_local, 2*I/tp, H]`: gate rows then up rows of the rank's shard.
+    W13,
+    /// `[E_local, H, I/tp]`: the rank's columns of down.
+    W2,
+    /// `[E_local, 2*I/tp]`.
+    W13Bias,
+    /// `[E_local, H]`: down's bias is not sharded.
+    W2Bias,
+}
+
+/// Narrows a matrix to the rank's shard: `select(matrix, first, count)`.
+type Select = fn(MatrixView, usize, usize) -> MatrixView;
+
+/// Which experts and which tensor-parallel shard a destination holds.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadRequest<'a> {
+    pub tp_rank: usize,
+    pub tp_size: usize,
+    /// Global expert id of each local slot; an expert may fill several slots (EPLB replicas).
+    pub experts: &'a [usize],
+}
+
+/// Copies a `rows x cols` matrix of `elem`-byte elements from a strided source into
+/// consecutive destination rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyOp {
+    pub shard: usize,
+    /// Absolute file offset of element (0, 0).
+    pub src: usize,
+    /// Destination offset of element (0, 0); rows follow each other without gaps.
+    pub dst: usize,
+    pub rows: usize,
+    pub cols: usize,
+    pub elem: usize,
+    pub src_row_stride: usize,
+    pub src_col_stride: usize,
+}
+
+impl CopyOp {
+    pub fn len(&self) -> usize {
+        self.rows * self.cols * self.elem
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Each row is one contiguous run of source bytes.
+    pub fn has_contiguous_rows(&self) -> bool {
+        self.src_col_stride == self.elem
+    }
+
+    /// One past the last source byte read (`src` for an empty operation).
+    pub fn src_end(&self) -> usize {
+        if self.is_empty() {
+            return self.src;
+        }
+        self.src
+            + (self.rows - 1) * self.src_row_stride
+            + (self.cols - 1) * self.src_col_stride
+            + self.elem
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct CopyPlan {
+    ops: Vec<CopyOp>,
+    len: usize,
+}
+
+impl CopyPlan {
+    /// The plan that fills `target` for `request`, after checking the request against the
+    /// layer. Its operations are in destination order and tile the destination exactly.
+    pub fn new(
+        ckpt: &Checkpoint,
+        layer: &MoeLayer,
+        target: Target,
+        request: &LoadRequest,
+    ) -> Result<CopyPlan> {
+        let err = |reason: String| Error::Request {
+            path: ckpt.path().to_path_buf(),
+            prefix: layer.prefix.clone(),
+            reason,
+        };
+        let LoadRequest {
+            tp_rank,
+            tp_size,
+            experts,
+        } = *request;
+        if tp_size == 0 || tp_rank >= tp_size {
+            return Err(err(format!(
+                "tp_rank {tp_rank} is not in [0, tp_size={tp_size})"
+            )));
+        }
+        let inter = layer.intermediate_size;
+        if !inter.is_multiple_of(tp_size) {
+            return Err(err(format!(
+                "intermediate size {inter} does not split into tp_size={tp_size} equal shards"
+            )));
+        }
+        if let Some(bad) = experts.iter().find(|&&e| e >= layer.num_experts) {
+            return Err(err(format!(
+                "expert {bad} does not exist (the layer has {} experts)",
+                layer.num_experts
+            )));
+        }
+        if matches!(target, Target::W13Bias | Target::W2Bias) && !layer.has_bias() {
+            return Err(err(
+                "the checkpoint has no expert biases for this layer".into()
+            ));
+        }
+        let shard = inter / tp_size;
+        let first = tp_rank * shard;
+        let parts: &[(Part, Select)] = match target {
+            Target::W13 => &[
+                (Part::Gate, MatrixView::select_rows),
+                (Part::Up, MatrixView::select_rows),
+            ],
+            Target::W2 => &[(Part::Down, MatrixView::select_cols)],
+            Target::W13Bias => &[
+                (Part::GateBias, MatrixView::select_cols),
+                (Part::UpBias, MatrixView::select_cols),
+            ],
+            Target::W2Bias => &[(Part::DownBias, |m, _, _| m)],
+        };
+        let mut plan = CopyPlan::default();
+        for &expert in experts {
+            for &(part, select) in parts {
+                let matrix = layer
+                    .matrix(part, expert)
+                    .ok_or_else(|| err(format!("no {part:?} for expert {expert}")))?;
+                plan.push_matrix(ckpt, &select(matrix, first, shard))?;
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Destination bytes, which are also the source bytes read.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn ops(&self) -> &[CopyOp] {
+        &self.ops
+    }
+
+    /// Shards the plan reads, each once, in order.
+    pub fn shards(&self) -> Vec<usize> {
+        let mut shards: Vec<usize> = self.ops.iter().map(|op| op.shard).collect();
+        shards.sort_unstable();
+        shards.dedup();
+        shards
+    }
+
+    /// Splits the destination into consecutive byte ranges of at most `max_bytes` (or one
+    /// operation, if larger) that end on operation boundaries.
+    pub fn windows(&self, max_bytes: usize) -> Vec<(usize, usize)> {
+        let mut windows = Vec::new();
+        let mut start = 0;
+        for op in &self.ops {
+            let end = op.dst + op.len();
+            if end - start > max_bytes && op.dst > start {
+                windows.push((start, op.dst));
+                start = op.dst;
+            }
+        }
+        if self.len > start {
+            windows.push((start, self.len));
+        }
+        windows
+    }
+
+    /// The operations that exactly fill destination bytes `[start, end)`, or `None` if the
+    /// range does not begin and end on operation boundaries.
+    pub fn ops_in(&self, start: usize, end: usize) -> Option<&[CopyOp]> {
+        if start > end || end > self.len {
+            return None;
+        }
+        let first = self.ops.partition_point(|op| op.dst < start);
+        let last = self.ops.partition_point(|op| op.dst < end);
+        let starts_on_boundary = self.ops.get(first).is_none_or(|op| op.dst == start);
+        let ends_on_boundary =
+            end == self.len || self.ops.get(last).is_some_and(|op| op.dst == end);
+        (starts_on_boundary && ends_on_boundary).then(|| &self.ops[first..last])
+    }
+
+    fn push_matrix(&mut self, ckpt: &Checkpoint, m: &MatrixView) -> Result<()> {
+        let (shard, entry) = ckpt.tensor(&m.tensor)?;
+        let elem = entry.elem_bytes().ok_or_else(|| Error::Layout {
+            path: ckpt.path().to_path_buf(),
+            prefix: m.tensor.clone(),
+            reason: format!("dtype {} cannot be sliced per element", entry.dtype),
+        })?;
+        let op = CopyOp {
+            shard,
+            src: entry.start + m.offset * elem,
+            dst: self.len,
+            rows: m.rows,
+            cols: m.cols,
+            elem,
+            src_row_stride: m.row_stride * elem,
+            src_col_stride: m.col_stride * elem,
+        };
+        if op.src_end() > entry.end {
+            return Err(Error::Layout {
+                path: ckpt.path().to_path_buf(),
+                prefix: m.tensor.clone(),
+                reason: format!("a view reaches past the tensor's bytes: {m:?}"),
+            });
+        }
+        self.push(op);
+        Ok(())
+    }
+
+    /// Appends `op` at the end of the destination, merged into whole runs where the source
+    /// allows and cut into pieces of at most `OP_BYTES`.
+    fn push(&mut self, op: CopyOp) {
+        if op.is_empty() {
+            return;
+        }
+        let row_bytes = op.cols * op.elem;
+        if op.has_contiguous_rows() && (op.rows == 1 || op.src_row_stride == row_bytes) {
+            // The whole matrix is one run: cut it anywhere.
+            let total = op.len();
+            for at in (0..total).step_by(OP_BYTES) {
+                let len = OP_BYTES.min(total - at);
+                self.append(CopyOp {
+                    src: op.src + at,
+                    rows: 1,
+                    cols: len,
+                    elem: 1,
+                    src_row_stride: len,
+                    src_col_stride: 1,
+                    ..op
+                });
+            }
+            return;
+        }
+        if op.has_contiguous_rows() && row_bytes > OP_BYTES {
+            for r in 0..op.rows {
+                self.push(CopyOp {
+                    src: op.src + r * op.src_row_stride,
+                    rows: 1,
+                    ..op
+                });
+            }
+            return;
+        }
+        let rows_per_op = (OP_BYTES / row_bytes).max(1);
+        for first in (0..op.rows).step_by(rows_per_op) {
+            self.append(CopyOp {
+                src: op.src + first * op.src_row_stride,
+                rows: rows_per_op.min(op.rows - first),
+                ..op
+            });
+        }
+    }
+
+    fn append(&mut self, op: CopyOp) {
+        let op = CopyOp {
+            dst: self.len,
+            ..op
+        };
+        self.len += op.len();
+        self.ops.push(op);
+    }
+}

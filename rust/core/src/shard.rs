@@ -1,0 +1,277 @@
+//! One safetensors file: validated header, private memory map, and the identity the file had
+//! when it was opened (to notice later truncation or replacement).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use memmap2::{MmapMut, MmapOptions};
+use safetensors::tensor::{Dtype, SafeTensorError, TensorInfo};
+use safetensors::SafeTensors;
+
+use crate::error::{Error, Result};
+
+/// Where one tensor's bytes lie in its shard. Offsets are absolute file offsets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorEntry {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub start: usize,
+    pub end: usize,
+}
+
+impl TensorEntry {
+    /// Bytes of one element, or `None` for sub-byte dtypes (F4, F6), which cannot be sliced
+    /// along their last dimension at element granularity.
+    pub fn elem_bytes(&self) -> Option<usize> {
+        elem_bytes(self.dtype)
+    }
+}
+
+pub fn elem_bytes(dtype: Dtype) -> Option<usize> {
+    let bits = dtype.bitsize();
+    bits.is_multiple_of(8).then_some(bits / 8)
+}
+
+/// What identifies the file's contents as they were at open time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileIdentity {
+    len: u64,
+    dev: u64,
+    ino: u64,
+    mtime: (i64, i64),
+}
+
+impl FileIdentity {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        FileIdentity {
+            len: meta.len(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+        }
+    }
+}
+
+/// The eight bytes of the header length plus the smallest header, `{}`.
+const MIN_FILE_LEN: u64 = 10;
+
+pub struct Shard {
+    path: PathBuf,
+    file: File,
+    // Private (copy-on-write) mapping: a caller writing through a zero-copy view changes its
+    // own pages, never the file and never a crash on a read-only page. MAP_NORESERVE keeps
+    // huge shards from being charged against swap.
+    map: MmapMut,
+    identity: FileIdentity,
+    tensors: Vec<(String, TensorEntry)>,
+}
+
+impl std::fmt::Debug for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shard")
+            .field("path", &self.path)
+            .field("len", &self.identity.len)
+            .field("tensors", &self.tensors.len())
+            .finish()
+    }
+}
+
+impl Shard {
+    /// Opens, validates and maps one safetensors file. A truncated or corrupt file fails here.
+    pub fn open(path: &Path) -> Result<Shard> {
+        let file = File::open(path).map_err(|e| Error::io(path, "open", e))?;
+        let meta = file.metadata().map_err(|e| Error::io(path, "stat", e))?;
+        if !meta.is_file() {
+            return Err(Error::Checkpoint {
+                path: path.to_path_buf(),
+                reason: "not a regular file".into(),
+            });
+        }
+        if meta.len() < MIN_FILE_LEN {
+            return Err(header_error(
+                path,
+                format!("the file is {} bytes, too short for a header", meta.len()),
+            ));
+        }
+        // SAFETY: the mapping is private and copy-on-write, so no other process's writes
+        // through it reach us and ours never reach the file. Truncation of the file by another
+        // process is detected by `check_intact` before every copy.
+        let map = unsafe { MmapOptions::new().no_reserve_swap().map_copy(&file) }
+            .map_err(|e| Error::io(path, "memory-map", e))?;
+        let tensors = parse_header(path, &map)?;
+        Ok(Shard {
+            path: path.to_path_buf(),
+            file,
+            map,
+            identity: FileIdentity::of(&meta),
+            tensors,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Tensors in file order.
+    pub fn tensors(&self) -> &[(String, TensorEntry)] {
+        &self.tensors
+    }
+
+    /// Start of the mapping. Readers go through raw pointers because zero-copy views handed
+    /// to Python may write to (their private copy of) these pages concurrently.
+    pub fn as_ptr(&self) -> *const u8 {
+        self.map.as_ptr()
+    }
+
+    /// Start of the mapping, for exporting writable (copy-on-write) views.
+    pub fn as_mut_ptr(&self) -> *mut u8 {
+        self.map.as_ptr().cast_mut()
+    }
+
+    /// Fails if the file was truncated, extended, rewritten, replaced or deleted since open.
+    pub fn check_intact(&self) -> Result<()> {
+        let changed = |what: String| Error::FileChanged {
+            path: self.path.clone(),
+            what,
+        };
+        let now = FileIdentity::of(
+            &self
+                .file
+                .metadata()
+                .map_err(|e| Error::io(&self.path, "stat", e))?,
+        );
+        let was = self.identity;
+        if now.len != was.len {
+            return Err(changed(format!(
+                "its size was {} bytes and is now {}",
+                was.len, now.len
+            )));
+        }
+        if now.mtime != was.mtime {
+            return Err(changed("it was modified".into()));
+        }
+        match std::fs::metadata(&self.path) {
+            Err(_) => Err(changed("it was deleted or moved".into())),
+            Ok(meta) => {
+                let on_disk = FileIdentity::of(&meta);
+                if (on_disk.dev, on_disk.ino) != (was.dev, was.ino) {
+                    Err(changed("it was replaced by another file".into()))
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+fn header_error(path: &Path, reason: String) -> Error {
+    Error::Header {
+        path: path.to_path_buf(),
+        reason,
+    }
+}
+
+fn parse_header(path: &Path, bytes: &[u8]) -> Result<Vec<(String, TensorEntry)>> {
+    let (header_len, metadata) =
+        SafeTensors::read_metadata(bytes).map_err(|e| header_error(path, explain(&e, bytes)))?;
+    let data_start = 8 + header_len;
+    let mut tensors: Vec<(String, TensorEntry)> = metadata
+        .tensors()
+        .into_iter()
+        .map(|(name, info)| {
+            let entry = TensorEntry {
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                start: data_start + info.data_offsets.0,
+                end: data_start + info.data_offsets.1,
+            };
+            (name, entry)
+        })
+        .collect();
+    tensors.sort_by_key(|(_, e)| (e.start, e.end));
+    Ok(tensors)
+}
+
+/// Turns a header error into a sentence that names the tensor at fault where the
+/// safetensors crate does not.
+fn explain(error: &SafeTensorError, bytes: &[u8]) -> String {
+    use SafeTensorError as E;
+    let header = || -> Option<HashMap<String, serde_json::Value>> {
+        let n = usize::try_from(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?)).ok()?;
+        serde_json::from_slice(bytes.get(8..8usize.checked_add(n)?)?).ok()
+    };
+    let tensors = || {
+        header()
+            .into_iter()
+            .flatten()
+            .filter(|(name, _)| name != "__metadata__")
+            .filter_map(|(name, value)| {
+                Some((name, serde_json::from_value::<TensorInfo>(value).ok()?))
+            })
+    };
+    match error {
+        E::HeaderTooLarge | E::InvalidHeaderLength => format!(
+            "the header claims {} bytes, more than the file ({} bytes) or the 100 MB limit \
+             holds (truncated download?)",
+            u64::from_le_bytes(bytes[..8].try_into().unwrap_or_default()),
+            bytes.len()
+        ),
+        E::InvalidHeader(e) => format!("the header is not UTF-8 ({e})"),
+        E::InvalidHeaderDeserialization(e) => header()
+            .into_iter()
+            .flatten()
+            .filter(|(name, _)| name != "__metadata__")
+            .find_map(|(name, value)| {
+                let err = serde_json::from_value::<TensorInfo>(value).err()?;
+                Some(format!("tensor `{name}`: {err}"))
+            })
+            .unwrap_or_else(|| format!("the header is not a JSON tensor table ({e})")),
+        E::TensorInvalidInfo | E::ValidationOverflow | E::MisalignedSlice => tensors()
+            .find_map(|(name, info)| {
+                let bits = info
+                    .shape
+                    .iter()
+                    .try_fold(info.dtype.bitsize(), |acc, &d| acc.checked_mul(d));
+                let span = info.data_offsets.1.checked_sub(info.data_offsets.0);
+                match (bits, span) {
+                    (Some(bits), Some(span)) if bits % 8 == 0 && bits / 8 == span => None,
+                    (None, _) => Some(format!("tensor `{name}`: shape {:?} overflows", info.shape)),
+                    _ => {
+                        Some(format!(
+                        "tensor `{name}`: {} {:?} needs {} bytes but its data_offsets {:?} span {}",
+                        info.dtype,
+                        info.shape,
+                        bits.map_or("a whole number of".into(), |b| format!("{}", b as f64 / 8.0)),
+                        info.data_offsets,
+                        span.map_or("a negative number of".into(), |s| s.to_string()),
+                    ))
+                    }
+                }
+            })
+            .unwrap_or_else(|| error.to_string()),
+        E::MetadataIncompleteBuffer => {
+            let data_len = tensors().map(|(_, i)| i.data_offsets.1).max().unwrap_or(0);
+            let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap_or_default());
+            format!(
+                "the header describes {} bytes of data but the file holds {} after the header \
+                 (truncated or incomplete download?)",
+                data_len,
+                (bytes.len() as u64).saturating_sub(8 + header_len)
+            )
+        }
+        E::InvalidOffset(name) => format!(
+            "tensor `{name}`: data_offsets are out of order, overlap another tensor or leave a gap"
+        ),
+        other => other.to_string(),
+    }
+}

@@ -1,0 +1,330 @@
+//! Plans executed into plain memory equal what the logical layer says, for every layout,
+//! TP rank and expert placement.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{to_u16, write, Logical, TempDir, Tensor};
+use fastmoe_load_core::{detect, Checkpoint, CopyPlan, Executor, LoadRequest, Target};
+
+const LAYER: Logical = Logical {
+    experts: 5,
+    hidden: 24,
+    inter: 40,
+};
+const PREFIX: &str = "model.layers.0.mlp.experts";
+
+fn targets(biases: bool) -> Vec<(&'static str, Target)> {
+    let mut t = vec![("w13", Target::W13), ("w2", Target::W2)];
+    if biases {
+        t.extend([("w13_bias", Target::W13Bias), ("w2_bias", Target::W2Bias)]);
+    }
+    t
+}
+
+/// Loads every target for several TP ranks and expert lists and compares with the logical
+/// layer, executing each plan both at once and window by window.
+fn check_layout(
+    tensors: Vec<Tensor>,
+    format: &str,
+    biases: bool,
+    interleaved: Option<bool>,
+    config: Option<&str>,
+) {
+    let dir = TempDir::new("load");
+    write(&dir.path().join("model.safetensors"), &tensors);
+    if let Some(config) = config {
+        std::fs::write(dir.path().join("config.json"), config).unwrap();
+    }
+    let ckpt = Checkpoint::open(dir.path()).unwrap();
+    let layers = detect(&ckpt, interleaved).unwrap();
+    assert_eq!(layers.len(), 1, "{layers:?}");
+    let layer = &layers[0];
+    assert_eq!(layer.prefix, PREFIX);
+    assert_eq!(layer.format(), format);
+    assert_eq!(
+        (
+            layer.num_experts,
+            layer.hidden_size,
+            layer.intermediate_size
+        ),
+        (5, 24, 40)
+    );
+    assert_eq!(layer.has_bias(), biases);
+
+    let executor = Executor::new(3);
+    let expert_lists: [&[usize]; 4] = [&[0, 1, 2, 3, 4], &[3, 4], &[4, 0, 2], &[1, 1, 3]];
+    for tp_size in [1, 2, 4] {
+        for tp_rank in 0..tp_size {
+            for experts in expert_lists {
+                let request = LoadRequest {
+                    tp_rank,
+                    tp_size,
+                    experts,
+                };
+                for (name, target) in targets(biases) {
+                    let plan = CopyPlan::new(&ckpt, layer, target, &request).unwrap();
+                    let expected = LAYER.expected(name, tp_rank, tp_size, experts);
+                    assert_eq!(plan.len(), expected.len() * 2);
+
+                    let mut whole = vec![0xAAu8; plan.len()];
+                    // SAFETY: `whole` is plan.len() bytes and exclusively ours.
+                    unsafe {
+                        executor.run(
+                            ckpt.shards(),
+                            plan.ops(),
+                            whole.as_mut_ptr(),
+                            0,
+                            whole.len(),
+                        )
+                    }
+                    .unwrap();
+                    assert!(
+                        to_u16(&whole) == expected,
+                        "{format} {name} tp {tp_rank}/{tp_size} experts {experts:?}"
+                    );
+
+                    let mut pieces = Vec::new();
+                    for (start, end) in plan.windows(700) {
+                        let ops = plan.ops_in(start, end).unwrap();
+                        let mut window = vec![0x55u8; end - start];
+                        // SAFETY: `window` is end - start bytes and exclusively ours.
+                        unsafe {
+                            executor.run(
+                                ckpt.shards(),
+                                ops,
+                                window.as_mut_ptr(),
+                                start,
+                                window.len(),
+                            )
+                        }
+                        .unwrap();
+                        pieces.extend(window);
+                    }
+                    assert!(pieces == whole, "{format} {name} windowed");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_v5() {
+    check_layout(
+        LAYER.fused(PREFIX, false, false, false),
+        "fused",
+        false,
+        None,
+        None,
+    );
+}
+
+#[test]
+fn fused_transposed() {
+    check_layout(
+        LAYER.fused(PREFIX, true, false, false),
+        "fused_transposed",
+        false,
+        None,
+        None,
+    );
+}
+
+#[test]
+fn fused_transposed_interleaved_with_biases_from_config() {
+    check_layout(
+        LAYER.fused(PREFIX, true, true, true),
+        "fused_transposed_interleaved",
+        true,
+        None,
+        Some(r#"{"model_type": "gpt_oss"}"#),
+    );
+}
+
+#[test]
+fn fused_interleaved_by_override() {
+    check_layout(
+        LAYER.fused(PREFIX, false, true, true),
+        "fused_interleaved",
+        true,
+        Some(true),
+        None,
+    );
+}
+
+#[test]
+fn per_expert_namings() {
+    for modules in [
+        ["gate_proj", "up_proj", "down_proj"],
+        ["w1", "w3", "w2"],
+        ["linear", "linear_v", "linear_1"],
+    ] {
+        check_layout(
+            LAYER.per_expert(PREFIX, modules, false),
+            "per_expert",
+            false,
+            None,
+            None,
+        );
+    }
+    check_layout(
+        LAYER.per_expert(PREFIX, ["gate_proj", "up_proj", "down_proj"], true),
+        "per_expert",
+        true,
+        None,
+        None,
+    );
+}
+
+#[test]
+fn large_runs_are_cut_into_bounded_operations() {
+    let big = Logical {
+        experts: 2,
+        hidden: 1024,
+        inter: 1536,
+    };
+    let dir = TempDir::new("big");
+    write(
+        &dir.path().join("m.safetensors"),
+        &big.fused(PREFIX, false, false, false),
+    );
+    let ckpt = Checkpoint::open(dir.path()).unwrap();
+    let layer = &detect(&ckpt, None).unwrap()[0];
+    let request = LoadRequest {
+        tp_rank: 1,
+        tp_size: 2,
+        experts: &[1, 0],
+    };
+    let plan = CopyPlan::new(&ckpt, layer, Target::W13, &request).unwrap();
+    assert!(plan
+        .ops()
+        .iter()
+        .all(|op| op.len() <= fastmoe_load_core::plan::OP_BYTES));
+    assert!(plan.ops().len() > 4);
+    let mut out = vec![0u8; plan.len()];
+    // SAFETY: `out` is plan.len() bytes and exclusively ours.
+    unsafe { Executor::new(2).run(ckpt.shards(), plan.ops(), out.as_mut_ptr(), 0, out.len()) }
+        .unwrap();
+    assert!(to_u16(&out) == big.expected("w13", 1, 2, &[1, 0]));
+}
+
+#[test]
+fn bad_requests_are_refused() {
+    let dir = TempDir::new("bad");
+    write(
+        &dir.path().join("m.safetensors"),
+        &LAYER.fused(PREFIX, false, false, false),
+    );
+    let ckpt = Checkpoint::open(dir.path()).unwrap();
+    let layer = &detect(&ckpt, None).unwrap()[0];
+    let cases: [(LoadRequest, Target, &str); 5] = [
+        (
+            LoadRequest {
+                tp_rank: 2,
+                tp_size: 2,
+                experts: &[0],
+            },
+            Target::W13,
+            "tp_rank 2",
+        ),
+        (
+            LoadRequest {
+                tp_rank: 0,
+                tp_size: 3,
+                experts: &[0],
+            },
+            Target::W2,
+            "does not split",
+        ),
+        (
+            LoadRequest {
+                tp_rank: 0,
+                tp_size: 0,
+                experts: &[0],
+            },
+            Target::W2,
+            "tp_size=0",
+        ),
+        (
+            LoadRequest {
+                tp_rank: 0,
+                tp_size: 1,
+                experts: &[0, 5],
+            },
+            Target::W13,
+            "expert 5 does not exist",
+        ),
+        (
+            LoadRequest {
+                tp_rank: 0,
+                tp_size: 1,
+                experts: &[0],
+            },
+            Target::W2Bias,
+            "no expert biases",
+        ),
+    ];
+    for (request, target, message) in cases {
+        let err = CopyPlan::new(&ckpt, layer, target, &request)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(message) && err.contains(PREFIX), "{err}");
+    }
+}
+
+#[test]
+fn windows_must_fall_on_operation_boundaries() {
+    let dir = TempDir::new("win");
+    write(
+        &dir.path().join("m.safetensors"),
+        &LAYER.fused(PREFIX, true, false, false),
+    );
+    let ckpt = Checkpoint::open(dir.path()).unwrap();
+    let layer = &detect(&ckpt, None).unwrap()[0];
+    let request = LoadRequest {
+        tp_rank: 0,
+        tp_size: 1,
+        experts: &[0, 1],
+    };
+    let plan = CopyPlan::new(&ckpt, layer, Target::W2, &request).unwrap();
+    let first = plan.ops()[0].len();
+    assert!(plan.ops_in(0, first).is_some());
+    assert!(plan.ops_in(0, first - 1).is_none());
+    assert!(plan.ops_in(1, first).is_none());
+    assert!(plan.ops_in(0, plan.len() + 2).is_none());
+}
+
+#[test]
+fn executor_refuses_operations_outside_the_window() {
+    let dir = TempDir::new("outside");
+    write(
+        &dir.path().join("m.safetensors"),
+        &LAYER.fused(PREFIX, false, false, false),
+    );
+    let ckpt = Checkpoint::open(dir.path()).unwrap();
+    let layer = &detect(&ckpt, None).unwrap()[0];
+    let request = LoadRequest {
+        tp_rank: 0,
+        tp_size: 1,
+        experts: &[0],
+    };
+    let plan = CopyPlan::new(&ckpt, layer, Target::W2, &request).unwrap();
+    let mut small = vec![0u8; plan.len() - 1];
+    // SAFETY: the executor must refuse before writing, since the window is too small.
+    let result = unsafe {
+        Executor::new(1).run(
+            ckpt.shards(),
+            plan.ops(),
+            small.as_mut_ptr(),
+            0,
+            small.len(),
+        )
+    };
+    assert!(result.is_err());
+    let shards: Vec<Arc<_>> = Vec::new();
+    // SAFETY: as above: no shard, so nothing may be read or written.
+    let result =
+        unsafe { Executor::new(1).run(&shards, plan.ops(), small.as_mut_ptr(), 0, small.len()) };
+    assert!(result.is_err());
+}
