@@ -52,7 +52,8 @@ fn valid_file_lists_tensors_in_file_order() {
 fn corrupt_headers() {
     let dir = TempDir::new("hdr");
     let ok = r#"{"t":{"dtype":"BF16","shape":[2,2],"data_offsets":[0,8]}}"#;
-    let cases: Vec<(&str, Box<dyn Fn(&Path)>, &str)> = vec![
+    type MakeFile = Box<dyn Fn(&Path)>;
+    let cases: Vec<(&str, MakeFile, &str)> = vec![
         (
             "short",
             Box::new(|p| std::fs::write(p, b"\x02\0\0").unwrap()),

@@ -152,7 +152,7 @@ impl Logical {
         // Logical gate/up element (j along 2I, c along H).
         let gate_up = |e: usize, j: usize, c: usize| {
             let (m, row) = if interleaved {
-                (if j % 2 == 0 { M::Gate } else { M::Up }, j / 2)
+                (if j.is_multiple_of(2) { M::Gate } else { M::Up }, j / 2)
             } else if j < i {
                 (M::Gate, j)
             } else {
@@ -162,7 +162,14 @@ impl Logical {
         };
         let gate_up_bias = |e: usize, j: usize| {
             let (m, col) = if interleaved {
-                (if j % 2 == 0 { M::GateBias } else { M::UpBias }, j / 2)
+                (
+                    if j.is_multiple_of(2) {
+                        M::GateBias
+                    } else {
+                        M::UpBias
+                    },
+                    j / 2,
+                )
             } else if j < i {
                 (M::GateBias, j)
             } else {
