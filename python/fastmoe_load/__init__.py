@@ -1,0 +1,36 @@
+"""fastmoe_load: load Mixture-of-Experts checkpoints into inference engines, fast.
+
+import fastmoe_load as fml
+with fml.open("path/to/checkpoint") as ckpt:
+    for layer in ckpt.moe_layers():
+        fml.load_fused_moe(ckpt, layer.prefix, w13, w2, tp_rank=0, tp_size=1)
+"""
+
+from ._fastmoe_load import (
+    CheckpointError,
+    FastMoeLoadError,
+    FileChangedError,
+    HeaderError,
+    LayoutError,
+    RequestError,
+    TensorNotFoundError,
+)
+from .checkpoint import Checkpoint, MoeLayer, open
+from .loader import LoadStats, load_fused_moe
+from .placement import expert_placement
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "FastMoeLoadError",
+    "FileChangedError",
+    "HeaderError",
+    "LayoutError",
+    "LoadStats",
+    "MoeLayer",
+    "RequestError",
+    "TensorNotFoundError",
+    "expert_placement",
+    "load_fused_moe",
+    "open",
+]

@@ -1,0 +1,1 @@
+"""The speed comparison: fastmoe_load against pure-Python loading on a generated checkpoint."""

@@ -1,0 +1,123 @@
+"""The pure-Python loading path this project replaces, as vLLM does it (`FusedMoE.load_weights`
+after PR 36997): `safe_open`, `get_tensor` of the whole fused tensor, `chunk(2, dim=1)`,
+`unbind()` per expert, then `narrow` + `copy_` per expert and shard. Every rank reads every
+expert, and every copy into a CUDA tensor is a synchronous pageable transfer.
+
+Used as the baseline of the speed comparison and as a second reference in the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from ..checkpoint import MoeLayer
+
+
+def shard_of_tensors(path: str) -> dict[str, str]:
+    """Which file holds each tensor, read the way transformers and vLLM read it."""
+    if os.path.isfile(path):
+        files = [path]
+    else:
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            return {name: os.path.join(path, file) for name, file in weight_map.items()}
+        files = sorted(
+            os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors")
+        )
+    where = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            where.update(dict.fromkeys(f.keys(), file))
+    return where
+
+
+class SeedLoader:
+    """vLLM's `FusedMoE.weight_loader` for one destination pair, fed tensor by tensor."""
+
+    def __init__(
+        self,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        tp_rank: int,
+        local_experts: Sequence[int],
+    ) -> None:
+        self.w13, self.w2, self.tp_rank = w13, w2, tp_rank
+        self.slots: dict[int, list[int]] = {}
+        for slot, expert in enumerate(local_experts):
+            self.slots.setdefault(expert, []).append(slot)
+
+    def weight_loader(self, weight: torch.Tensor, shard_id: str, expert_id: int) -> None:
+        for slot in self.slots.get(expert_id, ()):  # experts of other ranks are skipped
+            if shard_id == "w2":
+                expert_data = self.w2[slot]
+                shard_size = expert_data.shape[1]
+                expert_data.copy_(weight.narrow(1, shard_size * self.tp_rank, shard_size))
+            else:
+                expert_data = self.w13[slot]
+                shard_size = expert_data.shape[0] // 2
+                loaded = weight.narrow(0, shard_size * self.tp_rank, shard_size)
+                offset = 0 if shard_id == "w1" else shard_size
+                expert_data.narrow(0, offset, shard_size).copy_(loaded)
+
+
+def _gate_up_halves(weight: torch.Tensor, layer: MoeLayer) -> Iterator[tuple[str, torch.Tensor]]:
+    """`[E, 2I, H]` gate and up stacks of a fused gate/up tensor of any orientation."""
+    if layer.transposed:
+        weight = weight.transpose(1, 2)
+    if layer.interleaved:
+        yield "w1", weight[:, 0::2]
+        yield "w3", weight[:, 1::2]
+    else:
+        gate, up = weight.chunk(2, dim=1)
+        yield "w1", gate
+        yield "w3", up
+
+
+def seed_load(
+    path: str,
+    layer: MoeLayer,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    *,
+    tp_rank: int = 0,
+    local_experts: Sequence[int] | None = None,
+    where: dict[str, str] | None = None,
+) -> None:
+    """Fills `w13`/`w2` for `layer` the way vLLM does. `where` maps tensor names to files
+    (computed from `path` if not given)."""
+    where = where if where is not None else shard_of_tensors(path)
+    experts = range(layer.num_experts) if local_experts is None else local_experts
+    loader = SeedLoader(w13, w2, tp_rank, experts)
+    names = layer.tensor_names
+    with ExitStack() as files:
+        handles: dict[str, Any] = {}
+
+        def get_tensor(name: str) -> torch.Tensor:
+            file = where[name]
+            if file not in handles:
+                handles[file] = files.enter_context(safe_open(file, framework="pt"))
+            return handles[file].get_tensor(name)
+
+        if layer.format == "per_expert":
+            n = layer.num_experts
+            for k, shard_id in enumerate(("w1", "w3", "w2")):
+                for expert_id, name in enumerate(names[k * n : (k + 1) * n]):
+                    loader.weight_loader(get_tensor(name), shard_id, expert_id)
+            return
+        for shard_id, stack in _gate_up_halves(get_tensor(names[0]), layer):
+            for expert_id, weight in enumerate(stack.unbind()):
+                loader.weight_loader(weight, shard_id, expert_id)
+        down = get_tensor(names[1])
+        if layer.transposed:
+            down = down.transpose(1, 2)
+        for expert_id, weight in enumerate(down.unbind()):
+            loader.weight_loader(weight, "w2", expert_id)

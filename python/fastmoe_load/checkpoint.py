@@ -1,0 +1,244 @@
+"""Open checkpoints and their routed-expert groups, as zero-copy torch views."""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import cached_property
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from . import _fastmoe_load as native
+from ._fastmoe_load import RequestError
+
+_DTYPES: dict[str, torch.dtype] = {
+    name: dtype
+    for name, dtype in {
+        "BOOL": torch.bool,
+        "U8": torch.uint8,
+        "I8": torch.int8,
+        "I16": torch.int16,
+        "U16": getattr(torch, "uint16", None),
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I32": torch.int32,
+        "U32": getattr(torch, "uint32", None),
+        "F32": torch.float32,
+        "F64": torch.float64,
+        "I64": torch.int64,
+        "U64": getattr(torch, "uint64", None),
+        "C64": torch.complex64,
+        "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+        "F8_E5M2": getattr(torch, "float8_e5m2", None),
+        "F8_E4M3FNUZ": getattr(torch, "float8_e4m3fnuz", None),
+        "F8_E5M2FNUZ": getattr(torch, "float8_e5m2fnuz", None),
+        "F8_E8M0": getattr(torch, "float8_e8m0fnu", None),
+    }.items()
+    if dtype is not None
+}
+
+
+def torch_dtype(name: str, what: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name; `what` names the tensor for the error."""
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise native.LayoutError(
+            f"{what}: dtype {name} has no torch equivalent in torch {torch.__version__}"
+        ) from None
+
+
+def _index(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise RequestError(f"{what} must be a non-negative int, got {value!r}")
+    return value
+
+
+class MoeLayer:
+    """One routed-expert group: its layout, sizes, and per-expert zero-copy views."""
+
+    def __init__(self, ckpt: Checkpoint, info: native.MoeLayerInfo) -> None:
+        self._ckpt = ckpt
+        self.prefix: str = info.prefix
+        self.format: str = info.format
+        self.num_experts: int = info.num_experts
+        self.hidden_size: int = info.hidden_size
+        self.intermediate_size: int = info.intermediate_size
+        self.dtype: torch.dtype = torch_dtype(info.dtype, info.prefix)
+        self.bias_dtype: torch.dtype | None = (
+            None if info.bias_dtype is None else torch_dtype(info.bias_dtype, info.prefix)
+        )
+        self.tensor_names: tuple[str, ...] = tuple(info.tensor_names)
+
+    @property
+    def has_bias(self) -> bool:
+        return self.bias_dtype is not None
+
+    @property
+    def transposed(self) -> bool:
+        return "transposed" in self.format
+
+    @property
+    def interleaved(self) -> bool:
+        return "interleaved" in self.format
+
+    def __repr__(self) -> str:
+        return (
+            f"MoeLayer({self.prefix!r}, format={self.format!r}, E={self.num_experts}, "
+            f"H={self.hidden_size}, I={self.intermediate_size}, dtype={self.dtype}, "
+            f"bias={self.has_bias})"
+        )
+
+    def _view(self, name: str, expert: int, vector: bool = False) -> torch.Tensor:
+        expert = _index(expert, "expert")
+        tensor, offset, rows, cols, row_stride, col_stride = self._ckpt._handle.matrix(
+            self.prefix, name, expert
+        )
+        base = self._ckpt.tensor(tensor)
+        if vector:
+            return base.as_strided((cols,), (col_stride,), offset)
+        return base.as_strided((rows, cols), (row_stride, col_stride), offset)
+
+    def w1(self, expert: int) -> torch.Tensor:
+        """Gate projection `[I, H]` of `expert`."""
+        return self._view("w1", expert)
+
+    def w3(self, expert: int) -> torch.Tensor:
+        """Up projection `[I, H]` of `expert`."""
+        return self._view("w3", expert)
+
+    def w2(self, expert: int) -> torch.Tensor:
+        """Down projection `[H, I]` of `expert`."""
+        return self._view("w2", expert)
+
+    def b1(self, expert: int) -> torch.Tensor:
+        """Gate bias `[I]` of `expert`."""
+        return self._view("b1", expert, vector=True)
+
+    def b3(self, expert: int) -> torch.Tensor:
+        """Up bias `[I]` of `expert`."""
+        return self._view("b3", expert, vector=True)
+
+    def b2(self, expert: int) -> torch.Tensor:
+        """Down bias `[H]` of `expert`."""
+        return self._view("b2", expert, vector=True)
+
+
+class Checkpoint:
+    """An open checkpoint. Tensors are zero-copy views of the files' mappings; a view keeps
+    its mapping alive after `close()`, and writing to a view never changes the file."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        num_threads: int | None = None,
+        interleaved: bool | None = None,
+    ) -> None:
+        if num_threads is not None:
+            num_threads = _index(num_threads, "num_threads") or 1
+        self._handle = native.Checkpoint(
+            os.fspath(path), num_threads=num_threads, interleaved=interleaved
+        )
+        self._shards: dict[int, native.ShardBuffer] = {}
+        self._layers: dict[str, MoeLayer] | None = None
+
+    @property
+    def path(self) -> str:
+        return os.fspath(self._handle.path)
+
+    @property
+    def closed(self) -> bool:
+        return self._handle.closed
+
+    @property
+    def num_threads(self) -> int:
+        return self._handle.num_threads
+
+    @property
+    def shard_paths(self) -> list[str]:
+        return [os.fspath(p) for p in self._handle.shard_paths()]
+
+    @cached_property
+    def config(self) -> dict[str, Any] | None:
+        """`config.json`, if the checkpoint has one."""
+        text = self._handle.config_json()
+        return None if text is None else json.loads(text)
+
+    @property
+    def model_type(self) -> str | None:
+        config = self.config or {}
+        return config.get("model_type") or (config.get("text_config") or {}).get("model_type")
+
+    def keys(self) -> list[str]:
+        return self._handle.keys()
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in self._handle
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """A zero-copy view of tensor `name` (read it; writes stay in this process)."""
+        shard, dtype, shape, start, end = self._handle.tensor_info(name)
+        dtype = torch_dtype(dtype, name)
+        if end == start:
+            return torch.empty(shape, dtype=dtype)
+        buffer = self._shards.get(shard)
+        if buffer is None:
+            buffer = self._shards[shard] = self._handle.shard(shard)
+        count = (end - start) // dtype.itemsize
+        return torch.frombuffer(buffer, dtype=dtype, count=count, offset=start).view(shape)
+
+    def moe_layers(self) -> list[MoeLayer]:
+        """Every routed-expert group, in layer order."""
+        if self._layers is None:
+            layers = (MoeLayer(self, info) for info in self._handle.moe_layers())
+            self._layers = {layer.prefix: layer for layer in layers}
+        return list(self._layers.values())
+
+    def experts(self, prefix: str) -> MoeLayer:
+        """The routed-expert group at `prefix` (the same object `moe_layers()` lists)."""
+        if self._layers is None:
+            self.moe_layers()
+        assert self._layers is not None
+        layer = self._layers.get(prefix)
+        if layer is None:
+            # Not a group: the native lookup raises TensorNotFoundError naming those there are.
+            layer = MoeLayer(self, self._handle.layer(prefix))
+        return layer
+
+    def close(self) -> None:
+        """Releases the checkpoint; views and loads already made keep working."""
+        self._shards.clear()
+        self._handle.close()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{len(self.shard_paths)} shard(s)"
+        return f"Checkpoint({self.path!r}, {state})"
+
+
+def open(
+    path: str | os.PathLike[str],
+    *,
+    num_threads: int | None = None,
+    interleaved: bool | None = None,
+) -> Checkpoint:
+    """Opens a `.safetensors` file or a checkpoint directory.
+
+    `num_threads` sets the copy threads (default: the CPUs available, at most 16).
+    `interleaved` overrides whether fused gate/up tensors alternate gate and up rows
+    (default: from `config.json`'s `model_type`, e.g. gpt-oss).
+    """
+    return Checkpoint(path, num_threads=num_threads, interleaved=interleaved)

@@ -1,0 +1,172 @@
+"""`load_fused_moe`: fill vLLM-layout `FusedMoE` parameters from a checkpoint."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from . import _fastmoe_load as native
+from ._fastmoe_load import RequestError
+from .checkpoint import Checkpoint, MoeLayer
+
+
+@dataclass(frozen=True)
+class LoadStats:
+    """What one load moved: `bytes` landed in the destinations (and were read from the
+    checkpoint, which is the same count: a rank reads only what it keeps)."""
+
+    bytes: int
+    seconds: float
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else float("inf")
+
+
+@dataclass(frozen=True)
+class Destination:
+    """One parameter to fill and the plan that fills it."""
+
+    name: str
+    tensor: torch.Tensor
+    plan: native.CopyPlan
+
+
+def _int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(f"{name} must be an int, got {value!r}")
+    return value
+
+
+def _local_experts(layer: MoeLayer, local_experts: Sequence[int] | None) -> list[int]:
+    if local_experts is None:
+        return list(range(layer.num_experts))
+    experts = [_int(e, "local_experts entry") for e in local_experts]
+    bad = [e for e in experts if not 0 <= e < layer.num_experts]
+    if bad:
+        raise RequestError(
+            f"{layer.prefix}: expert ids {bad[:5]} are not in [0, {layer.num_experts})"
+        )
+    return experts
+
+
+def _check_destination(
+    name: str, tensor: object, shape: tuple[int, ...], dtype: torch.dtype, prefix: str
+) -> torch.Tensor:
+    if not isinstance(tensor, torch.Tensor):
+        raise RequestError(f"{prefix}: {name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype != dtype:
+        raise RequestError(
+            f"{prefix}: {name} has dtype {tensor.dtype} but the checkpoint stores {dtype}; "
+            "fastmoe_load does not cast"
+        )
+    if tuple(tensor.shape) != shape:
+        raise RequestError(f"{prefix}: {name} has shape {tuple(tensor.shape)}, expected {shape}")
+    if tensor.device.type not in ("cpu", "cuda"):
+        raise RequestError(f"{prefix}: {name} is on {tensor.device}; use a CPU or CUDA tensor")
+    if not tensor.is_contiguous():
+        raise RequestError(f"{prefix}: {name} must be contiguous")
+    return tensor.detach()
+
+
+def plan_destinations(
+    ckpt: Checkpoint,
+    prefix: str,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    *,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    local_experts: Sequence[int] | None = None,
+    w13_bias: torch.Tensor | None = None,
+    w2_bias: torch.Tensor | None = None,
+) -> list[Destination]:
+    """Checks a load request completely and plans it, writing nothing."""
+    if not isinstance(ckpt, Checkpoint):
+        raise RequestError(f"expected a fastmoe_load Checkpoint, got {type(ckpt).__name__}")
+    layer = ckpt.experts(prefix)
+    tp_rank, tp_size = _int(tp_rank, "tp_rank"), _int(tp_size, "tp_size")
+    if not 0 <= tp_rank < tp_size:
+        raise RequestError(f"{prefix}: tp_rank {tp_rank} is not in [0, tp_size={tp_size})")
+    inter, hidden = layer.intermediate_size, layer.hidden_size
+    if inter % tp_size:
+        raise RequestError(
+            f"{prefix}: intermediate size {inter} does not split into tp_size={tp_size} shards"
+        )
+    experts = _local_experts(layer, local_experts)
+    n, shard = len(experts), inter // tp_size
+
+    wanted: list[tuple[str, object, tuple[int, ...], torch.dtype | None]] = [
+        ("w13", w13, (n, 2 * shard, hidden), layer.dtype),
+        ("w2", w2, (n, hidden, shard), layer.dtype),
+    ]
+    for name, bias, shape in (
+        ("w13_bias", w13_bias, (n, 2 * shard)),
+        ("w2_bias", w2_bias, (n, hidden)),
+    ):
+        if bias is not None:
+            if not layer.has_bias:
+                raise RequestError(
+                    f"{prefix}: {name} given but the checkpoint has no expert biases"
+                )
+            wanted.append((name, bias, shape, layer.bias_dtype))
+    tensors = [
+        _check_destination(name, t, shape, dtype, prefix)  # type: ignore[arg-type]
+        for name, t, shape, dtype in wanted
+    ]
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise RequestError(
+            f"{prefix}: destinations are on several devices: {sorted(map(str, devices))}"
+        )
+
+    destinations = []
+    for (name, *_), tensor in zip(wanted, tensors, strict=True):
+        plan = ckpt._handle.plan(prefix, name, tp_rank=tp_rank, tp_size=tp_size, experts=experts)
+        plan.check_intact()
+        destinations.append(Destination(name, tensor, plan))
+    return destinations
+
+
+def load_fused_moe(
+    ckpt: Checkpoint,
+    prefix: str,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    *,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    local_experts: Sequence[int] | None = None,
+    w13_bias: torch.Tensor | None = None,
+    w2_bias: torch.Tensor | None = None,
+) -> LoadStats:
+    """Fills `w13 [E_local, 2*I/tp, H]` and `w2 [E_local, H, I/tp]` (and the biases, if
+    given) with the experts at `prefix`, for TP rank `tp_rank` of `tp_size`.
+
+    Slot `k` receives global expert `local_experts[k]` (default: every expert in order; an
+    expert may fill several slots). Everything is checked before the first byte is written,
+    so on error the destinations are untouched. Dtypes must match the checkpoint exactly.
+    """
+    destinations = plan_destinations(
+        ckpt,
+        prefix,
+        w13,
+        w2,
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+        local_experts=local_experts,
+        w13_bias=w13_bias,
+        w2_bias=w2_bias,
+    )
+    start = time.perf_counter()
+    for d in destinations:
+        if d.tensor.device.type == "cpu":
+            d.plan.execute(d.tensor.data_ptr())
+        else:
+            raise RequestError(f"{prefix}: CUDA destinations are not supported yet")
+    return LoadStats(
+        bytes=sum(d.plan.nbytes for d in destinations), seconds=time.perf_counter() - start
+    )

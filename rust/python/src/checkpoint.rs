@@ -1,0 +1,338 @@
+//! `Checkpoint`: an open checkpoint with its copy threads; `ShardBuffer`: one shard's mapping
+//! exported through the buffer protocol, so torch views keep it alive; `MoeLayerInfo`.
+
+use std::ffi::c_int;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock, RwLock};
+
+use fastmoe_load_core::{
+    detect, Checkpoint, CopyPlan, Executor, LoadRequest, MoeLayer, Part, Shard, Target,
+};
+use pyo3::exceptions::PyValueError;
+use pyo3::ffi;
+use pyo3::prelude::*;
+
+use crate::errors::{to_py, CheckpointError, RequestError, TensorNotFoundError};
+use crate::plan::PyCopyPlan;
+
+/// Copy threads used when the caller does not choose: beyond 16, threads mostly contend for
+/// memory bandwidth.
+const MAX_DEFAULT_THREADS: usize = 16;
+
+/// Everything an open checkpoint owns; shared with the plans made from it, so a plan stays
+/// usable (and its files mapped) after `close()`.
+pub struct State {
+    pub ckpt: Checkpoint,
+    pub executor: Executor,
+    interleaved: Option<bool>,
+    layers: OnceLock<Vec<MoeLayer>>,
+}
+
+impl State {
+    /// The routed-expert groups, detected on first use.
+    fn layers(&self) -> PyResult<&[MoeLayer]> {
+        if let Some(layers) = self.layers.get() {
+            return Ok(layers);
+        }
+        let layers = detect(&self.ckpt, self.interleaved).map_err(to_py)?;
+        Ok(self.layers.get_or_init(|| layers))
+    }
+
+    fn layer(&self, prefix: &str) -> PyResult<&MoeLayer> {
+        let layers = self.layers()?;
+        layers.iter().find(|l| l.prefix == prefix).ok_or_else(|| {
+            let known: Vec<&str> = layers.iter().map(|l| l.prefix.as_str()).take(4).collect();
+            TensorNotFoundError::new_err(format!(
+                "{}: no routed-expert group at `{prefix}` (the checkpoint has {} groups{}{})",
+                self.ckpt.path().display(),
+                layers.len(),
+                if known.is_empty() { "" } else { ", e.g. " },
+                known.join(", ")
+            ))
+        })
+    }
+}
+
+#[pyclass(name = "Checkpoint", module = "fastmoe_load._fastmoe_load", frozen)]
+pub struct PyCheckpoint {
+    path: PathBuf,
+    state: RwLock<Option<Arc<State>>>,
+}
+
+impl PyCheckpoint {
+    fn state(&self) -> PyResult<Arc<State>> {
+        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+        state.clone().ok_or_else(|| {
+            CheckpointError::new_err(format!("{}: the checkpoint is closed", self.path.display()))
+        })
+    }
+}
+
+fn part(name: &str) -> PyResult<Part> {
+    Ok(match name {
+        "w1" => Part::Gate,
+        "w3" => Part::Up,
+        "w2" => Part::Down,
+        "b1" => Part::GateBias,
+        "b3" => Part::UpBias,
+        "b2" => Part::DownBias,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "unknown expert matrix `{other}`"
+            )))
+        }
+    })
+}
+
+fn target(name: &str) -> PyResult<Target> {
+    Ok(match name {
+        "w13" => Target::W13,
+        "w2" => Target::W2,
+        "w13_bias" => Target::W13Bias,
+        "w2_bias" => Target::W2Bias,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "unknown destination `{other}`"
+            )))
+        }
+    })
+}
+
+#[pymethods]
+impl PyCheckpoint {
+    #[new]
+    #[pyo3(signature = (path, *, num_threads=None, interleaved=None))]
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        num_threads: Option<usize>,
+        interleaved: Option<bool>,
+    ) -> PyResult<Self> {
+        let ckpt = py.detach(|| Checkpoint::open(&path)).map_err(to_py)?;
+        let threads = num_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map_or(1, usize::from)
+                .min(MAX_DEFAULT_THREADS)
+        });
+        let state = State {
+            ckpt,
+            executor: Executor::new(threads),
+            interleaved,
+            layers: OnceLock::new(),
+        };
+        Ok(PyCheckpoint {
+            path,
+            state: RwLock::new(Some(Arc::new(state))),
+        })
+    }
+
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.path.clone()
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.state
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none()
+    }
+
+    #[getter]
+    fn num_threads(&self) -> PyResult<usize> {
+        Ok(self.state()?.executor.threads())
+    }
+
+    /// Drops this handle's hold on the files; views and plans made from it stay valid.
+    fn close(&self) {
+        self.state.write().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    fn keys(&self) -> PyResult<Vec<String>> {
+        Ok(self
+            .state()?
+            .ckpt
+            .entries()
+            .map(|(n, _)| n.to_string())
+            .collect())
+    }
+
+    fn __contains__(&self, name: &str) -> PyResult<bool> {
+        Ok(self.state()?.ckpt.contains(name))
+    }
+
+    /// `(shard index, dtype, shape, start, end)`: the tensor's bytes are `[start, end)` of
+    /// the shard file.
+    fn tensor_info(&self, name: &str) -> PyResult<(usize, String, Vec<usize>, usize, usize)> {
+        let state = self.state()?;
+        let (shard, entry) = state.ckpt.tensor(name).map_err(to_py)?;
+        Ok((
+            shard,
+            entry.dtype.to_string(),
+            entry.shape.clone(),
+            entry.start,
+            entry.end,
+        ))
+    }
+
+    fn shard(&self, index: usize) -> PyResult<ShardBuffer> {
+        let state = self.state()?;
+        let shard = state
+            .ckpt
+            .shards()
+            .get(index)
+            .ok_or_else(|| PyValueError::new_err(format!("shard {index} out of range")))?;
+        Ok(ShardBuffer {
+            shard: shard.clone(),
+        })
+    }
+
+    fn shard_paths(&self) -> PyResult<Vec<PathBuf>> {
+        Ok(self
+            .state()?
+            .ckpt
+            .shards()
+            .iter()
+            .map(|s| s.path().to_path_buf())
+            .collect())
+    }
+
+    /// `config.json` as text, if the checkpoint has one.
+    fn config_json(&self) -> PyResult<Option<String>> {
+        Ok(self.state()?.ckpt.config().map(|c| c.to_string()))
+    }
+
+    fn moe_layers(&self) -> PyResult<Vec<MoeLayerInfo>> {
+        Ok(self
+            .state()?
+            .layers()?
+            .iter()
+            .map(MoeLayerInfo::from)
+            .collect())
+    }
+
+    fn layer(&self, prefix: &str) -> PyResult<MoeLayerInfo> {
+        Ok(MoeLayerInfo::from(self.state()?.layer(prefix)?))
+    }
+
+    /// Where one matrix of one expert lies: `(tensor, offset, rows, cols, row_stride,
+    /// col_stride)`, in elements of the tensor.
+    fn matrix(
+        &self,
+        prefix: &str,
+        name: &str,
+        expert: usize,
+    ) -> PyResult<(String, usize, usize, usize, usize, usize)> {
+        let state = self.state()?;
+        let layer = state.layer(prefix)?;
+        let m = layer.matrix(part(name)?, expert).ok_or_else(|| {
+            RequestError::new_err(format!(
+                "{}: experts at `{prefix}`: no `{name}` for expert {expert} (the layer has {} experts{})",
+                self.path.display(),
+                layer.num_experts,
+                if layer.has_bias() { "" } else { " and no biases" }
+            ))
+        })?;
+        Ok((
+            m.tensor,
+            m.offset,
+            m.rows,
+            m.cols,
+            m.row_stride,
+            m.col_stride,
+        ))
+    }
+
+    /// The plan that fills destination `target` for one TP rank and list of experts.
+    #[pyo3(signature = (prefix, target_name, *, tp_rank, tp_size, experts))]
+    fn plan(
+        &self,
+        py: Python<'_>,
+        prefix: &str,
+        target_name: &str,
+        tp_rank: usize,
+        tp_size: usize,
+        experts: Vec<usize>,
+    ) -> PyResult<PyCopyPlan> {
+        let state = self.state()?;
+        let layer = state.layer(prefix)?;
+        let target = target(target_name)?;
+        let request = LoadRequest {
+            tp_rank,
+            tp_size,
+            experts: &experts,
+        };
+        let plan = py
+            .detach(|| CopyPlan::new(&state.ckpt, layer, target, &request))
+            .map_err(to_py)?;
+        Ok(PyCopyPlan::new(plan, state.clone()))
+    }
+}
+
+/// One shard's private mapping, exported as a writable buffer: writes land in this
+/// process's copy-on-write pages, never in the file.
+#[pyclass(module = "fastmoe_load._fastmoe_load", frozen)]
+pub struct ShardBuffer {
+    shard: Arc<Shard>,
+}
+
+#[pymethods]
+impl ShardBuffer {
+    fn __len__(&self) -> usize {
+        self.shard.len()
+    }
+
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.shard.path().to_path_buf()
+    }
+
+    /// # Safety
+    /// Called by the interpreter with a valid `view` to fill.
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut ffi::Py_buffer,
+        flags: c_int,
+    ) -> PyResult<()> {
+        let (ptr, len) = {
+            let me = slf.get();
+            (me.shard.as_mut_ptr(), me.shard.len())
+        };
+        let len = isize::try_from(len).map_err(|_| PyValueError::new_err("shard too large"))?;
+        // SAFETY: the mapping is `len` bytes, writable (private) and lives as long as this
+        // object, which the buffer view references until it is released.
+        let rc = unsafe { ffi::PyBuffer_FillInfo(view, slf.as_ptr(), ptr.cast(), len, 0, flags) };
+        if rc == -1 {
+            return Err(PyErr::fetch(slf.py()));
+        }
+        Ok(())
+    }
+}
+
+#[pyclass(module = "fastmoe_load._fastmoe_load", frozen, get_all)]
+pub struct MoeLayerInfo {
+    prefix: String,
+    format: &'static str,
+    num_experts: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    dtype: String,
+    bias_dtype: Option<String>,
+    tensor_names: Vec<String>,
+}
+
+impl From<&MoeLayer> for MoeLayerInfo {
+    fn from(layer: &MoeLayer) -> Self {
+        MoeLayerInfo {
+            prefix: layer.prefix.clone(),
+            format: layer.format(),
+            num_experts: layer.num_experts,
+            hidden_size: layer.hidden_size,
+            intermediate_size: layer.intermediate_size,
+            dtype: layer.dtype.to_string(),
+            bias_dtype: layer.bias_dtype.map(|d| d.to_string()),
+            tensor_names: layer.tensor_names().into_iter().map(String::from).collect(),
+        }
+    }
+}

@@ -1,0 +1,207 @@
+"""Shared fixtures: tiny transformers MoE models with random weights, saved in each format,
+and the reference expert matrices read from the models' own parameters."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+# Hidden size 48 and intermediate size 40: H != 2I, and I splits over 1, 2 and 4 ranks.
+_COMMON = dict(hidden_size=48, num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+FAMILIES: dict[str, dict] = {
+    "qwen3_moe": dict(
+        intermediate_size=64,
+        moe_intermediate_size=40,
+        num_experts=5,
+        num_experts_per_tok=2,
+        num_hidden_layers=2,
+        head_dim=12,
+    ),
+    "mixtral": dict(
+        intermediate_size=40, num_local_experts=5, num_experts_per_tok=2, num_hidden_layers=2
+    ),
+    "gpt_oss": dict(
+        intermediate_size=40,
+        num_local_experts=5,
+        num_experts_per_tok=2,
+        num_hidden_layers=2,
+        head_dim=12,
+    ),
+    "granitemoe": dict(
+        intermediate_size=40, num_local_experts=5, num_experts_per_tok=2, num_hidden_layers=2
+    ),
+    "qwen2_moe": dict(
+        intermediate_size=64,
+        moe_intermediate_size=40,
+        shared_expert_intermediate_size=56,
+        num_experts=5,
+        num_experts_per_tok=2,
+        num_hidden_layers=1,
+    ),
+    "llama4_text": dict(
+        intermediate_size=40,
+        intermediate_size_mlp=56,
+        num_local_experts=5,
+        num_experts_per_tok=1,
+        num_hidden_layers=1,
+        head_dim=12,
+    ),
+    "deepseek_v3": dict(
+        intermediate_size=64,
+        moe_intermediate_size=40,
+        n_routed_experts=5,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        num_hidden_layers=2,
+        first_k_dense_replace=1,
+        num_key_value_heads=4,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        n_group=1,
+        topk_group=1,
+    ),
+}
+# How each family keeps its experts in memory: (transposed [E, H, 2I], interleaved gate/up).
+IN_MEMORY_LAYOUT = {"gpt_oss": (True, True), "llama4_text": (True, False)}
+# The format fastmoe_load must detect in each saved checkpoint.
+EXPECTED_FORMAT = {
+    ("gpt_oss", True): "fused_transposed_interleaved",
+    ("gpt_oss", False): "fused_transposed_interleaved",
+    ("llama4_text", True): "fused_transposed",
+    ("llama4_text", False): "fused_transposed",
+    ("granitemoe", True): "fused",
+}
+
+
+@dataclass
+class Saved:
+    family: str
+    original_format: bool
+    path: Path
+    model: torch.nn.Module
+
+    @property
+    def expected_format(self) -> str:
+        default = "per_expert" if self.original_format else "fused"
+        return EXPECTED_FORMAT.get((self.family, self.original_format), default)
+
+
+def build_model(family: str, seed: int = 0) -> torch.nn.Module:
+    config = transformers.AutoConfig.for_model(family, **{**_COMMON, **FAMILIES[family]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():  # some families initialise biases to zero
+            param.copy_(torch.randn(param.shape, generator=generator).to(param.dtype))
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def saved_models(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, bool], Saved]:
+    """Every family saved in its original format and in the fused v5 format, sharded."""
+    saved = {}
+    for family in FAMILIES:
+        model = build_model(family)
+        for original in (True, False):
+            path = tmp_path_factory.mktemp(f"{family}-{'orig' if original else 'v5'}")
+            model.save_pretrained(path, max_shard_size="40KB", save_original_format=original)
+            saved[family, original] = Saved(family, original, path, model)
+    return saved
+
+
+def layer_index(name: str) -> int:
+    match = re.search(r"layers\.(\d+)\.", name + ".")
+    assert match, name
+    return int(match.group(1))
+
+
+@dataclass
+class ReferenceExperts:
+    """One layer's experts as the model holds them: gate/up `[E, I, H]`, down `[E, H, I]`."""
+
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+    gate_bias: torch.Tensor | None = None
+    up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+
+    def w13(self, experts: list[int], tp_rank: int, tp_size: int) -> torch.Tensor:
+        n = self.gate.shape[1] // tp_size
+        rows = slice(tp_rank * n, (tp_rank + 1) * n)
+        return torch.cat([self.gate[experts][:, rows], self.up[experts][:, rows]], dim=1)
+
+    def w2(self, experts: list[int], tp_rank: int, tp_size: int) -> torch.Tensor:
+        n = self.down.shape[2] // tp_size
+        return self.down[experts][:, :, tp_rank * n : (tp_rank + 1) * n]
+
+    def w13_bias(self, experts: list[int], tp_rank: int, tp_size: int) -> torch.Tensor:
+        assert self.gate_bias is not None and self.up_bias is not None
+        n = self.gate_bias.shape[1] // tp_size
+        cols = slice(tp_rank * n, (tp_rank + 1) * n)
+        return torch.cat([self.gate_bias[experts][:, cols], self.up_bias[experts][:, cols]], dim=1)
+
+    def w2_bias(self, experts: list[int]) -> torch.Tensor:
+        assert self.down_bias is not None
+        return self.down_bias[experts]
+
+
+def reference_experts(model: torch.nn.Module, family: str) -> dict[int, ReferenceExperts]:
+    """Layer index -> the layer's routed experts, read from the model's parameters."""
+    transposed, interleaved = IN_MEMORY_LAYOUT.get(family, (False, False))
+    found = {}
+    for name, module in model.named_modules():
+        gate_up = getattr(module, "gate_up_proj", None)
+        if not isinstance(gate_up, torch.nn.Parameter) or gate_up.dim() != 3:
+            continue
+        gate_up, down = gate_up.detach(), module.down_proj.detach()
+        if transposed:
+            gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+        if interleaved:
+            gate, up = gate_up[:, 0::2], gate_up[:, 1::2]
+        else:
+            gate, up = gate_up.chunk(2, dim=1)
+        ref = ReferenceExperts(gate, up, down)
+        bias = getattr(module, "gate_up_proj_bias", None)
+        if bias is not None:
+            bias = bias.detach()
+            ref.gate_bias, ref.up_bias = (
+                (bias[:, 0::2], bias[:, 1::2]) if interleaved else bias.chunk(2, dim=1)
+            )
+            ref.down_bias = module.down_proj_bias.detach()
+        found[layer_index(name)] = ref
+    assert found, f"no experts found in {family}"
+    return found
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """A same-size integer view, so NaN poison compares exactly."""
+    return t.contiguous().view(
+        {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    )
+
+
+def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
+    assert actual.shape == expected.shape, (
+        f"{what}: {tuple(actual.shape)} != {tuple(expected.shape)}"
+    )
+    assert actual.dtype == expected.dtype, what
+    assert torch.equal(bits(actual.cpu()), bits(expected.cpu())), f"{what}: values differ"
+
+
+def poisoned(
+    shape: tuple[int, ...], dtype: torch.dtype = torch.bfloat16, device: str = "cpu"
+) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
