@@ -18,6 +18,7 @@ from ._fastmoe_load import (
 from .checkpoint import Checkpoint, MoeLayer, open
 from .loader import LoadStats, load_fused_moe
 from .placement import expert_placement
+from .staging import StagingPool
 
 __all__ = [
     "Checkpoint",
@@ -29,6 +30,7 @@ __all__ = [
     "LoadStats",
     "MoeLayer",
     "RequestError",
+    "StagingPool",
     "TensorNotFoundError",
     "expert_placement",
     "load_fused_moe",

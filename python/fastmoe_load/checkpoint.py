@@ -6,12 +6,13 @@ import json
 import os
 from functools import cached_property
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from . import _fastmoe_load as native
 from ._fastmoe_load import RequestError
+from .staging import DEFAULT_BUFFER_BYTES, DEFAULT_BUFFER_COUNT, StagingPool
 
 _DTYPES: dict[str, torch.dtype] = {
     name: dtype
@@ -136,14 +137,28 @@ class Checkpoint:
         *,
         num_threads: int | None = None,
         interleaved: bool | None = None,
+        staging_bytes: int = DEFAULT_BUFFER_BYTES,
+        staging_buffers: int = DEFAULT_BUFFER_COUNT,
+        io: Literal["pread", "mmap"] = "pread",
     ) -> None:
         if num_threads is not None:
             num_threads = _index(num_threads, "num_threads") or 1
+        if io not in ("pread", "mmap"):
+            raise RequestError(f"io must be 'pread' or 'mmap', not {io!r}")
         self._handle = native.Checkpoint(
-            os.fspath(path), num_threads=num_threads, interleaved=interleaved
+            os.fspath(path), num_threads=num_threads, interleaved=interleaved, io=io
         )
         self._shards: dict[int, native.ShardBuffer] = {}
         self._layers: dict[str, MoeLayer] | None = None
+        self._staging: StagingPool | None = None
+        self._staging_args = (staging_bytes, staging_buffers)
+
+    @property
+    def staging(self) -> StagingPool:
+        """The pinned buffers that CUDA loads from this checkpoint go through."""
+        if self._staging is None:
+            self._staging = StagingPool(*self._staging_args)
+        return self._staging
 
     @property
     def path(self) -> str:
@@ -156,6 +171,10 @@ class Checkpoint:
     @property
     def num_threads(self) -> int:
         return self._handle.num_threads
+
+    @property
+    def io(self) -> str:
+        return self._handle.io
 
     @property
     def shard_paths(self) -> list[str]:
@@ -211,6 +230,8 @@ class Checkpoint:
     def close(self) -> None:
         """Releases the checkpoint; views and loads already made keep working."""
         self._shards.clear()
+        if self._staging is not None:
+            self._staging.close()
         self._handle.close()
 
     def __enter__(self) -> Checkpoint:
@@ -234,11 +255,24 @@ def open(
     *,
     num_threads: int | None = None,
     interleaved: bool | None = None,
+    staging_bytes: int = DEFAULT_BUFFER_BYTES,
+    staging_buffers: int = DEFAULT_BUFFER_COUNT,
+    io: Literal["pread", "mmap"] = "pread",
 ) -> Checkpoint:
     """Opens a `.safetensors` file or a checkpoint directory.
 
     `num_threads` sets the copy threads (default: the CPUs available, at most 16).
     `interleaved` overrides whether fused gate/up tensors alternate gate and up rows
     (default: from `config.json`'s `model_type`, e.g. gpt-oss).
+    `staging_bytes` and `staging_buffers` size the pinned buffers of CUDA loads.
+    `io` chooses how long contiguous runs are read: `pread` (default; a file truncated
+    under the loader is an error) or copies out of the memory map (`mmap`).
     """
-    return Checkpoint(path, num_threads=num_threads, interleaved=interleaved)
+    return Checkpoint(
+        path,
+        num_threads=num_threads,
+        interleaved=interleaved,
+        staging_bytes=staging_bytes,
+        staging_buffers=staging_buffers,
+        io=io,
+    )

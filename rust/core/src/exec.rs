@@ -9,11 +9,26 @@ use crate::error::{Error, Result};
 use crate::plan::CopyOp;
 use crate::shard::Shard;
 
+/// How source bytes are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadMode {
+    /// Copy out of the memory map; first touches of a page cost a page fault.
+    Map,
+    /// `pread` long contiguous runs straight into the destination (no page faults, and a
+    /// truncated file is an error rather than SIGBUS); strided gathers use the map.
+    Read,
+}
+
+/// Contiguous runs at least this long are read with `pread` in [`ReadMode::Read`]; shorter
+/// ones cost more in system calls than they save in page faults.
+pub const MIN_READ_BYTES: usize = 64 << 10;
+
 /// A pool of copy threads. The pool is (re)built lazily in the process that uses it, so a
 /// forked child gets threads of its own instead of waiting forever on its parent's.
 #[derive(Debug)]
 pub struct Executor {
     threads: usize,
+    mode: ReadMode,
     pool: Mutex<Option<(u32, Arc<rayon::ThreadPool>)>>,
 }
 
@@ -35,15 +50,20 @@ impl Destination {
 }
 
 impl Executor {
-    pub fn new(threads: usize) -> Executor {
+    pub fn new(threads: usize, mode: ReadMode) -> Executor {
         Executor {
             threads: threads.max(1),
+            mode,
             pool: Mutex::new(None),
         }
     }
 
     pub fn threads(&self) -> usize {
         self.threads
+    }
+
+    pub fn mode(&self) -> ReadMode {
+        self.mode
     }
 
     fn pool(&self) -> Result<Arc<rayon::ThreadPool>> {
@@ -97,22 +117,41 @@ impl Executor {
             }
         }
         let dst = Destination(dst);
+        let mode = self.mode;
         self.pool()?.install(|| {
-            ops.par_iter().for_each(|op| {
+            ops.par_iter().try_for_each(|op| {
+                let shard = &shards[op.shard];
                 // SAFETY: checked above that the source lies inside the shard's mapping and
                 // the destination inside the window the caller vouches for; operations of a
                 // plan write disjoint ranges.
                 unsafe {
-                    copy(
-                        shards[op.shard].as_ptr().add(op.src),
-                        dst.at(op.dst - window_start),
-                        op,
-                    )
+                    let dst = dst.at(op.dst - window_start);
+                    if mode == ReadMode::Read
+                        && op.has_contiguous_rows()
+                        && op.cols * op.elem >= MIN_READ_BYTES
+                    {
+                        read_rows(shard, dst, op)
+                    } else {
+                        copy(shard.as_ptr().add(op.src), dst, op);
+                        Ok(())
+                    }
                 }
             })
-        });
-        Ok(())
+        })
     }
+}
+
+/// # Safety
+/// `dst` must cover the operation's destination bytes.
+unsafe fn read_rows(shard: &Shard, dst: *mut u8, op: &CopyOp) -> Result<()> {
+    let row_bytes = op.cols * op.elem;
+    for r in 0..op.rows {
+        // SAFETY: row r of the destination lies inside the operation's destination, which
+        // nothing else writes meanwhile.
+        let row = unsafe { std::slice::from_raw_parts_mut(dst.add(r * row_bytes), row_bytes) };
+        shard.read_at(op.src + r * op.src_row_stride, row)?;
+    }
+    Ok(())
 }
 
 /// # Safety

@@ -6,9 +6,9 @@ use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::layout::{MatrixView, MoeLayer, Part};
 
-/// Largest destination span of one operation: the grain of parallel work and of staging
-/// windows. Large enough to amortise per-operation overhead, small enough to spread a
-/// window over many threads.
+/// Largest destination span of one operation (every operation of a plan is at most this
+/// long): the grain of parallel work and of staging windows. Large enough to amortise
+/// per-operation overhead, small enough to spread a window over many threads.
 pub const OP_BYTES: usize = 1 << 20;
 
 /// The vLLM `FusedMoE` parameters a plan can fill.
@@ -256,13 +256,18 @@ impl CopyPlan {
             }
             return;
         }
-        if op.has_contiguous_rows() && row_bytes > OP_BYTES {
+        if row_bytes > OP_BYTES {
+            // Rows too long for one operation: cut each row along its columns.
+            let cols_per_op = OP_BYTES / op.elem;
             for r in 0..op.rows {
-                self.push(CopyOp {
-                    src: op.src + r * op.src_row_stride,
-                    rows: 1,
-                    ..op
-                });
+                for first in (0..op.cols).step_by(cols_per_op) {
+                    self.push(CopyOp {
+                        src: op.src + r * op.src_row_stride + first * op.src_col_stride,
+                        rows: 1,
+                        cols: cols_per_op.min(op.cols - first),
+                        ..op
+                    });
+                }
             }
             return;
         }

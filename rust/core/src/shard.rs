@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use memmap2::{MmapMut, MmapOptions};
@@ -136,6 +136,21 @@ impl Shard {
     /// Start of the mapping, for exporting writable (copy-on-write) views.
     pub fn as_mut_ptr(&self) -> *mut u8 {
         self.map.as_ptr().cast_mut()
+    }
+
+    /// Reads `dst.len()` bytes at file offset `offset` with `pread`. A file truncated under us
+    /// gives an error here, where a read of the mapping would raise SIGBUS.
+    pub fn read_at(&self, offset: usize, dst: &mut [u8]) -> Result<()> {
+        self.file.read_exact_at(dst, offset as u64).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                Error::FileChanged {
+                    path: self.path.clone(),
+                    what: "it is shorter than when it was opened".into(),
+                }
+            } else {
+                Error::io(&self.path, "read", e)
+            }
+        })
     }
 
     /// Fails if the file was truncated, extended, rewritten, replaced or deleted since open.

@@ -6,7 +6,9 @@ mod common;
 use std::sync::Arc;
 
 use common::{to_u16, write, Logical, TempDir, Tensor};
-use fastmoe_load_core::{detect, Checkpoint, CopyPlan, Executor, LoadRequest, Target};
+use fastmoe_load_core::{
+    detect, Checkpoint, CopyOp, CopyPlan, Executor, LoadRequest, ReadMode, Result, Target,
+};
 
 const LAYER: Logical = Logical {
     experts: 5,
@@ -14,6 +16,20 @@ const LAYER: Logical = Logical {
     inter: 40,
 };
 const PREFIX: &str = "model.layers.0.mlp.experts";
+
+/// Executes `ops` into a fresh buffer of `len` bytes holding destination bytes from `start`.
+fn run(
+    ckpt: &Checkpoint,
+    mode: ReadMode,
+    ops: &[CopyOp],
+    start: usize,
+    len: usize,
+) -> Result<Vec<u8>> {
+    let mut out = vec![0xAAu8; len];
+    // SAFETY: `out` is `len` bytes and exclusively ours for the call.
+    unsafe { Executor::new(3, mode).run(ckpt.shards(), ops, out.as_mut_ptr(), start, len) }?;
+    Ok(out)
+}
 
 fn targets(biases: bool) -> Vec<(&'static str, Target)> {
     let mut t = vec![("w13", Target::W13), ("w2", Target::W2)];
@@ -53,8 +69,8 @@ fn check_layout(
     );
     assert_eq!(layer.has_bias(), biases);
 
-    let executor = Executor::new(3);
     let expert_lists: [&[usize]; 4] = [&[0, 1, 2, 3, 4], &[3, 4], &[4, 0, 2], &[1, 1, 3]];
+    let mode = ReadMode::Read;
     for tp_size in [1, 2, 4] {
         for tp_rank in 0..tp_size {
             for experts in expert_lists {
@@ -68,18 +84,7 @@ fn check_layout(
                     let expected = LAYER.expected(name, tp_rank, tp_size, experts);
                     assert_eq!(plan.len(), expected.len() * 2);
 
-                    let mut whole = vec![0xAAu8; plan.len()];
-                    // SAFETY: `whole` is plan.len() bytes and exclusively ours.
-                    unsafe {
-                        executor.run(
-                            ckpt.shards(),
-                            plan.ops(),
-                            whole.as_mut_ptr(),
-                            0,
-                            whole.len(),
-                        )
-                    }
-                    .unwrap();
+                    let whole = run(&ckpt, mode, plan.ops(), 0, plan.len()).unwrap();
                     assert!(
                         to_u16(&whole) == expected,
                         "{format} {name} tp {tp_rank}/{tp_size} experts {experts:?}"
@@ -88,19 +93,7 @@ fn check_layout(
                     let mut pieces = Vec::new();
                     for (start, end) in plan.windows(700) {
                         let ops = plan.ops_in(start, end).unwrap();
-                        let mut window = vec![0x55u8; end - start];
-                        // SAFETY: `window` is end - start bytes and exclusively ours.
-                        unsafe {
-                            executor.run(
-                                ckpt.shards(),
-                                ops,
-                                window.as_mut_ptr(),
-                                start,
-                                window.len(),
-                            )
-                        }
-                        .unwrap();
-                        pieces.extend(window);
+                        pieces.extend(run(&ckpt, mode, ops, start, end - start).unwrap());
                     }
                     assert!(pieces == whole, "{format} {name} windowed");
                 }
@@ -202,11 +195,38 @@ fn large_runs_are_cut_into_bounded_operations() {
         .iter()
         .all(|op| op.len() <= fastmoe_load_core::plan::OP_BYTES));
     assert!(plan.ops().len() > 4);
-    let mut out = vec![0u8; plan.len()];
-    // SAFETY: `out` is plan.len() bytes and exclusively ours.
-    unsafe { Executor::new(2).run(ckpt.shards(), plan.ops(), out.as_mut_ptr(), 0, out.len()) }
-        .unwrap();
-    assert!(to_u16(&out) == big.expected("w13", 1, 2, &[1, 0]));
+    for mode in [ReadMode::Map, ReadMode::Read] {
+        let out = run(&ckpt, mode, plan.ops(), 0, plan.len()).unwrap();
+        assert!(
+            to_u16(&out) == big.expected("w13", 1, 2, &[1, 0]),
+            "{mode:?}"
+        );
+    }
+
+    // Transposed rows longer than an operation are cut along their columns.
+    let wide = Logical {
+        experts: 1,
+        hidden: 600_000,
+        inter: 2,
+    };
+    write(
+        &dir.path().join("m.safetensors"),
+        &wide.fused(PREFIX, true, false, false),
+    );
+    let ckpt = Checkpoint::open(dir.path()).unwrap();
+    let layer = &detect(&ckpt, None).unwrap()[0];
+    let request = LoadRequest {
+        tp_rank: 0,
+        tp_size: 1,
+        experts: &[0],
+    };
+    let plan = CopyPlan::new(&ckpt, layer, Target::W13, &request).unwrap();
+    assert!(plan
+        .ops()
+        .iter()
+        .all(|op| op.len() <= fastmoe_load_core::plan::OP_BYTES));
+    let out = run(&ckpt, ReadMode::Read, plan.ops(), 0, plan.len()).unwrap();
+    assert!(to_u16(&out) == wide.expected("w13", 0, 1, &[0]));
 }
 
 #[test]
@@ -310,21 +330,45 @@ fn executor_refuses_operations_outside_the_window() {
         experts: &[0],
     };
     let plan = CopyPlan::new(&ckpt, layer, Target::W2, &request).unwrap();
-    let mut small = vec![0u8; plan.len() - 1];
-    // SAFETY: the executor must refuse before writing, since the window is too small.
-    let result = unsafe {
-        Executor::new(1).run(
-            ckpt.shards(),
-            plan.ops(),
-            small.as_mut_ptr(),
-            0,
-            small.len(),
-        )
-    };
-    assert!(result.is_err());
+    // The window is one byte short: the executor must refuse before writing.
+    assert!(run(&ckpt, ReadMode::Map, plan.ops(), 0, plan.len() - 1).is_err());
+    let mut small = vec![0u8; plan.len()];
     let shards: Vec<Arc<_>> = Vec::new();
     // SAFETY: as above: no shard, so nothing may be read or written.
-    let result =
-        unsafe { Executor::new(1).run(&shards, plan.ops(), small.as_mut_ptr(), 0, small.len()) };
+    let result = unsafe {
+        Executor::new(1, ReadMode::Map).run(&shards, plan.ops(), small.as_mut_ptr(), 0, small.len())
+    };
     assert!(result.is_err());
+}
+
+#[test]
+fn reading_a_truncated_file_is_an_error_not_a_signal() {
+    let big = Logical {
+        experts: 2,
+        hidden: 1024,
+        inter: 512,
+    };
+    let dir = TempDir::new("trunc");
+    let path = dir.path().join("m.safetensors");
+    write(&path, &big.fused(PREFIX, false, false, false));
+    let ckpt = Checkpoint::open(&path).unwrap();
+    let layer = &detect(&ckpt, None).unwrap()[0];
+    let request = LoadRequest {
+        tp_rank: 0,
+        tp_size: 1,
+        experts: &[1],
+    };
+    let plan = CopyPlan::new(&ckpt, layer, Target::W13, &request).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+    // Every operation of this plan is a long contiguous run, so it is read with pread only.
+    let err = run(&ckpt, ReadMode::Read, plan.ops(), 0, plan.len()).unwrap_err();
+    assert!(
+        matches!(err, fastmoe_load_core::Error::FileChanged { .. }),
+        "{err}"
+    );
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock, RwLock};
 
 use fastmoe_load_core::{
-    detect, Checkpoint, CopyPlan, Executor, LoadRequest, MoeLayer, Part, Shard, Target,
+    detect, Checkpoint, CopyPlan, Executor, LoadRequest, MoeLayer, Part, ReadMode, Shard, Target,
 };
 use pyo3::exceptions::PyValueError;
 use pyo3::ffi;
@@ -101,13 +101,23 @@ fn target(name: &str) -> PyResult<Target> {
 #[pymethods]
 impl PyCheckpoint {
     #[new]
-    #[pyo3(signature = (path, *, num_threads=None, interleaved=None))]
+    #[pyo3(signature = (path, *, num_threads=None, interleaved=None, io="pread"))]
     fn new(
         py: Python<'_>,
         path: PathBuf,
         num_threads: Option<usize>,
         interleaved: Option<bool>,
+        io: &str,
     ) -> PyResult<Self> {
+        let mode = match io {
+            "pread" => ReadMode::Read,
+            "mmap" => ReadMode::Map,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "io must be 'pread' or 'mmap', not {other:?}"
+                )))
+            }
+        };
         let ckpt = py.detach(|| Checkpoint::open(&path)).map_err(to_py)?;
         let threads = num_threads.unwrap_or_else(|| {
             std::thread::available_parallelism()
@@ -116,7 +126,7 @@ impl PyCheckpoint {
         });
         let state = State {
             ckpt,
-            executor: Executor::new(threads),
+            executor: Executor::new(threads, mode),
             interleaved,
             layers: OnceLock::new(),
         };
@@ -142,6 +152,14 @@ impl PyCheckpoint {
     #[getter]
     fn num_threads(&self) -> PyResult<usize> {
         Ok(self.state()?.executor.threads())
+    }
+
+    #[getter]
+    fn io(&self) -> PyResult<&'static str> {
+        Ok(match self.state()?.executor.mode() {
+            ReadMode::Read => "pread",
+            ReadMode::Map => "mmap",
+        })
     }
 
     /// Drops this handle's hold on the files; views and plans made from it stay valid.

@@ -1,0 +1,359 @@
+"""`python -m fastmoe_load bench`: fastmoe_load beside pure-Python loading, one table, one run.
+
+Every row loads the same generated checkpoint (warm in the page cache) into vLLM-layout
+`w13`/`w2` destinations and reports the median of several runs. GB/s counts the bytes that
+land in the destinations. fastmoe_load and the seed path reopen the checkpoint on every run,
+so each run pays for its own mapping and page faults, as a real load does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+import fastmoe_load as fml
+
+from .generate import Shape, generate
+from .seed import seed_load, shard_of_tensors
+
+
+@dataclass(frozen=True)
+class Case:
+    """Which part of every layer a rank loads."""
+
+    label: str
+    tp_rank: int = 0
+    tp_size: int = 1
+    ep_rank: int = 0
+    ep_size: int = 1
+
+    def experts(self, num_experts: int) -> list[int]:
+        return fml.expert_placement(num_experts, self.ep_size, self.ep_rank)
+
+
+CPU_CASES = [Case("TP=1"), Case("TP=2 rank 1", tp_rank=1, tp_size=2)]
+CUDA_CASES = [*CPU_CASES, Case("EP=4 rank 1", ep_rank=1, ep_size=4)]
+
+
+@dataclass
+class Row:
+    path: str
+    case: str
+    destination: str
+    seconds: list[float] = field(default_factory=list)
+    nbytes: int = 0
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.nbytes / self.median / 1e9
+
+
+@dataclass
+class Bench:
+    path: str
+    shape: Shape
+    device: torch.device
+    repeats: int
+    threads: int | None
+    rows: list[Row] = field(default_factory=list)
+
+    # -- destinations -------------------------------------------------------------------
+
+    def destinations(self, case: Case, touched: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        s = self.shape
+        n, shard = len(case.experts(s.experts)), s.intermediate // case.tp_size
+        out = []
+        for _ in range(s.layers):
+            w13 = torch.empty((n, 2 * shard, s.hidden), dtype=torch.bfloat16, device=self.device)
+            w2 = torch.empty((n, s.hidden, shard), dtype=torch.bfloat16, device=self.device)
+            if touched:
+                w13.zero_(), w2.zero_()
+            out.append((w13, w2))
+        return out
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def measure(
+        self,
+        name: str,
+        case: Case,
+        load: Callable[[list[tuple[torch.Tensor, torch.Tensor]]], int],
+        touched: bool = True,
+        warmup: bool = True,
+    ) -> Row:
+        """Times `load(destinations) -> bytes landed`; fresh destinations for each run unless
+        `touched`, where one pre-touched set serves every run."""
+        row = Row(name, case.label, "pre-touched" if touched else "fresh")
+        dests = self.destinations(case, True) if touched else None
+        for run in range(self.repeats + warmup):
+            current = dests if dests is not None else self.destinations(case, False)
+            self.sync()
+            start = time.perf_counter()
+            row.nbytes = load(current)
+            self.sync()
+            if run >= warmup:
+                row.seconds.append(time.perf_counter() - start)
+            del current
+        self.rows.append(row)
+        print(
+            f"  {name:<44} {case.label:<12} {row.destination:<11} {row.gb_per_s:7.2f} GB/s",
+            flush=True,
+        )
+        return row
+
+    # -- contenders ---------------------------------------------------------------------
+
+    def fastmoe(self, case: Case, **open_args: object) -> Callable[[list], int]:
+        def load(dests: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+            total = 0
+            with fml.open(self.path, num_threads=self.threads, **open_args) as ckpt:
+                for layer, (w13, w2) in enumerate(dests):
+                    stats = fml.load_fused_moe(
+                        ckpt,
+                        self.shape.prefix(layer),
+                        w13,
+                        w2,
+                        tp_rank=case.tp_rank,
+                        tp_size=case.tp_size,
+                        local_experts=case.experts(self.shape.experts),
+                    )
+                    total += stats.bytes
+            return total
+
+        return load
+
+    def seed(self, case: Case) -> Callable[[list], int]:
+        def load(dests: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+            where = shard_of_tensors(self.path)
+            with fml.open(self.path) as ckpt:  # only for the layer descriptions
+                layers = ckpt.moe_layers()
+            for layer, (w13, w2) in zip(layers, dests, strict=True):
+                seed_load(
+                    self.path,
+                    layer,
+                    w13,
+                    w2,
+                    tp_rank=case.tp_rank,
+                    local_experts=case.experts(self.shape.experts),
+                    where=where,
+                )
+            return sum(t.numel() * t.element_size() for pair in dests for t in pair)
+
+        return load
+
+    def memcpy(self) -> Callable[[list], int]:
+        """One single-threaded memcpy per destination, of as many bytes, out of a fresh
+        mapping of the layer's shard: the speed of one core copying warm data."""
+        files = sorted(set(shard_of_tensors(self.path).values()))
+
+        def load(dests: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+            total = 0
+            for file, pair in zip(files, dests, strict=True):
+                with open(file, "rb") as f:
+                    offset = 8 + int.from_bytes(f.read(8), "little")
+                    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mapping:
+                        source = torch.frombuffer(mapping, dtype=torch.uint8)
+                        for t in pair:
+                            n = t.numel() * t.element_size()
+                            ctypes.memmove(t.data_ptr(), source.data_ptr() + offset, n)
+                            offset, total = offset + n, total + n
+                        del source
+            return total
+
+        return load
+
+    def pageable_per_tensor(self) -> Callable[[list], int]:
+        """One `copy_` of each whole fused tensor, from its (pageable) mapping."""
+
+        def load(dests: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+            with fml.open(self.path) as ckpt:
+                for layer, (w13, w2) in enumerate(dests):
+                    prefix = self.shape.prefix(layer)
+                    w13.copy_(ckpt.tensor(f"{prefix}.gate_up_proj"))
+                    w2.copy_(ckpt.tensor(f"{prefix}.down_proj"))
+            return _nbytes(dests)
+
+        return load
+
+    def python_double_buffer(self, chunk: int = 256 << 20) -> Callable[[list], int]:
+        """What a careful Python loader does: two pinned buffers, torch `copy_` into one
+        while the other is transferred asynchronously."""
+        buffers = [torch.empty(chunk, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        events = [torch.cuda.Event() for _ in range(2)]
+        stream = torch.cuda.Stream(self.device)
+
+        def load(dests: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+            k = 0
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with fml.open(self.path) as ckpt:
+                for layer, (w13, w2) in enumerate(dests):
+                    prefix = self.shape.prefix(layer)
+                    for name, dst in (("gate_up_proj", w13), ("down_proj", w2)):
+                        src = ckpt.tensor(f"{prefix}.{name}").reshape(-1).view(torch.uint8)
+                        out = dst.view(-1).view(torch.uint8)
+                        for a in range(0, src.numel(), chunk):
+                            b = min(a + chunk, src.numel())
+                            buffer, event = buffers[k % 2], events[k % 2]
+                            event.synchronize()
+                            buffer[: b - a].copy_(src[a:b])
+                            with torch.cuda.stream(stream):
+                                out[a:b].copy_(buffer[: b - a], non_blocking=True)
+                                event.record(stream)
+                            k += 1
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            return _nbytes(dests)
+
+        return load
+
+    def whole_files(self, loader: Callable[[list[str], torch.device], int]) -> Callable:
+        """A loader that reads whole files onto the device (its own tensors)."""
+        files = sorted(set(shard_of_tensors(self.path).values()))
+        return lambda _dests: loader(files, self.device)
+
+    def link_rate(self, pinned: bool, nbytes: int = 1 << 30) -> Row:
+        """Host-to-device copy rate of one `nbytes` buffer."""
+        host = torch.ones(nbytes, dtype=torch.uint8, pin_memory=pinned)
+        device = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        row = Row(
+            f"{'pinned' if pinned else 'pageable'} host->device copy, 1 GiB",
+            "-",
+            "-",
+            nbytes=nbytes,
+        )
+        for run in range(self.repeats + 1):
+            self.sync()
+            start = time.perf_counter()
+            device.copy_(host, non_blocking=pinned)
+            self.sync()
+            if run:
+                row.seconds.append(time.perf_counter() - start)
+        self.rows.append(row)
+        print(f"  {row.path:<44} {row.gb_per_s:7.2f} GB/s", flush=True)
+        return row
+
+
+def _nbytes(dests: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    return sum(t.numel() * t.element_size() for pair in dests for t in pair)
+
+
+def _safetensors_load_file(files: list[str], device: torch.device) -> int:
+    from safetensors.torch import load_file
+
+    total = 0
+    for file in files:
+        tensors = load_file(file, device=str(device))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        del tensors
+    torch.cuda.synchronize(device)
+    return total
+
+
+def render(rows: list[Row], reference: str) -> str:
+    """The comparison table, with ratios to the seed path and to `reference` measured for
+    the same case and destination."""
+    seed = {(r.case, r.destination): r for r in rows if r.path.startswith("seed")}
+    refs = {(r.case, r.destination): r for r in rows if r.path.startswith(reference)}
+    ref_label = "x " + reference.split()[0]
+    head = f"{'path':<46} {'case':<12} {'destination':<12} {'GB/s':>7} {'x seed':>7} {ref_label:>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        base = seed.get((r.case, r.destination))
+        vs_seed = f"{r.gb_per_s / base.gb_per_s:7.2f}" if base and r.case != "-" else f"{'':>7}"
+        # The reference of the same case, or the one measured for all cases (link rates).
+        ref = refs.get((r.case, r.destination)) or refs.get(("-", "-"))
+        vs_ref = f"{r.gb_per_s / ref.gb_per_s:9.2f}" if ref else f"{'':>9}"
+        lines.append(
+            f"{r.path:<46} {r.case:<12} {r.destination:<12} {r.gb_per_s:7.2f} {vs_seed} {vs_ref}"
+        )
+    return "\n".join(lines)
+
+
+def default_layers(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 8  # 9.66 GB, the size of the reference measurements
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return max(1, min(8, ram // 8 // Shape(layers=1).layer_bytes))
+
+
+def main(
+    device: str = "cpu",
+    layers: int | None = None,
+    directory: str | None = None,
+    repeats: int = 3,
+    threads: int | None = None,
+    explore: bool = False,
+) -> Bench:
+    dev = torch.device(device)
+    shape = Shape(layers=layers or default_layers(dev))
+    path = directory or os.path.join(tempfile.gettempdir(), f"fastmoe_bench_{shape.layers}")
+    print(
+        f"checkpoint: {path} ({shape.layers} layers of E={shape.experts}, H={shape.hidden}, "
+        f"I={shape.intermediate}, bf16; {shape.total_bytes / 1e9:.2f} GB)",
+        flush=True,
+    )
+    generate(path, shape)
+    bench = Bench(path, shape, dev, repeats, threads)
+    if dev.type == "cuda":
+        _run_cuda(bench, explore)
+        reference = "pinned host->device"
+    else:
+        _run_cpu(bench)
+        reference = "memcpy"
+    print()
+    print(render(bench.rows, reference))
+    return bench
+
+
+def _run_cpu(bench: Bench) -> None:
+    for case in CPU_CASES:
+        for touched in (False, True):
+            bench.measure("fastmoe_load", case, bench.fastmoe(case), touched)
+            bench.measure("fastmoe_load (io=mmap)", case, bench.fastmoe(case, io="mmap"), touched)
+            bench.measure("seed: vLLM per-expert loop", case, bench.seed(case), touched)
+            bench.measure("memcpy, 1 thread", case, bench.memcpy(), touched)
+
+
+def _run_cuda(bench: Bench, explore: bool) -> None:
+    from . import peers
+
+    bench.link_rate(pinned=True)
+    bench.link_rate(pinned=False)
+    full = CUDA_CASES[0]
+    for case in CUDA_CASES:
+        bench.measure("fastmoe_load", case, bench.fastmoe(case))
+        bench.measure("seed: vLLM per-expert loop", case, bench.seed(case))
+    bench.measure("one pageable copy_ per fused tensor", full, bench.pageable_per_tensor())
+    bench.measure("Python pinned double buffer (2x256 MiB)", full, bench.python_double_buffer())
+    bench.measure(
+        "safetensors load_file(device=cuda)", full, bench.whole_files(_safetensors_load_file)
+    )
+    for name, loader in peers.available().items():
+        bench.measure(name, full, bench.whole_files(loader))
+    if explore:
+        for args in EXPLORE:
+            label = "fastmoe_load " + ", ".join(f"{k}={v}" for k, v in args.items())
+            bench.measure(label, full, bench.fastmoe(full, **args))
+
+
+# Settings tried by `bench --explore`, one change at a time from the defaults.
+EXPLORE: list[dict[str, object]] = [
+    {"io": "mmap"},
+    {"staging_bytes": 32 << 20},
+    {"staging_bytes": 128 << 20},
+    {"staging_buffers": 2},
+    {"staging_buffers": 4},
+]

@@ -1,0 +1,93 @@
+"""Pinned staging buffers and the pipeline that moves copy plans into CUDA parameters.
+
+The Rust executor fills staging buffer k+1 from the checkpoint (many threads, GIL released)
+while buffer k is copied to the GPU asynchronously on a dedicated stream. A CUDA event per
+buffer keeps the fill from overwriting a buffer whose transfer is still running. Host memory
+beyond the pool stays constant, whatever the checkpoint size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from ._fastmoe_load import RequestError
+
+if TYPE_CHECKING:
+    from .loader import Destination
+
+# Plans cut their work into operations of at most 1 MiB; a window holds at least one.
+MIN_BUFFER_BYTES = 1 << 20
+DEFAULT_BUFFER_BYTES = 64 << 20
+DEFAULT_BUFFER_COUNT = 3
+
+
+class StagingPool:
+    """`count` pinned host buffers of `buffer_bytes` each, allocated on first use and reused
+    across loads and layers until `close()`."""
+
+    def __init__(
+        self, buffer_bytes: int = DEFAULT_BUFFER_BYTES, count: int = DEFAULT_BUFFER_COUNT
+    ) -> None:
+        if buffer_bytes < MIN_BUFFER_BYTES or count < 2:
+            raise RequestError(
+                f"a staging pool needs at least 2 buffers of at least {MIN_BUFFER_BYTES} bytes, "
+                f"got {count} of {buffer_bytes}"
+            )
+        self.buffer_bytes = buffer_bytes
+        self.count = count
+        self._buffers: list[torch.Tensor] = []
+        self._events: list[torch.cuda.Event] = []
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._next = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Pinned host memory held now."""
+        return sum(b.numel() for b in self._buffers)
+
+    def _stream(self, device: torch.device) -> torch.cuda.Stream:
+        stream = self._streams.get(device)
+        if stream is None:
+            stream = self._streams[device] = torch.cuda.Stream(device)
+        return stream
+
+    def _acquire(self) -> tuple[torch.Tensor, torch.cuda.Event]:
+        if not self._buffers:
+            self._buffers = [
+                torch.empty(self.buffer_bytes, dtype=torch.uint8, pin_memory=True)
+                for _ in range(self.count)
+            ]
+            self._events = [torch.cuda.Event() for _ in range(self.count)]
+        k = self._next
+        self._next = (k + 1) % self.count
+        self._events[k].synchronize()  # the transfer that last read this buffer is done
+        return self._buffers[k], self._events[k]
+
+    def fill(self, destinations: Sequence[Destination]) -> None:
+        """Executes the plans into CUDA destinations. On return the work is queued so that
+        the caller's current stream sees the finished parameters."""
+        device = destinations[0].tensor.device
+        caller = torch.cuda.current_stream(device)
+        stream = self._stream(device)
+        stream.wait_stream(caller)  # destinations may still be in use on the caller's stream
+        for d in destinations:
+            dst = d.tensor.view(-1).view(torch.uint8)
+            for start, end in d.plan.windows(self.buffer_bytes):
+                buffer, event = self._acquire()
+                d.plan.execute(buffer.data_ptr(), start, end)
+                with torch.cuda.stream(stream):
+                    dst[start:end].copy_(buffer[: end - start], non_blocking=True)
+                    event.record(stream)
+            # Keep the caching allocator from reusing the parameter's memory before the
+            # copies on our stream are done, should the caller free it early.
+            d.tensor.record_stream(stream)
+        caller.wait_stream(stream)
+
+    def close(self) -> None:
+        """Waits for transfers in flight and frees the pinned memory."""
+        for event in self._events:
+            event.synchronize()
+        self._buffers, self._events, self._streams = [], [], {}

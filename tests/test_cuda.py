@@ -1,0 +1,117 @@
+"""CUDA destinations: the same references as on the CPU, through pinned staging buffers and
+asynchronous copies; and the stream contract (the caller's stream sees the result)."""
+
+from __future__ import annotations
+
+import fastmoe_load as fml
+import pytest
+import torch
+from conftest import FAMILIES, assert_bitwise_equal, layer_index, poisoned, reference_experts
+from fastmoe_load.bench.generate import Shape, generate
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+# (tp_rank, tp_size, local experts)
+REQUESTS = [(0, 1, [0, 1, 2, 3, 4]), (1, 2, [4, 2, 2]), (3, 4, [1])]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("original", [True, False], ids=["orig", "v5"])
+def test_layers_match_model_on_cuda(saved_models, family, original):
+    saved = saved_models[family, original]
+    reference = reference_experts(saved.model, family)
+    # Tiny buffers so that every layer spans several staging windows.
+    with fml.open(saved.path, staging_bytes=1 << 20, staging_buffers=2) as ckpt:
+        for layer in ckpt.moe_layers():
+            ref = reference[layer_index(layer.prefix)]
+            for tp_rank, tp_size, experts in (
+                (0, 1, [0, 1, 2, 3, 4]),
+                (1, 2, [4, 2, 2]),
+                (3, 4, [1]),
+            ):
+                n, shard, h = len(experts), layer.intermediate_size // tp_size, layer.hidden_size
+                w13 = poisoned((n, 2 * shard, h), device="cuda")
+                w2 = poisoned((n, h, shard), device="cuda")
+                biases = {}
+                if layer.has_bias:
+                    biases = {
+                        "w13_bias": poisoned((n, 2 * shard), device="cuda"),
+                        "w2_bias": poisoned((n, h), device="cuda"),
+                    }
+                fml.load_fused_moe(
+                    ckpt,
+                    layer.prefix,
+                    w13,
+                    w2,
+                    tp_rank=tp_rank,
+                    tp_size=tp_size,
+                    local_experts=experts,
+                    **biases,
+                )
+                assert_bitwise_equal(w13, ref.w13(experts, tp_rank, tp_size), layer.prefix)
+                assert_bitwise_equal(w2, ref.w2(experts, tp_rank, tp_size), layer.prefix)
+                if layer.has_bias:
+                    assert_bitwise_equal(
+                        biases["w13_bias"], ref.w13_bias(experts, tp_rank, tp_size)
+                    )
+                    assert_bitwise_equal(biases["w2_bias"], ref.w2_bias(experts))
+
+
+@pytest.fixture(scope="module")
+def big_layer(tmp_path_factory):
+    """One Qwen3-30B-A3B-shaped layer (1.2 GB): transfers long enough to expose a race."""
+    path = generate(str(tmp_path_factory.mktemp("big")), Shape(layers=1))
+    return path, Shape(layers=1)
+
+
+def test_caller_stream_sees_result_without_synchronize(big_layer):
+    path, shape = big_layer
+    prefix = shape.prefix(0)
+    with fml.open(path) as ckpt:
+        gate_up = ckpt.tensor(f"{prefix}.gate_up_proj")
+        down = ckpt.tensor(f"{prefix}.down_proj")
+        for stream in (torch.cuda.current_stream(), torch.cuda.Stream()):
+            with torch.cuda.stream(stream):
+                w13 = poisoned(tuple(gate_up.shape), device="cuda")
+                w2 = poisoned(tuple(down.shape), device="cuda")
+                fml.load_fused_moe(ckpt, prefix, w13, w2)
+                # Enqueued on the caller's stream right away: no synchronize in between.
+                copies = (w13.clone(), w2.clone())
+            stream.synchronize()
+            assert_bitwise_equal(copies[0], gate_up)
+            assert_bitwise_equal(copies[1], down)
+
+
+def test_staging_memory_is_bounded_and_freed_on_close(big_layer):
+    path, shape = big_layer
+    prefix = shape.prefix(0)
+    ckpt = fml.open(path, staging_bytes=8 << 20, staging_buffers=3)
+    layer = ckpt.experts(prefix)
+    i, h = layer.intermediate_size, layer.hidden_size
+    for tp_rank in (0, 1):
+        experts = fml.expert_placement(layer.num_experts, 4, 2)
+        w13 = poisoned((len(experts), i, h), device="cuda")
+        w2 = poisoned((len(experts), h, i // 2), device="cuda")
+        stats = fml.load_fused_moe(
+            ckpt, prefix, w13, w2, tp_rank=tp_rank, tp_size=2, local_experts=experts
+        )
+        assert stats.bytes == (w13.numel() + w2.numel()) * 2
+        assert ckpt.staging.nbytes == 3 * (8 << 20)
+        assert not w13.isnan().any() and not w2.isnan().any()
+    ckpt.close()
+    assert ckpt.staging.nbytes == 0
+
+
+def test_cpu_and_cuda_destinations_are_not_mixed(big_layer):
+    path, shape = big_layer
+    with fml.open(path) as ckpt:
+        layer = ckpt.experts(shape.prefix(0))
+        w13 = poisoned((1, 2 * layer.intermediate_size, layer.hidden_size), device="cuda")
+        w2 = poisoned((1, layer.hidden_size, layer.intermediate_size))
+        with pytest.raises(fml.RequestError, match="several devices"):
+            fml.load_fused_moe(ckpt, layer.prefix, w13, w2, local_experts=[0])
+        assert w13.isnan().all() and w2.isnan().all()
