@@ -139,7 +139,7 @@ class Checkpoint:
         interleaved: bool | None = None,
         staging_bytes: int = DEFAULT_BUFFER_BYTES,
         staging_buffers: int = DEFAULT_BUFFER_COUNT,
-        io: Literal["pread", "mmap"] = "pread",
+        io: Literal["mmap", "pread"] = "mmap",
     ) -> None:
         if num_threads is not None:
             num_threads = _index(num_threads, "num_threads") or 1
@@ -257,7 +257,7 @@ def open(
     interleaved: bool | None = None,
     staging_bytes: int = DEFAULT_BUFFER_BYTES,
     staging_buffers: int = DEFAULT_BUFFER_COUNT,
-    io: Literal["pread", "mmap"] = "pread",
+    io: Literal["mmap", "pread"] = "mmap",
 ) -> Checkpoint:
     """Opens a `.safetensors` file or a checkpoint directory.
 
@@ -265,8 +265,9 @@ def open(
     `interleaved` overrides whether fused gate/up tensors alternate gate and up rows
     (default: from `config.json`'s `model_type`, e.g. gpt-oss).
     `staging_bytes` and `staging_buffers` size the pinned buffers of CUDA loads.
-    `io` chooses how long contiguous runs are read: `pread` (default; a file truncated
-    under the loader is an error) or copies out of the memory map (`mmap`).
+    `io` chooses how long contiguous runs are read: copies out of the memory map (`mmap`,
+    default, fastest) or `pread` (a file truncated during the copy is then an error
+    instead of a SIGBUS).
     """
     return Checkpoint(
         path,

@@ -17,7 +17,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     bench.add_argument("--layers", type=int, help="1.2 GB layers (default: sized for the machine)")
     bench.add_argument("--dir", help="where to generate the checkpoint (default: a temp folder)")
-    bench.add_argument("--repeats", type=int, default=3, help="timed runs per row (median)")
+    bench.add_argument("--repeats", type=int, default=5, help="timed runs per row (median)")
     bench.add_argument("--threads", type=int, help="copy threads (default: CPUs, at most 16)")
     bench.add_argument("--explore", action="store_true", help="also time other staging settings")
     return parser

@@ -11,11 +11,13 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import platform
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -87,40 +89,45 @@ class Bench:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def measure(
+    def compare(
         self,
-        name: str,
         case: Case,
-        load: Callable[[list[tuple[torch.Tensor, torch.Tensor]]], int],
+        contenders: dict[str, Callable[[list[tuple[torch.Tensor, torch.Tensor]]], int]],
         touched: bool = True,
-        warmup: bool = True,
-    ) -> Row:
-        """Times `load(destinations) -> bytes landed`; fresh destinations for each run unless
-        `touched`, where one pre-touched set serves every run."""
-        row = Row(name, case.label, "pre-touched" if touched else "fresh")
-        dests = self.destinations(case, True) if touched else None
-        for run in range(self.repeats + warmup):
-            current = dests if dests is not None else self.destinations(case, False)
-            self.sync()
-            start = time.perf_counter()
-            row.nbytes = load(current)
-            self.sync()
-            if run >= warmup:
-                row.seconds.append(time.perf_counter() - start)
-            del current
-        self.rows.append(row)
-        print(
-            f"  {name:<44} {case.label:<12} {row.destination:<11} {row.gb_per_s:7.2f} GB/s",
-            flush=True,
-        )
-        return row
+    ) -> None:
+        """Times each `load(destinations) -> bytes landed`, round-robin over the contenders
+        so that drift of the machine spreads over all of them, after one warm-up run each.
+        Each run gets fresh destinations, except `touched` ones, allocated and written once."""
+        rows = {
+            name: Row(name, case.label, "pre-touched" if touched else "fresh")
+            for name in contenders
+        }
+        kept = {name: self.destinations(case, True) for name in contenders} if touched else {}
+        for run in range(self.repeats + 1):
+            for name, load in contenders.items():
+                current = kept.get(name) or self.destinations(case, False)
+                self.sync()
+                start = time.perf_counter()
+                rows[name].nbytes = load(current)
+                self.sync()
+                if run:
+                    rows[name].seconds.append(time.perf_counter() - start)
+                del current
+        for row in rows.values():
+            self.rows.append(row)
+            print(
+                f"  {row.path:<44} {row.case:<12} {row.destination:<11} {row.gb_per_s:7.2f} GB/s",
+                flush=True,
+            )
 
     # -- contenders ---------------------------------------------------------------------
 
-    def fastmoe(self, case: Case, **open_args: object) -> Callable[[list], int]:
+    def fastmoe(self, case: Case, **open_args: Any) -> Callable[[list], int]:
+        open_args = {"num_threads": self.threads, **open_args}
+
         def load(dests: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
             total = 0
-            with fml.open(self.path, num_threads=self.threads, **open_args) as ckpt:
+            with fml.open(self.path, **open_args) as ckpt:
                 for layer, (w13, w2) in enumerate(dests):
                     stats = fml.load_fused_moe(
                         ckpt,
@@ -137,10 +144,11 @@ class Bench:
         return load
 
     def seed(self, case: Case) -> Callable[[list], int]:
+        with fml.open(self.path) as ckpt:  # only for the layer descriptions
+            layers = ckpt.moe_layers()
+
         def load(dests: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
             where = shard_of_tensors(self.path)
-            with fml.open(self.path) as ckpt:  # only for the layer descriptions
-                layers = ckpt.moe_layers()
             for layer, (w13, w2) in zip(layers, dests, strict=True):
                 seed_load(
                     self.path,
@@ -282,6 +290,30 @@ def render(rows: list[Row], reference: str) -> str:
     return "\n".join(lines)
 
 
+def describe_machine(device: torch.device, path: str) -> str:
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line),
+        platform.processor(),
+    )
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    line = f"machine: {os.cpu_count()} x {cpu}, {ram:.0f} GiB RAM, torch {torch.__version__}"
+    if device.type == "cuda":
+        line += f", {torch.cuda.get_device_name(device)}"
+    return line + f"; checkpoint on {_filesystem(path)}"
+
+
+def _filesystem(path: str) -> str:
+    """The type of the file system holding `path` (tmpfs, ext4, ...), from /proc/mounts."""
+    best, kind = "", "?"
+    real = os.path.realpath(path)
+    with open("/proc/mounts") as mounts:
+        for line in mounts:
+            fields = line.split()
+            if real.startswith(fields[1]) and len(fields[1]) > len(best):
+                best, kind = fields[1], fields[2]
+    return kind
+
+
 def default_layers(device: torch.device) -> int:
     if device.type == "cuda":
         return 8  # 9.66 GB, the size of the reference measurements
@@ -293,7 +325,7 @@ def main(
     device: str = "cpu",
     layers: int | None = None,
     directory: str | None = None,
-    repeats: int = 3,
+    repeats: int = 5,
     threads: int | None = None,
     explore: bool = False,
 ) -> Bench:
@@ -306,6 +338,7 @@ def main(
         flush=True,
     )
     generate(path, shape)
+    print(describe_machine(dev, path), flush=True)
     bench = Bench(path, shape, dev, repeats, threads)
     if dev.type == "cuda":
         _run_cuda(bench, explore)
@@ -321,10 +354,13 @@ def main(
 def _run_cpu(bench: Bench) -> None:
     for case in CPU_CASES:
         for touched in (False, True):
-            bench.measure("fastmoe_load", case, bench.fastmoe(case), touched)
-            bench.measure("fastmoe_load (io=mmap)", case, bench.fastmoe(case, io="mmap"), touched)
-            bench.measure("seed: vLLM per-expert loop", case, bench.seed(case), touched)
-            bench.measure("memcpy, 1 thread", case, bench.memcpy(), touched)
+            contenders = {
+                "fastmoe_load": bench.fastmoe(case),
+                "fastmoe_load (io=pread)": bench.fastmoe(case, io="pread"),
+                "seed: vLLM per-expert loop": bench.seed(case),
+                "memcpy, 1 thread": bench.memcpy(),
+            }
+            bench.compare(case, contenders, touched)
 
 
 def _run_cuda(bench: Bench, explore: bool) -> None:
@@ -334,24 +370,34 @@ def _run_cuda(bench: Bench, explore: bool) -> None:
     bench.link_rate(pinned=False)
     full = CUDA_CASES[0]
     for case in CUDA_CASES:
-        bench.measure("fastmoe_load", case, bench.fastmoe(case))
-        bench.measure("seed: vLLM per-expert loop", case, bench.seed(case))
-    bench.measure("one pageable copy_ per fused tensor", full, bench.pageable_per_tensor())
-    bench.measure("Python pinned double buffer (2x256 MiB)", full, bench.python_double_buffer())
-    bench.measure(
-        "safetensors load_file(device=cuda)", full, bench.whole_files(_safetensors_load_file)
-    )
-    for name, loader in peers.available().items():
-        bench.measure(name, full, bench.whole_files(loader))
+        contenders = {
+            "fastmoe_load": bench.fastmoe(case),
+            "seed: vLLM per-expert loop": bench.seed(case),
+        }
+        if case == full:
+            contenders |= {
+                "one pageable copy_ per fused tensor": bench.pageable_per_tensor(),
+                "Python pinned double buffer (2x256 MiB)": bench.python_double_buffer(),
+                "safetensors load_file(device=cuda)": bench.whole_files(_safetensors_load_file),
+            }
+            contenders |= {
+                name: bench.whole_files(load) for name, load in peers.available().items()
+            }
+        bench.compare(case, contenders)
     if explore:
-        for args in EXPLORE:
-            label = "fastmoe_load " + ", ".join(f"{k}={v}" for k, v in args.items())
-            bench.measure(label, full, bench.fastmoe(full, **args))
+        variants = {
+            "fastmoe_load " + ", ".join(f"{k}={v}" for k, v in args.items()): bench.fastmoe(
+                full, **args
+            )
+            for args in EXPLORE
+        }
+        bench.compare(full, {"fastmoe_load": bench.fastmoe(full), **variants})
 
 
 # Settings tried by `bench --explore`, one change at a time from the defaults.
-EXPLORE: list[dict[str, object]] = [
-    {"io": "mmap"},
+EXPLORE: list[dict[str, Any]] = [
+    {"io": "pread"},
+    {"num_threads": 8},
     {"staging_bytes": 32 << 20},
     {"staging_bytes": 128 << 20},
     {"staging_buffers": 2},

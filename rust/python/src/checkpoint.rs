@@ -101,7 +101,7 @@ fn target(name: &str) -> PyResult<Target> {
 #[pymethods]
 impl PyCheckpoint {
     #[new]
-    #[pyo3(signature = (path, *, num_threads=None, interleaved=None, io="pread"))]
+    #[pyo3(signature = (path, *, num_threads=None, interleaved=None, io="mmap"))]
     fn new(
         py: Python<'_>,
         path: PathBuf,
