@@ -40,13 +40,6 @@ MODEL = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 SHARD1, SHARD2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
 
-# Why the message test of many misuse cases is expected to fail (one root cause).
-NO_PATH_IN_PYTHON_CHECKS = (
-    "loader.py/checkpoint.py validate requests in Python and their messages name the experts "
-    "prefix (sometimes not even that) but never the checkpoint file"
-)
-
-
 # ---------------------------------------------------------------------------------------------
 # Files
 
@@ -146,7 +139,6 @@ class Case:
     mentions: tuple[str, ...]  # tensor names, prefixes and facts the message must name
     forbids: tuple[str, ...]  # words the message must not contain (misleading advice)
     loads: bool  # a load_fused_moe case: it poisons destinations that must stay untouched
-    bug: str | None  # known failure of the message test: xfail(strict) with this reason
 
 
 CASES: dict[str, Case] = {}
@@ -162,10 +154,9 @@ def case(
     mentions: Sequence[str] = (),
     forbids: Sequence[str] = (),
     loads: bool = False,
-    bug: str | None = None,
 ) -> None:
     assert name not in CASES, name
-    CASES[name] = Case(name, error, files, run, where, tuple(mentions), tuple(forbids), loads, bug)
+    CASES[name] = Case(name, error, files, run, where, tuple(mentions), tuple(forbids), loads)
 
 
 def opens(name: str = MODEL) -> Callable[[Ctx], object]:
@@ -224,7 +215,6 @@ case(
     ),
     opens(),
     forbids=["truncated"],
-    bug="extra bytes after the data are reported as 'truncated or incomplete download?'",
 )
 case(
     "file_shorter_than_8_bytes",
@@ -362,7 +352,6 @@ case(
     ),
     lambda ctx: ctx.open().tensor("model.embed.weight"),
     mentions=["model.embed.weight", "F4"],
-    bug="checkpoint.torch_dtype names the tensor but not the file",
 )
 
 # --- checkpoints as a whole ------------------------------------------------------------------
@@ -611,10 +600,9 @@ def misuse(
     run: Callable[[Ctx], object],
     *,
     mentions: Sequence[str] = (P,),
-    bug: str | None = NO_PATH_IN_PYTHON_CHECKS,
     where: str | None = MODEL,
 ) -> None:
-    case(name, error, write_fused, run, where=where, mentions=mentions, loads=True, bug=bug)
+    case(name, error, write_fused, run, where=where, mentions=mentions, loads=True)
 
 
 def closed_after_listing(ctx: Ctx) -> object:
@@ -737,7 +725,6 @@ misuse(
     "TensorNotFoundError",
     lambda ctx: load(ctx, prefix="model.layers.0.mlp"),
     mentions=["model.layers.0.mlp", P],
-    bug=None,
 )
 misuse(
     "not_a_checkpoint",
@@ -750,15 +737,13 @@ misuse(
     ),
     mentions=["Checkpoint"],
     where=None,
-    bug=None,
 )
-misuse("closed_checkpoint", "CheckpointError", closed_before_listing, mentions=["closed"], bug=None)
+misuse("closed_checkpoint", "CheckpointError", closed_before_listing, mentions=["closed"])
 misuse(
     "closed_checkpoint_after_listing",
     "CheckpointError",
     closed_after_listing,
     mentions=["closed"],
-    bug=None,
 )
 
 # --- expert views ----------------------------------------------------------------------------
@@ -776,7 +761,6 @@ case(
     write_fused,
     lambda ctx: ctx.open().experts(P).w2(-1),
     mentions=[P, "-1"],
-    bug=NO_PATH_IN_PYTHON_CHECKS,
 )
 case(
     "view_bias_of_layer_without_biases",
@@ -805,7 +789,6 @@ case(
     write_fused,
     lambda ctx: ctx.open(num_threads=-1),
     mentions=["num_threads"],
-    bug=NO_PATH_IN_PYTHON_CHECKS,
 )
 case(
     "open_unknown_io",
@@ -813,7 +796,6 @@ case(
     write_fused,
     lambda ctx: ctx.open(io="direct"),
     mentions=["io", "direct"],
-    bug=NO_PATH_IN_PYTHON_CHECKS,
 )
 
 # --- files that change after open ------------------------------------------------------------
@@ -985,17 +967,7 @@ def test_raises_typed_error(batch, name):
         assert record["untouched"] is True, f"{name}: a destination was written: {record}"
 
 
-def message_params() -> list:
-    return [
-        pytest.param(
-            name,
-            marks=pytest.mark.xfail(reason=c.bug, strict=True) if c.bug else (),
-        )
-        for name, c in CASES.items()
-    ]
-
-
-@pytest.mark.parametrize("name", message_params())
+@pytest.mark.parametrize("name", list(CASES))
 def test_message_names_file_and_tensor(batch, name):
     root, _ = batch
     record = outcome(batch, name)
@@ -1049,12 +1021,6 @@ def view_after_truncation_child(root: str, names: Sequence[str]) -> None:
     print(json.dumps(record), flush=True)
 
 
-@pytest.mark.xfail(
-    reason="tensor() (and so w1/w3/w2) does not check that the file is intact: a view made "
-    "after the shard was truncated reads past the end of the file and the process dies of "
-    "SIGBUS",
-    strict=True,
-)
 def test_view_of_truncated_file_raises_instead_of_sigbus(tmp_path):
     save_file(
         {"model.a.weight": torch.zeros(100_000), "model.b.weight": torch.ones(100_000)},
@@ -1087,11 +1053,6 @@ def open_fifo_child(root: str, names: Sequence[str]) -> None:
     os._exit(0)  # the open may still be blocked in the thread
 
 
-@pytest.mark.xfail(
-    reason="Shard::open opens the file before checking that it is a regular file: opening a "
-    "FIFO blocks forever instead of raising CheckpointError",
-    strict=True,
-)
 def test_open_fifo_raises_instead_of_hanging(tmp_path):
     os.mkfifo(tmp_path / MODEL)
     child = run_child(tmp_path, ["open_fifo"], func="open_fifo_child")
@@ -1112,11 +1073,6 @@ def test_destinations_on_different_devices(tmp_path):
     assert w13.isnan().all() and w2.isnan().all()
 
 
-@pytest.mark.xfail(
-    reason="Checkpoint.model_type calls .get on config.json's value: AttributeError when it is "
-    "a JSON list",
-    strict=True,
-)
 def test_config_that_is_not_an_object(tmp_path):
     """A JSON list in config.json is not a config: `model_type` must not crash on it."""
     write_fused(tmp_path)

@@ -12,6 +12,7 @@ import torch
 
 from . import _fastmoe_load as native
 from ._fastmoe_load import RequestError
+from ._validate import as_index
 from .staging import DEFAULT_BUFFER_BYTES, DEFAULT_BUFFER_COUNT, StagingPool
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -51,12 +52,6 @@ def torch_dtype(name: str, what: str) -> torch.dtype:
         ) from None
 
 
-def _index(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise RequestError(f"{what} must be a non-negative int, got {value!r}")
-    return value
-
-
 class MoeLayer:
     """One routed-expert group: its layout, sizes, and per-expert zero-copy views."""
 
@@ -67,9 +62,10 @@ class MoeLayer:
         self.num_experts: int = info.num_experts
         self.hidden_size: int = info.hidden_size
         self.intermediate_size: int = info.intermediate_size
-        self.dtype: torch.dtype = torch_dtype(info.dtype, info.prefix)
+        where = f"{ckpt.path}: experts at `{info.prefix}`"
+        self.dtype: torch.dtype = torch_dtype(info.dtype, where)
         self.bias_dtype: torch.dtype | None = (
-            None if info.bias_dtype is None else torch_dtype(info.bias_dtype, info.prefix)
+            None if info.bias_dtype is None else torch_dtype(info.bias_dtype, where)
         )
         self.tensor_names: tuple[str, ...] = tuple(info.tensor_names)
 
@@ -93,7 +89,8 @@ class MoeLayer:
         )
 
     def _view(self, name: str, expert: int, vector: bool = False) -> torch.Tensor:
-        expert = _index(expert, "expert")
+        where = f"{self._ckpt.path}: experts at `{self.prefix}`: "
+        expert = as_index(expert, "expert", where)
         tensor, offset, rows, cols, row_stride, col_stride = self._ckpt._handle.matrix(
             self.prefix, name, expert
         )
@@ -129,7 +126,9 @@ class MoeLayer:
 
 class Checkpoint:
     """An open checkpoint. Tensors are zero-copy views of the files' mappings; a view keeps
-    its mapping alive after `close()`, and writing to a view never changes the file."""
+    its mapping alive after `close()`. Views of one checkpoint share copy-on-write pages: a
+    write into a view shows in later views of the same checkpoint, but never in the file,
+    in loads, or in another `open` of the file."""
 
     def __init__(
         self,
@@ -141,23 +140,22 @@ class Checkpoint:
         staging_buffers: int = DEFAULT_BUFFER_COUNT,
         io: Literal["mmap", "pread"] = "mmap",
     ) -> None:
+        where = f"{os.fspath(path)}: "
         if num_threads is not None:
-            num_threads = _index(num_threads, "num_threads") or 1
+            num_threads = as_index(num_threads, "num_threads", where, minimum=1)
         if io not in ("pread", "mmap"):
-            raise RequestError(f"io must be 'pread' or 'mmap', not {io!r}")
+            raise RequestError(f"{where}io must be 'pread' or 'mmap', not {io!r}")
+        staging = StagingPool(staging_bytes, staging_buffers)  # checked now, allocated on use
         self._handle = native.Checkpoint(
             os.fspath(path), num_threads=num_threads, interleaved=interleaved, io=io
         )
         self._shards: dict[int, native.ShardBuffer] = {}
         self._layers: dict[str, MoeLayer] | None = None
-        self._staging: StagingPool | None = None
-        self._staging_args = (staging_bytes, staging_buffers)
+        self._staging = staging
 
     @property
     def staging(self) -> StagingPool:
         """The pinned buffers that CUDA loads from this checkpoint go through."""
-        if self._staging is None:
-            self._staging = StagingPool(*self._staging_args)
         return self._staging
 
     @property
@@ -188,8 +186,8 @@ class Checkpoint:
 
     @property
     def model_type(self) -> str | None:
-        config = self.config or {}
-        return config.get("model_type") or (config.get("text_config") or {}).get("model_type")
+        """`model_type` from `config.json` (also where it sits under `text_config`)."""
+        return self._handle.model_type
 
     def keys(self) -> list[str]:
         return self._handle.keys()
@@ -200,7 +198,7 @@ class Checkpoint:
     def tensor(self, name: str) -> torch.Tensor:
         """A zero-copy view of tensor `name` (read it; writes stay in this process)."""
         shard, dtype, shape, start, end = self._handle.tensor_info(name)
-        dtype = torch_dtype(dtype, name)
+        dtype = torch_dtype(dtype, f"{self.path}: tensor `{name}`")
         if end == start:
             return torch.empty(shape, dtype=dtype)
         buffer = self._shards.get(shard)
@@ -230,8 +228,7 @@ class Checkpoint:
     def close(self) -> None:
         """Releases the checkpoint; views and loads already made keep working."""
         self._shards.clear()
-        if self._staging is not None:
-            self._staging.close()
+        self._staging.close()
         self._handle.close()
 
     def __enter__(self) -> Checkpoint:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
 from . import _fastmoe_load as native
 from ._fastmoe_load import RequestError
+from ._validate import as_index
 from .checkpoint import Checkpoint, MoeLayer
 from .staging import StagingPool
 
@@ -36,41 +37,48 @@ class Destination:
     plan: native.CopyPlan
 
 
-def _int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise RequestError(f"{name} must be an int, got {value!r}")
-    return value
+class _Request:
+    """Checks one load request; every message names the checkpoint and the experts prefix."""
 
+    def __init__(self, ckpt: Checkpoint, prefix: str) -> None:
+        self.where = f"{ckpt.path}: experts at `{prefix}`: "
 
-def _local_experts(layer: MoeLayer, local_experts: Sequence[int] | None) -> list[int]:
-    if local_experts is None:
-        return list(range(layer.num_experts))
-    experts = [_int(e, "local_experts entry") for e in local_experts]
-    bad = [e for e in experts if not 0 <= e < layer.num_experts]
-    if bad:
-        raise RequestError(
-            f"{layer.prefix}: expert ids {bad[:5]} are not in [0, {layer.num_experts})"
-        )
-    return experts
+    def error(self, message: str) -> RequestError:
+        return RequestError(self.where + message)
 
+    def index(self, value: object, what: str) -> int:
+        return as_index(value, what, self.where)
 
-def _check_destination(
-    name: str, tensor: object, shape: tuple[int, ...], dtype: torch.dtype, prefix: str
-) -> torch.Tensor:
-    if not isinstance(tensor, torch.Tensor):
-        raise RequestError(f"{prefix}: {name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.dtype != dtype:
-        raise RequestError(
-            f"{prefix}: {name} has dtype {tensor.dtype} but the checkpoint stores {dtype}; "
-            "fastmoe_load does not cast"
-        )
-    if tuple(tensor.shape) != shape:
-        raise RequestError(f"{prefix}: {name} has shape {tuple(tensor.shape)}, expected {shape}")
-    if tensor.device.type not in ("cpu", "cuda"):
-        raise RequestError(f"{prefix}: {name} is on {tensor.device}; use a CPU or CUDA tensor")
-    if not tensor.is_contiguous():
-        raise RequestError(f"{prefix}: {name} must be contiguous")
-    return tensor.detach()
+    def experts(self, layer: MoeLayer, local_experts: Iterable[object] | None) -> list[int]:
+        if local_experts is None:
+            return list(range(layer.num_experts))
+        if not isinstance(local_experts, Iterable):
+            raise self.error(
+                f"local_experts must be a sequence of expert ids, got {local_experts!r}"
+            )
+        experts = [self.index(e, "a local_experts entry") for e in local_experts]
+        bad = [e for e in experts if not 0 <= e < layer.num_experts]
+        if bad:
+            raise self.error(f"expert ids {bad[:5]} are not in [0, {layer.num_experts})")
+        return experts
+
+    def destination(
+        self, name: str, tensor: object, shape: tuple[int, ...], dtype: torch.dtype
+    ) -> torch.Tensor:
+        if not isinstance(tensor, torch.Tensor):
+            raise self.error(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dtype != dtype:
+            raise self.error(
+                f"{name} has dtype {tensor.dtype} but the checkpoint stores {dtype}; "
+                "fastmoe_load does not cast"
+            )
+        if tuple(tensor.shape) != shape:
+            raise self.error(f"{name} has shape {tuple(tensor.shape)}, expected {shape}")
+        if tensor.device.type not in ("cpu", "cuda"):
+            raise self.error(f"{name} is on {tensor.device}; use a CPU or CUDA tensor")
+        if not tensor.is_contiguous():
+            raise self.error(f"{name} must be contiguous")
+        return tensor.detach()
 
 
 def plan_destinations(
@@ -81,26 +89,29 @@ def plan_destinations(
     *,
     tp_rank: int = 0,
     tp_size: int = 1,
-    local_experts: Sequence[int] | None = None,
+    local_experts: Iterable[int] | None = None,
     w13_bias: torch.Tensor | None = None,
     w2_bias: torch.Tensor | None = None,
 ) -> list[Destination]:
     """Checks a load request completely and plans it, writing nothing."""
     if not isinstance(ckpt, Checkpoint):
         raise RequestError(f"expected a fastmoe_load Checkpoint, got {type(ckpt).__name__}")
+    if not isinstance(prefix, str):
+        raise RequestError(f"{ckpt.path}: prefix must be a str, got {prefix!r}")
+    request = _Request(ckpt, prefix)
     layer = ckpt.experts(prefix)
-    tp_rank, tp_size = _int(tp_rank, "tp_rank"), _int(tp_size, "tp_size")
+    tp_rank, tp_size = request.index(tp_rank, "tp_rank"), request.index(tp_size, "tp_size")
     if not 0 <= tp_rank < tp_size:
-        raise RequestError(f"{prefix}: tp_rank {tp_rank} is not in [0, tp_size={tp_size})")
+        raise request.error(f"tp_rank {tp_rank} is not in [0, tp_size={tp_size})")
     inter, hidden = layer.intermediate_size, layer.hidden_size
     if inter % tp_size:
-        raise RequestError(
-            f"{prefix}: intermediate size {inter} does not split into tp_size={tp_size} shards"
+        raise request.error(
+            f"intermediate size {inter} does not split into tp_size={tp_size} equal shards"
         )
-    experts = _local_experts(layer, local_experts)
+    experts = request.experts(layer, local_experts)
     n, shard = len(experts), inter // tp_size
 
-    wanted: list[tuple[str, object, tuple[int, ...], torch.dtype | None]] = [
+    wanted: list[tuple[str, object, tuple[int, ...], torch.dtype]] = [
         ("w13", w13, (n, 2 * shard, hidden), layer.dtype),
         ("w2", w2, (n, hidden, shard), layer.dtype),
     ]
@@ -109,20 +120,13 @@ def plan_destinations(
         ("w2_bias", w2_bias, (n, hidden)),
     ):
         if bias is not None:
-            if not layer.has_bias:
-                raise RequestError(
-                    f"{prefix}: {name} given but the checkpoint has no expert biases"
-                )
+            if layer.bias_dtype is None:
+                raise request.error(f"{name} given but the checkpoint has no expert biases")
             wanted.append((name, bias, shape, layer.bias_dtype))
-    tensors = [
-        _check_destination(name, t, shape, dtype, prefix)  # type: ignore[arg-type]
-        for name, t, shape, dtype in wanted
-    ]
+    tensors = [request.destination(*w) for w in wanted]
     devices = {t.device for t in tensors}
     if len(devices) > 1:
-        raise RequestError(
-            f"{prefix}: destinations are on several devices: {sorted(map(str, devices))}"
-        )
+        raise request.error(f"destinations are on several devices: {sorted(map(str, devices))}")
 
     destinations = []
     for (name, *_), tensor in zip(wanted, tensors, strict=True):
@@ -140,7 +144,7 @@ def load_fused_moe(
     *,
     tp_rank: int = 0,
     tp_size: int = 1,
-    local_experts: Sequence[int] | None = None,
+    local_experts: Iterable[int] | None = None,
     w13_bias: torch.Tensor | None = None,
     w2_bias: torch.Tensor | None = None,
     staging: StagingPool | None = None,

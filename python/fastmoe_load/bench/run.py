@@ -94,18 +94,22 @@ class Bench:
         case: Case,
         contenders: dict[str, Callable[[list[tuple[torch.Tensor, torch.Tensor]]], int]],
         touched: bool = True,
+        own_memory: bool = False,
     ) -> None:
         """Times each `load(destinations) -> bytes landed`, round-robin over the contenders
         so that drift of the machine spreads over all of them, after one warm-up run each.
-        Each run gets fresh destinations, except `touched` ones, allocated and written once."""
-        rows = {
-            name: Row(name, case.label, "pre-touched" if touched else "fresh")
-            for name in contenders
-        }
-        kept = {name: self.destinations(case, True) for name in contenders} if touched else {}
+        Each run gets fresh destinations, unless `touched`: then one set, allocated and
+        written once, serves every run (each run overwrites all of it). Contenders that
+        allocate `own_memory` get no destinations, and the device's cache is emptied
+        between them, so that each has the whole GPU."""
+        destination = "own tensors" if own_memory else "pre-touched" if touched else "fresh"
+        rows = {name: Row(name, case.label, destination) for name in contenders}
+        kept = [] if own_memory else self.destinations(case, True) if touched else None
         for run in range(self.repeats + 1):
             for name, load in contenders.items():
-                current = kept.get(name) or self.destinations(case, False)
+                if own_memory and self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                current = kept if kept is not None else self.destinations(case, False)
                 self.sync()
                 start = time.perf_counter()
                 rows[name].nbytes = load(current)
@@ -375,23 +379,20 @@ def _run_cuda(bench: Bench, explore: bool) -> None:
             "seed: vLLM per-expert loop": bench.seed(case),
         }
         if case == full:
-            contenders |= {
-                "one pageable copy_ per fused tensor": bench.pageable_per_tensor(),
-                "Python pinned double buffer (2x256 MiB)": bench.python_double_buffer(),
-                "safetensors load_file(device=cuda)": bench.whole_files(_safetensors_load_file),
-            }
-            contenders |= {
-                name: bench.whole_files(load) for name, load in peers.available().items()
-            }
+            contenders["one pageable copy_ per fused tensor"] = bench.pageable_per_tensor()
+            contenders["Python pinned double buffer (2x256 MiB)"] = bench.python_double_buffer()
         bench.compare(case, contenders)
+    # Loaders of whole files into tensors of their own, each with the GPU to itself.
+    whole = {"safetensors load_file(device=cuda)": bench.whole_files(_safetensors_load_file)}
+    for name, load in peers.available().items():
+        whole[name] = bench.whole_files(load)
+    bench.compare(full, whole, own_memory=True)
     if explore:
-        variants = {
-            "fastmoe_load " + ", ".join(f"{k}={v}" for k, v in args.items()): bench.fastmoe(
-                full, **args
-            )
-            for args in EXPLORE
-        }
-        bench.compare(full, {"fastmoe_load": bench.fastmoe(full), **variants})
+        variants = {"fastmoe_load": bench.fastmoe(full)}
+        for args in EXPLORE:
+            label = "fastmoe_load " + ", ".join(f"{k}={v}" for k, v in args.items())
+            variants[label] = bench.fastmoe(full, **args)
+        bench.compare(full, variants)
 
 
 # Settings tried by `bench --explore`, one change at a time from the defaults.

@@ -210,5 +210,11 @@ fn read_config(path: &Path) -> Result<Option<serde_json::Value>> {
             path: path.to_path_buf(),
             reason: format!("not valid JSON ({e})"),
         })?;
+    if !value.is_object() {
+        return Err(Error::Checkpoint {
+            path: path.to_path_buf(),
+            reason: "not a JSON object".into(),
+        });
+    }
     Ok(Some(value))
 }

@@ -153,7 +153,13 @@ fn prefault(dst: *mut u8, len: usize) {
     // SAFETY: MADV_POPULATE_WRITE only faults in the (already mapped, writable) pages of the
     // caller's destination, as a write to each would; it reads and writes no data. Kernels
     // before 5.14 reject it with EINVAL, which is ignored: the copy then faults as usual.
-    unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_POPULATE_WRITE) };
+    unsafe {
+        libc::madvise(
+            start as *mut libc::c_void,
+            end - start,
+            libc::MADV_POPULATE_WRITE,
+        )
+    };
 }
 
 /// # Safety

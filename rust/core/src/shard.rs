@@ -1,12 +1,13 @@
-//! One safetensors file: validated header, private memory map, and the identity the file had
+//! One safetensors file: validated header, memory maps, and the identity the file had
 //! when it was opened (to notice later truncation or replacement).
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
-use memmap2::{MmapMut, MmapOptions};
+use memmap2::{Mmap, MmapMut, MmapOptions};
 use safetensors::tensor::{Dtype, SafeTensorError, TensorInfo};
 use safetensors::SafeTensors;
 
@@ -60,10 +61,13 @@ const MIN_FILE_LEN: u64 = 10;
 pub struct Shard {
     path: PathBuf,
     file: File,
-    // Private (copy-on-write) mapping: a caller writing through a zero-copy view changes its
-    // own pages, never the file and never a crash on a read-only page. MAP_NORESERVE keeps
-    // huge shards from being charged against swap.
-    map: MmapMut,
+    /// Read-only mapping the copy plans read: nothing in this process can write to it.
+    map: Mmap,
+    /// Private (copy-on-write) mapping for zero-copy views handed to callers, made on first
+    /// use: a caller writing through a view changes its own pages, never the file, never what
+    /// later loads read, and never crashes on a read-only page. MAP_NORESERVE keeps huge
+    /// shards from being charged against swap.
+    view_map: OnceLock<MmapMut>,
     identity: FileIdentity,
     tensors: Vec<(String, TensorEntry)>,
 }
@@ -81,30 +85,32 @@ impl std::fmt::Debug for Shard {
 impl Shard {
     /// Opens, validates and maps one safetensors file. A truncated or corrupt file fails here.
     pub fn open(path: &Path) -> Result<Shard> {
-        let file = File::open(path).map_err(|e| Error::io(path, "open", e))?;
-        let meta = file.metadata().map_err(|e| Error::io(path, "stat", e))?;
-        if !meta.is_file() {
+        // Refuse FIFOs and devices before opening them: opening a FIFO blocks forever.
+        let kind = std::fs::metadata(path).map_err(|e| Error::io(path, "stat", e))?;
+        if !kind.is_file() {
             return Err(Error::Checkpoint {
                 path: path.to_path_buf(),
                 reason: "not a regular file".into(),
             });
         }
+        let file = File::open(path).map_err(|e| Error::io(path, "open", e))?;
+        let meta = file.metadata().map_err(|e| Error::io(path, "stat", e))?;
         if meta.len() < MIN_FILE_LEN {
             return Err(header_error(
                 path,
                 format!("the file is {} bytes, too short for a header", meta.len()),
             ));
         }
-        // SAFETY: the mapping is private and copy-on-write, so no other process's writes
-        // through it reach us and ours never reach the file. Truncation of the file by another
-        // process is detected by `check_intact` before every copy.
-        let map = unsafe { MmapOptions::new().no_reserve_swap().map_copy(&file) }
+        // SAFETY: the mapping is read-only; this process never writes to the file. Truncation
+        // by another process is detected by `check_intact` before every copy.
+        let map = unsafe { MmapOptions::new().map(&file) }
             .map_err(|e| Error::io(path, "memory-map", e))?;
         let tensors = parse_header(path, &map)?;
         Ok(Shard {
             path: path.to_path_buf(),
             file,
             map,
+            view_map: OnceLock::new(),
             identity: FileIdentity::of(&meta),
             tensors,
         })
@@ -127,15 +133,22 @@ impl Shard {
         &self.tensors
     }
 
-    /// Start of the mapping. Readers go through raw pointers because zero-copy views handed
-    /// to Python may write to (their private copy of) these pages concurrently.
+    /// Start of the read-only mapping that copies read.
     pub fn as_ptr(&self) -> *const u8 {
         self.map.as_ptr()
     }
 
-    /// Start of the mapping, for exporting writable (copy-on-write) views.
-    pub fn as_mut_ptr(&self) -> *mut u8 {
-        self.map.as_ptr().cast_mut()
+    /// Start of the private, writable (copy-on-write) mapping that zero-copy views export,
+    /// mapped on first use.
+    pub fn view_ptr(&self) -> Result<*mut u8> {
+        if let Some(map) = self.view_map.get() {
+            return Ok(map.as_ptr().cast_mut());
+        }
+        // SAFETY: private and copy-on-write: writes through it reach neither the file nor the
+        // read-only mapping; truncation is checked before views are made.
+        let map = unsafe { MmapOptions::new().no_reserve_swap().map_copy(&self.file) }
+            .map_err(|e| Error::io(&self.path, "memory-map", e))?;
+        Ok(self.view_map.get_or_init(|| map).as_ptr().cast_mut())
     }
 
     /// Reads `dst.len()` bytes at file offset `offset` with `pread`. A file truncated under us
@@ -275,13 +288,17 @@ fn explain(error: &SafeTensorError, bytes: &[u8]) -> String {
             })
             .unwrap_or_else(|| error.to_string()),
         E::MetadataIncompleteBuffer => {
-            let data_len = tensors().map(|(_, i)| i.data_offsets.1).max().unwrap_or(0);
+            let described = tensors().map(|(_, i)| i.data_offsets.1).max().unwrap_or(0);
             let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap_or_default());
+            let held = (bytes.len() as u64).saturating_sub(8 + header_len);
+            let verdict = if held < described as u64 {
+                "truncated or incomplete download?"
+            } else {
+                "extra bytes after the data: a corrupt or mis-written file"
+            };
             format!(
-                "the header describes {} bytes of data but the file holds {} after the header \
-                 (truncated or incomplete download?)",
-                data_len,
-                (bytes.len() as u64).saturating_sub(8 + header_len)
+                "the header describes {described} bytes of data but the file holds {held} \
+                 after the header ({verdict})"
             )
         }
         E::InvalidOffset(name) => format!(

@@ -185,6 +185,8 @@ impl PyCheckpoint {
     fn tensor_info(&self, name: &str) -> PyResult<(usize, String, Vec<usize>, usize, usize)> {
         let state = self.state()?;
         let (shard, entry) = state.ckpt.tensor(name).map_err(to_py)?;
+        // A view of a file truncated since open would raise SIGBUS when read.
+        state.ckpt.check_intact([shard]).map_err(to_py)?;
         Ok((
             shard,
             entry.dtype.to_string(),
@@ -214,6 +216,12 @@ impl PyCheckpoint {
             .iter()
             .map(|s| s.path().to_path_buf())
             .collect())
+    }
+
+    /// `model_type` from `config.json` (also under `text_config`), if there is one.
+    #[getter]
+    fn model_type(&self) -> PyResult<Option<String>> {
+        Ok(self.state()?.ckpt.model_type().map(String::from))
     }
 
     /// `config.json` as text, if the checkpoint has one.
@@ -313,10 +321,8 @@ impl ShardBuffer {
         view: *mut ffi::Py_buffer,
         flags: c_int,
     ) -> PyResult<()> {
-        let (ptr, len) = {
-            let me = slf.get();
-            (me.shard.as_mut_ptr(), me.shard.len())
-        };
+        let shard = &slf.get().shard;
+        let (ptr, len) = (shard.view_ptr().map_err(to_py)?, shard.len());
         let len = isize::try_from(len).map_err(|_| PyValueError::new_err("shard too large"))?;
         // SAFETY: the mapping is `len` bytes, writable (private) and lives as long as this
         // object, which the buffer view references until it is released.
