@@ -1,15 +1,17 @@
 """Pinned staging buffers and the pipeline that moves copy plans into CUDA parameters.
 
-The Rust executor fills staging buffer k+1 from the checkpoint (many threads, GIL released)
-while buffer k is copied to the GPU asynchronously on a dedicated stream. A CUDA event per
-buffer keeps the fill from overwriting a buffer whose transfer is still running. Host memory
-beyond the pool stays constant, whatever the checkpoint size.
+The Rust copy threads fill staging buffers from the checkpoint in the background (GIL
+released), a few windows ahead, while filled buffers are copied to the GPU asynchronously on
+a dedicated stream. A CUDA event per buffer keeps a fill from overwriting a buffer whose
+transfer is still running. Host memory beyond the pool stays constant, whatever the
+checkpoint size.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -73,17 +75,31 @@ class StagingPool:
         caller = torch.cuda.current_stream(device)
         stream = self._stream(device)
         stream.wait_stream(caller)  # destinations may still be in use on the caller's stream
+        # Fills run on the copy threads in the background, up to count - 1 ahead of the
+        # transfers, so that the threads go from one window to the next without waiting for
+        # this loop; a buffer is refilled only once the transfer that read it is done.
+        pending: deque[tuple[Any, torch.cuda.Event, torch.Tensor, torch.Tensor]] = deque()
+
+        def transfer_oldest() -> None:
+            ticket, event, source, target = pending.popleft()
+            ticket.wait()
+            with torch.cuda.stream(stream):
+                target.copy_(source, non_blocking=True)
+                event.record(stream)
+
         for d in destinations:
             dst = d.tensor.view(-1).view(torch.uint8)
             for start, end in d.plan.windows(self.buffer_bytes):
                 buffer, event = self._acquire()
-                d.plan.execute(buffer.data_ptr(), start, end)
-                with torch.cuda.stream(stream):
-                    dst[start:end].copy_(buffer[: end - start], non_blocking=True)
-                    event.record(stream)
+                ticket = d.plan.submit(buffer.data_ptr(), start, end, buffer)
+                pending.append((ticket, event, buffer[: end - start], dst[start:end]))
+                if len(pending) >= self.count - 1:
+                    transfer_oldest()
             # Keep the caching allocator from reusing the parameter's memory before the
             # copies on our stream are done, should the caller free it early.
             d.tensor.record_stream(stream)
+        while pending:
+            transfer_oldest()
         caller.wait_stream(stream)
 
     def close(self) -> None:

@@ -388,6 +388,10 @@ def _run_cuda(bench: Bench, explore: bool) -> None:
         whole[name] = bench.whole_files(load)
     bench.compare(full, whole, own_memory=True)
     if explore:
+        from . import probe
+
+        for case in CUDA_CASES[:2]:
+            bench.compare(case, probe.contenders(bench, case))
         variants = {"fastmoe_load": bench.fastmoe(full)}
         for args in EXPLORE:
             label = "fastmoe_load " + ", ".join(f"{k}={v}" for k, v in args.items())

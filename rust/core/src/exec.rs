@@ -1,7 +1,7 @@
 //! Runs copy plans with a pool of threads, into memory owned by the caller.
 
 use std::ptr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use rayon::prelude::*;
 
@@ -87,6 +87,16 @@ impl Executor {
         }
     }
 
+    /// Runs `job` on the copy threads and returns at once; the ticket says when it is done.
+    /// Queued jobs keep the threads busy back to back, with no gap for the caller to wake
+    /// them up between two staging windows.
+    pub fn spawn(&self, job: impl FnOnce() -> Result<()> + Send + 'static) -> Result<Ticket> {
+        let ticket = Ticket::default();
+        let done = ticket.clone();
+        self.pool()?.spawn_fifo(move || done.finish(job()));
+        Ok(ticket)
+    }
+
     /// Copies `ops` into a window of the destination: the window holds destination bytes
     /// `[window_start, window_start + window_len)` and begins at `dst`.
     ///
@@ -160,6 +170,46 @@ fn prefault(dst: *mut u8, len: usize) {
             libc::MADV_POPULATE_WRITE,
         )
     };
+}
+
+/// The outcome of a spawned job, to wait for.
+#[derive(Clone, Default)]
+pub struct Ticket(Arc<(Mutex<Option<Result<()>>>, Condvar)>);
+
+impl Ticket {
+    fn finish(&self, result: Result<()>) {
+        let (slot, done) = &*self.0;
+        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
+        done.notify_all();
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.0
+             .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    /// Blocks until the job has finished and returns its result.
+    pub fn wait(self) -> Result<()> {
+        let (slot, done) = &*self.0;
+        let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            match slot.take() {
+                Some(result) => return result,
+                None => slot = done.wait(slot).unwrap_or_else(|p| p.into_inner()),
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ticket")
+            .field("done", &self.is_done())
+            .finish()
+    }
 }
 
 /// # Safety

@@ -11,7 +11,7 @@ pub mod shard;
 
 pub use checkpoint::Checkpoint;
 pub use error::{Error, Result};
-pub use exec::{Executor, ReadMode};
+pub use exec::{Executor, ReadMode, Ticket};
 pub use layout::{detect, MatrixView, MoeLayer, Part};
 pub use plan::{CopyOp, CopyPlan, LoadRequest, Target};
 pub use safetensors::tensor::Dtype;
