@@ -139,6 +139,7 @@ class Checkpoint:
         staging_bytes: int = DEFAULT_BUFFER_BYTES,
         staging_buffers: int = DEFAULT_BUFFER_COUNT,
         io: Literal["mmap", "pread"] = "mmap",
+        prefetch: bool = False,
     ) -> None:
         where = f"{os.fspath(path)}: "
         if num_threads is not None:
@@ -147,7 +148,11 @@ class Checkpoint:
             raise RequestError(f"{where}io must be 'pread' or 'mmap', not {io!r}")
         staging = StagingPool(staging_bytes, staging_buffers)  # checked now, allocated on use
         self._handle = native.Checkpoint(
-            os.fspath(path), num_threads=num_threads, interleaved=interleaved, io=io
+            os.fspath(path),
+            num_threads=num_threads,
+            interleaved=interleaved,
+            io=io,
+            prefetch=bool(prefetch),
         )
         self._shards: dict[int, native.ShardBuffer] = {}
         self._layers: dict[str, MoeLayer] | None = None
@@ -173,6 +178,10 @@ class Checkpoint:
     @property
     def io(self) -> str:
         return self._handle.io
+
+    @property
+    def prefetch(self) -> bool:
+        return self._handle.prefetch
 
     @property
     def shard_paths(self) -> list[str]:
@@ -255,6 +264,7 @@ def open(
     staging_bytes: int = DEFAULT_BUFFER_BYTES,
     staging_buffers: int = DEFAULT_BUFFER_COUNT,
     io: Literal["mmap", "pread"] = "mmap",
+    prefetch: bool = False,
 ) -> Checkpoint:
     """Opens a `.safetensors` file or a checkpoint directory.
 
@@ -264,7 +274,8 @@ def open(
     `staging_bytes` and `staging_buffers` size the pinned buffers of CUDA loads.
     `io` chooses how long contiguous runs are read: copies out of the memory map (`mmap`,
     default, fastest) or `pread` (a file truncated during the copy is then an error
-    instead of a SIGBUS).
+    instead of a SIGBUS). `prefetch` starts the disk reads of each staging window as it
+    begins, for checkpoints that are not in the page cache (a first load after boot).
     """
     return Checkpoint(
         path,
@@ -273,4 +284,5 @@ def open(
         staging_bytes=staging_bytes,
         staging_buffers=staging_buffers,
         io=io,
+        prefetch=prefetch,
     )

@@ -20,6 +20,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=5, help="timed runs per row (median)")
     bench.add_argument("--threads", type=int, help="copy threads (default: CPUs, at most 16)")
     bench.add_argument("--explore", action="store_true", help="also time other staging settings")
+    bench.add_argument(
+        "--cold", action="store_true", help="empty the page cache before every run (root only)"
+    )
     return parser
 
 
@@ -29,7 +32,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from .bench.run import main as bench
 
-            bench(args.device, args.layers, args.dir, args.repeats, args.threads, args.explore)
+            bench(
+                args.device,
+                args.layers,
+                args.dir,
+                args.repeats,
+                args.threads,
+                args.explore,
+                args.cold,
+            )
     except FastMoeLoadError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

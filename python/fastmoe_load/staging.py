@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 # Plans cut their work into operations of at most 1 MiB; a window holds at least one.
 MIN_BUFFER_BYTES = 1 << 20
 DEFAULT_BUFFER_BYTES = 64 << 20
-DEFAULT_BUFFER_COUNT = 3
+DEFAULT_BUFFER_COUNT = 6
 
 
 class StagingPool:

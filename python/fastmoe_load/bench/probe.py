@@ -89,7 +89,7 @@ def contenders(bench: Bench, case: Case) -> dict[str, Load]:
         "probe: copy only, no fill": copy_only(bench),
         "probe: io=pread": bench.fastmoe(case, io="pread"),
     }
-    for size, count in ((16, 8), (32, 4), (64, 4), (64, 6), (128, 3), (128, 4)):
+    for size, count in ((16, 8), (64, 3), (128, 4)):
         name = f"probe: staging {size} MiB x {count}"
         runs[name] = bench.fastmoe(case, staging_bytes=size << 20, staging_buffers=count)
     return runs

@@ -14,8 +14,10 @@ import os
 import platform
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,13 +97,15 @@ class Bench:
         contenders: dict[str, Callable[[list[tuple[torch.Tensor, torch.Tensor]]], int]],
         touched: bool = True,
         own_memory: bool = False,
+        before_each: Callable[[], None] | None = None,
     ) -> None:
         """Times each `load(destinations) -> bytes landed`, round-robin over the contenders
         so that drift of the machine spreads over all of them, after one warm-up run each.
         Each run gets fresh destinations, unless `touched`: then one set, allocated and
         written once, serves every run (each run overwrites all of it). Contenders that
         allocate `own_memory` get no destinations, and the device's cache is emptied
-        between them, so that each has the whole GPU."""
+        between them, so that each has the whole GPU. `before_each` runs before every timed
+        run (outside the timing)."""
         destination = "own tensors" if own_memory else "pre-touched" if touched else "fresh"
         rows = {name: Row(name, case.label, destination) for name in contenders}
         kept = [] if own_memory else self.destinations(case, True) if touched else None
@@ -110,6 +114,8 @@ class Bench:
                 if own_memory and self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 current = kept if kept is not None else self.destinations(case, False)
+                if before_each is not None:
+                    before_each()
                 self.sync()
                 start = time.perf_counter()
                 rows[name].nbytes = load(current)
@@ -332,6 +338,7 @@ def main(
     repeats: int = 5,
     threads: int | None = None,
     explore: bool = False,
+    cold: bool = False,
 ) -> Bench:
     dev = torch.device(device)
     shape = Shape(layers=layers or default_layers(dev))
@@ -344,7 +351,10 @@ def main(
     generate(path, shape)
     print(describe_machine(dev, path), flush=True)
     bench = Bench(path, shape, dev, repeats, threads)
-    if dev.type == "cuda":
+    if cold:
+        _run_cold(bench)
+        reference = "disk read"
+    elif dev.type == "cuda":
         _run_cuda(bench, explore)
         reference = "pinned host->device"
     else:
@@ -353,6 +363,47 @@ def main(
     print()
     print(render(bench.rows, reference))
     return bench
+
+
+def drop_page_cache() -> None:
+    """Empties the page cache (root only), so that the next load reads the disk."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def _run_cold(bench: Bench) -> None:
+    """Every run starts from an empty page cache; the disk's own rate (every shard read in
+    64 MiB blocks by 16 threads) is measured the same way."""
+    files = sorted(set(shard_of_tensors(bench.path).values()))
+    block = 64 << 20
+    blocks = [(f, at) for f in files for at in range(0, os.path.getsize(f), block)]
+    local = threading.local()
+
+    def read(task: tuple[str, int]) -> int:
+        file, at = task
+        if not hasattr(local, "buffer"):
+            local.buffer = bytearray(block)
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            return os.preadv(fd, [local.buffer], at)
+        finally:
+            os.close(fd)
+
+    def disk_read(_dests: list) -> int:
+        with ThreadPoolExecutor(16) as pool:
+            return sum(pool.map(read, blocks))
+
+    full = CUDA_CASES[0] if bench.device.type == "cuda" else CPU_CASES[0]
+    contenders = {
+        "disk read (64 MiB blocks, 16 threads)": disk_read,
+        "fastmoe_load": bench.fastmoe(full),
+        "fastmoe_load (prefetch=True)": bench.fastmoe(full, prefetch=True),
+        "fastmoe_load (io=pread)": bench.fastmoe(full, io="pread"),
+        "fastmoe_load (io=pread, prefetch=True)": bench.fastmoe(full, io="pread", prefetch=True),
+        "seed: vLLM per-expert loop": bench.seed(full),
+    }
+    bench.compare(full, contenders, before_each=drop_page_cache)
 
 
 def _run_cpu(bench: Bench) -> None:
@@ -390,21 +441,5 @@ def _run_cuda(bench: Bench, explore: bool) -> None:
     if explore:
         from . import probe
 
-        for case in CUDA_CASES[:2]:
+        for case in CUDA_CASES:
             bench.compare(case, probe.contenders(bench, case))
-        variants = {"fastmoe_load": bench.fastmoe(full)}
-        for args in EXPLORE:
-            label = "fastmoe_load " + ", ".join(f"{k}={v}" for k, v in args.items())
-            variants[label] = bench.fastmoe(full, **args)
-        bench.compare(full, variants)
-
-
-# Settings tried by `bench --explore`, one change at a time from the defaults.
-EXPLORE: list[dict[str, Any]] = [
-    {"io": "pread"},
-    {"num_threads": 8},
-    {"staging_bytes": 32 << 20},
-    {"staging_bytes": 128 << 20},
-    {"staging_buffers": 2},
-    {"staging_buffers": 4},
-]

@@ -29,6 +29,7 @@ pub const MIN_READ_BYTES: usize = 64 << 10;
 pub struct Executor {
     threads: usize,
     mode: ReadMode,
+    prefetch: bool,
     pool: Mutex<Option<(u32, Arc<rayon::ThreadPool>)>>,
 }
 
@@ -54,8 +55,21 @@ impl Executor {
         Executor {
             threads: threads.max(1),
             mode,
+            prefetch: false,
             pool: Mutex::new(None),
         }
+    }
+
+    /// Ask the kernel to start reading each window's source bytes from disk as the window
+    /// begins (one `MADV_WILLNEED` per run of adjacent bytes), so that a cold load keeps the
+    /// disk busy with large requests instead of waiting on one page fault at a time.
+    pub fn with_prefetch(mut self, prefetch: bool) -> Executor {
+        self.prefetch = prefetch;
+        self
+    }
+
+    pub fn prefetch(&self) -> bool {
+        self.prefetch
     }
 
     pub fn threads(&self) -> usize {
@@ -126,6 +140,9 @@ impl Executor {
                 });
             }
         }
+        if self.prefetch {
+            will_need(shards, ops);
+        }
         let dst = Destination(dst);
         let mode = self.mode;
         self.pool()?.install(|| {
@@ -170,6 +187,27 @@ fn prefault(dst: *mut u8, len: usize) {
             libc::MADV_POPULATE_WRITE,
         )
     };
+}
+
+/// Starts readahead of the source bytes of `ops`, merging adjacent ranges of one shard.
+fn will_need(shards: &[Arc<Shard>], ops: &[CopyOp]) {
+    let mut run: Option<(usize, usize, usize)> = None; // (shard, start, end)
+    for op in ops {
+        match &mut run {
+            Some((shard, _, end)) if *shard == op.shard && op.src <= *end => {
+                *end = (*end).max(op.src_end());
+            }
+            _ => {
+                if let Some((shard, start, end)) = run {
+                    shards[shard].will_need(start, end);
+                }
+                run = Some((op.shard, op.src, op.src_end()));
+            }
+        }
+    }
+    if let Some((shard, start, end)) = run {
+        shards[shard].will_need(start, end);
+    }
 }
 
 /// The outcome of a spawned job, to wait for.

@@ -151,6 +151,19 @@ impl Shard {
         Ok(self.view_map.get_or_init(|| map).as_ptr().cast_mut())
     }
 
+    /// Starts asynchronous readahead of file bytes `[start, end)` into the page cache.
+    pub fn will_need(&self, start: usize, end: usize) {
+        const PAGE: usize = 4096;
+        let first = start / PAGE * PAGE;
+        let end = end.min(self.map.len());
+        if end > first {
+            // Advice only: a failure leaves the later reads to fault the pages in themselves.
+            let _ = self
+                .map
+                .advise_range(memmap2::Advice::WillNeed, first, end - first);
+        }
+    }
+
     /// Reads `dst.len()` bytes at file offset `offset` with `pread`. A file truncated under us
     /// gives an error here, where a read of the mapping would raise SIGBUS.
     pub fn read_at(&self, offset: usize, dst: &mut [u8]) -> Result<()> {

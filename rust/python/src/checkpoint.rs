@@ -101,13 +101,14 @@ fn target(name: &str) -> PyResult<Target> {
 #[pymethods]
 impl PyCheckpoint {
     #[new]
-    #[pyo3(signature = (path, *, num_threads=None, interleaved=None, io="mmap"))]
+    #[pyo3(signature = (path, *, num_threads=None, interleaved=None, io="mmap", prefetch=false))]
     fn new(
         py: Python<'_>,
         path: PathBuf,
         num_threads: Option<usize>,
         interleaved: Option<bool>,
         io: &str,
+        prefetch: bool,
     ) -> PyResult<Self> {
         let mode = match io {
             "pread" => ReadMode::Read,
@@ -126,7 +127,7 @@ impl PyCheckpoint {
         });
         let state = State {
             ckpt,
-            executor: Executor::new(threads, mode),
+            executor: Executor::new(threads, mode).with_prefetch(prefetch),
             interleaved,
             layers: OnceLock::new(),
         };
@@ -152,6 +153,11 @@ impl PyCheckpoint {
     #[getter]
     fn num_threads(&self) -> PyResult<usize> {
         Ok(self.state()?.executor.threads())
+    }
+
+    #[getter]
+    fn prefetch(&self) -> PyResult<bool> {
+        Ok(self.state()?.executor.prefetch())
     }
 
     #[getter]
