@@ -17,6 +17,7 @@ from ._fastmoe_load import (
 )
 from .checkpoint import Checkpoint, MoeLayer, open
 from .loader import LoadStats, load_fused_moe
+from .model import ModelLoadReport, load_model
 from .placement import expert_placement
 from .staging import StagingPool
 
@@ -28,11 +29,13 @@ __all__ = [
     "HeaderError",
     "LayoutError",
     "LoadStats",
+    "ModelLoadReport",
     "MoeLayer",
     "RequestError",
     "StagingPool",
     "TensorNotFoundError",
     "expert_placement",
     "load_fused_moe",
+    "load_model",
     "open",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,6 +25,20 @@ if TYPE_CHECKING:
 MIN_BUFFER_BYTES = 1 << 20
 DEFAULT_BUFFER_BYTES = 64 << 20
 DEFAULT_BUFFER_COUNT = 6
+
+
+# Windows that share a buffer start on this boundary, which transfers prefer.
+_ALIGN = 512
+
+
+@dataclass
+class _Batch:
+    """A staging buffer and the windows filled into it, each bound for its destination."""
+
+    buffer: torch.Tensor
+    event: torch.cuda.Event
+    used: int = 0
+    parts: list[tuple[Any, torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 class StagingPool:
@@ -75,29 +90,40 @@ class StagingPool:
         caller = torch.cuda.current_stream(device)
         stream = self._stream(device)
         stream.wait_stream(caller)  # destinations may still be in use on the caller's stream
-        # Fills run on the copy threads in the background, up to count - 1 ahead of the
-        # transfers, so that the threads go from one window to the next without waiting for
-        # this loop; a buffer is refilled only once the transfer that read it is done.
-        pending: deque[tuple[Any, torch.cuda.Event, torch.Tensor, torch.Tensor]] = deque()
+        # Fills run on the copy threads in the background, up to count - 1 buffers ahead of
+        # the transfers, so that the threads go from one window to the next without waiting
+        # for this loop. Small windows (small tensors) share a buffer. A buffer is refilled
+        # only once the transfers that read it are done.
+        pending: deque[_Batch] = deque()
+        batch: _Batch | None = None
 
         def transfer_oldest() -> None:
-            ticket, event, source, target = pending.popleft()
-            ticket.wait()
+            oldest = pending.popleft()
+            for ticket, _, _ in oldest.parts:
+                ticket.wait()
             with torch.cuda.stream(stream):
-                target.copy_(source, non_blocking=True)
-                event.record(stream)
+                for _, source, target in oldest.parts:
+                    target.copy_(source, non_blocking=True)
+                oldest.event.record(stream)
 
         for d in destinations:
             dst = d.tensor.view(-1).view(torch.uint8)
             for start, end in d.plan.windows(self.buffer_bytes):
-                buffer, event = self._acquire()
-                ticket = d.plan.submit(buffer.data_ptr(), start, end, buffer)
-                pending.append((ticket, event, buffer[: end - start], dst[start:end]))
-                if len(pending) >= self.count - 1:
-                    transfer_oldest()
+                if batch is None or batch.used + (end - start) > self.buffer_bytes:
+                    if batch is not None:
+                        pending.append(batch)
+                        if len(pending) >= self.count - 1:
+                            transfer_oldest()
+                    batch = _Batch(*self._acquire())
+                at = batch.used
+                ticket = d.plan.submit(batch.buffer.data_ptr() + at, start, end, batch.buffer)
+                batch.parts.append((ticket, batch.buffer[at : at + end - start], dst[start:end]))
+                batch.used = -(-(at + end - start) // _ALIGN) * _ALIGN
             # Keep the caching allocator from reusing the parameter's memory before the
             # copies on our stream are done, should the caller free it early.
             d.tensor.record_stream(stream)
+        if batch is not None:
+            pending.append(batch)
         while pending:
             transfer_oldest()
         caller.wait_stream(stream)

@@ -151,6 +151,63 @@ impl CopyPlan {
         Ok(plan)
     }
 
+    /// The plan that copies tensor `name` whole, or, with `shard = Some((dim, rank, size))`,
+    /// the `rank`-th of `size` equal slices along dimension `dim` (a tensor-parallel shard of
+    /// a dense weight), packed as a contiguous tensor.
+    pub fn tensor(
+        ckpt: &Checkpoint,
+        name: &str,
+        shard: Option<(usize, usize, usize)>,
+    ) -> Result<CopyPlan> {
+        let (_, entry) = ckpt.tensor(name)?;
+        let numel: usize = entry.shape.iter().product();
+        let whole = MatrixView {
+            tensor: name.to_string(),
+            offset: 0,
+            rows: 1,
+            cols: numel,
+            row_stride: numel,
+            col_stride: 1,
+        };
+        let view = match shard {
+            None => whole,
+            Some((dim, rank, size)) => {
+                let err = |reason: String| Error::Request {
+                    path: ckpt.path().to_path_buf(),
+                    prefix: name.to_string(),
+                    reason,
+                };
+                let Some(&extent) = entry.shape.get(dim) else {
+                    return Err(err(format!(
+                        "no dimension {dim} in shape {:?}",
+                        entry.shape
+                    )));
+                };
+                if size == 0 || rank >= size || !extent.is_multiple_of(size) {
+                    return Err(err(format!(
+                        "dimension {dim} of shape {:?} does not split into {size} shards with \
+                         shard {rank} among them",
+                        entry.shape
+                    )));
+                }
+                // [outer, extent, inner] -> rows of the rank's `extent / size * inner` elements.
+                let outer: usize = entry.shape[..dim].iter().product();
+                let inner: usize = entry.shape[dim + 1..].iter().product();
+                let part = extent / size * inner;
+                MatrixView {
+                    offset: rank * part,
+                    rows: outer,
+                    cols: part,
+                    row_stride: extent * inner,
+                    ..whole
+                }
+            }
+        };
+        let mut plan = CopyPlan::default();
+        plan.push_matrix(ckpt, &view)?;
+        Ok(plan)
+    }
+
     /// Destination bytes, which are also the source bytes read.
     pub fn len(&self) -> usize {
         self.len

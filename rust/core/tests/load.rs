@@ -372,3 +372,61 @@ fn reading_a_truncated_file_is_an_error_not_a_signal() {
         "{err}"
     );
 }
+
+#[test]
+fn dense_tensor_plans_copy_whole_tensors_and_shards_along_any_dimension() {
+    let dir = TempDir::new("dense");
+    let path = dir.path().join("m.safetensors");
+    let shape = [6usize, 4, 10];
+    let value = |i: usize, j: usize, k: usize| (i * 1000 + j * 100 + k) as u16;
+    let values = (0..shape[0])
+        .flat_map(|i| (0..shape[1]).flat_map(move |j| (0..shape[2]).map(move |k| value(i, j, k))));
+    write(
+        &path,
+        &[
+            common::tensor_u16("w", &shape, values),
+            common::tensor_u16("s", &[], [7u16].into_iter()),
+        ],
+    );
+    let ckpt = Checkpoint::open(&path).unwrap();
+
+    let whole = CopyPlan::tensor(&ckpt, "w", None).unwrap();
+    let out = to_u16(&run(&ckpt, ReadMode::Map, whole.ops(), 0, whole.len()).unwrap());
+    assert_eq!(out.len(), 240);
+    assert_eq!(out[40 + 2 * 10 + 3], value(1, 2, 3));
+    let scalar = CopyPlan::tensor(&ckpt, "s", None).unwrap();
+    assert_eq!(
+        to_u16(&run(&ckpt, ReadMode::Map, scalar.ops(), 0, 2).unwrap()),
+        [7]
+    );
+
+    for (dim, size) in [(0, 3), (1, 2), (2, 5), (2, 1)] {
+        for rank in 0..size {
+            let plan = CopyPlan::tensor(&ckpt, "w", Some((dim, rank, size))).unwrap();
+            let mut sizes = shape;
+            sizes[dim] /= size;
+            let mut expected = Vec::new();
+            for i in 0..sizes[0] {
+                for j in 0..sizes[1] {
+                    for k in 0..sizes[2] {
+                        let mut at = [i, j, k];
+                        at[dim] += rank * sizes[dim];
+                        expected.push(value(at[0], at[1], at[2]));
+                    }
+                }
+            }
+            let out = run(&ckpt, ReadMode::Read, plan.ops(), 0, plan.len()).unwrap();
+            assert_eq!(to_u16(&out), expected, "dim {dim} rank {rank}/{size}");
+        }
+    }
+    for bad in [
+        Some((3, 0, 1)),
+        Some((0, 0, 4)),
+        Some((1, 2, 2)),
+        Some((0, 0, 0)),
+    ] {
+        let err = CopyPlan::tensor(&ckpt, "w", bad).unwrap_err().to_string();
+        assert!(err.contains("`w`"), "{err}");
+    }
+    assert!(CopyPlan::tensor(&ckpt, "nope", None).is_err());
+}

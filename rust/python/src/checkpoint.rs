@@ -276,6 +276,22 @@ impl PyCheckpoint {
         ))
     }
 
+    /// The plan that copies tensor `name` whole, or its `rank`-th of `size` equal slices
+    /// along `dim`.
+    #[pyo3(signature = (name, *, dim=None, rank=0, size=1))]
+    fn tensor_plan(
+        &self,
+        name: &str,
+        dim: Option<usize>,
+        rank: usize,
+        size: usize,
+    ) -> PyResult<PyCopyPlan> {
+        let state = self.state()?;
+        let plan =
+            CopyPlan::tensor(&state.ckpt, name, dim.map(|d| (d, rank, size))).map_err(to_py)?;
+        Ok(PyCopyPlan::new(plan, state.clone()))
+    }
+
     /// The plan that fills destination `target` for one TP rank and list of experts.
     #[pyo3(signature = (prefix, target_name, *, tp_rank, tp_size, experts))]
     fn plan(
