@@ -1,0 +1,95 @@
+"""Filling vLLM `FusedMoE` layers from a checkpoint.
+
+`load_fused_moe_layer(layer, ckpt, prefix)` reads what a vLLM `FusedMoE` layer knows about
+itself and fills its parameters, so that an engine's own `load_weights` only handles the
+names this returns. It relies on these attributes of the layer, all present on vLLM's
+`FusedMoE` (and its `RoutedExperts` in newer releases):
+
+- `w13_weight [E_local, 2*I/tp, H]`, `w2_weight [E_local, H, I/tp]`, and for gpt-oss
+  `w13_bias [E_local, 2*I/tp]`, `w2_bias [E_local, H]`;
+- `tp_rank`, `tp_size`: the layer's MoE tensor-parallel rank and size;
+- `expert_map` (optional): a tensor of one entry per physical (global) expert, holding its
+  local slot or -1; absent or None without expert parallelism.
+
+Physical experts beyond the checkpoint's (EPLB redundant experts) are replicas of logical
+expert `physical % num_experts`, as vLLM places them initially, unless
+`logical_of_physical` says otherwise.
+
+vLLM keeps gpt-oss's interleaved gate/up rows in `w13_weight` (its activation splits them),
+and adds `w2_bias` once before the all-reduce, so TP ranks other than 0 hold zeros there;
+this adapter does the same for interleaved checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ._fastmoe_load import RequestError
+from .checkpoint import Checkpoint
+from .loader import load_fused_moe
+
+
+def local_experts_of(
+    layer: Any, num_experts: int, logical_of_physical: Sequence[int] | None = None
+) -> list[int]:
+    """The checkpoint (logical) expert of each local slot of `layer`."""
+    slots = layer.w13_weight.shape[0]
+    expert_map = getattr(layer, "expert_map", None)
+    if expert_map is None:
+        physical = list(range(slots))
+    else:
+        physical = [-1] * slots
+        for expert, slot in enumerate(torch.as_tensor(expert_map).tolist()):
+            if 0 <= slot < slots:
+                physical[slot] = expert
+        if -1 in physical:
+            raise RequestError(f"expert_map leaves local slot {physical.index(-1)} empty")
+    if logical_of_physical is None:
+        return [p % num_experts for p in physical]
+    return [int(logical_of_physical[p]) for p in physical]
+
+
+def load_fused_moe_layer(
+    layer: Any,
+    ckpt: Checkpoint,
+    prefix: str,
+    *,
+    logical_of_physical: Sequence[int] | None = None,
+) -> list[str]:
+    """Fills a vLLM `FusedMoE` layer with the experts at `prefix` for the layer's own TP rank
+    and expert placement; returns the checkpoint tensor names it consumed."""
+    group = ckpt.experts(prefix)
+    experts = local_experts_of(layer, group.num_experts, logical_of_physical)
+    tp_rank, tp_size = int(layer.tp_rank), int(layer.tp_size)
+    w13, w2 = layer.w13_weight.data, layer.w2_weight.data
+    b13, b2 = getattr(layer, "w13_bias", None), getattr(layer, "w2_bias", None)
+    with_bias = group.has_bias and b13 is not None and b2 is not None
+    biases = {"w13_bias": b13.data, "w2_bias": b2.data} if with_bias else {}
+    # Interleaved checkpoints keep their interleaving in vLLM: load gate rows then up rows
+    # into scratch and interleave them on the destination's device.
+    scratch = {"w13": torch.empty_like(w13)} if group.interleaved else {}
+    if group.interleaved and with_bias:
+        scratch["w13_bias"] = torch.empty_like(biases["w13_bias"])
+    load_fused_moe(
+        ckpt,
+        prefix,
+        scratch.get("w13", w13),
+        w2,
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+        local_experts=experts,
+        **{**biases, **{k: v for k, v in scratch.items() if k != "w13"}},
+    )
+    with torch.no_grad():
+        for name, target in (("w13", w13), ("w13_bias", biases.get("w13_bias"))):
+            if name in scratch and target is not None:
+                half = target.shape[1] // 2
+                pairs = target.unflatten(1, (half, 2))
+                pairs.select(2, 0).copy_(scratch[name][:, :half])
+                pairs.select(2, 1).copy_(scratch[name][:, half:])
+        if with_bias and tp_rank > 0:
+            b2.data.zero_()  # added once, before the all-reduce over TP ranks
+    return list(group.tensor_names)
