@@ -2,12 +2,14 @@
 
 `load_fused_moe_layer(layer, ckpt, prefix)` reads what a vLLM `FusedMoE` layer knows about
 itself and fills its parameters, so that an engine's own `load_weights` only handles the
-names this returns. It relies on these attributes of the layer, all present on vLLM's
-`FusedMoE` (and its `RoutedExperts` in newer releases):
+names this returns. The layer is vLLM's `FusedMoE`, or, from vLLM 0.33 on, the `MoERunner`
+that `FusedMoEFactory` builds (whose experts are its `routed_experts`). It relies on these
+attributes of the experts module:
 
 - `w13_weight [E_local, 2*I/tp, H]`, `w2_weight [E_local, H, I/tp]`, and for gpt-oss
   `w13_bias [E_local, 2*I/tp]`, `w2_bias [E_local, H]`;
-- `tp_rank`, `tp_size`: the layer's MoE tensor-parallel rank and size;
+- `tp_rank`, `tp_size` (or `moe_config.tp_rank`, `moe_config.tp_size`): the layer's MoE
+  tensor-parallel rank and size;
 - `expert_map` (optional): a tensor of one entry per physical (global) expert, holding its
   local slot or -1; absent or None without expert parallelism.
 
@@ -36,6 +38,7 @@ def local_experts_of(
     layer: Any, num_experts: int, logical_of_physical: Sequence[int] | None = None
 ) -> list[int]:
     """The checkpoint (logical) expert of each local slot of `layer`."""
+    layer = getattr(layer, "routed_experts", layer)
     slots = layer.w13_weight.shape[0]
     expert_map = getattr(layer, "expert_map", None)
     if expert_map is None:
@@ -61,9 +64,11 @@ def load_fused_moe_layer(
 ) -> list[str]:
     """Fills a vLLM `FusedMoE` layer with the experts at `prefix` for the layer's own TP rank
     and expert placement; returns the checkpoint tensor names it consumed."""
+    layer = getattr(layer, "routed_experts", layer)
     group = ckpt.experts(prefix)
     experts = local_experts_of(layer, group.num_experts, logical_of_physical)
-    tp_rank, tp_size = int(layer.tp_rank), int(layer.tp_size)
+    parallel = layer if hasattr(layer, "tp_rank") else layer.moe_config
+    tp_rank, tp_size = int(parallel.tp_rank), int(parallel.tp_size)
     w13, w2 = layer.w13_weight.data, layer.w2_weight.data
     b13, b2 = getattr(layer, "w13_bias", None), getattr(layer, "w2_bias", None)
     with_bias = group.has_bias and b13 is not None and b2 is not None
