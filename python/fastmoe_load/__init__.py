@@ -6,6 +6,8 @@ with fml.open("path/to/checkpoint") as ckpt:
         fml.load_fused_moe(ckpt, layer.prefix, w13, w2, tp_rank=0, tp_size=1)
 """
 
+import logging
+
 from ._fastmoe_load import (
     CheckpointError,
     FastMoeLoadError,
@@ -39,3 +41,6 @@ __all__ = [
     "load_model",
     "open",
 ]
+
+# A library logs, the application decides where to: silent unless configured.
+logging.getLogger("fastmoe_load").addHandler(logging.NullHandler())

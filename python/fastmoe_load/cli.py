@@ -1,16 +1,119 @@
-"""The `python -m fastmoe_load` command line."""
+"""The `python -m fastmoe_load` command line: `inspect`, `convert` and `bench`.
+
+A user mistake (a bad path, a corrupt file, a bad option) ends with one `error: ...` line on
+stderr and a non-zero exit status, never a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import logging
+import os
 import sys
+from collections.abc import Iterator
+from typing import NoReturn
 
 from ._fastmoe_load import FastMoeLoadError
 
+PROG = "python -m fastmoe_load"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, like every other user mistake, instead of argparse's usage block.
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
+    return value
+
+
+def _size(text: str) -> int:
+    from .convert import parse_size
+
+    try:
+        return parse_size(text)
+    except FastMoeLoadError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _common() -> argparse.ArgumentParser:
+    """Options of the commands that read a checkpoint."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--interleaved",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="whether fused gate/up tensors interleave gate and up rows "
+        "(default: from config.json's model_type, e.g. gpt-oss)",
+    )
+    common.add_argument(
+        "-v", "--verbose", action="store_true", help="log what was matched, converted, copied"
+    )
+    return common
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fastmoe_load")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog=PROG, description="Load Mixture-of-Experts checkpoints, fast.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = _common()
+
+    inspect = commands.add_parser(
+        "inspect",
+        parents=[common],
+        help="list the routed-expert groups and the bytes each TP/EP rank reads",
+        description="List a checkpoint's routed-expert groups (layout, E/H/I, dtype) and the "
+        "bytes each TP/EP rank would read, from the copy plans of a real load.",
+    )
+    inspect.add_argument("checkpoint", metavar="CKPT", help="a .safetensors file or a directory")
+    inspect.add_argument("--tp", type=_positive, default=1, help="tensor-parallel size")
+    inspect.add_argument("--ep", type=_positive, default=1, help="expert-parallel size")
+    inspect.add_argument(
+        "--placement",
+        choices=["linear", "round_robin"],
+        default="linear",
+        help="how experts are spread over EP ranks (default: linear)",
+    )
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+
+    convert = commands.add_parser(
+        "convert",
+        parents=[common],
+        help="rewrite experts between one tensor per expert and the fused v5 layout",
+        description="Rewrite a checkpoint's routed experts into the fused transformers-v5 "
+        "layout (gate_up_proj [E, 2I, H], down_proj [E, H, I]) or into one tensor per expert; "
+        "every other tensor is copied unchanged.",
+    )
+    convert.add_argument("src", metavar="SRC", help="a .safetensors file or a directory")
+    convert.add_argument("dst", metavar="DST", help="a new (or empty) directory")
+    convert.add_argument(
+        "--to", choices=["fused", "per_expert"], default="fused", help="layout (default: fused)"
+    )
+    convert.add_argument(
+        "--max-shard-size",
+        type=_size,
+        default="5GB",
+        help="largest shard, e.g. 5GB (default), 500MB or bytes",
+    )
+    convert.add_argument(
+        "--expert-names",
+        choices=["gate_proj", "w1", "linear"],
+        help="per-expert module names for --to per_expert: gate_proj/up_proj/down_proj, "
+        "w1/w3/w2 or linear/linear_v/linear_1 (default: as recorded by an earlier "
+        "conversion, else from model_type)",
+    )
+    convert.add_argument(
+        "--no-progress", action="store_true", help="no progress line (also FASTMOE_LOAD_PROGRESS=0)"
+    )
+
     bench = commands.add_parser(
         "bench", help="compare fastmoe_load with pure-Python loading on a generated checkpoint"
     )
@@ -26,22 +129,89 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            return f"{record.levelname.lower()}: {message}"
+        return message
+
+
+@contextlib.contextmanager
+def _logging_to_stderr(verbose: bool) -> Iterator[None]:
+    """The package's log lines on stderr while a command runs: warnings always, INFO with
+    `-v`. Only the `fastmoe_load` logger, and put back as it was afterwards, so that other
+    libraries' logging and callers of `main` in a longer-lived process are left alone."""
+    logger = logging.getLogger("fastmoe_load")
+    level, propagate = logger.level, logger.propagate
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)  # not `logger.level = `: setLevel also resets the level cache
+        logger.propagate = propagate
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from .checkpoint import open as open_checkpoint
+    from .convert import misread_interleaving
+    from .inspect import format_report, inspect_checkpoint
+
+    with open_checkpoint(args.checkpoint, interleaved=args.interleaved) as ckpt:
+        if args.interleaved is None and misread_interleaving(ckpt):
+            logging.getLogger("fastmoe_load").warning(
+                "%s was converted with gate and up concatenated, but config.json's model_type "
+                "makes it read interleaved: use --no-interleaved here and "
+                "fml.open(path, interleaved=False) to load it",
+                args.checkpoint,
+            )
+        report = inspect_checkpoint(ckpt, args.tp, args.ep, args.placement)
+    if args.json:
+        print(json.dumps(report.to_json()))
+    else:
+        print(format_report(report))
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from .convert import convert
+
+    report = convert(
+        args.src,
+        args.dst,
+        to=args.to,
+        max_shard_size=args.max_shard_size,
+        expert_names=args.expert_names,
+        interleaved=args.interleaved,
+        progress=False if args.no_progress else None,
+    )
+    print(report.summary())
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from .bench.run import main as bench
+
+    bench(args.device, args.layers, args.dir, args.repeats, args.threads, args.explore, args.cold)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    command = {"inspect": _inspect, "convert": _convert, "bench": _bench}[args.command]
     try:
-        if args.command == "bench":
-            from .bench.run import main as bench
-
-            bench(
-                args.device,
-                args.layers,
-                args.dir,
-                args.repeats,
-                args.threads,
-                args.explore,
-                args.cold,
-            )
-    except FastMoeLoadError as error:
+        with _logging_to_stderr(getattr(args, "verbose", False)):
+            command(args)
+    except BrokenPipeError:
+        # The reader went away (`inspect | head`): nothing left to tell anyone.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (FastMoeLoadError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
     return 0

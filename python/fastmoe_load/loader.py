@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +12,7 @@ from . import _fastmoe_load as native
 from ._fastmoe_load import RequestError
 from ._validate import as_index
 from .checkpoint import Checkpoint, MoeLayer
+from .progress import Progress, execute_with_progress
 from .staging import StagingPool
 
 
@@ -148,6 +149,7 @@ def load_fused_moe(
     w13_bias: torch.Tensor | None = None,
     w2_bias: torch.Tensor | None = None,
     staging: StagingPool | None = None,
+    progress: Progress | None = None,
 ) -> LoadStats:
     """Fills `w13 [E_local, 2*I/tp, H]` and `w2 [E_local, H, I/tp]` (and the biases, if
     given) with the experts at `prefix`, for TP rank `tp_rank` of `tp_size`.
@@ -159,6 +161,7 @@ def load_fused_moe(
     CUDA destinations are filled through pinned staging buffers (`staging`, default: the
     checkpoint's pool) with asynchronous copies; the caller's current stream sees the
     result without further synchronisation. `stats.seconds` then covers the host side only.
+    `progress` (see `fastmoe_load.progress`) is advanced as bytes land.
     """
     destinations = plan_destinations(
         ckpt,
@@ -172,11 +175,24 @@ def load_fused_moe(
         w2_bias=w2_bias,
     )
     start = time.perf_counter()
+    nbytes = fill(ckpt, destinations, staging=staging, progress=progress)
+    return LoadStats(bytes=nbytes, seconds=time.perf_counter() - start)
+
+
+def fill(
+    ckpt: Checkpoint,
+    destinations: Sequence[Destination],
+    *,
+    staging: StagingPool | None = None,
+    progress: Progress | None = None,
+) -> int:
+    """Executes planned destinations (all on one device): CPU tensors directly, CUDA ones
+    through the staging pipeline. Returns the bytes written."""
+    if not destinations:
+        return 0
     if destinations[0].tensor.device.type == "cuda":
-        (staging or ckpt.staging).fill(destinations)
+        (staging or ckpt.staging).fill(destinations, progress)
     else:
         for d in destinations:
-            d.plan.execute(d.tensor.data_ptr())
-    return LoadStats(
-        bytes=sum(d.plan.nbytes for d in destinations), seconds=time.perf_counter() - start
-    )
+            execute_with_progress(d.plan, d.tensor.data_ptr(), progress)
+    return sum(d.plan.nbytes for d in destinations)

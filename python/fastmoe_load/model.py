@@ -15,8 +15,9 @@ import torch
 from ._fastmoe_load import RequestError
 from .checkpoint import Checkpoint, MoeLayer
 from .checkpoint import open as open_checkpoint
-from .loader import Destination, load_fused_moe
+from .loader import Destination, fill, load_fused_moe, plan_destinations
 from .placement import Strategy, expert_placement
+from .progress import Progress
 
 logger = logging.getLogger("fastmoe_load")
 
@@ -64,6 +65,7 @@ def load_model(
     ep_size: int = 1,
     placement: Strategy = "linear",
     strict: bool = False,
+    progress: bool | None = None,
 ) -> ModelLoadReport:
     """Fills `model`'s parameters and persistent buffers from `ckpt` (an open checkpoint or a
     path) on `device` (default: where the model is; a model on the meta device is
@@ -78,6 +80,8 @@ def load_model(
 
     Everything is matched and planned before a byte is written; with `strict=True`, missing,
     unexpected or mismatched names raise `RequestError` and the model stays untouched.
+    A progress line shows on a terminal for loads longer than a second (`progress=False`, or
+    `FASTMOE_LOAD_PROGRESS=0`, turns it off).
     """
     if not isinstance(model, torch.nn.Module):
         raise RequestError(f"load_model needs a torch.nn.Module, got {type(model).__name__}")
@@ -85,7 +89,16 @@ def load_model(
     checkpoint = open_checkpoint(ckpt) if own else ckpt
     try:
         return _load(
-            model, checkpoint, device, tp_rank, tp_size, ep_rank, ep_size, placement, strict
+            model,
+            checkpoint,
+            device,
+            tp_rank,
+            tp_size,
+            ep_rank,
+            ep_size,
+            placement,
+            strict,
+            progress,
         )
     finally:
         if own:
@@ -102,6 +115,7 @@ def _load(
     ep_size: int,
     placement: Strategy,
     strict: bool,
+    progress: bool | None,
 ) -> ModelLoadReport:
     target = _target_device(model, device)
     rename = _renamer(model)
@@ -138,14 +152,22 @@ def _load(
         weights = model.state_dict(keep_vars=True)
         dense = [Destination(d.name, weights[d.name].detach(), d.plan) for d in dense]
 
+    # Groups the model keeps in vLLM's layout are planned straight into their weights and
+    # go through the pipeline with the dense tensors; the others (transposed, interleaved)
+    # are loaded one by one through scratch tensors and rearranged on the device.
+    native = [g for g in groups if not g.transposed and not g.interleaved]
+    direct = dense + [d for g in native for d in _plan_experts(ckpt, g, tp_rank, tp_size)]
+    rearranged = [g for g in groups if g not in native]
+    total = sum(d.plan.nbytes for d in direct) + sum(_module_bytes(g) for g in rearranged)
     start = time.perf_counter()
-    report.bytes = _fill_dense(ckpt, dense, target)
-    for group in groups:
-        report.bytes += _fill_experts(ckpt, group, tp_rank, tp_size, target)
-    report.expert_groups = len(groups)
-    if target.type == "cuda":
-        torch.cuda.current_stream(target).synchronize()
+    with Progress(total, "load", enabled=progress) as bar:
+        report.bytes = fill(ckpt, direct, progress=bar)
+        for group in rearranged:
+            report.bytes += _fill_rearranged(ckpt, group, tp_rank, tp_size, target, bar)
+        if target.type == "cuda":
+            torch.cuda.current_stream(target).synchronize()
     report.seconds = time.perf_counter() - start
+    report.expert_groups = len(groups)
 
     loaded = {id(weights[name]) for name in filled if name in weights}
     for tensor in weights.values():
@@ -366,36 +388,51 @@ def _summary(report: ModelLoadReport) -> str:
     return "; ".join(parts)
 
 
-def _fill_dense(ckpt: Checkpoint, dense: list[Destination], target: torch.device) -> int:
-    if not dense:
-        return 0
-    if target.type == "cuda":
-        ckpt.staging.fill(dense)
-    else:
-        for d in dense:
-            d.plan.execute(d.tensor.data_ptr())
-    return sum(d.plan.nbytes for d in dense)
+def _plan_experts(
+    ckpt: Checkpoint, group: _Experts, tp_rank: int, tp_size: int
+) -> list[Destination]:
+    """Plans of a group whose module has vLLM's layout, straight into its weights."""
+    m = group.module
+    with_bias = group.layer.has_bias and hasattr(m, "gate_up_proj_bias")
+    return plan_destinations(
+        ckpt,
+        group.layer.prefix,
+        m.gate_up_proj.data,
+        m.down_proj.data,
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+        local_experts=group.experts,
+        w13_bias=m.gate_up_proj_bias.data if with_bias else None,
+        w2_bias=m.down_proj_bias.data if with_bias else None,
+    )
 
 
-def _fill_experts(
-    ckpt: Checkpoint, group: _Experts, tp_rank: int, tp_size: int, target: torch.device
+def _module_bytes(group: _Experts) -> int:
+    """Bytes a group's expert weights hold (what loading them writes)."""
+    return sum(
+        getattr(group.module, name[len(group.path) + 1 :]).nbytes
+        for name in _expert_weight_names(group)
+    )
+
+
+def _fill_rearranged(
+    ckpt: Checkpoint,
+    group: _Experts,
+    tp_rank: int,
+    tp_size: int,
+    target: torch.device,
+    progress: Progress,
 ) -> int:
-    """Loads one expert group into its module, in the module's own layout."""
-    m, layer = group.module, group.layer
+    """Loads a group into scratch tensors in vLLM's layout, then rearranges them into the
+    module's own (transposed and/or interleaved) layout on the device."""
+    layer = group.layer
     n, shard, h = len(group.experts), layer.intermediate_size // tp_size, layer.hidden_size
-    with_bias = layer.has_bias and hasattr(m, "gate_up_proj_bias")
-    native = not group.transposed and not group.interleaved
-    if native:  # the module already has vLLM's layout: load straight into it
-        w13, w2 = m.gate_up_proj.data, m.down_proj.data
-        b13 = m.gate_up_proj_bias.data if with_bias else None
-        b2 = m.down_proj_bias.data if with_bias else None
-    else:
-        w13 = torch.empty(n, 2 * shard, h, dtype=layer.dtype, device=target)
-        w2 = torch.empty(n, h, shard, dtype=layer.dtype, device=target)
-        b13 = (
-            torch.empty(n, 2 * shard, dtype=layer.bias_dtype, device=target) if with_bias else None
-        )
-        b2 = torch.empty(n, h, dtype=layer.bias_dtype, device=target) if with_bias else None
+    w13 = torch.empty(n, 2 * shard, h, dtype=layer.dtype, device=target)
+    w2 = torch.empty(n, h, shard, dtype=layer.dtype, device=target)
+    b13 = b2 = None
+    if layer.has_bias and hasattr(group.module, "gate_up_proj_bias"):
+        b13 = torch.empty(n, 2 * shard, dtype=layer.bias_dtype, device=target)
+        b2 = torch.empty(n, h, dtype=layer.bias_dtype, device=target)
     stats = load_fused_moe(
         ckpt,
         layer.prefix,
@@ -406,9 +443,9 @@ def _fill_experts(
         local_experts=group.experts,
         w13_bias=b13,
         w2_bias=b2,
+        progress=progress,
     )
-    if not native:
-        _rearrange(group, w13, w2, b13, b2, shard)
+    _rearrange(group, w13, w2, b13, b2, shard)
     return stats.bytes
 
 

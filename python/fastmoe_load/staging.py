@@ -20,6 +20,7 @@ from ._fastmoe_load import RequestError
 
 if TYPE_CHECKING:
     from .loader import Destination
+    from .progress import Progress
 
 # Plans cut their work into operations of at most 1 MiB; a window holds at least one.
 MIN_BUFFER_BYTES = 1 << 20
@@ -83,9 +84,10 @@ class StagingPool:
         self._events[k].synchronize()  # the transfer that last read this buffer is done
         return self._buffers[k], self._events[k]
 
-    def fill(self, destinations: Sequence[Destination]) -> None:
+    def fill(self, destinations: Sequence[Destination], progress: Progress | None = None) -> None:
         """Executes the plans into CUDA destinations. On return the work is queued so that
-        the caller's current stream sees the finished parameters."""
+        the caller's current stream sees the finished parameters. `progress` advances as
+        each buffer's fills complete."""
         device = destinations[0].tensor.device
         caller = torch.cuda.current_stream(device)
         stream = self._stream(device)
@@ -99,8 +101,10 @@ class StagingPool:
 
         def transfer_oldest() -> None:
             oldest = pending.popleft()
-            for ticket, _, _ in oldest.parts:
+            for ticket, source, _ in oldest.parts:
                 ticket.wait()
+                if progress is not None:
+                    progress.advance(source.numel())
             with torch.cuda.stream(stream):
                 for _, source, target in oldest.parts:
                     target.copy_(source, non_blocking=True)
