@@ -126,6 +126,12 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--cold", action="store_true", help="empty the page cache before every run (root only)"
     )
+    bench.add_argument(
+        "--model",
+        action="store_true",
+        help="time load_model against transformers' from_pretrained on a generated "
+        "Qwen3-MoE-shaped model (--layers of 1.3 GB, default 2)",
+    )
     return parser
 
 
@@ -193,6 +199,11 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
+    if args.model:
+        from .bench.model_run import main as bench_model
+
+        bench_model(args.device, args.layers or 2, args.dir, args.repeats)
+        return
     from .bench.run import main as bench
 
     bench(args.device, args.layers, args.dir, args.repeats, args.threads, args.explore, args.cold)
