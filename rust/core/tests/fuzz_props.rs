@@ -17,10 +17,12 @@
 mod common;
 
 use std::alloc::{GlobalAlloc, Layout as AllocLayout, System};
-use std::cell::Cell;
-use std::collections::BTreeMap;
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::panic::AssertUnwindSafe;
+use std::sync::{Mutex, Once, OnceLock};
 
 use common::{write, TempDir, Tensor};
 use fastmoe_load_core::layout::ExpertTensors;
@@ -29,7 +31,7 @@ use fastmoe_load_core::{
     detect, Checkpoint, CopyPlan, Dtype, Error, Executor, LoadRequest, MoeLayer, ReadMode, Target,
 };
 use proptest::prelude::*;
-use proptest::test_runner::TestCaseError;
+use proptest::test_runner::{TestCaseError, TestRunner};
 
 // ---------------------------------------------------------------------------------------------
 // Largest single allocation made by this thread while a closure runs: a header that claims
@@ -102,6 +104,9 @@ fn cases(default: u32) -> ProptestConfig {
     ProptestConfig {
         cases,
         max_shrink_iters: 2000,
+        // Failures print their minimal input, which becomes a regression test in this file;
+        // nothing is written into the source tree.
+        failure_persistence: None,
         ..ProptestConfig::default()
     }
 }
@@ -155,6 +160,59 @@ fn check_error(err: &Error, path: &Path) -> Result<(), TestCaseError> {
         path.display()
     );
     Ok(())
+}
+
+/// How far the cases of a fuzz target got: a generator that never produces a file that
+/// opens, or never an expert group, tests little. Printed with `--nocapture`.
+#[derive(Default, Debug)]
+struct Reached {
+    cases: AtomicUsize,
+    open_errors: AtomicUsize,
+    opened: AtomicUsize,
+    detect_errors: AtomicUsize,
+    groups: AtomicUsize,
+    plan_errors: AtomicUsize,
+    plans_run: AtomicUsize,
+    bytes_compared: AtomicUsize,
+    /// Cases that hit the known overflow, and where it struck.
+    known_overflow: AtomicUsize,
+    known_sites: Mutex<BTreeSet<String>>,
+    /// Why files were refused at open: the start of each message, counted.
+    refusals: Mutex<BTreeMap<String, usize>>,
+}
+
+impl Reached {
+    fn add(counter: &AtomicUsize, n: usize) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn get(counter: &AtomicUsize) -> usize {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// Runs `body` on `cases` values of `strategy` (shrinking failures to a minimal case) and
+/// returns how far the cases got.
+fn fuzz<S: Strategy>(
+    name: &str,
+    default_cases: u32,
+    strategy: S,
+    body: impl Fn(S::Value, &Reached) -> Result<(), TestCaseError>,
+) -> Reached
+where
+    S::Value: std::fmt::Debug,
+{
+    let reached = Reached::default();
+    let mut runner = TestRunner::new(cases(default_cases));
+    let result = runner.run(&strategy, |value| {
+        Reached::add(&reached.cases, 1);
+        body(value, &reached)
+    });
+    eprintln!("{name}: {reached:?}");
+    if let Err(err) = result {
+        panic!("{name}: {err}");
+    }
+    reached
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -264,14 +322,14 @@ fn reference(def: &Def, layer: &MoeLayer, target: Target, request: &LoadRequest)
     let shard = inter / request.tp_size;
     let first = request.tp_rank * shard;
     let n = request.experts.len();
-    let elements = match target {
-        Target::W13 => [n, 2, shard, h].iter().try_fold(1usize, |a, &b| a.checked_mul(b)),
-        Target::W2 => [n, h, shard].iter().try_fold(1usize, |a, &b| a.checked_mul(b)),
-        Target::W13Bias => [n, 2, shard].iter().try_fold(1usize, |a, &b| a.checked_mul(b)),
-        Target::W2Bias => n.checked_mul(h),
+    let factors: &[usize] = match target {
+        Target::W13 => &[n, shard, h],
+        Target::W2 => &[n, h, shard],
+        Target::W13Bias => &[n, shard],
+        Target::W2Bias => &[n, h],
     };
     // Zero elements: do not walk a huge but empty loop nest.
-    if elements == Some(0) {
+    if factors.contains(&0) {
         return Vec::new();
     }
     let mut out = Vec::new();
@@ -424,10 +482,12 @@ fn bits_of(dtype: &str) -> Option<u128> {
 }
 
 /// Dimensions that overflow products, or that a zero dimension makes legal.
-const HUGE: [u64; 8] = [
+const HUGE: [u64; 10] = [
     1 << 31,
     1 << 32,
     1 << 60,
+    1 << 61,
+    (1 << 62) + 3,
     1 << 62,
     1 << 63,
     (1 << 63) + 1,
@@ -440,7 +500,21 @@ fn dim() -> impl Strategy<Value = u64> {
     prop_oneof![
         8 => 1u64..6,
         2 => Just(0u64),
-        1 => prop::sample::select(HUGE.to_vec()),
+        2 => prop::sample::select(HUGE.to_vec()),
+    ]
+}
+
+/// `(E, H, I)` of a group: mostly small and consistent; sometimes with a zero dimension,
+/// which makes any other dimension legal in the format.
+fn group_dims() -> impl Strategy<Value = (u64, u64, u64)> {
+    prop_oneof![
+        7 => (1u64..6, 1u64..6, 1u64..6),
+        3 => (dim(), dim(), dim(), 0usize..3).prop_map(|(e, h, i, zero)| match zero {
+            0 => (0, h, i),
+            1 => (e, 0, i),
+            _ => (e, h, 0),
+        }),
+        1 => (dim(), dim(), dim()),
     ]
 }
 
@@ -496,7 +570,8 @@ fn family(prefix: &str, kind: u8, experts: u64, dims: (u64, u64, u64)) -> Vec<En
             ][usize::from(kind % 3)];
             let biases = kind >= 7;
             let mut v = Vec::new();
-            for x in 0..experts {
+            // A huge expert count is not listed in full: the names then skip experts.
+            for x in 0..experts.min(5) {
                 v.push(entry(format!("{prefix}.{x}.{}.weight", naming[0]), vec![i, h]));
                 v.push(entry(format!("{prefix}.{x}.{}.weight", naming[1]), vec![i, h]));
                 v.push(entry(format!("{prefix}.{x}.{}.weight", naming[2]), vec![h, i]));
@@ -560,9 +635,12 @@ fn hostile_file() -> impl Strategy<Value = HostileFile> {
         "model.layers.3.mlp.shared_experts",
         "x",
     ]);
-    let group = (prefix, 0u8..10, dim(), dim(), dim(), 0usize..4).prop_map(|(p, kind, e, h, i, n)| {
+    let group = (prefix, 0u8..10, group_dims(), 0usize..4).prop_map(|(p, kind, (e, h, i), n)| {
         // Per-expert groups list their experts: keep that list short.
-        family(p, kind, e, (e, h, i)).into_iter().take(6 * 4 + n).collect::<Vec<_>>()
+        // Sometimes drop the last few tensors of a group.
+        let mut v = family(p, kind, e, (e, h, i));
+        v.truncate(v.len().saturating_sub(n / 2 * n));
+        v
     });
     let extra = prop::collection::vec(
         (
@@ -577,7 +655,10 @@ fn hostile_file() -> impl Strategy<Value = HostileFile> {
                 "",
                 "é.\u{0}.weight",
             ]),
-            prop::collection::vec(dim(), 0..4),
+            prop::collection::vec(
+                prop_oneof![6 => 1u64..6, 1 => Just(0u64), 1 => prop::sample::select(HUGE.to_vec())],
+                0..4,
+            ),
         )
             .prop_map(|(name, shape)| Entry {
                 name: name.to_string(),
@@ -627,9 +708,9 @@ fn hostile_file() -> impl Strategy<Value = HostileFile> {
         extra,
         0usize..DTYPES.len(),
         metadata,
-        prop::collection::vec(entry_mutation, 0..3),
-        prop::collection::vec(offset_mutation, 0..2),
-        prop::collection::vec(file_mutation, 0..2),
+        prop_oneof![2 => Just(vec![]), 3 => prop::collection::vec(entry_mutation, 1..3)],
+        prop_oneof![3 => Just(vec![]), 1 => prop::collection::vec(offset_mutation, 1..2)],
+        prop_oneof![3 => Just(vec![]), 2 => prop::collection::vec(file_mutation, 1..3)],
         any::<u64>(),
     )
         .prop_map(
@@ -902,30 +983,177 @@ fn definition<'a>(
     })
 }
 
+/// Whether a file holds a tensor with no elements but a dimension of 2^31 or more: the
+/// format admits any other dimension beside a zero one, and the layout detection and view
+/// arithmetic overflow on such shapes (a panic in debug builds, wrapped sizes in release;
+/// see `known_bug_zero_sized_tensor_with_huge_dimension`).
+fn has_huge_empty_tensor(ckpt: &Checkpoint) -> bool {
+    ckpt.entries()
+        .any(|(_, e)| e.shape.contains(&0) && e.shape.iter().any(|&d| d >= 1 << 31))
+}
+
+/// Set `FUZZ_STRICT=1` to stop tolerating the known overflow (to check a fix).
+fn strict() -> bool {
+    std::env::var_os("FUZZ_STRICT").is_some_and(|v| v == "1")
+}
+
+thread_local! {
+    static LAST_PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Records where this thread last panicked (and still prints the panic as usual).
+fn record_panic_locations() {
+    static INSTALLED: Once = Once::new();
+    INSTALLED.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let at = info
+                .location()
+                .map(|l| format!("{}:{}", l.file(), l.line()));
+            let _ = LAST_PANIC.try_with(|last| *last.borrow_mut() = at);
+            previous(info);
+        }));
+    });
+}
+
 /// Opens what is at `path` and, if it opens, detects its groups and loads a few requests,
-/// checking every outcome.
-fn exercise(path: &Path, root: &Path, file_len: u64, seed: u64) -> Result<(), TestCaseError> {
+/// checking every outcome. Outcomes of the known overflow are counted, not failed, unless
+/// `FUZZ_STRICT=1`.
+fn exercise(
+    path: &Path,
+    root: &Path,
+    file_len: u64,
+    seed: u64,
+    reached: &Reached,
+) -> Result<(), TestCaseError> {
     // Generous bound for "proportional to the file": the parse tree, names and a few plans.
     let limit = (16 << 20) + 64 * file_len as usize;
     let (opened, largest) = largest_allocation(|| Checkpoint::open(path));
     prop_assert!(largest <= limit, "open allocated {} bytes at once", largest);
     let ckpt = match opened {
         Ok(ckpt) => ckpt,
-        Err(err) => return check_error(&err, root),
+        Err(err) => {
+            Reached::add(&reached.open_errors, 1);
+            let message = err.to_string();
+            let reason = message.rsplit(".safetensors: ").next().unwrap_or_default();
+            // Tensor names and numbers vary: keep the words of the sentence.
+            let words: Vec<&str> = reason
+                .split_whitespace()
+                .filter(|w| !w.contains('`') && !w.contains(|c: char| c.is_ascii_digit()))
+                .take(7)
+                .collect();
+            let mut refusals = reached.refusals.lock().unwrap_or_else(|p| p.into_inner());
+            *refusals.entry(words.join(" ")).or_default() += 1;
+            return check_error(&err, root);
+        }
     };
-    let files = Files::read(&ckpt);
+    Reached::add(&reached.opened, 1);
+    if strict() || !has_huge_empty_tensor(&ckpt) {
+        return exercise_opened(&ckpt, root, limit, seed, reached);
+    }
+    record_panic_locations();
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        exercise_opened(&ckpt, root, limit, seed, reached)
+    }));
+    let known = |site: String| {
+        Reached::add(&reached.known_overflow, 1);
+        let mut sites = reached.known_sites.lock().unwrap_or_else(|p| p.into_inner());
+        sites.insert(site);
+        Ok(())
+    };
+    match outcome {
+        Ok(Err(err)) if err.to_string().contains("but its tensors are") => {
+            known("wrapped sizes (release build)".into())
+        }
+        Ok(result) => result,
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            let site = LAST_PANIC.with(|l| l.borrow_mut().take()).unwrap_or_default();
+            if message.contains("with overflow") && site.contains("rust/core/src/") {
+                known(format!("{message} at {site}"))
+            } else {
+                std::panic::resume_unwind(payload)
+            }
+        }
+    }
+}
+
+/// Plans one request and, if it is valid, checks the plan against the reference; an invalid
+/// one must be refused with a typed error.
+#[allow(clippy::too_many_arguments)]
+fn check_request(
+    ckpt: &Checkpoint,
+    layer: &MoeLayer,
+    def: &Def,
+    target: Target,
+    request: &LoadRequest,
+    root: &Path,
+    limit: usize,
+    reached: &Reached,
+) -> Result<(), TestCaseError> {
+    let is_bias = matches!(target, Target::W13Bias | Target::W2Bias);
+    let valid = layer.intermediate_size.is_multiple_of(request.tp_size)
+        && request.experts.iter().all(|&x| x < layer.num_experts)
+        && (!is_bias || layer.has_bias());
+    let (plan, largest) = largest_allocation(|| CopyPlan::new(ckpt, layer, target, request));
+    prop_assert!(largest <= limit, "plan allocated {} bytes at once", largest);
+    let what = format!("{} {target:?} {request:?}", layer.prefix);
+    let plan = match plan {
+        Ok(plan) => plan,
+        Err(err) => {
+            Reached::add(&reached.plan_errors, 1);
+            check_error(&err, root)?;
+            if valid
+                && !strict()
+                && err.to_string().contains("a view reaches past the tensor's bytes")
+                && reference(def, layer, target, request).is_empty()
+            {
+                // See `known_bug_empty_view_of_empty_tensor_is_refused`.
+                let mut sites = reached.known_sites.lock().unwrap_or_else(|p| p.into_inner());
+                sites.insert("empty view of an empty tensor refused".into());
+                return Ok(());
+            }
+            prop_assert!(!valid, "{}: valid request refused: {}", what, err);
+            return Ok(());
+        }
+    };
+    prop_assert!(valid, "{}: invalid request planned", what);
+    if plan.len() > 32 << 20 {
+        return Ok(());
+    }
+    let expected = reference(def, layer, target, request);
+    check_execution(ckpt, &plan, &expected, 1 << 20, 3, &what)?;
+    Reached::add(&reached.plans_run, 1);
+    Reached::add(&reached.bytes_compared, expected.len());
+    Ok(())
+}
+
+fn exercise_opened(
+    ckpt: &Checkpoint,
+    root: &Path,
+    limit: usize,
+    seed: u64,
+    reached: &Reached,
+) -> Result<(), TestCaseError> {
+    let files = Files::read(ckpt);
     for interleaved in [None, Some(true), Some(false)] {
-        let (layers, largest) = largest_allocation(|| detect(&ckpt, interleaved));
+        let (layers, largest) = largest_allocation(|| detect(ckpt, interleaved));
         prop_assert!(largest <= limit, "detect allocated {} bytes at once", largest);
         let layers = match layers {
             Ok(layers) => layers,
             Err(err) => {
+                Reached::add(&reached.detect_errors, 1);
                 check_error(&err, root)?;
                 continue;
             }
         };
+        Reached::add(&reached.groups, layers.len());
         for layer in &layers {
-            let def = definition(&ckpt, &files, layer)?;
+            let def = definition(ckpt, &files, layer)?;
             let e = layer.num_experts;
             let lists: Vec<Vec<usize>> = vec![
                 vec![],
@@ -943,31 +1171,8 @@ fn exercise(path: &Path, root: &Path, file_len: u64, seed: u64) -> Result<(), Te
                         tp_size,
                         experts,
                     };
-                    let valid = layer.intermediate_size.is_multiple_of(tp_size)
-                        && experts.iter().all(|&x| x < e);
                     for target in [Target::W13, Target::W2, Target::W13Bias, Target::W2Bias] {
-                        let (plan, largest) =
-                            largest_allocation(|| CopyPlan::new(&ckpt, layer, target, &request));
-                        prop_assert!(largest <= limit, "plan allocated {} bytes at once", largest);
-                        let is_bias = matches!(target, Target::W13Bias | Target::W2Bias);
-                        let plan = match plan {
-                            Ok(plan) => plan,
-                            Err(err) => {
-                                check_error(&err, root)?;
-                                prop_assert!(
-                                    !valid || (is_bias && !layer.has_bias()),
-                                    "valid request refused: {err}"
-                                );
-                                continue;
-                            }
-                        };
-                        prop_assert!(valid && (!is_bias || layer.has_bias()), "bad request planned");
-                        if plan.len() > 32 << 20 {
-                            continue;
-                        }
-                        let expected = reference(&def, layer, target, &request);
-                        let what = format!("{} {target:?} {request:?}", layer.prefix);
-                        check_execution(&ckpt, &plan, &expected, 1 << 20, 3, &what)?;
+                        check_request(ckpt, layer, &def, target, &request, root, limit, reached)?;
                     }
                 }
             }
@@ -976,15 +1181,11 @@ fn exercise(path: &Path, root: &Path, file_len: u64, seed: u64) -> Result<(), Te
     Ok(())
 }
 
-proptest! {
-    #![proptest_config(cases(192))]
-
-    /// Any bytes at all, raw or behind a plausible length prefix.
-    #[test]
-    fn arbitrary_bytes_open_or_fail_cleanly(
-        raw in prop::collection::vec(any::<u8>(), 0..300),
-        prefixed in any::<bool>(),
-    ) {
+/// Any bytes at all, raw or behind a plausible length prefix.
+#[test]
+fn arbitrary_bytes_open_or_fail_cleanly() {
+    let strategy = (prop::collection::vec(any::<u8>(), 0..300), any::<bool>());
+    let reached = fuzz("arbitrary bytes", 192, strategy, |(raw, prefixed), reached| {
         let dir = TempDir::new("fuzz-bytes");
         let path = dir.path().join("model.safetensors");
         let mut bytes = Vec::new();
@@ -993,23 +1194,28 @@ proptest! {
         }
         bytes.extend_from_slice(&raw);
         std::fs::write(&path, &bytes).unwrap();
-        exercise(&path, dir.path(), bytes.len() as u64, 7)?;
-    }
+        exercise(&path, dir.path(), bytes.len() as u64, 7, reached)
+    });
+    assert!(Reached::get(&reached.open_errors) > 0);
 }
 
-proptest! {
-    #![proptest_config(cases(384))]
-
-    /// Structurally valid headers of expert groups with mutated dtypes, shapes, offsets,
-    /// lengths, truncations and bit flips.
-    #[test]
-    fn mutated_headers_open_or_fail_cleanly(file in hostile_file()) {
+/// Structurally valid headers of expert groups with mutated dtypes, shapes, offsets,
+/// lengths, truncations and bit flips.
+#[test]
+fn mutated_headers_open_or_fail_cleanly() {
+    let reached = fuzz("mutated headers", 384, hostile_file(), |file, reached| {
         let dir = TempDir::new("fuzz-hdr");
         let path = dir.path().join("model.safetensors");
         let bytes = file.bytes();
         std::fs::write(&path, &bytes).unwrap();
-        exercise(&path, dir.path(), bytes.len() as u64, file.seed)?;
-    }
+        exercise(&path, dir.path(), bytes.len() as u64, file.seed, reached)
+    });
+    // The generator must reach every stage, not only the header parser's refusals.
+    let cases = Reached::get(&reached.cases);
+    assert!(Reached::get(&reached.open_errors) * 10 > cases, "{reached:?}");
+    assert!(Reached::get(&reached.opened) * 5 > cases, "{reached:?}");
+    assert!(Reached::get(&reached.groups) * 10 > cases, "{reached:?}");
+    assert!(Reached::get(&reached.plans_run) > 0, "{reached:?}");
 }
 
 /// An index and a config of arbitrary (mostly plausible) contents beside two valid shards.
@@ -1061,31 +1267,37 @@ fn hostile_dir() -> impl Strategy<Value = HostileDir> {
         })
 }
 
-proptest! {
-    #![proptest_config(cases(96))]
-
-    /// Directories with hostile indexes and configs: a typed error naming a file of the
-    /// checkpoint, or a checkpoint that loads correctly.
-    #[test]
-    fn hostile_indexes_and_configs_open_or_fail_cleanly(spec in hostile_dir(), seed in any::<u64>()) {
+/// Directories with hostile indexes and configs: a typed error naming a file of the
+/// checkpoint, or a checkpoint that loads correctly.
+#[test]
+fn hostile_indexes_and_configs_open_or_fail_cleanly() {
+    let strategy = (hostile_dir(), any::<u64>());
+    let reached = fuzz("indexes and configs", 96, strategy, |(spec, seed), reached| {
         let dir = TempDir::new("fuzz-dir");
         let layer = small_fused(seed);
         write(&dir.path().join("a.safetensors"), &layer[..1]);
         write(&dir.path().join("b.safetensors"), &layer[1..]);
         if let Some(index) = &spec.index {
-            let map: serde_json::Map<String, serde_json::Value> =
-                index.iter().map(|(t, f)| (t.clone(), f.as_str().into())).collect();
+            let map: serde_json::Map<String, serde_json::Value> = index
+                .iter()
+                .map(|(t, f)| (t.clone(), f.as_str().into()))
+                .collect();
             let text = serde_json::json!({"metadata": {}, "weight_map": map});
-            std::fs::write(dir.path().join("model.safetensors.index.json"), text.to_string())
-                .unwrap();
+            std::fs::write(
+                dir.path().join("model.safetensors.index.json"),
+                text.to_string(),
+            )
+            .unwrap();
         } else if let Some(raw) = &spec.index_raw {
             std::fs::write(dir.path().join("model.safetensors.index.json"), raw).unwrap();
         }
         if let Some(config) = &spec.config {
             std::fs::write(dir.path().join("config.json"), config).unwrap();
         }
-        exercise(dir.path(), dir.path(), 4096, seed)?;
-    }
+        exercise(dir.path(), dir.path(), 4096, seed, reached)
+    });
+    assert!(Reached::get(&reached.open_errors) > 0, "{reached:?}");
+    assert!(Reached::get(&reached.plans_run) > 0, "{reached:?}");
 }
 
 /// A fused bf16 group `[3, 8, 6]` + `[3, 6, 4]` of random values.
@@ -1586,4 +1798,149 @@ proptest! {
             check_execution(&ckpt, &plan, &expected, case.window, case.misalign, &what)?;
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Regressions: minimal inputs found by the fuzzers above. Those marked `ignore` are open bugs
+// (they fail today); run them with `cargo test -p fastmoe-load-core --test fuzz_props --
+// --ignored`.
+
+/// A raw safetensors file from `(name, dtype, shape)` entries, with offsets computed from the
+/// shapes and random data.
+fn raw_file(path: &Path, entries: &[(&str, &str, &[u64])]) {
+    let mut header = serde_json::Map::new();
+    let mut at = 0u64;
+    for &(name, dtype, shape) in entries {
+        let bits = bits_of(dtype).expect("a known dtype") as u64;
+        let size = shape.iter().product::<u64>() * bits / 8;
+        header.insert(
+            name.into(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [at, at + size]}),
+        );
+        at += size;
+    }
+    let header = serde_json::to_vec(&header).unwrap();
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&header);
+    bytes.extend(random_bytes(1, at as usize));
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// Detection on a file, with any panic turned into a message.
+fn detect_without_panic(ckpt: &Checkpoint, interleaved: Option<bool>) -> Result<Vec<MoeLayer>, String> {
+    std::panic::catch_unwind(AssertUnwindSafe(|| detect(ckpt, interleaved)))
+        .map_err(|payload| {
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            format!("detect panicked: {message}")
+        })
+        .map(|layers| layers.unwrap_or_default())
+}
+
+const P: &str = "model.layers.0.mlp.experts";
+
+/// Open bug: the format admits any dimension beside a zero one, and `layout::fused_group`
+/// doubles `down`'s last dimension unchecked (`2 * d[2]`, layout.rs): a debug build panics
+/// with "attempt to multiply with overflow"; a release build (the Python wheel) wraps and
+/// reports a group with `intermediate_size` 2^63 whose gate_up tensor has 0 rows.
+#[test]
+#[ignore = "open bug: unchecked `2 * d[2]` in layout::fused_group overflows on a zero-sized tensor"]
+fn known_bug_zero_sized_tensor_with_huge_dimension() {
+    let dir = TempDir::new("reg-huge-dim");
+    let path = dir.path().join("model.safetensors");
+    let gate_up = format!("{P}.gate_up_proj");
+    let down = format!("{P}.down_proj");
+    raw_file(
+        &path,
+        &[
+            (&gate_up, "BF16", &[0, 0, 1]),
+            (&down, "BF16", &[0, 1, 1 << 63]),
+        ],
+    );
+    let ckpt = Checkpoint::open(&path).unwrap();
+    let layers = detect_without_panic(&ckpt, None).unwrap();
+    // Either no group, or one whose sizes are those of its tensors.
+    for layer in &layers {
+        let rows = 2 * layer.intermediate_size as u128;
+        assert_eq!(rows, 0, "{layer:?} claims 2I = {rows} for a gate_up of 0 rows");
+    }
+}
+
+/// Open bug, same root: with `gate_up [1, 4, 0]`, `down [1, 0, 2^63 + 2]` and biases
+/// `[1, 4]`/`[1, 0]`, a release build detects I = 2^63 + 2 (2I wraps to 4) and plans the
+/// interleaved `w13_bias` as a gather of 2^63 + 2 columns whose end offset and length wrap
+/// to 8 bytes: both bounds checks (`CopyPlan::push_matrix` and `Executor::run`) pass, and
+/// executing the plan writes far past its 8-byte destination. Checked here without
+/// executing: every operation's exact source extent and length must be what its wrapped
+/// fields say.
+#[test]
+#[ignore = "open bug: wrapped view arithmetic lets a bias plan escape the bounds checks"]
+fn known_bug_wrapped_bias_view_escapes_the_bounds_check() {
+    let dir = TempDir::new("reg-wrap");
+    let path = dir.path().join("model.safetensors");
+    let names = ["gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"]
+        .map(|n| format!("{P}.{n}"));
+    raw_file(
+        &path,
+        &[
+            (&names[0], "BF16", &[1, 4, 0]),
+            (&names[1], "BF16", &[1, 0, (1 << 63) + 2]),
+            (&names[2], "BF16", &[1, 4]),
+            (&names[3], "BF16", &[1, 0]),
+        ],
+    );
+    let ckpt = Checkpoint::open(&path).unwrap();
+    let layers = detect_without_panic(&ckpt, Some(true)).unwrap();
+    let request = LoadRequest {
+        tp_rank: 0,
+        tp_size: 1,
+        experts: &[0],
+    };
+    for layer in &layers {
+        let Ok(plan) = CopyPlan::new(&ckpt, layer, Target::W13Bias, &request) else {
+            continue;
+        };
+        for op in plan.ops() {
+            let (rows, cols, elem) = (op.rows as u128, op.cols as u128, op.elem as u128);
+            let end = op.src as u128
+                + (rows - 1) * op.src_row_stride as u128
+                + (cols - 1) * op.src_col_stride as u128
+                + elem;
+            assert!(
+                end <= ckpt.shards()[op.shard].len() as u128,
+                "{op:?} reads up to byte {end} of a {}-byte file",
+                ckpt.shards()[op.shard].len()
+            );
+            assert_eq!(rows * cols * elem, op.len() as u128, "{op:?}: wrapped length");
+        }
+    }
+}
+
+/// Open bug (minor): a group with intermediate size 0 is detected, but planning its
+/// (empty) interleaved w13 is refused with "a view reaches past the tensor's bytes" (and the
+/// message names the tensor where it says "experts at"), because the up view of an empty
+/// tensor starts one element in. A valid request with an empty destination should plan to
+/// nothing.
+#[test]
+#[ignore = "open bug: an empty view of an empty tensor is refused as out of range"]
+fn known_bug_empty_view_of_empty_tensor_is_refused() {
+    let dir = TempDir::new("reg-empty");
+    let path = dir.path().join("model.safetensors");
+    let gate_up = format!("{P}.gate_up_proj");
+    let down = format!("{P}.down_proj");
+    raw_file(&path, &[(&gate_up, "U8", &[1, 0, 1]), (&down, "U8", &[1, 1, 0])]);
+    let ckpt = Checkpoint::open(&path).unwrap();
+    let layers = detect(&ckpt, Some(true)).unwrap();
+    assert_eq!(layers.len(), 1);
+    assert_eq!(layers[0].intermediate_size, 0);
+    let request = LoadRequest {
+        tp_rank: 0,
+        tp_size: 1,
+        experts: &[0],
+    };
+    let plan = CopyPlan::new(&ckpt, &layers[0], Target::W13, &request);
+    assert!(plan.as_ref().is_ok_and(CopyPlan::is_empty), "{plan:?}");
 }
