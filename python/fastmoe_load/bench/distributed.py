@@ -179,7 +179,7 @@ def main() -> None:
         )
         for r, (p, s, n, d, good) in enumerate(gathered):
             check = "-" if good is None else "ok" if good else "FAIL"
-            print(f"{r:>4} {p:11.2f} {n / s / 1e9:9.2f} {n:12d} {d:12d} {check:>6}")
+            print(f"{r:>4} {p:11.2f} {n / s / 1e9:9.2f} {n:12d} {int(d):12d} {check:>6}")
         print(
             "(plan bytes: bytes landed in the rank's parameters; with --share, after the exchange)"
         )

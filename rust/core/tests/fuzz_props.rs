@@ -19,9 +19,9 @@ mod common;
 use std::alloc::{GlobalAlloc, Layout as AllocLayout, System};
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::panic::AssertUnwindSafe;
 use std::sync::{Mutex, Once, OnceLock};
 
 use common::{write, TempDir, Tensor};
@@ -118,7 +118,10 @@ fn executors() -> &'static [(&'static str, Executor)] {
         vec![
             ("map/2", Executor::new(2, ReadMode::Map)),
             ("read/2", Executor::new(2, ReadMode::Read)),
-            ("map/3+prefetch", Executor::new(3, ReadMode::Map).with_prefetch(true)),
+            (
+                "map/3+prefetch",
+                Executor::new(3, ReadMode::Map).with_prefetch(true),
+            ),
             ("read/1", Executor::new(1, ReadMode::Read)),
         ]
     })
@@ -301,7 +304,8 @@ impl Def<'_> {
                 }
             }
             Def::PerExpert { weights, biases } => {
-                let bias = |k: usize| &biases.as_ref().expect("a bias of a group without biases")[k];
+                let bias =
+                    |k: usize| &biases.as_ref().expect("a bias of a group without biases")[k];
                 match m {
                     M::Gate => weights[0][e].at(&[r, c]),
                     M::Up => weights[1][e].at(&[r, c]),
@@ -384,9 +388,19 @@ fn check_execution(
     // reads inside its shard.
     let mut at = 0;
     for op in plan.ops() {
-        prop_assert_eq!(op.dst, at, "{}: operations do not tile the destination", what);
-        prop_assert!(op.len() > 0 && op.len() <= OP_BYTES, "{}: {:?}", what, op);
-        prop_assert!(op.src_end() <= ckpt.shards()[op.shard].len(), "{}: {:?}", what, op);
+        prop_assert_eq!(
+            op.dst,
+            at,
+            "{}: operations do not tile the destination",
+            what
+        );
+        prop_assert!(!op.is_empty() && op.len() <= OP_BYTES, "{}: {:?}", what, op);
+        prop_assert!(
+            op.src_end() <= ckpt.shards()[op.shard].len(),
+            "{}: {:?}",
+            what,
+            op
+        );
         at += op.len();
     }
     prop_assert_eq!(at, plan.len());
@@ -396,7 +410,13 @@ fn check_execution(
         prop_assert_eq!(start, next, "{}: windows leave a gap", what);
         prop_assert!(end > start);
         let ops = plan.ops_in(start, end);
-        prop_assert!(ops.is_some(), "{}: window [{}, {}) not on op boundaries", what, start, end);
+        prop_assert!(
+            ops.is_some(),
+            "{}: window [{}, {}) not on op boundaries",
+            what,
+            start,
+            end
+        );
         prop_assert!(
             end - start <= window || ops.is_some_and(|o| o.len() == 1),
             "{}: window [{}, {}) longer than {}",
@@ -414,9 +434,8 @@ fn check_execution(
         let shift = buffer.as_ptr().align_offset(16) + misalign;
         let out = &mut buffer[shift..shift + plan.len()];
         // SAFETY: `out` is `plan.len()` bytes, exclusively ours for the call.
-        let whole = unsafe {
-            executor.run(ckpt.shards(), plan.ops(), out.as_mut_ptr(), 0, plan.len())
-        };
+        let whole =
+            unsafe { executor.run(ckpt.shards(), plan.ops(), out.as_mut_ptr(), 0, plan.len()) };
         prop_assert!(whole.is_ok(), "{} {}: {:?}", what, name, whole);
         prop_assert!(out == expected, "{}: {} whole plan differs", what, name);
 
@@ -425,13 +444,17 @@ fn check_execution(
             let ops = plan.ops_in(start, end).unwrap_or_default();
             let mut piece = vec![0x5Au8; end - start];
             // SAFETY: `piece` is `end - start` bytes, exclusively ours for the call.
-            let result = unsafe {
-                executor.run(ckpt.shards(), ops, piece.as_mut_ptr(), start, end - start)
-            };
+            let result =
+                unsafe { executor.run(ckpt.shards(), ops, piece.as_mut_ptr(), start, end - start) };
             prop_assert!(result.is_ok(), "{} {}: {:?}", what, name, result);
             pieces.extend_from_slice(&piece);
         }
-        prop_assert!(pieces == expected, "{}: {} windowed plan differs", what, name);
+        prop_assert!(
+            pieces == expected,
+            "{}: {} windowed plan differs",
+            what,
+            name
+        );
     }
     Ok(())
 }
@@ -538,16 +561,24 @@ fn family(prefix: &str, kind: u8, experts: u64, dims: (u64, u64, u64)) -> Vec<En
     };
     match kind {
         // fused v5, then with biases, then transposed
-        0 | 1 | 2 => {
+        0..=2 => {
             let transposed = kind == 2;
             let mut v = vec![
                 entry(
                     format!("{prefix}.gate_up_proj"),
-                    if transposed { vec![e, h, two_i] } else { vec![e, two_i, h] },
+                    if transposed {
+                        vec![e, h, two_i]
+                    } else {
+                        vec![e, two_i, h]
+                    },
                 ),
                 entry(
                     format!("{prefix}.down_proj"),
-                    if transposed { vec![e, i, h] } else { vec![e, h, i] },
+                    if transposed {
+                        vec![e, i, h]
+                    } else {
+                        vec![e, h, i]
+                    },
                 ),
             ];
             if kind == 1 {
@@ -572,9 +603,18 @@ fn family(prefix: &str, kind: u8, experts: u64, dims: (u64, u64, u64)) -> Vec<En
             let mut v = Vec::new();
             // A huge expert count is not listed in full: the names then skip experts.
             for x in 0..experts.min(5) {
-                v.push(entry(format!("{prefix}.{x}.{}.weight", naming[0]), vec![i, h]));
-                v.push(entry(format!("{prefix}.{x}.{}.weight", naming[1]), vec![i, h]));
-                v.push(entry(format!("{prefix}.{x}.{}.weight", naming[2]), vec![h, i]));
+                v.push(entry(
+                    format!("{prefix}.{x}.{}.weight", naming[0]),
+                    vec![i, h],
+                ));
+                v.push(entry(
+                    format!("{prefix}.{x}.{}.weight", naming[1]),
+                    vec![i, h],
+                ));
+                v.push(entry(
+                    format!("{prefix}.{x}.{}.weight", naming[2]),
+                    vec![h, i],
+                ));
                 if biases {
                     v.push(entry(format!("{prefix}.{x}.{}.bias", naming[0]), vec![i]));
                     v.push(entry(format!("{prefix}.{x}.{}.bias", naming[1]), vec![i]));
@@ -668,7 +708,13 @@ fn hostile_file() -> impl Strategy<Value = HostileFile> {
         0..3,
     );
     let index = any::<prop::sample::Index>();
-    let entry_mutation = (0usize..64, 0usize..4, dim(), "[a-z_.0-9]{0,12}", 0usize..DTYPES.len())
+    let entry_mutation = (
+        0usize..64,
+        0usize..4,
+        dim(),
+        "[a-z_.0-9]{0,12}",
+        0usize..DTYPES.len(),
+    )
         .prop_flat_map(|(t, d, v, name, dt)| {
             prop_oneof![
                 Just(EntryMutation::Dtype(t, dt)),
@@ -682,7 +728,11 @@ fn hostile_file() -> impl Strategy<Value = HostileFile> {
         });
     let offset_mutation = prop_oneof![
         (0usize..64, any::<bool>(), -9i64..9).prop_map(|(t, e, d)| OffsetMutation::Shift(t, e, d)),
-        (0usize..64, any::<bool>(), prop::sample::select(HUGE.to_vec()))
+        (
+            0usize..64,
+            any::<bool>(),
+            prop::sample::select(HUGE.to_vec())
+        )
             .prop_map(|(t, e, v)| OffsetMutation::Set(t, e, v)),
         (0usize..64, 0usize..64).prop_map(|(a, b)| OffsetMutation::Swap(a, b)),
     ];
@@ -774,9 +824,10 @@ impl HostileFile {
         let mut at: u128 = 0;
         for e in &entries {
             let bits = bits_of(&e.dtype).unwrap_or(16);
-            let elements = e.shape.iter().fold(Some(1u128), |acc, &d| {
-                acc.and_then(|a| a.checked_mul(u128::from(d)))
-            });
+            let elements = e
+                .shape
+                .iter()
+                .try_fold(1u128, |a, &d| a.checked_mul(u128::from(d)));
             let size = elements
                 .and_then(|n| n.checked_mul(bits))
                 .map_or(u128::from(u64::MAX), |b| b / 8);
@@ -869,7 +920,9 @@ impl Files {
         Stored {
             name,
             shape: &entry.shape,
-            elem: entry.elem_bytes().expect("detection admits whole-byte dtypes only"),
+            elem: entry
+                .elem_bytes()
+                .expect("detection admits whole-byte dtypes only"),
             bytes: &self.bytes[shard][entry.start..entry.end],
         }
     }
@@ -1057,7 +1110,10 @@ fn exercise(
     }));
     let known = |site: String| {
         Reached::add(&reached.known_overflow, 1);
-        let mut sites = reached.known_sites.lock().unwrap_or_else(|p| p.into_inner());
+        let mut sites = reached
+            .known_sites
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         sites.insert(site);
         Ok(())
     };
@@ -1072,7 +1128,9 @@ fn exercise(
                 .map(|s| s.to_string())
                 .or_else(|| payload.downcast_ref::<String>().cloned())
                 .unwrap_or_default();
-            let site = LAST_PANIC.with(|l| l.borrow_mut().take()).unwrap_or_default();
+            let site = LAST_PANIC
+                .with(|l| l.borrow_mut().take())
+                .unwrap_or_default();
             if message.contains("with overflow") && site.contains("rust/core/src/") {
                 known(format!("{message} at {site}"))
             } else {
@@ -1109,11 +1167,16 @@ fn check_request(
             check_error(&err, root)?;
             if valid
                 && !strict()
-                && err.to_string().contains("a view reaches past the tensor's bytes")
+                && err
+                    .to_string()
+                    .contains("a view reaches past the tensor's bytes")
                 && reference(def, layer, target, request).is_empty()
             {
                 // See `known_bug_empty_view_of_empty_tensor_is_refused`.
-                let mut sites = reached.known_sites.lock().unwrap_or_else(|p| p.into_inner());
+                let mut sites = reached
+                    .known_sites
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
                 sites.insert("empty view of an empty tensor refused".into());
                 return Ok(());
             }
@@ -1142,7 +1205,11 @@ fn exercise_opened(
     let files = Files::read(ckpt);
     for interleaved in [None, Some(true), Some(false)] {
         let (layers, largest) = largest_allocation(|| detect(ckpt, interleaved));
-        prop_assert!(largest <= limit, "detect allocated {} bytes at once", largest);
+        prop_assert!(
+            largest <= limit,
+            "detect allocated {} bytes at once",
+            largest
+        );
         let layers = match layers {
             Ok(layers) => layers,
             Err(err) => {
@@ -1185,17 +1252,22 @@ fn exercise_opened(
 #[test]
 fn arbitrary_bytes_open_or_fail_cleanly() {
     let strategy = (prop::collection::vec(any::<u8>(), 0..300), any::<bool>());
-    let reached = fuzz("arbitrary bytes", 192, strategy, |(raw, prefixed), reached| {
-        let dir = TempDir::new("fuzz-bytes");
-        let path = dir.path().join("model.safetensors");
-        let mut bytes = Vec::new();
-        if prefixed {
-            bytes.extend_from_slice(&(raw.len() as u64).to_le_bytes());
-        }
-        bytes.extend_from_slice(&raw);
-        std::fs::write(&path, &bytes).unwrap();
-        exercise(&path, dir.path(), bytes.len() as u64, 7, reached)
-    });
+    let reached = fuzz(
+        "arbitrary bytes",
+        192,
+        strategy,
+        |(raw, prefixed), reached| {
+            let dir = TempDir::new("fuzz-bytes");
+            let path = dir.path().join("model.safetensors");
+            let mut bytes = Vec::new();
+            if prefixed {
+                bytes.extend_from_slice(&(raw.len() as u64).to_le_bytes());
+            }
+            bytes.extend_from_slice(&raw);
+            std::fs::write(&path, &bytes).unwrap();
+            exercise(&path, dir.path(), bytes.len() as u64, 7, reached)
+        },
+    );
     assert!(Reached::get(&reached.open_errors) > 0);
 }
 
@@ -1212,7 +1284,10 @@ fn mutated_headers_open_or_fail_cleanly() {
     });
     // The generator must reach every stage, not only the header parser's refusals.
     let cases = Reached::get(&reached.cases);
-    assert!(Reached::get(&reached.open_errors) * 10 > cases, "{reached:?}");
+    assert!(
+        Reached::get(&reached.open_errors) * 10 > cases,
+        "{reached:?}"
+    );
     assert!(Reached::get(&reached.opened) * 5 > cases, "{reached:?}");
     assert!(Reached::get(&reached.groups) * 10 > cases, "{reached:?}");
     assert!(Reached::get(&reached.plans_run) > 0, "{reached:?}");
@@ -1272,30 +1347,35 @@ fn hostile_dir() -> impl Strategy<Value = HostileDir> {
 #[test]
 fn hostile_indexes_and_configs_open_or_fail_cleanly() {
     let strategy = (hostile_dir(), any::<u64>());
-    let reached = fuzz("indexes and configs", 96, strategy, |(spec, seed), reached| {
-        let dir = TempDir::new("fuzz-dir");
-        let layer = small_fused(seed);
-        write(&dir.path().join("a.safetensors"), &layer[..1]);
-        write(&dir.path().join("b.safetensors"), &layer[1..]);
-        if let Some(index) = &spec.index {
-            let map: serde_json::Map<String, serde_json::Value> = index
-                .iter()
-                .map(|(t, f)| (t.clone(), f.as_str().into()))
-                .collect();
-            let text = serde_json::json!({"metadata": {}, "weight_map": map});
-            std::fs::write(
-                dir.path().join("model.safetensors.index.json"),
-                text.to_string(),
-            )
-            .unwrap();
-        } else if let Some(raw) = &spec.index_raw {
-            std::fs::write(dir.path().join("model.safetensors.index.json"), raw).unwrap();
-        }
-        if let Some(config) = &spec.config {
-            std::fs::write(dir.path().join("config.json"), config).unwrap();
-        }
-        exercise(dir.path(), dir.path(), 4096, seed, reached)
-    });
+    let reached = fuzz(
+        "indexes and configs",
+        96,
+        strategy,
+        |(spec, seed), reached| {
+            let dir = TempDir::new("fuzz-dir");
+            let layer = small_fused(seed);
+            write(&dir.path().join("a.safetensors"), &layer[..1]);
+            write(&dir.path().join("b.safetensors"), &layer[1..]);
+            if let Some(index) = &spec.index {
+                let map: serde_json::Map<String, serde_json::Value> = index
+                    .iter()
+                    .map(|(t, f)| (t.clone(), f.as_str().into()))
+                    .collect();
+                let text = serde_json::json!({"metadata": {}, "weight_map": map});
+                std::fs::write(
+                    dir.path().join("model.safetensors.index.json"),
+                    text.to_string(),
+                )
+                .unwrap();
+            } else if let Some(raw) = &spec.index_raw {
+                std::fs::write(dir.path().join("model.safetensors.index.json"), raw).unwrap();
+            }
+            if let Some(config) = &spec.config {
+                std::fs::write(dir.path().join("config.json"), config).unwrap();
+            }
+            exercise(dir.path(), dir.path(), 4096, seed, reached)
+        },
+    );
     assert!(Reached::get(&reached.open_errors) > 0, "{reached:?}");
     assert!(Reached::get(&reached.plans_run) > 0, "{reached:?}");
 }
@@ -1348,7 +1428,10 @@ fn huge_claims_do_not_allocate() {
             matches!(result, Err(Error::Header { .. })),
             "{shape:?}: {result:?}"
         );
-        assert!(largest < 1 << 20, "{shape:?}: allocated {largest} bytes at once");
+        assert!(
+            largest < 1 << 20,
+            "{shape:?}: allocated {largest} bytes at once"
+        );
     }
 
     // E=256, H=65536, I=4096 in bf16: gate_up 256 GiB, down 128 GiB, all holes.
@@ -1372,7 +1455,10 @@ fn huge_claims_do_not_allocate() {
     assert!(largest < 1 << 20, "open allocated {largest} bytes at once");
     let (layers, largest) = largest_allocation(|| detect(&ckpt, None));
     let layers = layers.unwrap();
-    assert!(largest < 1 << 20, "detect allocated {largest} bytes at once");
+    assert!(
+        largest < 1 << 20,
+        "detect allocated {largest} bytes at once"
+    );
     assert_eq!(
         (
             layers[0].num_experts,
@@ -1388,8 +1474,12 @@ fn huge_claims_do_not_allocate() {
         tp_size: 1024,
         experts: &experts,
     };
-    for (target, bytes) in [(Target::W13, 4 * 2 * 4 * h * 2), (Target::W2, 4 * h * 4 * 2)] {
-        let (plan, largest) = largest_allocation(|| CopyPlan::new(&ckpt, &layers[0], target, &request));
+    for (target, bytes) in [
+        (Target::W13, 4 * 2 * 4 * h * 2),
+        (Target::W2, 4 * h * 4 * 2),
+    ] {
+        let (plan, largest) =
+            largest_allocation(|| CopyPlan::new(&ckpt, &layers[0], target, &request));
         let plan = plan.unwrap();
         assert!(largest < 1 << 20, "plan allocated {largest} bytes at once");
         assert_eq!(plan.len(), bytes);
@@ -1445,7 +1535,13 @@ struct LoadCase {
 
 fn dtype_of_size(elem: usize) -> impl Strategy<Value = Dtype> {
     prop::sample::select(match elem {
-        1 => vec![Dtype::U8, Dtype::I8, Dtype::BOOL, Dtype::F8_E4M3, Dtype::F8_E5M2],
+        1 => vec![
+            Dtype::U8,
+            Dtype::I8,
+            Dtype::BOOL,
+            Dtype::F8_E4M3,
+            Dtype::F8_E5M2,
+        ],
         2 => vec![Dtype::BF16, Dtype::F16, Dtype::I16, Dtype::U16],
         4 => vec![Dtype::F32, Dtype::I32, Dtype::U32],
         _ => vec![Dtype::F64, Dtype::I64, Dtype::U64, Dtype::C64],
@@ -1606,20 +1702,48 @@ impl LoadCase {
                 out.push(tensor(format!("{p}.{gu}"), self.dtype, gu_shape));
                 out.push(tensor(format!("{p}.{d}"), self.dtype, d_shape));
                 if self.biases {
-                    out.push(tensor(format!("{p}.{gu}_bias"), self.bias_dtype, vec![e, 2 * i]));
+                    out.push(tensor(
+                        format!("{p}.{gu}_bias"),
+                        self.bias_dtype,
+                        vec![e, 2 * i],
+                    ));
                     out.push(tensor(format!("{p}.{d}_bias"), self.bias_dtype, vec![e, h]));
                 }
             }
             Layout::PerExpert { naming } => {
                 let [g, u, d] = NAMINGS[naming];
                 for x in 0..e {
-                    out.push(tensor(format!("{p}.{x}.{g}.weight"), self.dtype, vec![i, h]));
-                    out.push(tensor(format!("{p}.{x}.{u}.weight"), self.dtype, vec![i, h]));
-                    out.push(tensor(format!("{p}.{x}.{d}.weight"), self.dtype, vec![h, i]));
+                    out.push(tensor(
+                        format!("{p}.{x}.{g}.weight"),
+                        self.dtype,
+                        vec![i, h],
+                    ));
+                    out.push(tensor(
+                        format!("{p}.{x}.{u}.weight"),
+                        self.dtype,
+                        vec![i, h],
+                    ));
+                    out.push(tensor(
+                        format!("{p}.{x}.{d}.weight"),
+                        self.dtype,
+                        vec![h, i],
+                    ));
                     if self.biases {
-                        out.push(tensor(format!("{p}.{x}.{g}.bias"), self.bias_dtype, vec![i]));
-                        out.push(tensor(format!("{p}.{x}.{u}.bias"), self.bias_dtype, vec![i]));
-                        out.push(tensor(format!("{p}.{x}.{d}.bias"), self.bias_dtype, vec![h]));
+                        out.push(tensor(
+                            format!("{p}.{x}.{g}.bias"),
+                            self.bias_dtype,
+                            vec![i],
+                        ));
+                        out.push(tensor(
+                            format!("{p}.{x}.{u}.bias"),
+                            self.bias_dtype,
+                            vec![i],
+                        ));
+                        out.push(tensor(
+                            format!("{p}.{x}.{d}.bias"),
+                            self.bias_dtype,
+                            vec![h],
+                        ));
                     }
                 }
             }
@@ -1627,7 +1751,11 @@ impl LoadCase {
         if self.decoys {
             // Dense weights that look like experts but are not routed experts.
             let layer = p.rsplit_once('.').map_or(p, |(l, _)| l);
-            out.push(tensor(format!("{layer}.gate_up_proj.weight"), Dtype::BF16, vec![4, 3]));
+            out.push(tensor(
+                format!("{layer}.gate_up_proj.weight"),
+                Dtype::BF16,
+                vec![4, 3],
+            ));
             for m in ["gate_proj", "up_proj", "down_proj"] {
                 out.push(tensor(
                     format!("{layer}.shared_experts.0.{m}.weight"),
@@ -1715,7 +1843,11 @@ impl LoadCase {
         if self.shards == 1 {
             let path = dir.join("model.safetensors");
             write(&path, tensors);
-            return if self.open_dir { dir.to_path_buf() } else { path };
+            return if self.open_dir {
+                dir.to_path_buf()
+            } else {
+                path
+            };
         }
         let n = self.shards;
         let mut files: Vec<Vec<Tensor>> = (0..n).map(|_| Vec::new()).collect();
@@ -1732,7 +1864,10 @@ impl LoadCase {
             });
         }
         for (s, f) in files.iter().enumerate() {
-            write(&dir.join(format!("model-{:05}-of-{n:05}.safetensors", s + 1)), f);
+            write(
+                &dir.join(format!("model-{:05}-of-{n:05}.safetensors", s + 1)),
+                f,
+            );
         }
         if self.index {
             let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
@@ -1748,9 +1883,8 @@ impl LoadCase {
             }
             | Layout::PerExpert { .. } => None,
             Layout::Fused {
-                interleaved: false,
-                ..
-            } if self.seed % 2 == 0 => None,
+                interleaved: false, ..
+            } if self.seed.is_multiple_of(2) => None,
             Layout::Fused { interleaved, .. } => Some(interleaved),
         }
     }
@@ -1827,7 +1961,10 @@ fn raw_file(path: &Path, entries: &[(&str, &str, &[u64])]) {
 }
 
 /// Detection on a file, with any panic turned into a message.
-fn detect_without_panic(ckpt: &Checkpoint, interleaved: Option<bool>) -> Result<Vec<MoeLayer>, String> {
+fn detect_without_panic(
+    ckpt: &Checkpoint,
+    interleaved: Option<bool>,
+) -> Result<Vec<MoeLayer>, String> {
     std::panic::catch_unwind(AssertUnwindSafe(|| detect(ckpt, interleaved)))
         .map_err(|payload| {
             let message = payload
@@ -1865,7 +2002,10 @@ fn known_bug_zero_sized_tensor_with_huge_dimension() {
     // Either no group, or one whose sizes are those of its tensors.
     for layer in &layers {
         let rows = 2 * layer.intermediate_size as u128;
-        assert_eq!(rows, 0, "{layer:?} claims 2I = {rows} for a gate_up of 0 rows");
+        assert_eq!(
+            rows, 0,
+            "{layer:?} claims 2I = {rows} for a gate_up of 0 rows"
+        );
     }
 }
 
@@ -1881,8 +2021,13 @@ fn known_bug_zero_sized_tensor_with_huge_dimension() {
 fn known_bug_wrapped_bias_view_escapes_the_bounds_check() {
     let dir = TempDir::new("reg-wrap");
     let path = dir.path().join("model.safetensors");
-    let names = ["gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"]
-        .map(|n| format!("{P}.{n}"));
+    let names = [
+        "gate_up_proj",
+        "down_proj",
+        "gate_up_proj_bias",
+        "down_proj_bias",
+    ]
+    .map(|n| format!("{P}.{n}"));
     raw_file(
         &path,
         &[
@@ -1914,7 +2059,11 @@ fn known_bug_wrapped_bias_view_escapes_the_bounds_check() {
                 "{op:?} reads up to byte {end} of a {}-byte file",
                 ckpt.shards()[op.shard].len()
             );
-            assert_eq!(rows * cols * elem, op.len() as u128, "{op:?}: wrapped length");
+            assert_eq!(
+                rows * cols * elem,
+                op.len() as u128,
+                "{op:?}: wrapped length"
+            );
         }
     }
 }
@@ -1931,7 +2080,10 @@ fn known_bug_empty_view_of_empty_tensor_is_refused() {
     let path = dir.path().join("model.safetensors");
     let gate_up = format!("{P}.gate_up_proj");
     let down = format!("{P}.down_proj");
-    raw_file(&path, &[(&gate_up, "U8", &[1, 0, 1]), (&down, "U8", &[1, 1, 0])]);
+    raw_file(
+        &path,
+        &[(&gate_up, "U8", &[1, 0, 1]), (&down, "U8", &[1, 1, 0])],
+    );
     let ckpt = Checkpoint::open(&path).unwrap();
     let layers = detect(&ckpt, Some(true)).unwrap();
     assert_eq!(layers.len(), 1);
