@@ -126,10 +126,16 @@ impl Executor {
         window_len: usize,
     ) -> Result<()> {
         for op in ops {
-            let in_window =
-                op.dst >= window_start && op.dst + op.len() <= window_start + window_len;
+            let extent = op.checked_extent();
+            let in_window = extent.is_some_and(|(len, _)| {
+                op.dst >= window_start
+                    && op
+                        .dst
+                        .checked_add(len)
+                        .is_some_and(|end| end <= window_start + window_len)
+            });
             let shard = shards.get(op.shard);
-            let in_shard = shard.is_some_and(|s| op.src_end() <= s.len());
+            let in_shard = shard.is_some_and(|s| extent.is_some_and(|(_, end)| end <= s.len()));
             if !in_window || !in_shard || !gatherable(op) {
                 return Err(Error::Checkpoint {
                     path: shard.map(|s| s.path().to_path_buf()).unwrap_or_default(),

@@ -305,8 +305,15 @@ fn fused_group(
             "`{name}` {g:?} and `{down_name}` {d:?} do not describe the same experts"
         )));
     }
-    let normal = g[1] == 2 * d[2] && g[2] == d[1];
-    let transposed = g[2] == 2 * d[1] && g[1] == d[2];
+    if g.contains(&0) || d.contains(&0) {
+        // An empty dimension would let the others be anything (their product is still 0).
+        return Err(err(format!(
+            "`{name}` {g:?} and `{down_name}` {d:?} have an empty dimension"
+        )));
+    }
+    let twice = |n: usize| n.checked_mul(2);
+    let normal = Some(g[1]) == twice(d[2]) && g[2] == d[1];
+    let transposed = Some(g[2]) == twice(d[1]) && g[1] == d[2];
     let (hidden, inter) = match (normal, transposed) {
         (true, false) => (g[2], d[2]),
         (false, true) => (g[1], d[1]),
@@ -469,6 +476,12 @@ fn per_expert_group(
         )));
     }
     let (i, h) = (first.shape[0], first.shape[1]);
+    if i == 0 || h == 0 {
+        return Err(err(format!(
+            "`{first_name}` has shape {:?}: an expert cannot be empty",
+            first.shape
+        )));
+    }
     let expected: [&[usize]; 6] = [&[i, h], &[i, h], &[h, i], &[i], &[i], &[h]];
     for k in 0..kinds {
         if let Some((name, e)) = found[k].iter().find(|(_, e)| e.shape != expected[k]) {

@@ -76,6 +76,23 @@ impl CopyOp {
             + (self.cols - 1) * self.src_col_stride
             + self.elem
     }
+
+    /// `(len, src_end)` computed without overflow, or `None` where an untrusted size would
+    /// wrap around: what plans and the executor check before trusting `len` and `src_end`.
+    pub fn checked_extent(&self) -> Option<(usize, usize)> {
+        let len = self.rows.checked_mul(self.cols)?.checked_mul(self.elem)?;
+        if len == 0 {
+            return Some((0, self.src));
+        }
+        let last_row = (self.rows - 1).checked_mul(self.src_row_stride)?;
+        let last_col = (self.cols - 1).checked_mul(self.src_col_stride)?;
+        let end = self
+            .src
+            .checked_add(last_row)?
+            .checked_add(last_col)?
+            .checked_add(self.elem)?;
+        Some((len, end))
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -160,6 +177,8 @@ impl CopyPlan {
         shard: Option<(usize, usize, usize)>,
     ) -> Result<CopyPlan> {
         let (_, entry) = ckpt.tensor(name)?;
+        // The header's check guarantees the element count fits; with an empty dimension the
+        // others may be anything, so nothing else is multiplied then.
         let numel: usize = entry.shape.iter().product();
         let whole = MatrixView {
             tensor: name.to_string(),
@@ -189,6 +208,9 @@ impl CopyPlan {
                          shard {rank} among them",
                         entry.shape
                     )));
+                }
+                if numel == 0 {
+                    return Ok(CopyPlan::default());
                 }
                 // [outer, extent, inner] -> rows of the rank's `extent / size * inner` elements.
                 let outer: usize = entry.shape[..dim].iter().product();
@@ -278,7 +300,7 @@ impl CopyPlan {
             src_row_stride: m.row_stride * elem,
             src_col_stride: m.col_stride * elem,
         };
-        if op.src_end() > entry.end {
+        if op.checked_extent().is_none_or(|(_, end)| end > entry.end) {
             return Err(Error::Layout {
                 path: ckpt.path().to_path_buf(),
                 prefix: m.tensor.clone(),
