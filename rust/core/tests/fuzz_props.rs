@@ -17,12 +17,12 @@
 mod common;
 
 use std::alloc::{GlobalAlloc, Layout as AllocLayout, System};
-use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, BTreeSet};
+use std::cell::Cell;
+use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, Once, OnceLock};
+use std::sync::{Mutex, OnceLock};
 
 use common::{write, TempDir, Tensor};
 use fastmoe_load_core::layout::ExpertTensors;
@@ -177,9 +177,6 @@ struct Reached {
     plan_errors: AtomicUsize,
     plans_run: AtomicUsize,
     bytes_compared: AtomicUsize,
-    /// Cases that hit the known overflow, and where it struck.
-    known_overflow: AtomicUsize,
-    known_sites: Mutex<BTreeSet<String>>,
     /// Why files were refused at open: the start of each message, counted.
     refusals: Mutex<BTreeMap<String, usize>>,
 }
@@ -531,8 +528,8 @@ fn dim() -> impl Strategy<Value = u64> {
 /// which makes any other dimension legal in the format.
 fn group_dims() -> impl Strategy<Value = (u64, u64, u64)> {
     prop_oneof![
-        7 => (1u64..6, 1u64..6, 1u64..6),
-        3 => (dim(), dim(), dim(), 0usize..3).prop_map(|(e, h, i, zero)| match zero {
+        10 => (1u64..6, 1u64..6, 1u64..6),
+        2 => (dim(), dim(), dim(), 0usize..3).prop_map(|(e, h, i, zero)| match zero {
             0 => (0, h, i),
             1 => (e, 0, i),
             _ => (e, h, 0),
@@ -705,8 +702,10 @@ fn hostile_file() -> impl Strategy<Value = HostileFile> {
                 dtype: "BF16".into(),
                 shape,
             }),
-        0..3,
+        1..3,
     );
+    // Most files hold only their groups; some have stray tensors beside them.
+    let extra = prop_oneof![2 => Just(vec![]), 1 => extra];
     let index = any::<prop::sample::Index>();
     let entry_mutation = (
         0usize..64,
@@ -1036,42 +1035,8 @@ fn definition<'a>(
     })
 }
 
-/// Whether a file holds a tensor with no elements but a dimension of 2^31 or more: the
-/// format admits any other dimension beside a zero one, and the layout detection and view
-/// arithmetic overflow on such shapes (a panic in debug builds, wrapped sizes in release;
-/// see `known_bug_zero_sized_tensor_with_huge_dimension`).
-fn has_huge_empty_tensor(ckpt: &Checkpoint) -> bool {
-    ckpt.entries()
-        .any(|(_, e)| e.shape.contains(&0) && e.shape.iter().any(|&d| d >= 1 << 31))
-}
-
-/// Set `FUZZ_STRICT=1` to stop tolerating the known overflow (to check a fix).
-fn strict() -> bool {
-    std::env::var_os("FUZZ_STRICT").is_some_and(|v| v == "1")
-}
-
-thread_local! {
-    static LAST_PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
-}
-
-/// Records where this thread last panicked (and still prints the panic as usual).
-fn record_panic_locations() {
-    static INSTALLED: Once = Once::new();
-    INSTALLED.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            let at = info
-                .location()
-                .map(|l| format!("{}:{}", l.file(), l.line()));
-            let _ = LAST_PANIC.try_with(|last| *last.borrow_mut() = at);
-            previous(info);
-        }));
-    });
-}
-
 /// Opens what is at `path` and, if it opens, detects its groups and loads a few requests,
-/// checking every outcome. Outcomes of the known overflow are counted, not failed, unless
-/// `FUZZ_STRICT=1`.
+/// checking every outcome.
 fn exercise(
     path: &Path,
     root: &Path,
@@ -1101,43 +1066,7 @@ fn exercise(
         }
     };
     Reached::add(&reached.opened, 1);
-    if strict() || !has_huge_empty_tensor(&ckpt) {
-        return exercise_opened(&ckpt, root, limit, seed, reached);
-    }
-    record_panic_locations();
-    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        exercise_opened(&ckpt, root, limit, seed, reached)
-    }));
-    let known = |site: String| {
-        Reached::add(&reached.known_overflow, 1);
-        let mut sites = reached
-            .known_sites
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        sites.insert(site);
-        Ok(())
-    };
-    match outcome {
-        Ok(Err(err)) if err.to_string().contains("but its tensors are") => {
-            known("wrapped sizes (release build)".into())
-        }
-        Ok(result) => result,
-        Err(payload) => {
-            let message = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            let site = LAST_PANIC
-                .with(|l| l.borrow_mut().take())
-                .unwrap_or_default();
-            if message.contains("with overflow") && site.contains("rust/core/src/") {
-                known(format!("{message} at {site}"))
-            } else {
-                std::panic::resume_unwind(payload)
-            }
-        }
-    }
+    exercise_opened(&ckpt, root, limit, seed, reached)
 }
 
 /// Plans one request and, if it is valid, checks the plan against the reference; an invalid
@@ -1165,21 +1094,6 @@ fn check_request(
         Err(err) => {
             Reached::add(&reached.plan_errors, 1);
             check_error(&err, root)?;
-            if valid
-                && !strict()
-                && err
-                    .to_string()
-                    .contains("a view reaches past the tensor's bytes")
-                && reference(def, layer, target, request).is_empty()
-            {
-                // See `known_bug_empty_view_of_empty_tensor_is_refused`.
-                let mut sites = reached
-                    .known_sites
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                sites.insert("empty view of an empty tensor refused".into());
-                return Ok(());
-            }
             prop_assert!(!valid, "{}: valid request refused: {}", what, err);
             return Ok(());
         }
@@ -1282,15 +1196,18 @@ fn mutated_headers_open_or_fail_cleanly() {
         std::fs::write(&path, &bytes).unwrap();
         exercise(&path, dir.path(), bytes.len() as u64, file.seed, reached)
     });
-    // The generator must reach every stage, not only the header parser's refusals.
+    // The generator must reach every stage, not only the header parser's refusals (checked
+    // where there are enough cases for the fractions to mean something).
     let cases = Reached::get(&reached.cases);
-    assert!(
-        Reached::get(&reached.open_errors) * 10 > cases,
-        "{reached:?}"
-    );
-    assert!(Reached::get(&reached.opened) * 5 > cases, "{reached:?}");
-    assert!(Reached::get(&reached.groups) * 10 > cases, "{reached:?}");
-    assert!(Reached::get(&reached.plans_run) > 0, "{reached:?}");
+    if cases >= 100 {
+        assert!(
+            Reached::get(&reached.open_errors) * 10 > cases,
+            "{reached:?}"
+        );
+        assert!(Reached::get(&reached.opened) * 5 > cases, "{reached:?}");
+        assert!(Reached::get(&reached.groups) * 20 > cases, "{reached:?}");
+        assert!(Reached::get(&reached.plans_run) > 0, "{reached:?}");
+    }
 }
 
 /// An index and a config of arbitrary (mostly plausible) contents beside two valid shards.
@@ -1376,8 +1293,10 @@ fn hostile_indexes_and_configs_open_or_fail_cleanly() {
             exercise(dir.path(), dir.path(), 4096, seed, reached)
         },
     );
-    assert!(Reached::get(&reached.open_errors) > 0, "{reached:?}");
-    assert!(Reached::get(&reached.plans_run) > 0, "{reached:?}");
+    if Reached::get(&reached.cases) >= 50 {
+        assert!(Reached::get(&reached.open_errors) > 0, "{reached:?}");
+        assert!(Reached::get(&reached.plans_run) > 0, "{reached:?}");
+    }
 }
 
 /// A fused bf16 group `[3, 8, 6]` + `[3, 6, 4]` of random values.
@@ -1935,9 +1854,8 @@ proptest! {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Regressions: minimal inputs found by the fuzzers above. Those marked `ignore` are open bugs
-// (they fail today); run them with `cargo test -p fastmoe-load-core --test fuzz_props --
-// --ignored`.
+// Regressions: minimal inputs found by the fuzzers above (bugs at commit a977852). Each says
+// what went wrong; any answer that is a typed refusal or exact sizes passes.
 
 /// A raw safetensors file from `(name, dtype, shape)` entries, with offsets computed from the
 /// shapes and random data.
@@ -1979,13 +1897,12 @@ fn detect_without_panic(
 
 const P: &str = "model.layers.0.mlp.experts";
 
-/// Open bug: the format admits any dimension beside a zero one, and `layout::fused_group`
-/// doubles `down`'s last dimension unchecked (`2 * d[2]`, layout.rs): a debug build panics
-/// with "attempt to multiply with overflow"; a release build (the Python wheel) wraps and
-/// reports a group with `intermediate_size` 2^63 whose gate_up tensor has 0 rows.
+/// The format admits any dimension beside a zero one, and `layout::fused_group` doubled
+/// `down`'s last dimension unchecked (`2 * d[2]`): a debug build panicked with "attempt to
+/// multiply with overflow"; a release build (the Python wheel) wrapped and reported a group
+/// with `intermediate_size` 2^63 whose gate_up tensor has 0 rows.
 #[test]
-#[ignore = "open bug: unchecked `2 * d[2]` in layout::fused_group overflows on a zero-sized tensor"]
-fn known_bug_zero_sized_tensor_with_huge_dimension() {
+fn regression_zero_sized_tensor_with_huge_dimension() {
     let dir = TempDir::new("reg-huge-dim");
     let path = dir.path().join("model.safetensors");
     let gate_up = format!("{P}.gate_up_proj");
@@ -2009,16 +1926,15 @@ fn known_bug_zero_sized_tensor_with_huge_dimension() {
     }
 }
 
-/// Open bug, same root: with `gate_up [1, 4, 0]`, `down [1, 0, 2^63 + 2]` and biases
-/// `[1, 4]`/`[1, 0]`, a release build detects I = 2^63 + 2 (2I wraps to 4) and plans the
-/// interleaved `w13_bias` as a gather of 2^63 + 2 columns whose end offset and length wrap
-/// to 8 bytes: both bounds checks (`CopyPlan::push_matrix` and `Executor::run`) pass, and
-/// executing the plan writes far past its 8-byte destination. Checked here without
-/// executing: every operation's exact source extent and length must be what its wrapped
-/// fields say.
+/// Same root: with `gate_up [1, 4, 0]`, `down [1, 0, 2^63 + 2]` and biases `[1, 4]`/`[1, 0]`,
+/// a release build detected I = 2^63 + 2 (2I wraps to 4) and planned the interleaved
+/// `w13_bias` as a gather of 2^63 + 2 columns whose end offset and length wrap to 8 bytes:
+/// both bounds checks (`CopyPlan::push_matrix` and `Executor::run`) passed, and executing
+/// the plan wrote far past its 8-byte destination (AddressSanitizer: heap-buffer-overflow
+/// WRITE in `Executor::run`; SIGBUS from Python). Checked here without executing: every
+/// operation's exact source extent and length must be what its wrapped fields say.
 #[test]
-#[ignore = "open bug: wrapped view arithmetic lets a bias plan escape the bounds checks"]
-fn known_bug_wrapped_bias_view_escapes_the_bounds_check() {
+fn regression_wrapped_bias_view_escapes_the_bounds_check() {
     let dir = TempDir::new("reg-wrap");
     let path = dir.path().join("model.safetensors");
     let names = [
@@ -2068,14 +1984,14 @@ fn known_bug_wrapped_bias_view_escapes_the_bounds_check() {
     }
 }
 
-/// Open bug (minor): a group with intermediate size 0 is detected, but planning its
-/// (empty) interleaved w13 is refused with "a view reaches past the tensor's bytes" (and the
-/// message names the tensor where it says "experts at"), because the up view of an empty
-/// tensor starts one element in. A valid request with an empty destination should plan to
-/// nothing.
+/// Minor: a group with intermediate size 0 was detected, but planning its (empty)
+/// interleaved w13 was refused with "a view reaches past the tensor's bytes" (a message that
+/// names the tensor where it says "experts at"), because the up view of an empty tensor
+/// starts one element in; likewise with H = 0 in the transposed interleaved layout, and for
+/// the interleaved biases with I = 0. Either answer is right: refuse the empty group when it
+/// is detected, or plan a valid request for it to nothing.
 #[test]
-#[ignore = "open bug: an empty view of an empty tensor is refused as out of range"]
-fn known_bug_empty_view_of_empty_tensor_is_refused() {
+fn regression_empty_view_of_empty_tensor_is_refused() {
     let dir = TempDir::new("reg-empty");
     let path = dir.path().join("model.safetensors");
     let gate_up = format!("{P}.gate_up_proj");
@@ -2085,7 +2001,13 @@ fn known_bug_empty_view_of_empty_tensor_is_refused() {
         &[(&gate_up, "U8", &[1, 0, 1]), (&down, "U8", &[1, 1, 0])],
     );
     let ckpt = Checkpoint::open(&path).unwrap();
-    let layers = detect(&ckpt, Some(true)).unwrap();
+    let layers = match detect(&ckpt, Some(true)) {
+        Ok(layers) => layers,
+        Err(err) => {
+            assert!(matches!(err, Error::Layout { .. }), "{err}");
+            return;
+        }
+    };
     assert_eq!(layers.len(), 1);
     assert_eq!(layers[0].intermediate_size, 0);
     let request = LoadRequest {
