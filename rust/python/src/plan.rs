@@ -88,21 +88,10 @@ impl PyCopyPlan {
         end: Option<usize>,
     ) -> PyResult<()> {
         let (ops, end) = self.window(address, start, end)?;
-        let state = &self.state;
-        py.detach(|| {
-            // SAFETY: the caller provides `end - start` writable bytes at `address` (see the
-            // method's contract); the executor checks every operation against that window.
-            unsafe {
-                state.executor.run(
-                    state.ckpt.shards(),
-                    ops,
-                    address as *mut u8,
-                    start,
-                    end - start,
-                )
-            }
-        })
-        .map_err(to_py)
+        // SAFETY: the caller provides `end - start` writable bytes at `address` (see the
+        // method's contract).
+        py.detach(|| unsafe { fill_window(&self.state, ops, address, start, end) })
+            .map_err(to_py)
     }
 
     /// Starts writing destination bytes `[start, end)` to `address` on the copy threads and
@@ -124,23 +113,39 @@ impl PyCopyPlan {
             .spawn(move || {
                 let ops = plan.ops_in(start, end).unwrap_or_default();
                 // SAFETY: `buffer` owns `end - start` writable bytes at `address` and is kept
-                // alive by the ticket until this job is done; the executor checks every
-                // operation against the window.
-                unsafe {
-                    state.executor.run(
-                        state.ckpt.shards(),
-                        ops,
-                        address as *mut u8,
-                        start,
-                        end - start,
-                    )
-                }
+                // alive by the ticket until this job is done.
+                unsafe { fill_window(&state, ops, address, start, end) }
             })
             .map_err(to_py)?;
         Ok(FillTicket {
             ticket: Mutex::new(Some(ticket)),
             _buffer: buffer,
         })
+    }
+}
+
+/// Writes destination bytes `[start, end)` of `ops` to `address`; the executor checks every
+/// operation against that window.
+///
+/// # Safety
+/// `address` must be valid for writes of `end - start` bytes, untouched by anything else,
+/// until this returns.
+unsafe fn fill_window(
+    state: &State,
+    ops: &[CopyOp],
+    address: usize,
+    start: usize,
+    end: usize,
+) -> fastmoe_load_core::Result<()> {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        state.executor.run(
+            state.ckpt.shards(),
+            ops,
+            address as *mut u8,
+            start,
+            end - start,
+        )
     }
 }
 
