@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use common::{to_u16, write, Logical, TempDir, Tensor};
 use fastmoe_load_core::{
-    detect, Checkpoint, CopyOp, CopyPlan, Executor, LoadRequest, ReadMode, Result, Target,
+    detect, Checkpoint, CopyOp, CopyPlan, Executor, LoadRequest, MoeLayer, ReadMode, Result, Target,
 };
 
 const LAYER: Logical = Logical {
@@ -29,6 +29,15 @@ fn run(
     // SAFETY: `out` is `len` bytes and exclusively ours for the call.
     unsafe { Executor::new(3, mode).run(ckpt.shards(), ops, out.as_mut_ptr(), start, len) }?;
     Ok(out)
+}
+
+/// Writes `tensors` as `m.safetensors` in `dir`, opens the directory and detects its one
+/// expert group.
+fn one_layer(dir: &TempDir, tensors: &[Tensor]) -> (Checkpoint, MoeLayer) {
+    write(&dir.path().join("m.safetensors"), tensors);
+    let ckpt = Checkpoint::open(dir.path()).unwrap();
+    let layer = detect(&ckpt, None).unwrap().remove(0);
+    (ckpt, layer)
 }
 
 fn targets(biases: bool) -> Vec<(&'static str, Target)> {
@@ -178,12 +187,8 @@ fn large_runs_are_cut_into_bounded_operations() {
         inter: 1536,
     };
     let dir = TempDir::new("big");
-    write(
-        &dir.path().join("m.safetensors"),
-        &big.fused(PREFIX, false, false, false),
-    );
-    let ckpt = Checkpoint::open(dir.path()).unwrap();
-    let layer = &detect(&ckpt, None).unwrap()[0];
+    let (ckpt, layer) = one_layer(&dir, &big.fused(PREFIX, false, false, false));
+    let layer = &layer;
     let request = LoadRequest {
         tp_rank: 1,
         tp_size: 2,
@@ -209,12 +214,8 @@ fn large_runs_are_cut_into_bounded_operations() {
         hidden: 600_000,
         inter: 2,
     };
-    write(
-        &dir.path().join("m.safetensors"),
-        &wide.fused(PREFIX, true, false, false),
-    );
-    let ckpt = Checkpoint::open(dir.path()).unwrap();
-    let layer = &detect(&ckpt, None).unwrap()[0];
+    let (ckpt, layer) = one_layer(&dir, &wide.fused(PREFIX, true, false, false));
+    let layer = &layer;
     let request = LoadRequest {
         tp_rank: 0,
         tp_size: 1,
@@ -232,12 +233,8 @@ fn large_runs_are_cut_into_bounded_operations() {
 #[test]
 fn bad_requests_are_refused() {
     let dir = TempDir::new("bad");
-    write(
-        &dir.path().join("m.safetensors"),
-        &LAYER.fused(PREFIX, false, false, false),
-    );
-    let ckpt = Checkpoint::open(dir.path()).unwrap();
-    let layer = &detect(&ckpt, None).unwrap()[0];
+    let (ckpt, layer) = one_layer(&dir, &LAYER.fused(PREFIX, false, false, false));
+    let layer = &layer;
     let cases: [(LoadRequest, Target, &str); 5] = [
         (
             LoadRequest {
@@ -296,12 +293,8 @@ fn bad_requests_are_refused() {
 #[test]
 fn windows_must_fall_on_operation_boundaries() {
     let dir = TempDir::new("win");
-    write(
-        &dir.path().join("m.safetensors"),
-        &LAYER.fused(PREFIX, true, false, false),
-    );
-    let ckpt = Checkpoint::open(dir.path()).unwrap();
-    let layer = &detect(&ckpt, None).unwrap()[0];
+    let (ckpt, layer) = one_layer(&dir, &LAYER.fused(PREFIX, true, false, false));
+    let layer = &layer;
     let request = LoadRequest {
         tp_rank: 0,
         tp_size: 1,
@@ -318,12 +311,8 @@ fn windows_must_fall_on_operation_boundaries() {
 #[test]
 fn executor_refuses_operations_outside_the_window() {
     let dir = TempDir::new("outside");
-    write(
-        &dir.path().join("m.safetensors"),
-        &LAYER.fused(PREFIX, false, false, false),
-    );
-    let ckpt = Checkpoint::open(dir.path()).unwrap();
-    let layer = &detect(&ckpt, None).unwrap()[0];
+    let (ckpt, layer) = one_layer(&dir, &LAYER.fused(PREFIX, false, false, false));
+    let layer = &layer;
     let request = LoadRequest {
         tp_rank: 0,
         tp_size: 1,
