@@ -657,12 +657,19 @@ import json, os, sys, threading, time
 import torch
 import fastmoe_load as fml
 
-path, p, io = sys.argv[1:4]
+path, p, io, faulthandler_on = sys.argv[1:5]
 ckpt = fml.open(path, io=io, num_threads=1)
 layer = ckpt.experts(p)
 n, i, h = layer.num_experts, layer.intermediate_size, layer.hidden_size
 w13 = torch.full((n, 2 * i, h), float("nan"), dtype=layer.dtype)
 w2 = torch.full((n, h, i), float("nan"), dtype=layer.dtype)
+if faulthandler_on == "1":
+    # Enabled after a first load installed the copy threads' handler: faulthandler's own
+    # then runs first and re-raises, which must not end the process either.
+    fml.load_fused_moe(ckpt, p, w13[:1], w2[:1], local_experts=[0])
+    w13.fill_(float("nan")), w2.fill_(float("nan"))
+    import faulthandler
+    faulthandler.enable()
 
 def cut():
     time.sleep(0.02)
@@ -683,26 +690,10 @@ print(json.dumps(record), flush=True)
 
 MID_COPY_CASES = [
     pytest.param("pread", "fused", id="pread-contiguous"),
-    pytest.param(
-        "mmap",
-        "fused",
-        id="mmap",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="known bug: io='mmap' (the default) reads the mapping, and a shard "
-            "truncated during the copy kills the process with SIGBUS",
-        ),
-    ),
-    pytest.param(
-        "pread",
-        "transposed",
-        id="pread-strided",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="known bug: io='pread' still gathers strided (transposed) tensors from the "
-            "mapping, so truncation during the copy kills the process with SIGBUS",
-        ),
-    ),
+    pytest.param("mmap", "fused", id="mmap"),
+    pytest.param("pread", "transposed", id="pread-strided"),
+    pytest.param("mmap", "transposed", id="mmap-strided"),
+    pytest.param("mmap", "fused-faulthandler", id="mmap-faulthandler-after"),
 ]
 
 
@@ -714,12 +705,13 @@ def test_truncation_during_the_copy_does_not_kill_the_process(tmp_path, io, layo
     p = prefix(0)
     e, h, i = 4, 8192, 4096
     path = tmp_path / "model.safetensors"
-    if layout == "fused":
+    if layout.startswith("fused"):
         shapes = {"gate_up_proj": [e, 2 * i, h], "down_proj": [e, h, i]}
     else:
         shapes = {"gate_up_proj": [e, h, 2 * i], "down_proj": [e, i, h]}
     write_header_only(path, {f"{p}.{k}": ("BF16", s) for k, s in shapes.items()})
-    proc = run_python(MID_COPY_CHILD, str(path), p, io, cwd=tmp_path, timeout=60)
+    faulthandler_on = "1" if layout.endswith("faulthandler") else "0"
+    proc = run_python(MID_COPY_CHILD, str(path), p, io, faulthandler_on, cwd=tmp_path, timeout=60)
     assert proc.returncode == 0, describe(proc)
     record = json.loads(proc.stdout.strip().splitlines()[-1])
     if record["type"] is None:
@@ -728,6 +720,45 @@ def test_truncation_during_the_copy_does_not_kill_the_process(tmp_path, io, layo
         pytest.skip("the truncation came before the copy began; nothing was tested")
     assert record["type"] == "FileChangedError", record
     assert str(path) in record["message"], record
+
+
+FOREIGN_SIGBUS_CHILD = r"""
+import faulthandler, os, sys
+import torch
+import fastmoe_load as fml
+
+path, p, order = sys.argv[1:4]
+if order == "faulthandler-first":
+    faulthandler.enable()
+ckpt = fml.open(path)
+layer = ckpt.experts(p)
+w13 = torch.empty(layer.num_experts, 2 * layer.intermediate_size, layer.hidden_size,
+                  dtype=layer.dtype)
+w2 = torch.empty(layer.num_experts, layer.hidden_size, layer.intermediate_size,
+                 dtype=layer.dtype)
+fml.load_fused_moe(ckpt, p, w13, w2)  # installs the copy threads' SIGBUS handler
+if order == "faulthandler-after":
+    faulthandler.enable()
+view = layer.w2(layer.num_experts - 1)  # a plain memory map: not guarded
+os.truncate(path, 4096)
+torch.set_num_threads(1)  # one faulting thread: faulthandler reports the first fault only
+print("read", float(view.float().sum()), flush=True)
+"""
+
+
+@pytest.mark.parametrize("order", ["alone", "faulthandler-first", "faulthandler-after"])
+def test_sigbus_outside_a_copy_still_ends_the_process(tmp_path, order):
+    """The copy threads' handler passes on every SIGBUS that is not theirs: reading a view of
+    a file truncated under it kills the process as it would without fastmoe_load, and
+    Python's faulthandler, installed before or after, still reports it."""
+    p = prefix(0)
+    path = tmp_path / "model.safetensors"
+    save_file(stored(p, random_experts(4, 256, 512, seed=5), "fused"), path)
+    proc = run_python(FOREIGN_SIGBUS_CHILD, str(path), p, order, cwd=tmp_path)
+    assert proc.returncode == -signal.SIGBUS, describe(proc)
+    assert "read" not in proc.stdout, describe(proc)
+    if order != "alone":
+        assert "Bus error" in proc.stderr, describe(proc)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -273,11 +273,13 @@ def open(
     (default: from `config.json`'s `model_type`, e.g. gpt-oss).
     `staging_bytes` and `staging_buffers` size the pinned buffers of CUDA loads.
     `io` chooses how long contiguous runs are read: copies out of the memory map (`mmap`,
-    default, fastest) or `pread`, with which a file truncated during the copy of such a
-    run is an error instead of a SIGBUS (strided gathers, as in TP-sliced `w2` or
-    transposed layouts, read the map either way; every load checks the files just before
-    it starts). `prefetch` starts the disk reads of each staging window as it begins, for
-    checkpoints that are not in the page cache (a first load after boot).
+    default, fastest on a warm page cache) or `pread` (strided gathers, as in TP-sliced
+    `w2` or transposed layouts, read the map either way). Every load checks the files just
+    before it starts, and a file cut short during a copy fails the load with
+    `FileChangedError` in both modes (the copy threads catch the SIGBUS such a read raises;
+    zero-copy views are plain memory maps and are not guarded). `prefetch` starts the disk
+    reads of each staging window as it begins, for checkpoints that are not in the page
+    cache (a first load after boot).
     """
     return Checkpoint(
         path,

@@ -14,8 +14,8 @@ use crate::shard::Shard;
 pub enum ReadMode {
     /// Copy out of the memory map; first touches of a page cost a page fault.
     Map,
-    /// `pread` long contiguous runs straight into the destination (no page faults, and a
-    /// truncated file is an error rather than SIGBUS); strided gathers use the map.
+    /// `pread` long contiguous runs straight into the destination (no page faults); strided
+    /// gathers use the map. Either way, a file cut short during a copy is an error.
     Read,
 }
 
@@ -166,8 +166,8 @@ impl Executor {
                     {
                         read_rows(shard, dst, op)
                     } else {
-                        copy(shard.as_ptr().add(op.src), dst, op);
-                        Ok(())
+                        let src = shard.as_ptr().add(op.src);
+                        shard.read_mapped(op.src, op.src_end(), || copy(src, dst, op))
                     }
                 }
             })

@@ -5,6 +5,7 @@
 pub mod checkpoint;
 pub mod error;
 pub mod exec;
+mod fault;
 pub mod layout;
 pub mod plan;
 pub mod shard;

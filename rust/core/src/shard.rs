@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 use memmap2::{Mmap, MmapMut, MmapOptions};
@@ -69,6 +70,8 @@ pub struct Shard {
     /// shards from being charged against swap.
     view_map: OnceLock<MmapMut>,
     identity: FileIdentity,
+    /// Set when a copy found pages of the mapping gone: the file was cut short under it.
+    cut_short: AtomicBool,
     tensors: Vec<(String, TensorEntry)>,
 }
 
@@ -102,7 +105,8 @@ impl Shard {
             ));
         }
         // SAFETY: the mapping is read-only; this process never writes to the file. Truncation
-        // by another process is detected by `check_intact` before every copy.
+        // by another process is detected by `check_intact` before every copy, and survived
+        // by `read_mapped` during one.
         let map = unsafe { MmapOptions::new().map(&file) }
             .map_err(|e| Error::io(path, "memory-map", e))?;
         let tensors = parse_header(path, &map)?;
@@ -112,6 +116,7 @@ impl Shard {
             map,
             view_map: OnceLock::new(),
             identity: FileIdentity::of(&meta),
+            cut_short: AtomicBool::new(false),
             tensors,
         })
     }
@@ -165,7 +170,7 @@ impl Shard {
     }
 
     /// Reads `dst.len()` bytes at file offset `offset` with `pread`. A file truncated under us
-    /// gives an error here, where a read of the mapping would raise SIGBUS.
+    /// gives an error here.
     pub fn read_at(&self, offset: usize, dst: &mut [u8]) -> Result<()> {
         self.file.read_exact_at(dst, offset as u64).map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
@@ -179,8 +184,27 @@ impl Shard {
         })
     }
 
+    /// Reads mapped bytes `[start, end)` with `read`, surviving the file being cut short
+    /// meanwhile (see [`crate::fault`]); fails if it was, rather than pass zeros as data.
+    pub(crate) fn read_mapped(&self, start: usize, end: usize, read: impl FnOnce()) -> Result<()> {
+        let base = self.map.as_ptr() as usize;
+        crate::fault::guarded(base + start..base + end, &self.cut_short, read);
+        self.check_not_cut_short()
+    }
+
+    fn check_not_cut_short(&self) -> Result<()> {
+        if self.cut_short.load(Ordering::SeqCst) {
+            return Err(Error::FileChanged {
+                path: self.path.clone(),
+                what: "it was cut short during a copy".into(),
+            });
+        }
+        Ok(())
+    }
+
     /// Fails if the file was truncated, extended, rewritten, replaced or deleted since open.
     pub fn check_intact(&self) -> Result<()> {
+        self.check_not_cut_short()?;
         let changed = |what: String| Error::FileChanged {
             path: self.path.clone(),
             what,

@@ -337,29 +337,44 @@ fn reading_a_truncated_file_is_an_error_not_a_signal() {
         hidden: 1024,
         inter: 512,
     };
-    let dir = TempDir::new("trunc");
-    let path = dir.path().join("m.safetensors");
-    write(&path, &big.fused(PREFIX, false, false, false));
-    let ckpt = Checkpoint::open(&path).unwrap();
-    let layer = &detect(&ckpt, None).unwrap()[0];
-    let request = LoadRequest {
-        tp_rank: 0,
-        tp_size: 1,
-        experts: &[1],
-    };
-    let plan = CopyPlan::new(&ckpt, layer, Target::W13, &request).unwrap();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&path)
-        .unwrap()
-        .set_len(4096)
-        .unwrap();
-    // Every operation of this plan is a long contiguous run, so it is read with pread only.
-    let err = run(&ckpt, ReadMode::Read, plan.ops(), 0, plan.len()).unwrap_err();
-    assert!(
-        matches!(err, fastmoe_load_core::Error::FileChanged { .. }),
-        "{err}"
-    );
+    // Contiguous runs (pread in Read mode, the map in Map mode) and a TP=2 w2 slice, a
+    // strided gather that reads the map in both modes.
+    let cases = [(Target::W13, 1), (Target::W2, 2)];
+    for mode in [ReadMode::Map, ReadMode::Read] {
+        for (target, tp_size) in cases {
+            let dir = TempDir::new("trunc");
+            let path = dir.path().join("m.safetensors");
+            write(&path, &big.fused(PREFIX, false, false, false));
+            let ckpt = Checkpoint::open(&path).unwrap();
+            let layer = &detect(&ckpt, None).unwrap()[0];
+            let request = LoadRequest {
+                tp_rank: 0,
+                tp_size,
+                experts: &[1],
+            };
+            let plan = CopyPlan::new(&ckpt, layer, target, &request).unwrap();
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_len(4096)
+                .unwrap();
+            // No check before the copy: the copy itself meets the missing pages.
+            let err = run(&ckpt, mode, plan.ops(), 0, plan.len()).unwrap_err();
+            let case = format!("{mode:?} {target:?} tp_size={tp_size}");
+            assert!(
+                matches!(err, fastmoe_load_core::Error::FileChanged { .. }),
+                "{case}: {err}"
+            );
+            assert!(err.to_string().contains("m.safetensors"), "{case}: {err}");
+            // The shard stays marked: later loads fail before copying.
+            let again = ckpt.check_intact([0]).unwrap_err();
+            assert!(
+                matches!(again, fastmoe_load_core::Error::FileChanged { .. }),
+                "{case}"
+            );
+        }
+    }
 }
 
 #[test]
