@@ -1,0 +1,236 @@
+"""A vLLM model loader, `load_format="fastmoe"`: routed experts go straight from the
+checkpoint into vLLM's expert parameters (each rank reads only its TP slice and its own
+experts, fused or per-expert files alike); every other tensor goes through the model's own
+`load_weights`, as with vLLM's default loader.
+
+Turning it on. In the process that builds the model:
+
+    import fastmoe_load.vllm_loader
+    fastmoe_load.vllm_loader.register()
+    llm = vllm.LLM(model="path/or/repo", load_format="fastmoe")
+
+vLLM loads the model in its engine-core and worker processes, which may be started fresh
+(spawned) and then know nothing of a `register()` call made in the parent. vLLM runs the
+functions of the `vllm.general_plugins` entry-point group in every one of its processes, so
+an installed package declares, in `pyproject.toml`:
+
+    [project.entry-points."vllm.general_plugins"]
+    fastmoe_load = "fastmoe_load.vllm_loader:register"
+
+after which `--load-format fastmoe` works from the command line too (`VLLM_PLUGINS`, if set,
+must name `fastmoe_load`). `model_loader_extra_config` may carry `num_threads`, `io` and
+`prefetch`, passed to `fastmoe_load.open`.
+
+What it relies on in vLLM (0.33):
+
+- `register_model_loader(load_format)` and `BaseModelLoader`, whose `load_model` builds the
+  model on the target device, calls `load_weights(model, model_config)`, then runs
+  `process_weights_after_loading`;
+- an expert layer is a module whose own parameters include `w13_weight` and `w2_weight`
+  (`RoutedExperts`, or `FusedMoE` before 0.33), with `UnquantizedFusedMoEMethod` as its
+  `quant_method` and `moe_config.is_act_and_mul` true; inside a `MoERunner` it is the
+  runner's `routed_experts`, and checkpoint names address the runner. `fastmoe_load.vllm`
+  lists what is read from the layer itself;
+- `model.hf_to_vllm_mapper` (optional), a `WeightsMapper` whose `map_name` turns a
+  checkpoint name into the model's name, or None for a dropped weight;
+- `model.load_weights(iterable of (name, tensor))`, returning the names of the parameters
+  it loaded, or None where the model does not track them;
+- `DefaultModelLoader.track_weights_loading(model, loaded, quantized)`: the completeness
+  check, reused as is so that this loader accepts exactly the models vLLM's does;
+- `model_config.model`, `.revision`, `.quantization`; `load_config.download_dir`,
+  `.ignore_patterns`, `.model_loader_extra_config`; `weight_utils.download_weights_from_hf`.
+
+Expert layers this loader does not fill (quantized, or of a dtype other than the
+checkpoint's: vLLM casts, `load_fused_moe` never does) and checkpoint expert groups that map
+to no layer are left to the model's `load_weights`, so they load exactly as vLLM loads them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import torch
+from vllm.config import ModelConfig
+from vllm.config.load import LoadConfig
+from vllm.model_executor.layers.fused_moe import UnquantizedFusedMoEMethod
+from vllm.model_executor.model_loader import (
+    BaseModelLoader,
+    DefaultModelLoader,
+    register_model_loader,
+)
+from vllm.model_executor.model_loader.weight_utils import download_weights_from_hf
+
+from ._fastmoe_load import LayoutError, RequestError, TensorNotFoundError
+from .checkpoint import Checkpoint, MoeLayer
+from .checkpoint import open as open_checkpoint
+from .vllm import load_fused_moe_layer
+
+logger = logging.getLogger("fastmoe_load")
+
+LOAD_FORMAT = "fastmoe"
+OPEN_OPTIONS = ("num_threads", "io", "prefetch")
+# What a checkpoint directory needs: the weights, their index and config.json (gpt-oss's
+# interleaved gate/up is read from its model_type).
+CHECKPOINT_FILES = ["*.safetensors", "*.json"]
+_registered = False
+
+
+def register() -> None:
+    """Makes `load_format="fastmoe"` available to vLLM in this process; vLLM may call it
+    more than once per process, which is harmless."""
+    global _registered
+    if not _registered:
+        register_model_loader(LOAD_FORMAT)(FastMoeModelLoader)
+        _registered = True
+
+
+class FastMoeModelLoader(BaseModelLoader):
+    """Loads a safetensors checkpoint: routed experts through `fastmoe_load`, the rest
+    through the model's own `load_weights`."""
+
+    def __init__(self, load_config: LoadConfig) -> None:
+        super().__init__(load_config)
+        options = dict(load_config.model_loader_extra_config or {})
+        unknown = sorted(set(options) - set(OPEN_OPTIONS))
+        if unknown:
+            raise RequestError(
+                f"model_loader_extra_config for load_format={LOAD_FORMAT!r} takes "
+                f"{', '.join(OPEN_OPTIONS)}; not {', '.join(unknown)}"
+            )
+        self.open_options: dict[str, Any] = options
+
+    def checkpoint_dir(self, model_config: ModelConfig) -> str:
+        """The local checkpoint directory, downloaded first for a Hub model id."""
+        if os.path.isdir(model_config.model):
+            return model_config.model
+        return download_weights_from_hf(
+            model_config.model,
+            self.load_config.download_dir,
+            CHECKPOINT_FILES,
+            model_config.revision,
+            ignore_patterns=self.load_config.ignore_patterns,
+        )
+
+    def download_model(self, model_config: ModelConfig) -> None:
+        self.checkpoint_dir(model_config)
+
+    def load_weights(self, model: torch.nn.Module, model_config: ModelConfig) -> None:
+        if getattr(model, "secondary_weights", ()):
+            raise RequestError(
+                f"{type(model).__name__} loads weights from several sources "
+                f"(secondary_weights); load_format={LOAD_FORMAT!r} reads one checkpoint"
+            )
+        path = self.checkpoint_dir(model_config)
+        with open_checkpoint(path, **self.open_options) as ckpt:
+            start = time.perf_counter()
+            filled, consumed = fill_expert_layers(model, ckpt)
+            layers = sum(name.endswith(".w13_weight") for name in filled)
+            experts_done = time.perf_counter()
+            remaining = [name for name in ckpt.keys() if name not in consumed]
+            loaded = model.load_weights((name, ckpt.tensor(name)) for name in remaining)
+        logger.info(
+            "%s: %d expert layers filled in %.2f s, %d other tensors loaded by %s in %.2f s",
+            path,
+            layers,
+            experts_done - start,
+            len(remaining),
+            type(model).__name__,
+            time.perf_counter() - experts_done,
+        )
+        # Tracked by default where vLLM's own loader tracks: unquantized models that report.
+        if model_config.quantization is None and loaded is not None:
+            check_all_loaded(model, set(loaded) | filled, path)
+
+
+def expert_layers(model: torch.nn.Module) -> dict[str, tuple[str, torch.nn.Module]]:
+    """Expert layers by the model path their checkpoint names map under, with the path of
+    the module that holds their parameters."""
+    layers = {}
+    for name, module in model.named_modules():
+        if {"w13_weight", "w2_weight"} <= module._parameters.keys():
+            addressed = name.removesuffix(".routed_experts")
+            layers[addressed] = (name, module)
+    return layers
+
+
+def fillable(module: torch.nn.Module, group: MoeLayer) -> bool:
+    """Whether `load_fused_moe_layer` writes what vLLM's own loading would: unquantized,
+    gate and up both in w13, the checkpoint's dtype."""
+    moe_config = getattr(module, "moe_config", None)
+    return (
+        isinstance(getattr(module, "quant_method", None), UnquantizedFusedMoEMethod)
+        and getattr(moe_config, "is_act_and_mul", True)
+        and module.w13_weight.dtype == group.dtype
+    )
+
+
+def model_path_of(group: MoeLayer, mapper: Any, layers: dict[str, Any]) -> str | None:
+    """The expert layer path every tensor of `group` maps under, if there is one."""
+    mapped = [name if mapper is None else mapper.map_name(name) for name in group.tensor_names]
+    if not mapped or None in mapped:
+        return None
+    parts = mapped[0].split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        candidate = ".".join(parts[:end])
+        if candidate in layers:
+            inside = candidate + "."
+            return candidate if all(name.startswith(inside) for name in mapped) else None
+    return None
+
+
+def fill_expert_layers(model: torch.nn.Module, ckpt: Checkpoint) -> tuple[set[str], set[str]]:
+    """Fills every expert layer that a checkpoint group maps to; returns the parameter
+    names filled and the checkpoint tensor names consumed."""
+    layers = expert_layers(model)
+    mapper = getattr(model, "hf_to_vllm_mapper", None)
+    claimed: dict[str, str] = {}
+    filled: set[str] = set()
+    consumed: set[str] = set()
+    left_to_model = []
+    for group in ckpt.moe_layers():
+        path = model_path_of(group, mapper, layers)
+        if path is None:  # e.g. a layer of another pipeline stage, or one the model drops
+            left_to_model.append(group.prefix)
+            continue
+        if path in claimed:
+            raise LayoutError(
+                f"{ckpt.path}: experts at `{claimed[path]}` and at `{group.prefix}` both "
+                f"map to {type(model).__name__}'s `{path}`"
+            )
+        claimed[path] = group.prefix
+        module_path, module = layers[path]
+        if not fillable(module, group):
+            left_to_model.append(group.prefix)
+            continue
+        consumed.update(load_fused_moe_layer(module, ckpt, group.prefix))
+        params = ["w13_weight", "w2_weight"]
+        if group.has_bias and {"w13_bias", "w2_bias"} <= module._parameters.keys():
+            params += ["w13_bias", "w2_bias"]
+        filled.update(f"{module_path}.{param}" for param in params)
+    if left_to_model:
+        logger.info(
+            "%s: %d expert group(s) left to %s.load_weights (no unquantized expert layer of "
+            "the checkpoint's dtype maps to them): %s",
+            ckpt.path,
+            len(left_to_model),
+            type(model).__name__,
+            ", ".join(left_to_model),
+        )
+    return filled, consumed
+
+
+def check_all_loaded(model: torch.nn.Module, loaded: set[str], path: str) -> None:
+    """Raises `TensorNotFoundError` naming every parameter that vLLM's default loader would
+    also refuse to leave uninitialised."""
+    covered = set(loaded)  # vLLM adds the parameters it exempts from the check
+    try:
+        DefaultModelLoader(LoadConfig()).track_weights_loading(model, covered)
+    except ValueError:
+        missing = sorted(name for name, _ in model.named_parameters() if name not in covered)
+        raise TensorNotFoundError(
+            f"{path}: the checkpoint initialises no value for {len(missing)} parameter(s) "
+            f"of {type(model).__name__}: {', '.join(missing)}"
+        ) from None

@@ -1,0 +1,216 @@
+"""The vLLM model loader (`load_format="fastmoe"`) against vLLM's own `DefaultModelLoader`:
+whole vLLM models (vLLM >= 0.33, built on the CPU) from tiny transformers checkpoints, fused
+v5 and per-expert, loaded both ways and compared bit for bit. Skipped where vLLM is not
+installed (it is not a test dependency: it pins its own torch)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+vllm = pytest.importorskip("vllm")
+
+import fastmoe_load as fml  # noqa: E402
+from conftest import _COMMON, FAMILIES, bits, transformers  # noqa: E402
+from fastmoe_load import vllm_loader  # noqa: E402
+
+# vLLM's CPU MoE kernels want hidden and intermediate sizes that are multiples of 32, and do
+# not pad gpt-oss's intermediate size, so these models are wider than conftest's.
+WIDER = {"hidden_size": 64}
+WIDER_FAMILY = {"gpt_oss": {"intermediate_size": 64}}
+# (family, saved in its original per-expert format, model dtype). Mixtral's fused v5 save is
+# left out: v5 renames `block_sparse_moe` to `mlp`, which vLLM 0.33's Mixtral does not read.
+# float32 models take bf16 experts through vLLM's casting path, not through fastmoe_load.
+CASES = [
+    ("qwen3_moe", False, "bfloat16"),
+    ("qwen3_moe", True, "bfloat16"),
+    ("mixtral", True, "bfloat16"),
+    ("gpt_oss", False, "bfloat16"),
+    ("gpt_oss", True, "bfloat16"),
+    ("qwen3_moe", False, "float32"),
+]
+
+
+@pytest.fixture(scope="module")
+def distributed():
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.distributed import (
+        destroy_distributed_environment,
+        destroy_model_parallel,
+        init_distributed_environment,
+        initialize_model_parallel,
+        model_parallel_is_initialized,
+    )
+
+    vllm_loader.register()
+    if model_parallel_is_initialized():  # set up by another test module
+        yield
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with set_current_vllm_config(VllmConfig()):
+        init_distributed_environment(
+            world_size=1,
+            rank=0,
+            local_rank=0,
+            distributed_init_method=f"tcp://127.0.0.1:{port}",
+            backend="gloo",
+        )
+        initialize_model_parallel(1, 1)
+    yield
+    # Other modules set vLLM's process groups up again themselves.
+    destroy_model_parallel()
+    destroy_distributed_environment()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """(family, original format) -> a sharded transformers checkpoint of random weights."""
+    saved = {}
+    for family in dict.fromkeys(family for family, _, _ in CASES):
+        config = transformers.AutoConfig.for_model(
+            family, **{**_COMMON, **FAMILIES[family], **WIDER, **WIDER_FAMILY.get(family, {})}
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.copy_(torch.randn(param.shape, generator=generator).to(param.dtype))
+        for original in (True, False):
+            path = tmp_path_factory.mktemp(f"{family}-{'orig' if original else 'v5'}")
+            model.save_pretrained(path, max_shard_size="40KB", save_original_format=original)
+            saved[family, original] = path
+    return saved
+
+
+def vllm_config(path, load_format: str, dtype: str = "bfloat16"):
+    """A fresh config per model: vLLM registers each model's attention layers in it."""
+    from vllm.config import DeviceConfig, LoadConfig, ModelConfig, VllmConfig
+
+    model_config = ModelConfig(
+        model=str(path), dtype=dtype, skip_tokenizer_init=True, enforce_eager=True
+    )
+    return VllmConfig(
+        model_config=model_config,
+        load_config=LoadConfig(load_format=load_format),
+        device_config=DeviceConfig(device="cpu"),
+    )
+
+
+def load(path, load_format: str, dtype: str = "bfloat16") -> tuple[torch.nn.Module, list[str]]:
+    """A vLLM model built with NaN parameters and loaded by the `load_format` loader; with
+    the checkpoint names that reached the model's own `load_weights`."""
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader import get_model_loader
+    from vllm.model_executor.model_loader.utils import initialize_model
+    from vllm.utils.torch_utils import set_default_torch_dtype
+
+    config = vllm_config(path, load_format, dtype)
+    with set_current_vllm_config(config):
+        with set_default_torch_dtype(config.model_config.dtype), torch.device("cpu"):
+            model = initialize_model(vllm_config=config, model_config=config.model_config)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.fill_(float("nan"))
+        received: list[str] = []
+        model_load_weights = model.load_weights
+
+        def recording_load_weights(weights):
+            return model_load_weights((received.append(name) or (name, t) for name, t in weights))
+
+        model.load_weights = recording_load_weights
+        loader = get_model_loader(config.load_config)
+        loader.load_weights(model, config.model_config)
+    return model, received
+
+
+def assert_same_state(ours: torch.nn.Module, theirs: torch.nn.Module) -> None:
+    expected = theirs.state_dict()
+    actual = ours.state_dict()
+    assert actual.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert actual[name].shape == tensor.shape, name
+        assert actual[name].dtype == tensor.dtype, name
+        assert torch.equal(bits(actual[name].reshape(-1)), bits(tensor.reshape(-1))), name
+
+
+@pytest.mark.parametrize(("family", "original", "dtype"), CASES)
+def test_loader_matches_default_loader(distributed, checkpoints, family, original, dtype):
+    path = checkpoints[family, original]
+    theirs, _ = load(path, "safetensors", dtype)
+    ours, received = load(path, "fastmoe", dtype)
+    assert_same_state(ours, theirs)
+    for name, param in ours.named_parameters():
+        assert not param.isnan().any(), f"{name} was not loaded"
+
+    with fml.open(path) as ckpt:
+        groups = ckpt.moe_layers()
+        expert_names = {name for group in groups for name in group.tensor_names}
+        everything = set(ckpt.keys())
+    assert len(groups) == FAMILIES[family]["num_hidden_layers"]
+    if dtype == "bfloat16":  # the checkpoint's: fastmoe_load fills the experts itself
+        assert set(received) == everything - expert_names
+    else:  # vLLM casts, fastmoe_load never does: the model's own loading takes them
+        assert set(received) == everything
+
+
+def test_load_model_selects_the_loader_by_load_format(distributed, checkpoints, monkeypatch):
+    """The whole `load_model` of vLLM's base loader, up to the kernels' weight repacking,
+    which needs vLLM's compiled CPU ops (`vllm._C`)."""
+    import vllm.model_executor.model_loader.base_loader as base_loader
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader import get_model_loader
+
+    monkeypatch.setattr(base_loader, "process_weights_after_loading", lambda *args: None)
+    path = checkpoints["qwen3_moe", False]
+    models = {}
+    for load_format in ("safetensors", "fastmoe"):
+        config = vllm_config(path, load_format)
+        loader = get_model_loader(config.load_config)
+        with set_current_vllm_config(config):
+            models[load_format] = loader.load_model(
+                vllm_config=config, model_config=config.model_config
+            )
+    assert isinstance(loader, vllm_loader.FastMoeModelLoader)
+    assert_same_state(models["fastmoe"], models["safetensors"])
+
+
+def test_missing_weight_is_named(distributed, checkpoints, tmp_path):
+    source = checkpoints["qwen3_moe", False]
+    with fml.open(source) as ckpt:
+        tensors = {name: ckpt.tensor(name).clone() for name in ckpt.keys()}
+    del tensors["model.norm.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    shutil.copy(source / "config.json", tmp_path / "config.json")
+
+    with pytest.raises(ValueError, match=r"model\.norm\.weight"):  # vLLM's loader refuses it too
+        load(tmp_path, "safetensors")
+    with pytest.raises(fml.TensorNotFoundError, match=r"1 parameter\(s\).*: model\.norm\.weight$"):
+        load(tmp_path, "fastmoe")
+
+
+def test_unknown_extra_config_is_refused(distributed):
+    from vllm.config import LoadConfig
+
+    config = {"num_threads": 1, "io": "pread", "prefetch": False}
+    loader = vllm_loader.FastMoeModelLoader(
+        LoadConfig(load_format="fastmoe", model_loader_extra_config=config)
+    )
+    assert loader.open_options == config
+    with pytest.raises(fml.RequestError, match="enable_multithread_load"):
+        vllm_loader.FastMoeModelLoader(
+            LoadConfig(
+                load_format="fastmoe",
+                model_loader_extra_config={"enable_multithread_load": True},
+            )
+        )
