@@ -1,34 +1,53 @@
-"""Several GPUs of one host, one process each, launched with torchrun:
+"""Several GPUs (or CPU processes) of one host, one process each, launched with torchrun:
 
     torchrun --nproc-per-node 4 -m fastmoe_load.bench.distributed [--check] [--cold]
+    torchrun --nproc-per-node 2 -m fastmoe_load.bench.distributed --device cpu --check
+    torchrun --nproc-per-node 2 -m fastmoe_load.bench.distributed --model --check
 
 Every rank opens the same generated checkpoint and fills its own `w13`/`w2` for each layer:
 as a TP rank (`--parallel tp`), as an EP rank with linear or round-robin placement
 (`--parallel ep`, `--placement`), or as a data-parallel replica holding every expert
 (`--parallel dp`), either reading everything itself or, with `--share`, reading a slice and
-exchanging slices with the other replicas over NCCL.
+exchanging slices with the other replicas (NCCL on GPUs, gloo on CPUs).
+
+With `--model`, rank 0 saves a small random Qwen3-MoE with transformers instead, and every
+rank builds that model on the meta device, shaped for its rank, and fills all of it with
+`load_model`. The rank's shapes follow vLLM's tensor parallelism, each weight cut evenly along
+one dimension (see `_tp_dim`): q/k/v projections, the embedding and the LM head column-parallel
+(dim 0), o_proj row-parallel (dim 1), norms and the router replicated; the experts hold rows
+`[r*I/tp, (r+1)*I/tp)` of gate and of up and those columns of down. `--parallel tp` cuts dense
+weights and experts over all ranks; `--parallel ep` keeps the dense weights whole on every rank
+(data-parallel attention) and places the experts; `--parallel dp` loads the whole model.
 
 Rank 0 prints the pinned host-to-device rate measured on every GPU at once, each rank's load
 rate, the aggregate rate (all bytes landed / slowest rank), the bytes landed in each rank's
 parameters and, on a cold run, what `/proc/self/io` says each rank read from disk.
-`--check` compares every rank's parameters with a single-process CPU load, bit for bit.
+`--check` compares every rank's parameters, bit for bit, with a reference that does not go
+through fastmoe_load: the rank's slice, cut in torch, of the checkpoint read by `safetensors`
+(or, with `--model`, of the model read by transformers' `from_pretrained`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 
 import fastmoe_load as fml
 
 from .generate import Shape, generate
 from .run import drop_page_cache
+
+MODEL_MARKER = "fastmoe_distributed_model.json"
 
 
 def _read_bytes() -> int:
@@ -37,7 +56,15 @@ def _read_bytes() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("read_bytes"))
 
 
-def _pinned_rate(device: torch.device, nbytes: int = 1 << 30) -> float:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _pinned_rate(device: torch.device, nbytes: int = 1 << 30) -> float | None:
+    """The pinned host-to-device rate in GB/s, every rank at once; None on CPUs."""
+    if device.type != "cuda":
+        return None
     host = torch.ones(nbytes, dtype=torch.uint8, pin_memory=True)
     target = torch.empty(nbytes, dtype=torch.uint8, device=device)
     rates = []
@@ -51,6 +78,30 @@ def _pinned_rate(device: torch.device, nbytes: int = 1 << 30) -> float:
     return statistics.median(rates[1:])
 
 
+def _bits_equal(ours: torch.Tensor, reference: torch.Tensor) -> bool:
+    """Exact comparison that also holds for NaN (bf16 compared as int16)."""
+    if ours.shape != reference.shape or ours.dtype != reference.dtype:
+        return False
+    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[ours.element_size()]
+    return torch.equal(
+        ours.detach().cpu().contiguous().view(as_int), reference.contiguous().view(as_int)
+    )
+
+
+def _rank_experts(
+    gate_up: torch.Tensor, down: torch.Tensor, experts: list[int], tp_rank: int, tp_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A rank's `w13 [n, 2I/tp, H]` and `w2 [n, H, I/tp]` cut from the checkpoint's fused
+    `gate_up [E, 2I, H]` (gate first) and `down [E, H, I]`."""
+    gate, up = gate_up[experts].chunk(2, dim=1)
+    shard = gate.shape[1] // tp_size
+    rows = slice(tp_rank * shard, (tp_rank + 1) * shard)
+    return torch.cat([gate[:, rows], up[:, rows]], dim=1), down[experts][:, :, rows]
+
+
+# ---- routed experts only, from a generated checkpoint ----------------------------------------
+
+
 def _request(shape: Shape, parallel: str, placement: str, rank: int, size: int):
     """(tp_rank, tp_size, experts the rank keeps) of `rank` among `size` ranks. Data-parallel
     replicas keep every expert."""
@@ -61,12 +112,20 @@ def _request(shape: Shape, parallel: str, placement: str, rank: int, size: int):
     return 0, 1, fml.expert_placement(shape.experts, size, rank, placement)  # type: ignore[arg-type]
 
 
+def _gather(t: torch.Tensor, part: slice, size: int) -> None:
+    """Every rank's `t[part]` into the whole `t` (equal parts, in rank order)."""
+    if t.device.type == "cuda":
+        dist.all_gather_into_tensor(t, t[part])
+    else:  # gloo has no all_gather_into_tensor
+        dist.all_gather(list(t.chunk(size)), t[part])
+
+
 def _load(
     path: str, shape: Shape, device: torch.device, request, share: bool
 ) -> tuple[list, float, int]:
     """Loads every layer for `request`; returns the destinations, the seconds and the bytes
     landed. With `share`, each rank reads only its slice of the experts and the slices are
-    exchanged over NCCL (replicas that read the checkpoint once between them)."""
+    exchanged over the process group (replicas that read the checkpoint once between them)."""
     tp_rank, tp_size, experts = request
     rank, size = dist.get_rank(), dist.get_world_size()
     n, shard, h = len(experts), shape.intermediate // tp_size, shape.hidden
@@ -78,7 +137,7 @@ def _load(
         for _ in range(shape.layers)
     ]
     part = slice(rank * n // size, (rank + 1) * n // size) if share else slice(0, n)
-    torch.cuda.synchronize(device)
+    _sync(device)
     dist.barrier()
     start = time.perf_counter()
     total = 0
@@ -96,59 +155,259 @@ def _load(
             total += stats.bytes
             if share:
                 for t in (w13, w2):
-                    dist.all_gather_into_tensor(t, t[part])
-    torch.cuda.synchronize(device)
+                    _gather(t, part, size)
+    _sync(device)
     landed = sum(t.nbytes for pair in dests for t in pair)
     return dests, time.perf_counter() - start, landed if share else total
 
 
 def _check(path: str, shape: Shape, dests: list, request) -> bool:
-    """This rank's parameters against a CPU load of the same request."""
+    """This rank's parameters against its slice of the checkpoint read by safetensors."""
     tp_rank, tp_size, experts = request
-    with fml.open(path) as ckpt:
-        for layer, (w13, w2) in enumerate(dests):
-            cpu13, cpu2 = torch.empty_like(w13, device="cpu"), torch.empty_like(w2, device="cpu")
-            fml.load_fused_moe(
-                ckpt,
-                shape.prefix(layer),
-                cpu13,
-                cpu2,
-                tp_rank=tp_rank,
-                tp_size=tp_size,
-                local_experts=experts,
+    with open(os.path.join(path, "model.safetensors.index.json")) as f:
+        weight_map = json.load(f)["weight_map"]
+    for layer, (w13, w2) in enumerate(dests):
+        gate_up, down = (f"{shape.prefix(layer)}.{n}" for n in ("gate_up_proj", "down_proj"))
+        with safe_open(os.path.join(path, weight_map[gate_up]), "pt") as f:
+            reference = _rank_experts(
+                f.get_tensor(gate_up), f.get_tensor(down), experts, tp_rank, tp_size
             )
-            for ours, reference in ((w13, cpu13), (w2, cpu2)):
-                if not torch.equal(ours.cpu().view(torch.int16), reference.view(torch.int16)):
-                    return False
+        if not all(_bits_equal(o, r) for o, r in zip((w13, w2), reference, strict=True)):
+            return False
     return True
+
+
+# ---- a whole transformers model ---------------------------------------------------------------
+
+
+def _model_config(layers: int, experts: int, hidden: int, intermediate: int):
+    """A Qwen3-MoE config with small dimensions; heads and vocabulary split over 1, 2, 4 or 8
+    ranks."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(
+        "qwen3_moe",
+        hidden_size=hidden,
+        intermediate_size=2 * intermediate,
+        moe_intermediate_size=intermediate,
+        num_experts=experts,
+        num_experts_per_tok=min(2, experts),
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        head_dim=max(8, hidden // 8),
+        vocab_size=256,
+    )
+
+
+def _save_model(path: str, config) -> None:
+    """A random-weight model saved by transformers (one tensor per expert, its default), unless
+    the same one is there already. Every weight is random (norms too), so a wrong slice shows."""
+    from transformers import AutoModelForCausalLM
+
+    marker = os.path.join(path, MODEL_MARKER)
+    wanted = config.to_json_string()
+    if os.path.exists(marker):
+        with open(marker) as f:
+            if f.read() == wanted:
+                return
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator).to(param.dtype))
+    model.save_pretrained(path)
+    with open(marker, "w") as f:
+        f.write(wanted)
+
+
+def _tp_dim(name: str) -> int | None:
+    """The dimension a dense weight is cut along over TP ranks; None for replicated ones."""
+    if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+        return 0  # column-parallel: the rank's heads
+    if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+        return 0  # vocabulary-parallel
+    if name.endswith("o_proj.weight"):
+        return 1  # row-parallel
+    return None  # norms, the router
+
+
+def _rank_slice(name: str, full: dict[str, torch.Tensor], request) -> torch.Tensor:
+    """The rank's part of weight `name` of the whole model `full`."""
+    tp_rank, tp_size, experts = request
+    if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+        module = name.rpartition(".")[0]
+        gate_up, down = full[f"{module}.gate_up_proj"], full[f"{module}.down_proj"]
+        w13, w2 = _rank_experts(gate_up, down, experts, tp_rank, tp_size)
+        return w13 if name.endswith("gate_up_proj") else w2
+    dim = _tp_dim(name)
+    if dim is None or tp_size == 1:
+        return full[name]
+    return full[name].chunk(tp_size, dim=dim)[tp_rank]
+
+
+def _model_request(parallel: str, placement: str, rank: int, size: int, experts: int):
+    """(tp_rank, tp_size, ep_rank, ep_size) and the experts the rank keeps."""
+    tp_rank, tp_size, ep_rank, ep_size = {
+        "tp": (rank, size, 0, 1),
+        "ep": (0, 1, rank, size),
+        "dp": (0, 1, 0, 1),
+    }[parallel]
+    local = fml.expert_placement(experts, ep_size, ep_rank, placement)  # type: ignore[arg-type]
+    return (tp_rank, tp_size, ep_rank, ep_size), local
+
+
+def _rank_model(config, request) -> torch.nn.Module:
+    """The model on the meta device with every weight shaped for the rank."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        full = model.state_dict()
+        for name, weight in full.items():
+            shape = _rank_slice(name, full, request).shape
+            if shape != weight.shape:
+                module, _, leaf = name.rpartition(".")
+                setattr(
+                    model.get_submodule(module),
+                    leaf,
+                    torch.nn.Parameter(torch.empty(shape, dtype=weight.dtype), False),
+                )
+    return model
+
+
+def _load_model(
+    path: str, config, device: torch.device, ranks, placement: str
+) -> tuple[torch.nn.Module, float, int]:
+    (tp_rank, tp_size, ep_rank, ep_size), local = ranks
+    model = _rank_model(config, (tp_rank, tp_size, local))
+    _sync(device)
+    dist.barrier()
+    start = time.perf_counter()
+    report = fml.load_model(
+        model,
+        path,
+        device=device,
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+        ep_rank=ep_rank,
+        ep_size=ep_size,
+        placement=placement,  # type: ignore[arg-type]
+        strict=True,
+        progress=False,
+    )
+    _sync(device)
+    return model, time.perf_counter() - start, report.bytes
+
+
+def _check_model(path: str, model: torch.nn.Module, ranks) -> bool:
+    """Every weight of the rank's model against its slice of `from_pretrained`'s model."""
+    from transformers import AutoModelForCausalLM
+
+    (tp_rank, tp_size, _, _), local = ranks
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).state_dict()
+    ours = model.state_dict()
+    if ours.keys() != reference.keys():
+        return False
+    return all(
+        _bits_equal(t, _rank_slice(n, reference, (tp_rank, tp_size, local)))
+        for n, t in ours.items()
+    )
+
+
+# ---- the run ----------------------------------------------------------------------------------
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="torchrun ... -m fastmoe_load.bench.distributed")
     parser.add_argument("--parallel", choices=["tp", "ep", "dp"], default="ep")
     parser.add_argument(
-        "--share", action="store_true", help="dp: read each expert once, exchange over NCCL"
+        "--share", action="store_true", help="dp: read each expert once, exchange the slices"
     )
     parser.add_argument("--placement", choices=["linear", "round_robin"], default="linear")
+    parser.add_argument(
+        "--model", action="store_true", help="a whole Qwen3-MoE model through load_model"
+    )
+    parser.add_argument(
+        "--device",
+        choices=["cuda", "cpu"],
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cuda: NCCL, one GPU per rank; cpu: gloo, CPU destinations",
+    )
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--dir")
+    parser.add_argument("--experts", type=int, help="default: 128, or 5 with --model")
+    parser.add_argument("--hidden", type=int, help="default: 2048, or 64 with --model")
+    parser.add_argument("--intermediate", type=int, help="default: 768, or 40 with --model")
+    parser.add_argument("--dir", help="where the checkpoint is generated (reused if it matches)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--check", action="store_true", help="compare with a CPU load")
+    parser.add_argument("--check", action="store_true", help="compare with an independent read")
     parser.add_argument("--cold", action="store_true", help="empty the page cache first")
     args = parser.parse_args()
+    if args.share and (args.parallel != "dp" or args.model):
+        parser.error("--share goes with --parallel dp, without --model")
 
-    dist.init_process_group("nccl")
+    backend = "nccl" if args.device == "cuda" else "gloo"
+    dist.init_process_group(backend)
     rank, size = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-    torch.cuda.set_device(device)
-    shape = Shape(layers=args.layers)
-    path = args.dir or os.path.join(tempfile.gettempdir(), f"fastmoe_bench_{shape.layers}")
-    if rank == 0:
-        generate(path, shape)
-    dist.barrier()
+    if args.device == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+
+    load: Callable[[], tuple[object, float, int]]
+    check: Callable[[object], bool]
+    if args.model:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+        experts = args.experts or 5
+        config = _model_config(args.layers, experts, args.hidden or 64, args.intermediate or 40)
+        path = args.dir or os.path.join(tempfile.gettempdir(), f"fastmoe_model_{args.layers}")
+        if rank == 0:
+            _save_model(path, config)
+        dist.barrier()
+        parallel = _model_request(args.parallel, args.placement, rank, size, experts)
+        ckpt_bytes = sum(
+            os.path.getsize(os.path.join(path, f))
+            for f in os.listdir(path)
+            if f.endswith(".safetensors")
+        )
+
+        def load():
+            return _load_model(path, config, device, parallel, args.placement)
+
+        def check(model):
+            return _check_model(path, model, parallel)
+
+        what = f"Qwen3-MoE model ({args.layers} layers, {experts} experts), "
+    else:
+        shape = Shape(
+            layers=args.layers,
+            experts=args.experts or Shape.experts,
+            hidden=args.hidden or Shape.hidden,
+            intermediate=args.intermediate or Shape.intermediate,
+        )
+        if args.share and shape.experts % size:
+            parser.error(f"--share needs the {shape.experts} experts to split evenly")
+        path = args.dir or os.path.join(tempfile.gettempdir(), f"fastmoe_bench_{shape.layers}")
+        if rank == 0:
+            generate(path, shape)
+        dist.barrier()
+        request = _request(shape, args.parallel, args.placement, rank, size)
+        ckpt_bytes = shape.total_bytes
+
+        def load():
+            return _load(path, shape, device, request, args.share)
+
+        def check(dests):
+            return _check(path, shape, dests, request)
+
+        what = ""
 
     pinned = _pinned_rate(device)
-    request = _request(shape, args.parallel, args.placement, rank, size)
     rows = []
     for run in range(args.repeats + 1):
         if args.cold:
@@ -156,30 +415,35 @@ def main() -> None:
                 drop_page_cache()
             dist.barrier()
         before = _read_bytes()
-        dests, seconds, nbytes = _load(path, shape, device, request, args.share)
+        result, seconds, nbytes = load()
         disk = _read_bytes() - before
         if run:
             rows.append((seconds, nbytes, disk))
-    ok = _check(path, shape, dests, request) if args.check else None
+    ok = check(result) if args.check else None
     seconds = statistics.median(r[0] for r in rows)
     mine = (pinned, seconds, rows[0][1], statistics.median(r[2] for r in rows), ok)
     gathered: list = [None] * size
     dist.all_gather_object(gathered, mine)
     if rank == 0:
         mode = f"{args.parallel}={size}" + (f" {args.placement}" if args.parallel == "ep" else "")
-        mode += " (each expert read once, shared over NCCL)" if args.share else ""
+        if args.share:
+            mode += (
+                f" (each expert read once, shared over {'NCCL' if backend == 'nccl' else backend})"
+            )
         cache = "cold" if args.cold else "warm"
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (gloo)"
         print(
-            f"{torch.cuda.get_device_name(device)} x {size}, {mode}, {cache} page cache, "
-            f"{shape.total_bytes / 1e9:.2f} GB checkpoint"
+            f"{name} x {size}, {what}{mode}, {cache} page cache, "
+            f"{ckpt_bytes / 1e9:.2f} GB checkpoint"
         )
         print(
             f"{'rank':>4} {'pinned GB/s':>11} {'load GB/s':>9} {'plan bytes':>12} "
             f"{'disk bytes':>12} {'check':>6}"
         )
         for r, (p, s, n, d, good) in enumerate(gathered):
-            check = "-" if good is None else "ok" if good else "FAIL"
-            print(f"{r:>4} {p:11.2f} {n / s / 1e9:9.2f} {n:12d} {int(d):12d} {check:>6}")
+            check_mark = "-" if good is None else "ok" if good else "FAIL"
+            rate = "-" if p is None else f"{p:.2f}"
+            print(f"{r:>4} {rate:>11} {n / s / 1e9:9.2f} {n:12d} {int(d):12d} {check_mark:>6}")
         print(
             "(plan bytes: bytes landed in the rank's parameters; with --share, after the exchange)"
         )
@@ -190,6 +454,13 @@ def main() -> None:
             f"({landed / 1e9:.2f} GB in {slowest:.3f} s)"
         )
     dist.destroy_process_group()
+    if backend == "gloo":
+        # A gloo worker thread may still hold the last collective's tensors and take the GIL
+        # to free them while the interpreter shuts down, which aborts the process now and
+        # then on a busy machine; everything is written, so leave without that shutdown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
