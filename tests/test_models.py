@@ -76,6 +76,44 @@ def test_layers_match_model(saved_models, family, original):
                             assert_bitwise_equal(out["w2_bias"], ref.w2_bias(experts), what)
 
 
+def test_transposed_groups_transposed_on_the_destination_device(saved_models, monkeypatch):
+    """The path CUDA destinations take for transposed groups (stored rows into scratch, a
+    few experts at a time, transposed by torch where the destination lives), run on the
+    CPU: the same bytes as the model's own experts."""
+    import fastmoe_load.loader as loader
+
+    monkeypatch.setattr(loader, "_transposes_on_device", lambda tensor: True)
+    monkeypatch.setattr(loader, "TRANSPOSE_SCRATCH_BYTES", 1)  # one expert at a time
+    checked = set()
+    for (family, _), saved in saved_models.items():
+        reference = reference_experts(saved.model, family)
+        with fml.open(saved.path) as ckpt:
+            for layer in ckpt.moe_layers():
+                if not layer.transposed:
+                    continue
+                checked.add(layer.format)
+                ref = reference[layer_index(layer.prefix)]
+                for tp_rank, tp_size, experts in ((0, 1, [0, 1, 2, 3, 4]), (1, 2, [4, 2, 2])):
+                    n, shard, h = len(experts), layer.intermediate_size // tp_size, 48
+                    w13, w2 = poisoned((n, 2 * shard, h)), poisoned((n, h, shard))
+                    destinations = loader.plan_destinations(
+                        ckpt,
+                        layer.prefix,
+                        w13,
+                        w2,
+                        tp_rank=tp_rank,
+                        tp_size=tp_size,
+                        local_experts=experts,
+                    )
+                    assert len(destinations) == 2 * n  # one expert per plan
+                    assert all(d.stored for d in destinations)
+                    loader.fill(ckpt, destinations)
+                    what = f"{family} {layer.prefix} tp {tp_rank}/{tp_size}"
+                    assert_bitwise_equal(w13, ref.w13(experts, tp_rank, tp_size), what)
+                    assert_bitwise_equal(w2, ref.w2(experts, tp_rank, tp_size), what)
+    assert checked == {"fused_transposed", "fused_transposed_interleaved"}
+
+
 @pytest.mark.parametrize(
     ("family", "original"), FORMATS, ids=[f"{f}-{'orig' if o else 'v5'}" for f, o in FORMATS]
 )

@@ -127,6 +127,11 @@ def _parser() -> argparse.ArgumentParser:
         "--cold", action="store_true", help="empty the page cache before every run (root only)"
     )
     bench.add_argument(
+        "--transposed",
+        action="store_true",
+        help="generate the checkpoint in the transposed fused layout (Llama 4, gpt-oss)",
+    )
+    bench.add_argument(
         "--model",
         action="store_true",
         help="time load_model against transformers' from_pretrained on a generated "
@@ -206,7 +211,16 @@ def _bench(args: argparse.Namespace) -> None:
         return
     from .bench.run import main as bench
 
-    bench(args.device, args.layers, args.dir, args.repeats, args.threads, args.explore, args.cold)
+    bench(
+        args.device,
+        args.layers,
+        args.dir,
+        args.repeats,
+        args.threads,
+        args.explore,
+        args.cold,
+        args.transposed,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

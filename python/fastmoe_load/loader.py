@@ -29,13 +29,20 @@ class LoadStats:
         return self.bytes / self.seconds / 1e9 if self.seconds > 0 else float("inf")
 
 
+# GPU scratch for transposed expert tensors: bytes of stored rows transposed at a time.
+TRANSPOSE_SCRATCH_BYTES = 128 << 20
+
+
 @dataclass(frozen=True)
 class Destination:
-    """One parameter to fill and the plan that fills it."""
+    """One parameter to fill and the plan that fills it. A plan in the stored order of a
+    transposed group (`stored` = "w13", "w13_pairs" or "w2", see `_transpose_stored`)
+    lands in scratch memory on the destination's device and is transposed there."""
 
     name: str
     tensor: torch.Tensor
     plan: native.CopyPlan
+    stored: str | None = None
 
 
 class _Request:
@@ -131,9 +138,29 @@ def plan_destinations(
 
     destinations = []
     for (name, *_), tensor in zip(wanted, tensors, strict=True):
-        plan = ckpt._handle.plan(prefix, name, tp_rank=tp_rank, tp_size=tp_size, experts=experts)
-        plan.check_intact()
-        destinations.append(Destination(name, tensor, plan))
+        if name in ("w13", "w2") and layer.transposed and _transposes_on_device(tensor):
+            # Read the stored rows (plain runs) and transpose on the GPU, a few experts at
+            # a time; a CPU gather of the 2-byte entries runs at a few GB/s at best.
+            stored = "w13_pairs" if name == "w13" and layer.interleaved else name
+            per_expert = tensor[0].nbytes if n else 1
+            step = max(1, TRANSPOSE_SCRATCH_BYTES // per_expert)
+            for k in range(0, n, step):
+                plan = ckpt._handle.plan(
+                    prefix,
+                    name,
+                    tp_rank=tp_rank,
+                    tp_size=tp_size,
+                    experts=experts[k : k + step],
+                    stored_order=True,
+                )
+                destinations.append(Destination(name, tensor[k : k + step], plan, stored))
+        else:
+            plan = ckpt._handle.plan(
+                prefix, name, tp_rank=tp_rank, tp_size=tp_size, experts=experts
+            )
+            destinations.append(Destination(name, tensor, plan))
+    for d in destinations:
+        d.plan.check_intact()
     return destinations
 
 
@@ -188,11 +215,44 @@ def fill(
 ) -> int:
     """Executes planned destinations (all on one device): CPU tensors directly, CUDA ones
     through the staging pipeline. Returns the bytes written."""
-    if not destinations:
-        return 0
+    direct = [d for d in destinations if d.stored is None]
+    if direct:
+        _fill_direct(ckpt, direct, staging, progress)
+    for d in destinations:
+        if d.stored is not None:
+            scratch = torch.empty(d.plan.nbytes, dtype=torch.uint8, device=d.tensor.device)
+            _fill_direct(ckpt, [Destination(d.name, scratch, d.plan)], staging, progress)
+            _transpose_stored(d.stored, scratch, d.tensor)  # on the caller's stream
+    return sum(d.plan.nbytes for d in destinations)
+
+
+def _fill_direct(
+    ckpt: Checkpoint,
+    destinations: Sequence[Destination],
+    staging: StagingPool | None,
+    progress: Progress | None,
+) -> None:
     if destinations[0].tensor.device.type == "cuda":
         (staging or ckpt.staging).fill(destinations, progress)
     else:
         for d in destinations:
             execute_with_progress(d.plan, d.tensor.data_ptr(), progress)
-    return sum(d.plan.nbytes for d in destinations)
+
+
+def _transposes_on_device(tensor: torch.Tensor) -> bool:
+    """Whether transposed expert tensors are transposed where `tensor` lives rather than
+    gathered by the copy threads: on a GPU, which does it at memory speed."""
+    return tensor.device.type == "cuda"
+
+
+def _transpose_stored(kind: str, stored: torch.Tensor, target: torch.Tensor) -> None:
+    """Writes `stored` (a stored-order plan's bytes, see `CopyPlan::stored_order` in the
+    core) into `target`, in vLLM's layout."""
+    n, hidden = target.shape[0], target.shape[-2] if kind == "w2" else target.shape[-1]
+    values = stored.view(target.dtype)
+    if kind == "w2":  # [n, I/tp, H] -> [n, H, I/tp]
+        target.copy_(values.view(n, -1, hidden).transpose(1, 2))
+    elif kind == "w13":  # [n, 2, H, I/tp] -> [n, 2, I/tp, H]: gate rows, then up rows
+        target.view(n, 2, -1, hidden).copy_(values.view(n, 2, hidden, -1).transpose(2, 3))
+    else:  # w13_pairs: [n, H, I/tp, 2] (gate/up pairs) -> [n, 2, I/tp, H]
+        target.view(n, 2, -1, hidden).copy_(values.view(n, hidden, -1, 2).permute(0, 3, 2, 1))

@@ -1,5 +1,6 @@
-"""A generated checkpoint shaped like Qwen3-30B-A3B's experts (fused v5 layout), one shard per
-layer, with an index and a config, so that the comparison needs no download."""
+"""A generated checkpoint shaped like Qwen3-30B-A3B's experts (fused v5 layout, or the
+transposed fused layout of Llama 4 and gpt-oss), one shard per layer, with an index and a
+config, so that the comparison needs no download."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ class Shape:
     experts: int = 128
     hidden: int = 2048
     intermediate: int = 768
+    # gate_up [E, H, 2I] and down [E, I, H] instead of [E, 2I, H] and [E, H, I].
+    transposed: bool = False
 
     @property
     def layer_bytes(self) -> int:
@@ -58,9 +61,12 @@ def generate(path: str, shape: Shape) -> str:
     for layer in range(shape.layers):
         file = f"model-{layer + 1:05d}-of-{shape.layers:05d}.safetensors"
         prefix = shape.prefix(layer)
+        gate_up, down = (e, h, 2 * i), (e, i, h)
+        if not shape.transposed:
+            gate_up, down = (e, 2 * i, h), (e, h, i)
         tensors = {
-            f"{prefix}.gate_up_proj": _pattern(e * 2 * i * h, generator).view(e, 2 * i, h),
-            f"{prefix}.down_proj": _pattern(e * h * i, generator).view(e, h, i),
+            f"{prefix}.gate_up_proj": _pattern(e * 2 * i * h, generator).view(gate_up),
+            f"{prefix}.down_proj": _pattern(e * h * i, generator).view(down),
         }
         save_file(tensors, os.path.join(path, file))
         weight_map.update(dict.fromkeys(tensors, file))

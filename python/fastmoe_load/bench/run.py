@@ -339,13 +339,16 @@ def main(
     threads: int | None = None,
     explore: bool = False,
     cold: bool = False,
+    transposed: bool = False,
 ) -> Bench:
     dev = torch.device(device)
-    shape = Shape(layers=layers or default_layers(dev))
-    path = directory or os.path.join(tempfile.gettempdir(), f"fastmoe_bench_{shape.layers}")
+    shape = Shape(layers=layers or default_layers(dev), transposed=transposed)
+    name = f"fastmoe_bench_{shape.layers}" + ("_transposed" if transposed else "")
+    path = directory or os.path.join(tempfile.gettempdir(), name)
+    layout = "fused transposed" if transposed else "fused v5"
     print(
         f"checkpoint: {path} ({shape.layers} layers of E={shape.experts}, H={shape.hidden}, "
-        f"I={shape.intermediate}, bf16; {shape.total_bytes / 1e9:.2f} GB)",
+        f"I={shape.intermediate}, bf16, {layout}; {shape.total_bytes / 1e9:.2f} GB)",
         flush=True,
     )
     generate(path, shape)

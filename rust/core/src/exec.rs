@@ -359,32 +359,44 @@ fn gatherable(op: &CopyOp) -> bool {
 ///
 /// # Safety
 /// As for [`copy`].
-unsafe fn gather<T: Copy>(src: *const u8, dst: *mut u8, op: &CopyOp) {
-    // Rows per tile when consecutive destination rows are neighbours in the source
-    // (transposes): a tile reads short contiguous source runs and keeps its destination
-    // rows in cache.
-    const TILE: usize = 32;
+unsafe fn gather<T: Copy + Default>(src: *const u8, dst: *mut u8, op: &CopyOp) {
     let (rows, cols) = (op.rows, op.cols);
     let (rs, cs) = (op.src_row_stride, op.src_col_stride);
     let dst = dst.cast::<T>();
     // SAFETY: every (r, c) is inside the operation, so both addresses are covered; reads and
     // writes are unaligned because file offsets and staging windows need not be aligned.
-    let at = |r: usize, c: usize| unsafe {
-        dst.add(r * cols + c)
-            .write_unaligned(src.add(r * rs + c * cs).cast::<T>().read_unaligned())
-    };
+    let read =
+        |r: usize, c: usize| unsafe { src.add(r * rs + c * cs).cast::<T>().read_unaligned() };
+    let write =
+        |r: usize, c: usize, value: T| unsafe { dst.add(r * cols + c).write_unaligned(value) };
     if rs < cs {
+        // A transpose: consecutive destination rows are neighbours in the source. Go through
+        // TILE x TILE blocks held in a small buffer: read each source run of the block (a
+        // cache line), then write whole pieces of destination rows. Writing one element to
+        // each of TILE destination rows in turn instead makes every store miss when the rows
+        // are a power of two apart (they share a cache set): measured 1 GB/s on 2 cores.
+        const TILE: usize = 32;
+        let mut block = [[T::default(); TILE]; TILE];
         for r0 in (0..rows).step_by(TILE) {
-            for c in 0..cols {
-                for r in r0..(r0 + TILE).min(rows) {
-                    at(r, c);
+            let r1 = (r0 + TILE).min(rows);
+            for c0 in (0..cols).step_by(TILE) {
+                let c1 = (c0 + TILE).min(cols);
+                for c in c0..c1 {
+                    for r in r0..r1 {
+                        block[c - c0][r - r0] = read(r, c);
+                    }
+                }
+                for r in r0..r1 {
+                    for c in c0..c1 {
+                        write(r, c, block[c - c0][r - r0]);
+                    }
                 }
             }
         }
     } else {
         for r in 0..rows {
             for c in 0..cols {
-                at(r, c);
+                write(r, c, read(r, c));
             }
         }
     }

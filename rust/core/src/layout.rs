@@ -126,6 +126,24 @@ impl MatrixView {
         self.cols = count;
         self
     }
+
+    /// The same entries in the order of the transposed tensor that stores them; with
+    /// `with_pairs`, each row also takes the interleaved neighbour of every entry (gate and
+    /// up pairs of an interleaved `gate_up`), so that it is one contiguous run.
+    pub fn stored(self, with_pairs: bool) -> Self {
+        let (cols, col_stride) = if with_pairs {
+            (self.rows * self.row_stride, 1)
+        } else {
+            (self.rows, self.row_stride)
+        };
+        MatrixView {
+            rows: self.cols,
+            row_stride: self.col_stride,
+            cols,
+            col_stride,
+            ..self
+        }
+    }
 }
 
 /// One routed-expert group.

@@ -4,7 +4,7 @@
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::layout::{MatrixView, MoeLayer, Part};
+use crate::layout::{ExpertTensors, MatrixView, MoeLayer, Part};
 
 /// Largest destination span of one operation (every operation of a plan is at most this
 /// long): the grain of parallel work and of staging windows. Large enough to amortise
@@ -110,6 +110,31 @@ impl CopyPlan {
         target: Target,
         request: &LoadRequest,
     ) -> Result<CopyPlan> {
+        Self::build(ckpt, layer, target, request, false)
+    }
+
+    /// The plan that reads the same bytes as [`CopyPlan::new`] for a group of transposed
+    /// fused tensors (`gate_up [E, H, 2I]`, `down [E, I, H]`), in the order the file stores
+    /// them, so that every row is a contiguous run and the transpose is left to the caller
+    /// (a GPU does it at memory speed; a CPU gather of 2-byte elements does not). Per expert,
+    /// `W13` is `[2, H, I/tp]` (gate, then up, each transposed), or `[H, I/tp, 2]` (the
+    /// stored gate/up pairs) when interleaved; `W2` is `[I/tp, H]`.
+    pub fn stored_order(
+        ckpt: &Checkpoint,
+        layer: &MoeLayer,
+        target: Target,
+        request: &LoadRequest,
+    ) -> Result<CopyPlan> {
+        Self::build(ckpt, layer, target, request, true)
+    }
+
+    fn build(
+        ckpt: &Checkpoint,
+        layer: &MoeLayer,
+        target: Target,
+        request: &LoadRequest,
+        stored_order: bool,
+    ) -> Result<CopyPlan> {
         let err = |reason: String| Error::Request {
             path: ckpt.path().to_path_buf(),
             prefix: layer.prefix.clone(),
@@ -142,6 +167,19 @@ impl CopyPlan {
                 "the checkpoint has no expert biases for this layer".into()
             ));
         }
+        let interleaved = match &layer.tensors {
+            ExpertTensors::Fused(f) if f.transposed => f.interleaved,
+            _ if !stored_order => false,
+            _ => {
+                return Err(err(format!(
+                    "a {} group is stored in destination order already",
+                    layer.format()
+                )))
+            }
+        };
+        if stored_order && !matches!(target, Target::W13 | Target::W2) {
+            return Err(err(format!("{target:?} has no stored order of its own")));
+        }
         let shard = inter / tp_size;
         let first = tp_rank * shard;
         let parts: &[(Part, Select)] = match target {
@@ -162,7 +200,13 @@ impl CopyPlan {
                 let matrix = layer
                     .matrix(part, expert)
                     .ok_or_else(|| err(format!("no {part:?} for expert {expert}")))?;
-                plan.push_matrix(ckpt, &select(matrix, first, shard))?;
+                let matrix = select(matrix, first, shard);
+                if !stored_order {
+                    plan.push_matrix(ckpt, &matrix)?;
+                } else if !(interleaved && part == Part::Up) {
+                    // Interleaved up entries sit between the gate's: one run holds both.
+                    plan.push_matrix(ckpt, &matrix.stored(interleaved && part == Part::Gate))?;
+                }
             }
         }
         Ok(plan)

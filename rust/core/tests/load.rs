@@ -155,6 +155,91 @@ fn fused_interleaved_by_override() {
     );
 }
 
+/// Stored-order plans of transposed groups hold the entries of `new`'s plans, in the order
+/// documented on `CopyPlan::stored_order`, for every TP rank and an expert list with a
+/// repeat; other groups and the bias targets are refused.
+#[test]
+fn stored_order_plans_of_transposed_groups() {
+    let (h, i) = (LAYER.hidden, LAYER.inter);
+    for interleaved in [false, true] {
+        let dir = TempDir::new("stored");
+        let (ckpt, layer) = one_layer(&dir, &LAYER.fused(PREFIX, true, interleaved, true));
+        let layer = if interleaved {
+            detect(&ckpt, Some(true)).unwrap().remove(0)
+        } else {
+            layer
+        };
+        for tp_size in [1, 2, 4] {
+            let shard = i / tp_size;
+            for tp_rank in 0..tp_size {
+                let experts = [3, 0, 3];
+                let request = LoadRequest {
+                    tp_rank,
+                    tp_size,
+                    experts: &experts,
+                };
+                let load = |target, stored: bool| {
+                    let plan = if stored {
+                        let plan = CopyPlan::stored_order(&ckpt, &layer, target, &request);
+                        let plan = plan.unwrap();
+                        // Plain strided copies of contiguous runs: no element gather.
+                        assert!(plan.ops().iter().all(|op| op.has_contiguous_rows()));
+                        plan
+                    } else {
+                        CopyPlan::new(&ckpt, &layer, target, &request).unwrap()
+                    };
+                    to_u16(&run(&ckpt, ReadMode::Map, plan.ops(), 0, plan.len()).unwrap())
+                };
+                let (w13, stored13) = (load(Target::W13, false), load(Target::W13, true));
+                let (w2, stored2) = (load(Target::W2, false), load(Target::W2, true));
+                for k in 0..experts.len() {
+                    for half in 0..2 {
+                        for r in 0..shard {
+                            for c in 0..h {
+                                let want = w13[((k * 2 + half) * shard + r) * h + c];
+                                let at = if interleaved {
+                                    ((k * h + c) * shard + r) * 2 + half
+                                } else {
+                                    ((k * 2 + half) * h + c) * shard + r
+                                };
+                                assert_eq!(
+                                    stored13[at], want,
+                                    "w13 {interleaved} {tp_rank}/{tp_size}"
+                                );
+                            }
+                        }
+                    }
+                    for r in 0..h {
+                        for c in 0..shard {
+                            let want = w2[(k * h + r) * shard + c];
+                            assert_eq!(stored2[(k * shard + c) * h + r], want, "w2");
+                        }
+                    }
+                }
+            }
+        }
+        let request = LoadRequest {
+            tp_rank: 0,
+            tp_size: 1,
+            experts: &[0],
+        };
+        let bias = CopyPlan::stored_order(&ckpt, &layer, Target::W13Bias, &request);
+        assert!(bias.unwrap_err().to_string().contains("no stored order"));
+    }
+    let dir = TempDir::new("stored-v5");
+    let (ckpt, layer) = one_layer(&dir, &LAYER.fused(PREFIX, false, false, false));
+    let request = LoadRequest {
+        tp_rank: 0,
+        tp_size: 1,
+        experts: &[0],
+    };
+    let err = CopyPlan::stored_order(&ckpt, &layer, Target::W13, &request).unwrap_err();
+    assert!(
+        err.to_string().contains("destination order already"),
+        "{err}"
+    );
+}
+
 #[test]
 fn per_expert_namings() {
     for modules in [

@@ -292,8 +292,11 @@ impl PyCheckpoint {
         Ok(PyCopyPlan::new(plan, state.clone()))
     }
 
-    /// The plan that fills destination `target` for one TP rank and list of experts.
-    #[pyo3(signature = (prefix, target_name, *, tp_rank, tp_size, experts))]
+    /// The plan that fills destination `target` for one TP rank and list of experts; with
+    /// `stored_order`, the same bytes in the order a transposed group stores them (see
+    /// `CopyPlan::stored_order`).
+    #[pyo3(signature = (prefix, target_name, *, tp_rank, tp_size, experts, stored_order=false))]
+    #[allow(clippy::too_many_arguments)]
     fn plan(
         &self,
         py: Python<'_>,
@@ -302,6 +305,7 @@ impl PyCheckpoint {
         tp_rank: usize,
         tp_size: usize,
         experts: Vec<usize>,
+        stored_order: bool,
     ) -> PyResult<PyCopyPlan> {
         let state = self.state()?;
         let layer = state.layer(prefix)?;
@@ -311,8 +315,13 @@ impl PyCheckpoint {
             tp_size,
             experts: &experts,
         };
+        let build = if stored_order {
+            CopyPlan::stored_order
+        } else {
+            CopyPlan::new
+        };
         let plan = py
-            .detach(|| CopyPlan::new(&state.ckpt, layer, target, &request))
+            .detach(|| build(&state.ckpt, layer, target, &request))
             .map_err(to_py)?;
         Ok(PyCopyPlan::new(plan, state.clone()))
     }
