@@ -96,8 +96,11 @@ class Saved:
         return EXPECTED_FORMAT.get((self.family, self.original_format), default)
 
 
-def build_model(family: str, seed: int = 0) -> torch.nn.Module:
-    config = transformers.AutoConfig.for_model(family, **{**_COMMON, **FAMILIES[family]})
+def build_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A tiny `family` model of random weights (`overrides` change its config)."""
+    config = transformers.AutoConfig.for_model(
+        family, **{**_COMMON, **FAMILIES[family], **overrides}
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -205,3 +208,38 @@ def poisoned(
     shape: tuple[int, ...], dtype: torch.dtype = torch.bfloat16, device: str = "cpu"
 ) -> torch.Tensor:
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+@pytest.fixture(scope="module")
+def vllm_process_groups():
+    """vLLM's process groups for one process (gloo), as its layers expect when built; made
+    here unless another test module made them, and taken down again after the module."""
+    import socket
+
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.distributed import (
+        destroy_distributed_environment,
+        destroy_model_parallel,
+        init_distributed_environment,
+        initialize_model_parallel,
+        model_parallel_is_initialized,
+    )
+
+    if model_parallel_is_initialized():
+        yield
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with set_current_vllm_config(VllmConfig()):
+        init_distributed_environment(
+            world_size=1,
+            rank=0,
+            local_rank=0,
+            distributed_init_method=f"tcp://127.0.0.1:{port}",
+            backend="gloo",
+        )
+        initialize_model_parallel(1, 1)
+    yield
+    destroy_model_parallel()
+    destroy_distributed_environment()

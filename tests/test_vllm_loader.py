@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import warnings
 
 import pytest
 import torch
@@ -18,7 +16,7 @@ os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 vllm = pytest.importorskip("vllm")
 
 import fastmoe_load as fml  # noqa: E402
-from conftest import _COMMON, FAMILIES, bits, transformers  # noqa: E402
+from conftest import FAMILIES, bits, build_model  # noqa: E402
 from fastmoe_load import vllm_loader  # noqa: E402
 
 # vLLM's CPU MoE kernels want hidden and intermediate sizes that are multiples of 32, and do
@@ -39,36 +37,8 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def distributed():
-    from vllm.config import VllmConfig, set_current_vllm_config
-    from vllm.distributed import (
-        destroy_distributed_environment,
-        destroy_model_parallel,
-        init_distributed_environment,
-        initialize_model_parallel,
-        model_parallel_is_initialized,
-    )
-
+def distributed(vllm_process_groups):
     vllm_loader.register()
-    if model_parallel_is_initialized():  # set up by another test module
-        yield
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with set_current_vllm_config(VllmConfig()):
-        init_distributed_environment(
-            world_size=1,
-            rank=0,
-            local_rank=0,
-            distributed_init_method=f"tcp://127.0.0.1:{port}",
-            backend="gloo",
-        )
-        initialize_model_parallel(1, 1)
-    yield
-    # Other modules set vLLM's process groups up again themselves.
-    destroy_model_parallel()
-    destroy_distributed_environment()
 
 
 @pytest.fixture(scope="module")
@@ -76,16 +46,7 @@ def checkpoints(tmp_path_factory):
     """(family, original format) -> a sharded transformers checkpoint of random weights."""
     saved = {}
     for family in dict.fromkeys(family for family, _, _ in CASES):
-        config = transformers.AutoConfig.for_model(
-            family, **{**_COMMON, **FAMILIES[family], **WIDER, **WIDER_FAMILY.get(family, {})}
-        )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-        generator = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for param in model.parameters():
-                param.copy_(torch.randn(param.shape, generator=generator).to(param.dtype))
+        model = build_model(family, **WIDER, **WIDER_FAMILY.get(family, {}))
         for original in (True, False):
             path = tmp_path_factory.mktemp(f"{family}-{'orig' if original else 'v5'}")
             model.save_pretrained(path, max_shard_size="40KB", save_original_format=original)

@@ -7,7 +7,6 @@ own torch)."""
 from __future__ import annotations
 
 import os
-import socket
 from contextlib import contextmanager
 
 import pytest
@@ -22,25 +21,6 @@ from fastmoe_load.vllm import load_fused_moe_layer  # noqa: E402
 
 E, TOP_K, H, INTER = 8, 2, 64, 32
 PREFIX = "model.layers.0.mlp.experts"
-
-
-@pytest.fixture(scope="module")
-def distributed():
-    from vllm.config import VllmConfig, set_current_vllm_config
-    from vllm.distributed import init_distributed_environment, initialize_model_parallel
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with set_current_vllm_config(VllmConfig()):
-        init_distributed_environment(
-            world_size=1,
-            rank=0,
-            local_rank=0,
-            distributed_init_method=f"tcp://127.0.0.1:{port}",
-            backend="gloo",
-        )
-        initialize_model_parallel(1, 1)
 
 
 @contextmanager
@@ -99,7 +79,9 @@ def checkpoints(tmp_path_factory):
 
 @pytest.mark.parametrize("layout", ["fused", "per_expert"])
 @pytest.mark.parametrize(("tp_size", "rank", "ep"), [(1, 0, False), (2, 1, False), (2, 1, True)])
-def test_adapter_matches_vllm_load_weights(distributed, checkpoints, layout, tp_size, rank, ep):
+def test_adapter_matches_vllm_load_weights(
+    vllm_process_groups, checkpoints, layout, tp_size, rank, ep
+):
     path = checkpoints[layout]
     theirs = build(tp_size, rank, ep, f"theirs{tp_size}{rank}{ep}{layout}")
     with fml.open(path) as ckpt:
