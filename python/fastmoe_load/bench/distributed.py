@@ -45,9 +45,8 @@ from safetensors import safe_open
 import fastmoe_load as fml
 
 from .generate import Shape, generate
+from .model_run import save_random_model
 from .run import drop_page_cache
-
-MODEL_MARKER = "fastmoe_distributed_model.json"
 
 
 def _read_bytes() -> int:
@@ -200,29 +199,6 @@ def _model_config(layers: int, experts: int, hidden: int, intermediate: int):
     )
 
 
-def _save_model(path: str, config) -> None:
-    """A random-weight model saved by transformers (one tensor per expert, its default), unless
-    the same one is there already. Every weight is random (norms too), so a wrong slice shows."""
-    from transformers import AutoModelForCausalLM
-
-    marker = os.path.join(path, MODEL_MARKER)
-    wanted = config.to_json_string()
-    if os.path.exists(marker):
-        with open(marker) as f:
-            if f.read() == wanted:
-                return
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.to_empty(device="cpu")
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator).to(param.dtype))
-    model.save_pretrained(path)
-    with open(marker, "w") as f:
-        f.write(wanted)
-
-
 def _tp_dim(name: str) -> int | None:
     """The dimension a dense weight is cut along over TP ranks; None for replicated ones."""
     if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
@@ -367,7 +343,7 @@ def main() -> None:
         config = _model_config(args.layers, experts, args.hidden or 64, args.intermediate or 40)
         path = args.dir or os.path.join(tempfile.gettempdir(), f"fastmoe_model_{args.layers}")
         if rank == 0:
-            _save_model(path, config)
+            save_random_model(path, config)
         dist.barrier()
         parallel = _model_request(args.parallel, args.placement, rank, size, experts)
         ckpt_bytes = sum(

@@ -34,15 +34,20 @@ def qwen3_moe_config(layers: int):
     )
 
 
-def saved_model(path: str, layers: int) -> str:
-    """A random-weight model saved as transformers does by default (one tensor per expert)."""
-    marker = os.path.join(path, MARKER)
-    if os.path.exists(marker) and open(marker).read() == str(layers):
-        return path
+def save_random_model(path: str, config) -> str:
+    """A model of `config` with random weights (every one, norms too, so that a wrong slice
+    shows), saved by transformers in its default format (one tensor per expert), unless the
+    same one is in `path` already."""
     from transformers import AutoModelForCausalLM
 
+    marker = os.path.join(path, MARKER)
+    wanted = config.to_json_string()
+    if os.path.exists(marker):
+        with open(marker) as f:
+            if f.read() == wanted:
+                return path
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(qwen3_moe_config(layers), dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.to_empty(device="cpu")
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -50,7 +55,7 @@ def saved_model(path: str, layers: int) -> str:
             param.normal_(0, 0.02, generator=generator)
     model.save_pretrained(path)
     with open(marker, "w") as f:
-        f.write(str(layers))
+        f.write(wanted)
     return path
 
 
@@ -58,7 +63,7 @@ def main(device: str, layers: int, directory: str | None, repeats: int) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = directory or os.path.join(tempfile.gettempdir(), f"fastmoe_model_bench_{layers}")
-    saved_model(path, layers)
+    save_random_model(path, qwen3_moe_config(layers))
     target = torch.device(device)
     size = sum(
         os.path.getsize(os.path.join(path, f))
