@@ -23,6 +23,7 @@ MODEL_MODES = {
     "model-tp": ["--model", "--parallel", "tp"],
     "model-ep-linear": ["--model", "--parallel", "ep"],
     "model-ep-round-robin": ["--model", "--parallel", "ep", "--placement", "round_robin"],
+    "model-tp-attention-ep-experts": ["--model", "--parallel", "tp-ep"],
 }
 MODES = {**EXPERT_MODES, **MODEL_MODES}
 # Small enough for a 2-core machine; H != 2I, and I splits over two ranks.

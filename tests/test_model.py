@@ -116,6 +116,39 @@ def test_tensor_and_expert_parallel_shards(saved_models):
         fml.load_model(model, saved.path, tp_size=2, strict=True)
 
 
+def test_tensor_parallel_attention_with_expert_parallel_experts(saved_models):
+    """vLLM's expert parallelism: dense weights sliced for TP rank 1 of 2, experts whole
+    (`expert_tp_size=1`) and placed over two EP ranks."""
+    saved = saved_models["qwen3_moe", False]
+    full = transformers.AutoModelForCausalLM.from_pretrained(saved.path, dtype=torch.bfloat16)
+    model = build_model("qwen3_moe", seed=3)
+    q = model.model.layers[0].self_attn.q_proj
+    rows = q.weight.shape[0] // 2
+    q.weight = torch.nn.Parameter(q.weight.data[:rows].clone())
+    local = fml.expert_placement(5, 2, 0)
+    for layer in model.model.layers:
+        experts = layer.mlp.experts
+        experts.gate_up_proj = torch.nn.Parameter(torch.zeros_like(experts.gate_up_proj[local]))
+        experts.down_proj = torch.nn.Parameter(torch.zeros_like(experts.down_proj[local]))
+    report = fml.load_model(
+        model,
+        saved.path,
+        tp_rank=1,
+        tp_size=2,
+        ep_rank=0,
+        ep_size=2,
+        expert_tp_rank=0,
+        expert_tp_size=1,
+        strict=True,
+    )
+    assert report.mismatched == {}
+    assert_bitwise_equal(q.weight, full.model.layers[0].self_attn.q_proj.weight[rows:])
+    for layer, reference in zip(model.model.layers, full.model.layers, strict=True):
+        ours, theirs = layer.mlp.experts, reference.mlp.experts
+        assert_bitwise_equal(ours.gate_up_proj, theirs.gate_up_proj[local])
+        assert_bitwise_equal(ours.down_proj, theirs.down_proj[local])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize(("family", "original"), FORMATS, ids=IDS)

@@ -64,6 +64,8 @@ def load_model(
     ep_rank: int = 0,
     ep_size: int = 1,
     placement: Strategy = "linear",
+    expert_tp_rank: int | None = None,
+    expert_tp_size: int | None = None,
     strict: bool = False,
     progress: bool | None = None,
 ) -> ModelLoadReport:
@@ -75,8 +77,11 @@ def load_model(
     written in the model's own layout. With `tp_size > 1` or `ep_size > 1` the model is
     expected to hold this rank's shards (expert modules sized for the rank's experts, and
     dense weights sliced along the one dimension where their shape differs from the
-    checkpoint's). Names are matched through transformers' own checkpoint conversion rules
-    for transformers models. Dtypes must match exactly: nothing is cast.
+    checkpoint's). The experts are sliced by `expert_tp_rank` of `expert_tp_size` (default:
+    `tp_rank` of `tp_size`); vLLM's expert parallelism, for one, keeps attention TP-sharded
+    and experts whole (`expert_tp_size=1`) while `ep_size` places them. Names are matched
+    through transformers' own checkpoint conversion rules for transformers models. Dtypes
+    must match exactly: nothing is cast.
 
     Everything is matched and planned before a byte is written; with `strict=True`, missing,
     unexpected or mismatched names raise `RequestError` and the model stays untouched.
@@ -92,8 +97,11 @@ def load_model(
             model,
             checkpoint,
             device,
-            tp_rank,
-            tp_size,
+            (tp_rank, tp_size),
+            (
+                tp_rank if expert_tp_rank is None else expert_tp_rank,
+                tp_size if expert_tp_size is None else expert_tp_size,
+            ),
             ep_rank,
             ep_size,
             placement,
@@ -109,8 +117,8 @@ def _load(
     model: torch.nn.Module,
     ckpt: Checkpoint,
     device: torch.device | str | None,
-    tp_rank: int,
-    tp_size: int,
+    dense_tp: tuple[int, int],
+    expert_tp: tuple[int, int],
     ep_rank: int,
     ep_size: int,
     placement: Strategy,
@@ -123,9 +131,9 @@ def _load(
     report = ModelLoadReport()
 
     groups, consumed = _match_experts(
-        model, ckpt, rename, tp_size, ep_size, ep_rank, placement, report
+        model, ckpt, rename, expert_tp[1], ep_size, ep_rank, placement, report
     )
-    dense = _match_dense(ckpt, rename, weights, consumed, tp_rank, tp_size, report)
+    dense = _match_dense(ckpt, rename, weights, consumed, *dense_tp, report)
     filled = {name for g in groups for name in _expert_weight_names(g)} | {d.name for d in dense}
     report.missing = sorted(
         name for name, t in weights.items() if name not in filled and not _tied(t, filled, weights)
@@ -156,14 +164,14 @@ def _load(
     # go through the pipeline with the dense tensors; the others (transposed, interleaved)
     # are loaded one by one through scratch tensors and rearranged on the device.
     native = [g for g in groups if not g.transposed and not g.interleaved]
-    direct = dense + [d for g in native for d in _plan_experts(ckpt, g, tp_rank, tp_size)]
+    direct = dense + [d for g in native for d in _plan_experts(ckpt, g, *expert_tp)]
     rearranged = [g for g in groups if g not in native]
     total = sum(d.plan.nbytes for d in direct) + sum(_module_bytes(g) for g in rearranged)
     start = time.perf_counter()
     with Progress(total, "load", enabled=progress) as bar:
         report.bytes = fill(ckpt, direct, progress=bar)
         for group in rearranged:
-            report.bytes += _fill_rearranged(ckpt, group, tp_rank, tp_size, target, bar)
+            report.bytes += _fill_rearranged(ckpt, group, *expert_tp, target, bar)
         if target.type == "cuda":
             torch.cuda.current_stream(target).synchronize()
     report.seconds = time.perf_counter() - start

@@ -17,7 +17,9 @@ one dimension (see `_tp_dim`): q/k/v projections, the embedding and the LM head 
 (dim 0), o_proj row-parallel (dim 1), norms and the router replicated; the experts hold rows
 `[r*I/tp, (r+1)*I/tp)` of gate and of up and those columns of down. `--parallel tp` cuts dense
 weights and experts over all ranks; `--parallel ep` keeps the dense weights whole on every rank
-(data-parallel attention) and places the experts; `--parallel dp` loads the whole model.
+(data-parallel attention) and places the experts; `--parallel tp-ep` (vLLM's expert
+parallelism) cuts the dense weights and places whole experts; `--parallel dp` loads the whole
+model.
 
 Rank 0 prints the pinned host-to-device rate measured on every GPU at once, each rank's load
 rate, the aggregate rate (all bytes landed / slowest rank), the bytes landed in each rank's
@@ -211,12 +213,13 @@ def _tp_dim(name: str) -> int | None:
 
 
 def _rank_slice(name: str, full: dict[str, torch.Tensor], request) -> torch.Tensor:
-    """The rank's part of weight `name` of the whole model `full`."""
-    tp_rank, tp_size, experts = request
+    """The rank's part of weight `name` of the whole model `full`, for `request` =
+    ((dense tp_rank, tp_size), (expert tp_rank, tp_size), experts kept)."""
+    (tp_rank, tp_size), expert_tp, experts = request
     if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
         module = name.rpartition(".")[0]
         gate_up, down = full[f"{module}.gate_up_proj"], full[f"{module}.down_proj"]
-        w13, w2 = _rank_experts(gate_up, down, experts, tp_rank, tp_size)
+        w13, w2 = _rank_experts(gate_up, down, experts, *expert_tp)
         return w13 if name.endswith("gate_up_proj") else w2
     dim = _tp_dim(name)
     if dim is None or tp_size == 1:
@@ -225,14 +228,16 @@ def _rank_slice(name: str, full: dict[str, torch.Tensor], request) -> torch.Tens
 
 
 def _model_request(parallel: str, placement: str, rank: int, size: int, experts: int):
-    """(tp_rank, tp_size, ep_rank, ep_size) and the experts the rank keeps."""
-    tp_rank, tp_size, ep_rank, ep_size = {
-        "tp": (rank, size, 0, 1),
-        "ep": (0, 1, rank, size),
-        "dp": (0, 1, 0, 1),
+    """((dense TP), (expert TP), (EP)) as (rank, size) pairs, and the experts the rank
+    keeps. `tp-ep` is vLLM's expert parallelism: attention sliced, experts whole and placed."""
+    dense_tp, expert_tp, ep = {
+        "tp": ((rank, size), (rank, size), (0, 1)),
+        "ep": ((0, 1), (0, 1), (rank, size)),
+        "tp-ep": ((rank, size), (0, 1), (rank, size)),
+        "dp": ((0, 1), (0, 1), (0, 1)),
     }[parallel]
-    local = fml.expert_placement(experts, ep_size, ep_rank, placement)  # type: ignore[arg-type]
-    return (tp_rank, tp_size, ep_rank, ep_size), local
+    local = fml.expert_placement(experts, ep[1], ep[0], placement)  # type: ignore[arg-type]
+    return (dense_tp, expert_tp, ep), local
 
 
 def _rank_model(config, request) -> torch.nn.Module:
@@ -257,8 +262,8 @@ def _rank_model(config, request) -> torch.nn.Module:
 def _load_model(
     path: str, config, device: torch.device, ranks, placement: str
 ) -> tuple[torch.nn.Module, float, int]:
-    (tp_rank, tp_size, ep_rank, ep_size), local = ranks
-    model = _rank_model(config, (tp_rank, tp_size, local))
+    (dense_tp, expert_tp, (ep_rank, ep_size)), local = ranks
+    model = _rank_model(config, (dense_tp, expert_tp, local))
     _sync(device)
     dist.barrier()
     start = time.perf_counter()
@@ -266,11 +271,13 @@ def _load_model(
         model,
         path,
         device=device,
-        tp_rank=tp_rank,
-        tp_size=tp_size,
+        tp_rank=dense_tp[0],
+        tp_size=dense_tp[1],
         ep_rank=ep_rank,
         ep_size=ep_size,
         placement=placement,  # type: ignore[arg-type]
+        expert_tp_rank=expert_tp[0],
+        expert_tp_size=expert_tp[1],
         strict=True,
         progress=False,
     )
@@ -282,13 +289,13 @@ def _check_model(path: str, model: torch.nn.Module, ranks) -> bool:
     """Every weight of the rank's model against its slice of `from_pretrained`'s model."""
     from transformers import AutoModelForCausalLM
 
-    (tp_rank, tp_size, _, _), local = ranks
+    (dense_tp, expert_tp, _), local = ranks
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).state_dict()
     ours = model.state_dict()
     if ours.keys() != reference.keys():
         return False
     return all(
-        _bits_equal(t, _rank_slice(n, reference, (tp_rank, tp_size, local)))
+        _bits_equal(t, _rank_slice(n, reference, (dense_tp, expert_tp, local)))
         for n, t in ours.items()
     )
 
@@ -298,7 +305,7 @@ def _check_model(path: str, model: torch.nn.Module, ranks) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="torchrun ... -m fastmoe_load.bench.distributed")
-    parser.add_argument("--parallel", choices=["tp", "ep", "dp"], default="ep")
+    parser.add_argument("--parallel", choices=["tp", "ep", "tp-ep", "dp"], default="ep")
     parser.add_argument(
         "--share", action="store_true", help="dp: read each expert once, exchange the slices"
     )
@@ -401,7 +408,7 @@ def main() -> None:
     gathered: list = [None] * size
     dist.all_gather_object(gathered, mine)
     if rank == 0:
-        mode = f"{args.parallel}={size}" + (f" {args.placement}" if args.parallel == "ep" else "")
+        mode = f"{args.parallel}={size}" + (f" {args.placement}" if "ep" in args.parallel else "")
         if args.share:
             mode += (
                 f" (each expert read once, shared over {'NCCL' if backend == 'nccl' else backend})"
