@@ -214,7 +214,8 @@ def fill(
     progress: Progress | None = None,
 ) -> int:
     """Executes planned destinations (all on one device): CPU tensors directly, CUDA ones
-    through the staging pipeline. Returns the bytes written."""
+    through the staging pipeline; stored-order plans land in scratch on the device first and
+    are transposed there. Returns the bytes written."""
     direct = [d for d in destinations if d.stored is None]
     if direct:
         _fill_direct(ckpt, direct, staging, progress)
