@@ -657,8 +657,8 @@ import json, os, sys, threading, time
 import torch
 import fastmoe_load as fml
 
-path, p, io, faulthandler_on = sys.argv[1:5]
-ckpt = fml.open(path, io=io, num_threads=1)
+path, p, io, faulthandler_on, threads = sys.argv[1:6]
+ckpt = fml.open(path, io=io, num_threads=int(threads))
 layer = ckpt.experts(p)
 n, i, h = layer.num_experts, layer.intermediate_size, layer.hidden_size
 w13 = torch.full((n, 2 * i, h), float("nan"), dtype=layer.dtype)
@@ -694,12 +694,13 @@ MID_COPY_CASES = [
     pytest.param("pread", "transposed", id="pread-strided"),
     pytest.param("mmap", "transposed", id="mmap-strided"),
     pytest.param("mmap", "fused-faulthandler", id="mmap-faulthandler-after"),
+    pytest.param("mmap", "fused-4-threads", id="mmap-4-threads"),
 ]
 
 
 @pytest.mark.parametrize(("io", "layout"), MID_COPY_CASES)
 def test_truncation_during_the_copy_does_not_kill_the_process(tmp_path, io, layout):
-    """A 768 MiB load (holes) with one copy thread; the file is cut to 4 KiB 20 ms in. The
+    """A 768 MiB load (holes) with one copy thread (or four); the file is cut to 4 KiB 20 ms in. The
     process must survive, and the load fail with FileChangedError naming the file (runs in
     which the truncation missed the copy are skipped)."""
     p = prefix(0)
@@ -711,7 +712,10 @@ def test_truncation_during_the_copy_does_not_kill_the_process(tmp_path, io, layo
         shapes = {"gate_up_proj": [e, h, 2 * i], "down_proj": [e, i, h]}
     write_header_only(path, {f"{p}.{k}": ("BF16", s) for k, s in shapes.items()})
     faulthandler_on = "1" if layout.endswith("faulthandler") else "0"
-    proc = run_python(MID_COPY_CHILD, str(path), p, io, faulthandler_on, cwd=tmp_path, timeout=60)
+    threads = "4" if layout.endswith("threads") else "1"  # several threads meet the cut
+    proc = run_python(
+        MID_COPY_CHILD, str(path), p, io, faulthandler_on, threads, cwd=tmp_path, timeout=60
+    )
     assert proc.returncode == 0, describe(proc)
     record = json.loads(proc.stdout.strip().splitlines()[-1])
     if record["type"] is None:
