@@ -94,8 +94,9 @@ def fused_block(path: Path) -> Path:
 
 
 def compressed_tensors(path: Path, strategy: str) -> Path:
-    """compressed-tensors FP8 (`float-quantized`): `weight_scale [out, 1]` per channel or
-    `[1]` per tensor, static `input_scale [1]`, as llm-compressor writes them."""
+    """compressed-tensors FP8 (`float-quantized`) as llm-compressor writes its two schemes
+    that vLLM serves: FP8_DYNAMIC, `weight_scale [out, 1]` per channel with dynamic per-token
+    activations; FP8 static, `weight_scale [1]` per tensor with `input_scale [1]`."""
     gen = torch.Generator().manual_seed(3)
     tensors = {}
     for e in range(E):
@@ -105,22 +106,30 @@ def compressed_tensors(path: Path, strategy: str) -> Path:
             tensors[f"{name}.weight"] = fp8(rows, cols, gen=gen)
             shape = (rows, 1) if strategy == "channel" else (1,)
             tensors[f"{name}.weight_scale"] = scale(*shape, dtype=torch.float32, gen=gen)
-            tensors[f"{name}.input_scale"] = scale(1, dtype=torch.float32, gen=gen)
+            if strategy == "tensor":  # gate and up read the same activations
+                reuse = module == "up_proj"
+                tensors[f"{name}.input_scale"] = (
+                    tensors[f"{PREFIX}.{e}.gate_proj.input_scale"].clone()
+                    if reuse
+                    else scale(1, dtype=torch.float32, gen=gen)
+                )
+    scheme = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False}
+    activations = (
+        {**scheme, "strategy": "tensor"}
+        if strategy == "tensor"
+        else {**scheme, "strategy": "token", "dynamic": True}
+    )
     quant = {
         "quant_method": "compressed-tensors",
         "format": "float-quantized",
         "config_groups": {
             "group_0": {
                 "targets": ["Linear"],
-                "weights": {"num_bits": 8, "type": "float", "strategy": strategy},
-                "input_activations": {
-                    "num_bits": 8,
-                    "type": "float",
-                    "strategy": "tensor",
-                    "dynamic": False,
-                },
+                "weights": {**scheme, "strategy": strategy},
+                "input_activations": activations,
             }
         },
+        "ignore": ["lm_head"],
     }
     return save(path, tensors, "qwen3_moe", quant)
 
@@ -235,11 +244,17 @@ def test_quantization_is_described(tmp_path):
     with fml.open(path) as ckpt:
         q = ckpt.experts(PREFIX).quantization
         assert (q.method, q.scheme, q.block_size) == ("compressed-tensors", "channel", None)
+        assert [c.kind for c in q.companions] == ["weight_scale"]
+        assert ckpt.experts(PREFIX).w2_scale(0).shape == (H, 1)
+    path = compressed_tensors(tmp_path / "ct_tensor", "tensor")
+    with fml.open(path) as ckpt:
+        q = ckpt.experts(PREFIX).quantization
+        assert q.scheme == "tensor"
         assert {c.kind: c.merged_w13 for c in q.companions} == {
             "weight_scale": False,
             "input_scale": True,
         }
-        assert ckpt.experts(PREFIX).w2_scale(0).shape == (H, 1)
+        assert ckpt.experts(PREFIX).companion("input_scale", "w3", 2).shape == (1, 1)
 
 
 def test_a_split_that_cuts_a_block_names_the_sizes_that_fit(tmp_path):
