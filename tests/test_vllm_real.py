@@ -130,8 +130,7 @@ def fp8_checkpoints(tmp_path_factory):
     import test_quant
 
     return {
-        name: make(tmp_path_factory.mktemp(name))
-        for name, make in test_quant.CHECKPOINTS.items()
+        name: make(tmp_path_factory.mktemp(name)) for name, make in test_quant.CHECKPOINTS.items()
     }
 
 
