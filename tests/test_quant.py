@@ -336,3 +336,35 @@ def test_inconsistent_quantized_checkpoints_raise_layout_errors(tmp_path, damage
     with fml.open(path) as ckpt, pytest.raises(fml.LayoutError, match=message) as raised:
         ckpt.moe_layers()
     assert str(path) in str(raised.value) and PREFIX in str(raised.value)
+
+
+def test_inspect_names_the_scheme_and_counts_scale_bytes(tmp_path):
+    import subprocess
+    import sys
+
+    path = per_expert_block(tmp_path / "ds", torch.float32, "deepseek_v3")
+    out = subprocess.run(
+        [sys.executable, "-m", "fastmoe_load", "inspect", str(path), "--tp", "2", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    report = json.loads(out)
+    (layer_report,) = report["layers"]
+    assert layer_report["quantization"] == "fp8, 128x128 block scales in float32 (weight_scale_inv)"
+    with fml.open(path) as ckpt:
+        layer = ckpt.experts(PREFIX)
+        for rank in layer_report["ranks"]:
+            w13, w2, scales = destinations(layer, 2, E)
+            stats = fml.load_fused_moe(
+                ckpt, PREFIX, w13, w2, tp_rank=rank["tp_rank"], tp_size=2, scales=scales
+            )
+            assert rank["bytes"] == stats.bytes
+            assert stats.bytes == w13.nbytes + w2.nbytes + sum(s.nbytes for s in scales.values())
+    table = subprocess.run(
+        [sys.executable, "-m", "fastmoe_load", "inspect", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "quantized   fp8, 128x128 block scales in float32 (weight_scale_inv)" in table
