@@ -368,3 +368,41 @@ def test_inspect_names_the_scheme_and_counts_scale_bytes(tmp_path):
         check=True,
     ).stdout
     assert "quantized   fp8, 128x128 block scales in float32 (weight_scale_inv)" in table
+
+
+def test_convert_carries_block_scales_both_ways(tmp_path):
+    from fastmoe_load.convert import convert
+
+    source = per_expert_block(tmp_path / "ds", torch.float32, "deepseek_v3")
+    convert(source, tmp_path / "fused", to="fused", progress=False)
+    convert(tmp_path / "fused", tmp_path / "back", to="per_expert", progress=False)
+    original = load_file(source / "model.safetensors")
+    fused = {}
+    for file in (tmp_path / "fused").glob("*.safetensors"):
+        fused |= load_file(file)
+    # transformers' FP8Experts names and shapes.
+    assert fused[f"{PREFIX}.gate_up_proj_scale_inv"].shape == (E, 2 * INTER // 128, H // 128)
+    assert fused[f"{PREFIX}.down_proj_scale_inv"].shape == (E, H // 128, INTER // 128)
+    for e in range(E):
+        gate = original[f"{PREFIX}.{e}.gate_proj.weight_scale_inv"]
+        up = original[f"{PREFIX}.{e}.up_proj.weight_scale_inv"]
+        assert torch.equal(fused[f"{PREFIX}.gate_up_proj_scale_inv"][e], torch.cat([gate, up]))
+    with fml.open(tmp_path / "fused") as ckpt:
+        assert ckpt.experts(PREFIX).quantization.scheme == "block"
+    back = {}
+    for file in (tmp_path / "back").glob("*.safetensors"):
+        back |= load_file(file)
+    assert back.keys() == original.keys()
+    for name, tensor in original.items():
+        assert_bitwise_equal(back[name], tensor, name)
+
+
+def test_convert_refuses_scales_without_a_fused_form(tmp_path):
+    from fastmoe_load.convert import convert
+
+    source = compressed_tensors(tmp_path / "ct", "tensor")
+    with pytest.raises(
+        fml.RequestError, match=r"weight_scale scales .* no fused transformers form"
+    ):
+        convert(source, tmp_path / "refused", to="fused", progress=False)
+    assert not (tmp_path / "refused").exists()
