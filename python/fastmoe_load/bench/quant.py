@@ -213,6 +213,8 @@ def main(
 
     fp8 = Fp8Bench(path, shape, dev, repeats, threads)  # type: ignore[arg-type]
     bf16 = Bench(bf16_path, bf16_shape, dev, repeats, threads)
+    if dev.type == "cuda":
+        fp8.link_rate(pinned=True)  # the physical limit, measured in the same run
     ep = 8 if shape.experts >= 8 else 1
     cases = [Case("TP=1"), Case("TP=2 rank 1", tp_rank=1, tp_size=2)]
     cases.append(Case(f"EP={ep} rank 1", ep_rank=1, ep_size=ep))
