@@ -416,7 +416,7 @@ def test_cuda_destinations_equal_cpu_ones(tmp_path, name, tp_rank, tp_size, expe
     """Weights and scales through the pinned staging pipeline (tiny buffers: many windows,
     scales sharing them), bfloat16 scales converted on the GPU."""
     path = CHECKPOINTS[name](tmp_path / name)
-    with fml.open(path, staging_bytes=1 << 16, staging_buffers=2) as ckpt:
+    with fml.open(path, staging_bytes=1 << 20, staging_buffers=2) as ckpt:
         layer = ckpt.experts(PREFIX)
         n = layer.num_experts if experts is None else len(experts)
         loads = {}
