@@ -399,7 +399,9 @@ def open(
 
     `num_threads` sets the copy threads (default: the CPUs available, at most 16).
     `interleaved` overrides whether fused gate/up tensors alternate gate and up rows
-    (default: from `config.json`'s `model_type`, e.g. gpt-oss).
+    (default: what the shards' metadata records, as `convert` writes it, else from
+    `config.json`'s `model_type`, e.g. gpt-oss); an override that contradicts the record
+    raises `CheckpointError`.
     `staging_bytes` and `staging_buffers` size the pinned buffers of CUDA loads.
     `io` chooses how long contiguous runs are read: copies out of the memory map (`mmap`,
     default, fastest on a warm page cache) or `pread` (strided gathers, as in TP-sliced

@@ -11,8 +11,9 @@ in that orientation (v5 names, GraniteMoe's `input_linear`/`output_linear`) are 
 unchanged. Transposed or interleaved fused groups (gpt-oss, Llama 4) are rewritten into the
 same v5 orientation under their own names: a layout for engines, which the transformers
 classes of those families cannot load (they keep `[E, H, 2I]`, gpt-oss with gate and up
-interleaved); as `config.json` still names gpt-oss, open such a result with
-`fml.open(path, interleaved=False)`.
+interleaved). The shards record that gate and up are concatenated (`__metadata__`
+`fastmoe_load.gate_up`), so `fml.open` and every loader built on it read such a result
+right although `config.json` still names gpt-oss.
 
 `to="per_expert"`: every fused group becomes `P.{e}.{gate}.weight [I, H]`, `P.{e}.{up}.weight
 [I, H]`, `P.{e}.{down}.weight [H, I]` (and `.bias` vectors), copied from the zero-copy
@@ -364,14 +365,6 @@ def recorded_metadata(paths: list[str]) -> dict[str, str]:
     return {}
 
 
-def misread_interleaving(ckpt: Checkpoint) -> bool:
-    """Whether `ckpt` was written by `convert(to="fused")` with gate and up concatenated but
-    is read interleaved (its config.json names gpt-oss)."""
-    interleaved = any(layer.interleaved for layer in ckpt.moe_layers())
-    recorded = recorded_metadata(ckpt.shard_paths).get(GATE_UP_METADATA_KEY)
-    return interleaved and recorded == "concatenated"
-
-
 def _recorded_names(ckpt: Checkpoint) -> tuple[str, str, str] | None:
     recorded = recorded_metadata(ckpt.shard_paths).get(NAMES_METADATA_KEY, "")
     names = tuple(recorded.split(","))
@@ -489,9 +482,6 @@ def _warn_about_layouts(ckpt: Checkpoint, converted: list[MoeLayer], to: Target)
             "the result is for engines: transformers' classes for these families keep the "
             "experts transposed or interleaved and cannot load it"
         )
-        if any("interleaved" in f for f in odd):
-            hint += "; open it with fml.open(path, interleaved=False), as config.json still says "
-            hint += f"model_type {ckpt.model_type}"
         what = "into the v5 layout (gate_up_proj [E, 2I, H], gate rows then up rows)"
     else:
         hint = "transformers has no per-expert format for these families and cannot load it"
@@ -589,17 +579,6 @@ def _partial_directory(dst: Path) -> Path:
     return partial
 
 
-def _open_source(path: Path, interleaved: bool | None) -> Checkpoint:
-    """Opens `path`, reading gate/up as concatenated where an earlier conversion says so
-    (unless `interleaved` says otherwise)."""
-    ckpt = open_checkpoint(path, interleaved=interleaved)
-    if interleaved is None and misread_interleaving(ckpt):
-        logger.info("%s: gate/up read as concatenated, as recorded by an earlier conversion", path)
-        ckpt.close()
-        ckpt = open_checkpoint(path, interleaved=False)
-    return ckpt
-
-
 def convert(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -621,7 +600,7 @@ def convert(
     start = time.perf_counter()
     src_path, dst_path = Path(src), Path(dst)
     _check_destination(dst_path)
-    with _open_source(src_path, interleaved) as ckpt:
+    with open_checkpoint(src_path, interleaved=interleaved) as ckpt:
         outputs, report, metadata = plan_outputs(ckpt, to, expert_names)
         if not report.converted:
             logger.warning(
