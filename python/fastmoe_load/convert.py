@@ -21,6 +21,14 @@ precedence: `expert_names`; the names recorded by a previous `to="fused"` conver
 shards' metadata, so a round trip restores the original names; `w1`/`w3`/`w2` for
 Mixtral-style `model_type`s; else `gate_proj`/`up_proj`/`down_proj`.
 
+Quantized (fp8) groups carry their scales with their weights: `P.{e}.{m}.weight_scale_inv`
+block (or per-tensor) scales become `P.gate_up_proj_scale_inv [E, 2·ceil(I/bn), ceil(H/bk)]`
+and `P.down_proj_scale_inv [E, ceil(H/bn), ceil(I/bk)]` (transformers' `FP8Experts`), and
+static input scales `P.gate_up_proj_activation_scale [E]` / `P.down_proj_activation_scale
+[E]` (gate and up share one input scale there: the up projection's); back again, each
+expert gets its slices. Scales without a fused transformers form (compressed-tensors'
+`weight_scale`) are refused with a `RequestError` before anything is written.
+
 Every other tensor is copied byte for byte. The result is written to a temporary directory
 beside `dst` and renamed into place when complete, in shards of at most `max_shard_size`
 bytes with a `model.safetensors.index.json`; from a checkpoint directory, the small files
@@ -164,7 +172,11 @@ class _FusedGroup:
         if layer.bias_dtype is not None:
             tensors["w13_bias"] = torch.empty(e, 2 * i, dtype=layer.bias_dtype)
             tensors["w2_bias"] = torch.empty(e, h, dtype=layer.bias_dtype)
-        # tp_size 1 with every expert in order: w13 is exactly gate_up_proj [E, 2I, H].
+        scales = {
+            name: torch.empty(shape, dtype=dtype) for name, shape, dtype in _fused_scales(layer)
+        }
+        # tp_size 1 with every expert in order: w13 is exactly gate_up_proj [E, 2I, H], and
+        # w13's block scales exactly gate_up_proj_scale_inv.
         load_fused_moe(
             self._ckpt,
             self._prefix,
@@ -172,13 +184,59 @@ class _FusedGroup:
             tensors["w2"],
             w13_bias=tensors.get("w13_bias"),
             w2_bias=tensors.get("w2_bias"),
+            scales=scales,
         )
-        return tensors
+        return tensors | scales
 
     def take(self, target: str) -> memoryview:
         if self._tensors is None:
             self._tensors = self._load()
         return _tensor_bytes(self._tensors.pop(target))
+
+
+# The fused form transformers gives each companion kind, after `gate_up_proj`/`down_proj`.
+FUSED_SCALE_SUFFIXES = {"weight_scale_inv": "_scale_inv", "input_scale": "_activation_scale"}
+
+
+def _fused_scales(layer: MoeLayer) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """`(destination, shape, dtype)` of the fused form of each of the group's scales, as
+    `load_fused_moe` fills them at tp_size 1."""
+    if layer.quantization is None:
+        return []
+    e, h, i = layer.num_experts, layer.hidden_size, layer.intermediate_size
+    return [
+        (f"{target}_{c.kind}", c.destination_shape(target, e, h, i), c.dtype)
+        for c in layer.quantization.companions
+        for target in ("w13", "w2")
+    ]
+
+
+def _fused_scale_shape(layer: MoeLayer, target: str, kind: str) -> tuple[int, ...]:
+    """transformers' shape: `[E, rows, cols]` of the grid (per-tensor scales as `[E, 2, 1]`
+    and `[E, 1, 1]`), `[E]` for the input scale gate and up share."""
+    assert layer.quantization is not None
+    c = layer.quantization.companion(kind)
+    assert c is not None
+    e, h, i = layer.num_experts, layer.hidden_size, layer.intermediate_size
+    if c.merged_w13:
+        return (e,)
+    rows, cols = c.grid(i, h) if target == "w13" else c.grid(h, i)
+    return (e, 2 * rows if target == "w13" else rows, cols)
+
+
+def _check_convertible(ckpt: Checkpoint, layer: MoeLayer) -> None:
+    """Refuses scales that have no fused transformers form, before anything is written."""
+    unknown = [
+        c.kind
+        for c in (layer.quantization.companions if layer.quantization else ())
+        if c.kind not in FUSED_SCALE_SUFFIXES
+    ]
+    if unknown:
+        raise RequestError(
+            f"{ckpt.path}: experts at `{layer.prefix}` have {', '.join(unknown)} scales "
+            f"({layer.quantization}), which have no fused transformers form; keep this "
+            "checkpoint per expert"
+        )
 
 
 def _fused_outputs(ckpt: Checkpoint, prefix: str) -> list[OutputTensor]:
@@ -194,6 +252,11 @@ def _fused_outputs(ckpt: Checkpoint, prefix: str) -> list[OutputTensor]:
             ("gate_up_proj_bias", "w13_bias", (e, 2 * i), layer.bias_dtype),
             ("down_proj_bias", "w2_bias", (e, h), layer.bias_dtype),
         ]
+    for target, _, dtype in _fused_scales(layer):
+        stem, kind = target.split("_", 1)
+        proj = "gate_up_proj" if stem == "w13" else "down_proj"
+        shape = _fused_scale_shape(layer, stem, kind)
+        parts.append((proj + FUSED_SCALE_SUFFIXES[kind], target, shape, dtype))
     return [
         OutputTensor(
             f"{prefix}.{suffix}",
@@ -214,8 +277,21 @@ def _per_expert_outputs(
     weights = (layer.w1, layer.w3, layer.w2)
     biases = (layer.b1, layer.b3, layer.b2)
     shapes = ((i, h), (i, h), (h, i))
+    companions = layer.quantization.companions if layer.quantization else ()
     outputs = []
     for e in range(layer.num_experts):
+        for c in companions:
+            for module, matrix, (rows, cols) in zip(names, ("w1", "w3", "w2"), shapes, strict=True):
+                shape = () if c.scheme == "tensor" else c.grid(rows, cols)
+                outputs.append(
+                    OutputTensor(
+                        f"{prefix}.{e}.{module}.{c.kind}",
+                        _safetensors_dtype(c.dtype),
+                        shape,
+                        _nbytes(shape, c.dtype),
+                        lambda c=c, m=matrix, e=e: _tensor_bytes(layer.companion(c.kind, m, e)),
+                    )
+                )
         for module, view, shape in zip(names, weights, shapes, strict=True):
             outputs.append(
                 OutputTensor(
@@ -366,6 +442,9 @@ def plan_outputs(
     owner = {name: layer for layer in layers for name in layer.tensor_names}
     # Only "fused" is the v5 orientation: transposed and interleaved fused groups convert.
     converting = [layer for layer in layers if layer.format != to]
+    if to == "fused":
+        for layer in converting:
+            _check_convertible(ckpt, layer)
     names = _choose_names(ckpt, expert_names) if to == "per_expert" and converting else None
 
     outputs: list[OutputTensor] = []

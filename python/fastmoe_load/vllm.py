@@ -8,6 +8,12 @@ attributes of the experts module:
 
 - `w13_weight [E_local, 2*I/tp, H]`, `w2_weight [E_local, H, I/tp]`, and for gpt-oss
   `w13_bias [E_local, 2*I/tp]`, `w2_bias [E_local, H]`;
+- for quantized (fp8) checkpoints, the scale parameters vLLM's fp8 MoE methods
+  (`Fp8MoEMethod`, `CompressedTensorsW8A8Fp8MoEMethod`) create, named `w13_{kind}` and
+  `w2_{kind}` after the checkpoint's companions: `w13_weight_scale_inv`/`w2_weight_scale_inv`
+  (block scales), `w13_weight_scale`/`w2_weight_scale` (per channel or tensor),
+  `w13_input_scale`/`w2_input_scale`; float32 parameters take bfloat16 or UE8M0 scales
+  converted exactly, as vLLM's `copy_` does;
 - `tp_rank`, `tp_size` (or `moe_config.tp_rank`, `moe_config.tp_size`): the layer's MoE
   tensor-parallel rank and size;
 - `expert_map` (optional): a tensor of one entry per physical (global) expert, holding its
@@ -30,7 +36,7 @@ from typing import Any
 import torch
 
 from ._fastmoe_load import RequestError
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, MoeLayer
 from .loader import load_fused_moe
 
 
@@ -55,6 +61,22 @@ def local_experts_of(
     return [int(logical_of_physical[p]) for p in physical]
 
 
+def scale_parameters(layer: Any, group: MoeLayer) -> dict[str, torch.Tensor]:
+    """The layer's parameters for the checkpoint group's companions (`w13_weight_scale_inv`,
+    ...), by name; raises `RequestError` naming any the layer lacks."""
+    if group.quantization is None:
+        return {}
+    layer = getattr(layer, "routed_experts", layer)
+    names = [f"{t}_{c.kind}" for c in group.quantization.companions for t in ("w13", "w2")]
+    missing = [n for n in names if not isinstance(getattr(layer, n, None), torch.Tensor)]
+    if missing:
+        raise RequestError(
+            f"experts at `{group.prefix}` are {group.quantization}, but the layer has no "
+            f"{', '.join(missing)}: build it with the checkpoint's quantization config"
+        )
+    return {n: getattr(layer, n).data for n in names}
+
+
 def load_fused_moe_layer(
     layer: Any,
     ckpt: Checkpoint,
@@ -62,8 +84,10 @@ def load_fused_moe_layer(
     *,
     logical_of_physical: Sequence[int] | None = None,
 ) -> list[str]:
-    """Fills a vLLM `FusedMoE` layer with the experts at `prefix` for the layer's own TP rank
-    and expert placement; returns the checkpoint tensor names it consumed."""
+    """Fills a vLLM `FusedMoE` layer with the experts at `prefix` (weights, biases and
+    scales) for the layer's own TP rank and expert placement; returns the checkpoint tensor
+    names it consumed. Parameters of another dtype than the checkpoint's are converted as
+    vLLM's own loader converts them (`copy_`)."""
     layer = getattr(layer, "routed_experts", layer)
     group = ckpt.experts(prefix)
     experts = local_experts_of(layer, group.num_experts, logical_of_physical)
@@ -86,6 +110,8 @@ def load_fused_moe_layer(
         tp_rank=tp_rank,
         tp_size=tp_size,
         local_experts=experts,
+        scales=scale_parameters(layer, group),
+        allow_cast=True,
         **{**biases, **{k: v for k, v in scratch.items() if k != "w13"}},
     )
     with torch.no_grad():
