@@ -406,3 +406,35 @@ def test_convert_refuses_scales_without_a_fused_form(tmp_path):
     ):
         convert(source, tmp_path / "refused", to="fused", progress=False)
     assert not (tmp_path / "refused").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["qwen3_fp8_bf16_scales", "compressed_tensors_tensor"])
+@pytest.mark.parametrize("tp_rank, tp_size, experts", REQUESTS)
+def test_cuda_destinations_equal_cpu_ones(tmp_path, name, tp_rank, tp_size, experts):
+    """Weights and scales through the pinned staging pipeline (tiny buffers: many windows,
+    scales sharing them), bfloat16 scales converted on the GPU."""
+    path = CHECKPOINTS[name](tmp_path / name)
+    with fml.open(path, staging_bytes=1 << 20, staging_buffers=2) as ckpt:
+        layer = ckpt.experts(PREFIX)
+        n = layer.num_experts if experts is None else len(experts)
+        loads = {}
+        for device in ("cpu", "cuda"):
+            w13, w2, scales = destinations(layer, tp_size, n)
+            w13, w2 = w13.to(device), w2.to(device)
+            scales = {k: v.to(device) for k, v in scales.items()}
+            fml.load_fused_moe(
+                ckpt,
+                PREFIX,
+                w13,
+                w2,
+                tp_rank=tp_rank,
+                tp_size=tp_size,
+                local_experts=experts,
+                scales=scales,
+                allow_cast=True,
+            )
+            loads[device] = {"w13": w13, "w2": w2, **scales}
+    for key, expected in loads["cpu"].items():
+        assert_bitwise_equal(loads["cuda"][key].cpu(), expected, key)

@@ -176,6 +176,12 @@ def _parser() -> argparse.ArgumentParser:
         help="time load_model against transformers' from_pretrained on a generated "
         "Qwen3-MoE-shaped model (--layers of 1.3 GB, default 2; needs transformers)",
     )
+    bench.add_argument(
+        "--quant",
+        choices=["fp8"],
+        help="quantized experts: a DeepSeek-V3-shaped fp8 checkpoint with block scales, "
+        "beside the pure-Python path and the bf16 rows (--layers of 11.3 GB, default 1)",
+    )
     return parser
 
 
@@ -263,6 +269,11 @@ def _bench(args: argparse.Namespace) -> None:
         from .bench.model_run import main as bench_model
 
         bench_model(args.device, args.layers or 2, args.dir, args.repeats, args.clean)
+        return
+    if args.quant:
+        from .bench.quant import main as bench_quant
+
+        bench_quant(args.device, args.layers, args.dir, args.repeats, args.threads)
         return
     from .bench.run import main as bench
 
