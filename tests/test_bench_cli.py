@@ -211,3 +211,30 @@ def test_distributed_bench_without_torchrun_says_how_to_start_it(tmp_path):
     )
     assert_one_error_line(result, "start it with torchrun", "--nproc-per-node")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_quant_bench_keeps_its_two_checkpoints_apart_and_prints_rows_once(tmp_path):
+    root = tmp_path / "quant"
+    options = ["--quant", "fp8", "--experts", 8, "--hidden", 256, "--intermediate", 256]
+    options += ["--layers", 1, "--repeats", 1, "--dir", root]
+    result = run_main("bench", *options)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.splitlines()
+    assert out[0].startswith(f"checkpoint: {root / 'fp8'} (1 layer(s) of 8 experts, ")
+    assert out[1].startswith(f"checkpoint: {root / 'bf16'} (bf16 fused, ")
+    header = out.index(next(line for line in out if line.startswith("path ")))
+    assert out[header].split()[-2:] == ["x", "bf16"]
+    rows = [line[:46].strip() + " | " + line[47:59].strip() for line in out[header + 2 :]]
+    rows = rows[: rows.index(" | ")]
+    paths = ["fastmoe_load bf16 fused", "fastmoe_load fp8 + scales"]
+    paths.append("seed: vLLM per-expert loop, fp8 + scales")
+    assert rows == [f"{p} | {c}" for c in ("TP=1", "TP=2 rank 1", "EP=8 rank 1") for p in paths]
+    assert sorted(p.name for p in root.iterdir()) == ["bf16", "fp8"]
+
+    (root / "mine.txt").write_text("mine")
+    assert_one_error_line(run_main("bench", *options), "holds more than the fp8/ and bf16/")
+    (root / "mine.txt").unlink()
+    cleaned = run_main("bench", *options, "--clean")
+    assert cleaned.returncode == 0, cleaned.stderr
+    assert "reused, removed after this run" in cleaned.stdout
+    assert not root.exists()

@@ -256,7 +256,16 @@ def _bench(args: argparse.Namespace) -> None:
             "/proc/sys/vm/drop_caches)"
         )
     if args.model:
-        names = ("explore", "cold", "transposed", "threads", "experts", "hidden", "intermediate")
+        names = (
+            "explore",
+            "cold",
+            "transposed",
+            "quant",
+            "threads",
+            "experts",
+            "hidden",
+            "intermediate",
+        )
         given = [f"--{name}" for name in names if getattr(args, name)]
         if given:
             raise RequestError(f"{', '.join(given)} do not apply to bench --model")
@@ -271,9 +280,22 @@ def _bench(args: argparse.Namespace) -> None:
         bench_model(args.device, args.layers or 2, args.dir, args.repeats, args.clean)
         return
     if args.quant:
+        given = [f"--{name}" for name in ("explore", "cold", "transposed") if getattr(args, name)]
+        if given:
+            raise RequestError(f"{', '.join(given)} do not apply to bench --quant")
         from .bench.quant import main as bench_quant
 
-        bench_quant(args.device, args.layers, args.dir, args.repeats, args.threads)
+        bench_quant(
+            args.device,
+            args.layers,
+            args.dir,
+            args.repeats,
+            args.threads,
+            args.clean,
+            args.experts,
+            args.hidden,
+            args.intermediate,
+        )
         return
     from .bench.run import main as bench
 

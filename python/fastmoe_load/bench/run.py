@@ -286,14 +286,30 @@ def _safetensors_load_file(files: list[str], device: torch.device) -> int:
     return total
 
 
-def _reference_label(reference: str) -> str:
-    return "x " + reference.split()[0]
+# The rows the last column divides by (by the start of their label): its heading, and what
+# it means in the legend.
+REFERENCES = {
+    "memcpy": ("x memcpy", "one thread's memcpy of as many bytes out of the mapped file"),
+    "pinned host->device": (
+        "x pinned",
+        "the pinned host-to-device copy of 1 GiB: the link's limit",
+    ),
+    "disk read": (
+        "x disk",
+        "reading every shard in 64 MiB blocks with 16 threads: the disk's rate",
+    ),
+    "fastmoe_load bf16": (
+        "x bf16",
+        "fastmoe_load's on the bf16 fused checkpoint, same case: the cost of the scales, "
+        "per landed byte",
+    ),
+}
 
 
 def table_header(reference: str) -> str:
     head = (
         f"{'path':<46} {'case':<12} {'destination':<12} {'GB/s':>7} {'x seed':>7} "
-        f"{_reference_label(reference):>9}"
+        f"{REFERENCES[reference][0]:>9}"
     )
     return f"{head}\n{'-' * len(head)}"
 
@@ -320,40 +336,37 @@ def table_line(row: Row, rows: list[Row], reference: str) -> str:
     )
 
 
-def legend(bench: Bench, cold: bool) -> str:
-    """What the table's columns mean, for this run."""
-    limit = {
-        "memcpy": "one thread's memcpy of as many bytes out of the mapped file",
-        "pinned host->device": "the pinned host-to-device copy of 1 GiB: the link's limit",
-        "disk read": "reading every shard in 64 MiB blocks with 16 threads: the disk's rate",
-    }[bench.reference]
-    cuda = bench.device.type == "cuda"
+def legend(bench: Bench, cold: bool = False) -> str:
+    """What the table's columns mean, for the rows this run printed."""
+    cases = {row.case for row in bench.rows}
+    destinations = {row.destination for row in bench.rows}
+    case = ["TP=2 rank 1 = its half of the intermediate size"]
+    if any(c.startswith("EP=") for c in cases):
+        case.append("EP=n rank 1 = the experts placed on rank 1 of n")
+    kinds = {
+        "fresh": "fresh: tensors allocated for each run, whose first write pays the page "
+        "faults (as at start-up)",
+        "pre-touched": "pre-touched: one set, written once before the timed runs",
+        "own tensors": "own tensors: the loader allocates its own",
+    }
     cache = "emptied before every run (--cold)" if cold else "warm (the files were just read)"
+    column, meaning = REFERENCES[bench.reference]
     terms = [
         (
             "path",
             "what fills the destinations. seed: vLLM's pure-Python loading, the path "
-            "fastmoe_load replaces (safetensors get_tensor of each fused tensor, chunk, "
-            "unbind, one narrow and copy_ per expert and shard)",
+            "fastmoe_load replaces (safetensors get_tensor of each stored tensor, then one "
+            "narrow and copy_ per expert and shard)",
         ),
-        (
-            "case",
-            "the part of every layer one rank loads: TP=2 rank 1 = its half of the "
-            "intermediate size" + (", EP=4 rank 1 = its quarter of the experts" if cuda else ""),
-        ),
-        (
-            "destination",
-            "fresh: tensors allocated for each run, whose first write pays the page faults "
-            "(as at start-up); pre-touched: one set, written once before the timed runs"
-            + ("; own tensors: the loader allocates its own" if cuda else ""),
-        ),
+        ("case", f"the part of every layer one rank loads: {'; '.join(case)}"),
+        ("destination", "; ".join(text for kind, text in kinds.items() if kind in destinations)),
         (
             "GB/s",
             f"bytes landed in the destinations per second, median of {bench.repeats} runs "
             f"after one warm-up; page cache {cache}",
         ),
         ("x seed", "that rate over the seed path's, same case and destination"),
-        (_reference_label(bench.reference), f"that rate over {limit}"),
+        (column, f"that rate over {meaning}"),
     ]
     return "\n".join(
         textwrap.fill(text, 96, initial_indent=f"{term:<13}", subsequent_indent=" " * 13)
