@@ -14,17 +14,29 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 import fastmoe_load as fml
 
-from .generate import MARKER, Shape, generate, layers_for
-from .run import Bench, Case, describe_machine, render
+from .._fastmoe_load import RequestError
+from .generate import (
+    Shape,
+    announce,
+    check_dir,
+    default_dir,
+    finish,
+    generate,
+    generated,
+    layers_for,
+    prepare,
+    remove,
+)
+from .run import Bench, Case, Row, describe_machine, legend
 from .seed import seed_load, shard_of_tensors
 
 FP8 = torch.float8_e4m3fn
@@ -57,14 +69,11 @@ class Fp8Shape:
         return f"model.layers.{layer + 3}.mlp.experts"
 
 
-def generate_fp8(path: str, shape: Fp8Shape) -> str:
-    """Writes the fp8 checkpoint to directory `path` unless a matching one is there already."""
-    os.makedirs(path, exist_ok=True)
-    marker = os.path.join(path, MARKER)
-    if os.path.exists(marker):
-        with open(marker) as f:
-            if json.load(f) == asdict(shape):
-                return path
+def generate_fp8(path: str, shape: Fp8Shape) -> bool:
+    """Writes the fp8 checkpoint to directory `path` unless it is there already (see
+    `generate.prepare`), with a progress bar on a terminal. Returns whether it was there."""
+    if prepare(path, "fp8", asdict(shape)):
+        return True
     generator = torch.Generator().manual_seed(0)
     h, i = shape.hidden, shape.intermediate
     # Random fp8 bytes (no NaN patterns), copied into every weight: cheap, real data.
@@ -74,6 +83,13 @@ def generate_fp8(path: str, shape: Fp8Shape) -> str:
         (layer, first) for layer in range(shape.layers) for first in range(0, shape.experts, 32)
     ]
     weight_map = {}
+    bar = tqdm(
+        total=shape.total_bytes,
+        desc="writing the fp8 checkpoint",
+        unit="B",
+        unit_scale=True,
+        disable=None,  # only on a terminal
+    )
     for k, (layer, first) in enumerate(groups):
         file = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
         tensors = {}
@@ -86,6 +102,8 @@ def generate_fp8(path: str, shape: Fp8Shape) -> str:
                 tensors[f"{name}.weight_scale_inv"] = torch.rand(grid, generator=generator)
         save_file(tensors, os.path.join(path, file))
         weight_map.update(dict.fromkeys(tensors, file))
+        bar.update(sum(t.nbytes for t in tensors.values()))
+    bar.close()
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": shape.total_bytes}, "weight_map": weight_map}, f)
     config = {
@@ -102,9 +120,8 @@ def generate_fp8(path: str, shape: Fp8Shape) -> str:
     }
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f)
-    with open(marker, "w") as f:
-        json.dump(asdict(shape), f)
-    return path
+    finish(path, "fp8", asdict(shape))
+    return False
 
 
 # One layer's destinations: w13, w2 and the scales by vLLM parameter name.
@@ -177,14 +194,41 @@ class Fp8Bench(Bench):
         return load
 
 
-def default_shape(device: torch.device, layers: int | None) -> Fp8Shape:
-    """One full DeepSeek-V3 layer (11.3 GB) on a GPU machine; on a CPU, as many experts as
-    fit an eighth of the memory, so that the checkpoint stays in the page cache."""
-    if device.type == "cuda":
-        return Fp8Shape(layers=layers or 1)
+def default_shape(
+    device: torch.device,
+    layers: int | None,
+    experts: int | None = None,
+    hidden: int | None = None,
+    intermediate: int | None = None,
+) -> Fp8Shape:
+    """DeepSeek-V3's sizes unless given: one full layer (11.3 GB) on a GPU machine; on a
+    CPU, as many experts as fit an eighth of the memory, so that the checkpoint stays in the
+    page cache."""
+    base = Fp8Shape(layers=layers or 1)
+    base = replace(
+        base, hidden=hidden or base.hidden, intermediate=intermediate or base.intermediate
+    )
+    if experts or device.type == "cuda":
+        return replace(base, experts=experts or base.experts)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    one = Fp8Shape(layers=1, experts=1)
-    return Fp8Shape(layers=layers or 1, experts=max(8, min(256, ram // 8 // one.layer_bytes)))
+    one = replace(base, layers=1, experts=1)
+    return replace(base, experts=max(8, min(256, ram // 8 // one.layer_bytes)))
+
+
+def _check_root(root: str) -> None:
+    """`root` holds the two checkpoints in `fp8/` and `bf16/`: it must be new, empty or hold
+    only those, each one a bench generated."""
+    if os.path.lexists(root) and not os.path.isdir(root):
+        raise RequestError(f"{root}: exists and is not a directory; give --dir a directory")
+    others = sorted(set(os.listdir(root)) - {"fp8", "bf16"}) if os.path.isdir(root) else []
+    if others:
+        raise RequestError(
+            f"{root}: the directory is not empty and holds more than the fp8/ and bf16/ "
+            f"checkpoints bench --quant generates ({', '.join(others[:3])}); nothing in it is "
+            "overwritten: give --dir a new or empty directory"
+        )
+    for name in ("fp8", "bf16"):
+        check_dir(os.path.join(root, name))
 
 
 def main(
@@ -193,41 +237,72 @@ def main(
     directory: str | None = None,
     repeats: int = 5,
     threads: int | None = None,
-) -> list:
+    clean: bool = False,
+    experts: int | None = None,
+    hidden: int | None = None,
+    intermediate: int | None = None,
+) -> list[Row]:
+    """Generates the fp8 checkpoint (see `default_shape`) and a bf16 fused one of about the
+    same size in `directory`/fp8 and `directory`/bf16 (default: `default_dir`, reused while
+    the shapes match; removed afterwards with `clean`), and prints the table."""
     dev = torch.device(device)
-    shape = default_shape(dev, layers)
-    root = directory or tempfile.gettempdir()
-    path = os.path.join(root, f"fastmoe_bench_fp8_{shape.layers}x{shape.experts}")
-    print(
-        f"checkpoint: {path} ({shape.layers} layer(s) of {shape.experts} experts, "
-        f"H={shape.hidden}, I={shape.intermediate}, fp8 e4m3 per expert with float32 "
-        f"128x128 weight_scale_inv; {shape.total_bytes / 1e9:.2f} GB)",
-        flush=True,
+    shape = default_shape(dev, layers, experts, hidden, intermediate)
+    one = Shape(layers=1)
+    one = replace(
+        one,
+        experts=experts or one.experts,
+        hidden=hidden or one.hidden,
+        intermediate=intermediate or one.intermediate,
     )
-    generate_fp8(path, shape)
-    bf16_shape = Shape(layers=layers_for(shape.total_bytes))
-    bf16_path = os.path.join(root, f"fastmoe_bench_{bf16_shape.layers}")
-    print(f"checkpoint: {bf16_path} (bf16 fused, {bf16_shape.total_bytes / 1e9:.2f} GB)")
-    generate(bf16_path, bf16_shape)
-    print(describe_machine(dev, path), flush=True)
-
-    fp8 = Fp8Bench(path, shape, dev, repeats, threads)  # type: ignore[arg-type]
-    bf16 = Bench(bf16_path, bf16_shape, dev, repeats, threads)
-    if dev.type == "cuda":
-        fp8.link_rate(pinned=True)  # the physical limit, measured in the same run
-    ep = 8 if shape.experts >= 8 else 1
-    cases = [Case("TP=1"), Case("TP=2 rank 1", tp_rank=1, tp_size=2)]
-    cases.append(Case(f"EP={ep} rank 1", ep_rank=1, ep_size=ep))
-    for case in cases:
-        fp8.compare(
-            case,
-            {
-                "fastmoe_load fp8 + scales": fp8.fastmoe(case),
-                "seed: vLLM per-expert loop, fp8 + scales": fp8.seed(case),
-            },
-        )
-        bf16.compare(case, {"fastmoe_load bf16 fused": bf16.fastmoe(case)})
-    rows = fp8.rows + bf16.rows
-    print()
-    print(render(rows, "fastmoe_load bf16"))
-    return rows
+    bf16_shape = replace(one, layers=layers_for(shape.total_bytes, one))
+    root = directory or default_dir("fastmoe_bench_fp8")
+    path, bf16_path = os.path.join(root, "fp8"), os.path.join(root, "bf16")
+    _check_root(root)
+    announce(
+        path,
+        f"{shape.layers} layer(s) of {shape.experts} experts, H={shape.hidden}, "
+        f"I={shape.intermediate}, fp8 e4m3 per expert with float32 128x128 weight_scale_inv, "
+        f"{shape.total_bytes / 1e9:.3g} GB",
+        generated(path, "fp8", asdict(shape)),
+        clean,
+    )
+    announce(
+        bf16_path,
+        f"bf16 fused, {bf16_shape.layers} layer(s) of E={bf16_shape.experts}, "
+        f"H={bf16_shape.hidden}, I={bf16_shape.intermediate}, "
+        f"{bf16_shape.total_bytes / 1e9:.3g} GB",
+        generated(bf16_path, "experts", asdict(bf16_shape)),
+        clean,
+    )
+    try:
+        generate_fp8(path, shape)
+        generate(bf16_path, bf16_shape)
+        print(describe_machine(dev, path), flush=True)
+        reference = "fastmoe_load bf16"
+        fp8 = Fp8Bench(path, shape, dev, repeats, threads, reference)  # type: ignore[arg-type]
+        bf16 = Bench(bf16_path, bf16_shape, dev, repeats, threads, reference, rows=fp8.rows)
+        if dev.type == "cuda":
+            fp8.link_rate(pinned=True)  # the physical limit, measured in the same run
+        cases = [Case("TP=1"), Case("TP=2 rank 1", tp_rank=1, tp_size=2)]
+        ep = min(8, shape.experts)
+        if ep > 1:
+            cases.append(Case(f"EP={ep} rank 1", ep_rank=1, ep_size=ep))
+        for case in cases:
+            # bf16 first, so that the fp8 rows print with their ratio to it.
+            bf16.compare(case, {"fastmoe_load bf16 fused": bf16.fastmoe(case)})
+            fp8.compare(
+                case,
+                {
+                    "fastmoe_load fp8 + scales": fp8.fastmoe(case),
+                    "seed: vLLM per-expert loop, fp8 + scales": fp8.seed(case),
+                },
+            )
+        print()
+        print(legend(fp8))
+    finally:
+        if clean:
+            remove(path)
+            remove(bf16_path)
+            if os.path.isdir(root) and not os.listdir(root):
+                os.rmdir(root)
+    return fp8.rows
