@@ -49,6 +49,8 @@ class CompanionInfo:
         """safetensors dtype name, e.g. `F32`."""
     @property
     def merged_w13(self) -> bool: ...
+    @property
+    def fused_suffix(self) -> str | None: ...
 
 class MoeLayerInfo:
     """One routed-expert group as the core detected it."""

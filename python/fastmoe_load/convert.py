@@ -195,10 +195,6 @@ class _FusedGroup:
         return _tensor_bytes(self._tensors.pop(target))
 
 
-# The fused form transformers gives each companion kind, after `gate_up_proj`/`down_proj`.
-FUSED_SCALE_SUFFIXES = {"weight_scale_inv": "_scale_inv", "input_scale": "_activation_scale"}
-
-
 def _fused_scales(layer: MoeLayer) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     """`(destination, shape, dtype)` of the fused form of each of the group's scales, as
     `load_fused_moe` fills them at tp_size 1."""
@@ -212,25 +208,12 @@ def _fused_scales(layer: MoeLayer) -> list[tuple[str, tuple[int, ...], torch.dty
     ]
 
 
-def _fused_scale_shape(layer: MoeLayer, target: str, kind: str) -> tuple[int, ...]:
-    """transformers' shape: `[E, rows, cols]` of the grid (per-tensor scales as `[E, 2, 1]`
-    and `[E, 1, 1]`), `[E]` for the input scale gate and up share."""
-    assert layer.quantization is not None
-    c = layer.quantization.companion(kind)
-    assert c is not None
-    e, h, i = layer.num_experts, layer.hidden_size, layer.intermediate_size
-    if c.merged_w13:
-        return (e,)
-    rows, cols = c.grid(i, h) if target == "w13" else c.grid(h, i)
-    return (e, 2 * rows if target == "w13" else rows, cols)
-
-
 def _check_convertible(ckpt: Checkpoint, layer: MoeLayer) -> None:
     """Refuses scales that have no fused transformers form, before anything is written."""
     unknown = [
         c.kind
         for c in (layer.quantization.companions if layer.quantization else ())
-        if c.kind not in FUSED_SCALE_SUFFIXES
+        if c.fused_suffix is None
     ]
     if unknown:
         raise RequestError(
@@ -253,11 +236,10 @@ def _fused_outputs(ckpt: Checkpoint, prefix: str) -> list[OutputTensor]:
             ("gate_up_proj_bias", "w13_bias", (e, 2 * i), layer.bias_dtype),
             ("down_proj_bias", "w2_bias", (e, h), layer.bias_dtype),
         ]
-    for target, _, dtype in _fused_scales(layer):
-        stem, kind = target.split("_", 1)
-        proj = "gate_up_proj" if stem == "w13" else "down_proj"
-        shape = _fused_scale_shape(layer, stem, kind)
-        parts.append((proj + FUSED_SCALE_SUFFIXES[kind], target, shape, dtype))
+    for c in layer.quantization.companions if layer.quantization else ():
+        for stem, proj in (("w13", "gate_up_proj"), ("w2", "down_proj")):
+            shape = c.fused_shape(stem, e, h, i)
+            parts.append((f"{proj}{c.fused_suffix}", f"{stem}_{c.kind}", shape, c.dtype))
     return [
         OutputTensor(
             f"{prefix}.{suffix}",
