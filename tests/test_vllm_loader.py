@@ -25,7 +25,7 @@ WIDER = {"hidden_size": 64}
 WIDER_FAMILY = {"gpt_oss": {"intermediate_size": 64}}
 # (family, saved in its original per-expert format, model dtype). Mixtral's fused v5 save is
 # left out: v5 renames `block_sparse_moe` to `mlp`, which vLLM 0.33's Mixtral does not read.
-# float32 models take bf16 experts through vLLM's casting path, not through fastmoe_load.
+# float32 models take bf16 experts converted as vLLM's loader converts them.
 CASES = [
     ("qwen3_moe", False, "bfloat16"),
     ("qwen3_moe", True, "bfloat16"),
@@ -119,10 +119,85 @@ def test_loader_matches_default_loader(distributed, checkpoints, family, origina
         expert_names = {name for group in groups for name in group.tensor_names}
         everything = set(ckpt.keys())
     assert len(groups) == FAMILIES[family]["num_hidden_layers"]
-    if dtype == "bfloat16":  # the checkpoint's: fastmoe_load fills the experts itself
-        assert set(received) == everything - expert_names
-    else:  # vLLM casts, fastmoe_load never does: the model's own loading takes them
-        assert set(received) == everything
+    # Of any dtype (a float32 model converts as vLLM's loader does), experts never reach the
+    # model's own load_weights.
+    assert set(received) == everything - expert_names
+
+
+def quantize_fp8_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's scheme: float8_e4m3fn values and float32 `weight_scale_inv` per 128 x 128
+    block of the last two dimensions (which divide into whole blocks here)."""
+    *lead, rows, cols = weight.shape
+    blocks = weight.float().reshape(*lead, rows // 128, 128, cols // 128, 128)
+    scale = blocks.abs().amax(dim=(-3, -1), keepdim=True).clamp(min=1e-12) / 448.0
+    values = (blocks / scale).to(torch.float8_e4m3fn).reshape(weight.shape)
+    return values, scale.squeeze(-1).squeeze(-2)
+
+
+@pytest.fixture(scope="module")
+def fp8_checkpoints(tmp_path_factory):
+    """Qwen3-MoE with fp8 block-scaled experts (router and attention left in bfloat16 through
+    `modules_to_not_convert`), per-expert and fused v5 saves, sizes on vLLM's 128-entry
+    blocks."""
+    import json
+
+    sizes = {"hidden_size": 128, "moe_intermediate_size": 128, "head_dim": 32}
+    model = build_model("qwen3_moe", **sizes)
+    layers = model.config.num_hidden_layers
+    saved = {}
+    for original in (True, False):
+        path = tmp_path_factory.mktemp(f"fp8-{'orig' if original else 'v5'}")
+        model.save_pretrained(path, save_original_format=original)
+        with fml.open(path) as ckpt:
+            tensors = {name: ckpt.tensor(name).clone() for name in ckpt.keys()}
+            experts = {n for group in ckpt.moe_layers() for n in group.tensor_names}
+        for file in path.glob("*.safetensors*"):
+            file.unlink()
+        for name in sorted(experts):
+            stem = name.removesuffix(".weight")
+            (
+                tensors[name],
+                tensors[f"{stem}_scale_inv" if stem == name else f"{stem}.weight_scale_inv"],
+            ) = quantize_fp8_blocks(tensors[name])
+        save_file(tensors, path / "model.safetensors")
+        config = json.loads((path / "config.json").read_text())
+        config["quantization_config"] = {
+            "quant_method": "fp8",
+            "activation_scheme": "dynamic",
+            "weight_block_size": [128, 128],
+            # As Qwen3-FP8 releases list them: the router stays unquantized.
+            "modules_to_not_convert": [
+                f"model.layers.{i}.{m}"
+                for i in range(layers)
+                for m in (
+                    "mlp.gate",
+                    "self_attn.q_proj",
+                    "self_attn.k_proj",
+                    "self_attn.v_proj",
+                    "self_attn.o_proj",
+                )
+            ],
+        }
+        (path / "config.json").write_text(json.dumps(config))
+        saved[original] = path
+    return saved
+
+
+@pytest.mark.parametrize("original", [True, False])
+def test_fp8_model_matches_default_loader(distributed, fp8_checkpoints, original):
+    """A whole fp8 model (`Fp8MoEMethod` experts with block scales): every parameter equal to
+    vLLM's own loading, and neither expert weights nor scales through the model's loader."""
+    path = fp8_checkpoints[original]
+    theirs, _ = load(path, "safetensors")
+    ours, received = load(path, "fastmoe")
+    assert_same_state(ours, theirs)
+    scales = [n for n, _ in ours.named_parameters() if n.endswith("w13_weight_scale_inv")]
+    assert len(scales) == FAMILIES["qwen3_moe"]["num_hidden_layers"]
+    with fml.open(path) as ckpt:
+        groups = ckpt.moe_layers()
+        assert all(g.quantization.scheme == "block" for g in groups)
+        expert_names = {name for group in groups for name in group.tensor_names}
+        assert set(received) == set(ckpt.keys()) - expert_names
 
 
 def test_load_model_selects_the_loader_by_load_format(distributed, checkpoints, monkeypatch):

@@ -36,23 +36,33 @@ def as_tp_rank(rank: int):
         config.get_tensor_model_parallel_rank = original
 
 
-def build(tp_size: int, rank: int, expert_parallel: bool, name: str):
+def build(
+    tp_size: int,
+    rank: int,
+    expert_parallel: bool,
+    name: str,
+    quant_config=None,
+    sizes: tuple[int, int, int] = (E, H, INTER),
+):
+    """A vLLM `MoERunner` as TP rank `rank` of `tp_size`, every parameter poisoned (NaN)."""
     from vllm.config import ParallelConfig, VllmConfig, set_current_vllm_config
     from vllm.model_executor.layers.fused_moe import FusedMoEFactory
 
     config = VllmConfig(parallel_config=ParallelConfig(enable_expert_parallel=expert_parallel))
+    num_experts, hidden, inter = sizes
     with as_tp_rank(rank), set_current_vllm_config(config):
         runner = FusedMoEFactory(
-            num_experts=E,
+            num_experts=num_experts,
             top_k=TOP_K,
-            hidden_size=H,
-            intermediate_size=INTER,
+            hidden_size=hidden,
+            intermediate_size=inter,
             params_dtype=torch.bfloat16,
             tp_size=tp_size,
             prefix=f"{name}.experts",
             renormalize=True,
+            quant_config=quant_config,
         )
-    for p in (runner.routed_experts.w13_weight, runner.routed_experts.w2_weight):
+    for p in runner.routed_experts.parameters():
         p.data.fill_(float("nan"))
     return runner
 
@@ -98,3 +108,59 @@ def test_adapter_matches_vllm_load_weights(
         actual = getattr(ours.routed_experts, param).data
         assert not expected.isnan().any()
         assert torch.equal(actual.view(torch.int16), expected.view(torch.int16)), param
+
+
+def quant_config_of(path):
+    """vLLM's quantization config for a checkpoint, as its engine builds it from config.json."""
+    import json
+
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
+        CompressedTensorsConfig,
+    )
+    from vllm.model_executor.layers.quantization.fp8 import Fp8Config
+
+    config = json.loads((path / "config.json").read_text())["quantization_config"]
+    if config["quant_method"] == "fp8":
+        return Fp8Config.from_config(config)
+    return CompressedTensorsConfig.from_config(config)
+
+
+@pytest.fixture(scope="module")
+def fp8_checkpoints(tmp_path_factory):
+    import test_quant
+
+    return {
+        name: make(tmp_path_factory.mktemp(name)) for name, make in test_quant.CHECKPOINTS.items()
+    }
+
+
+@pytest.mark.parametrize("layout", sorted(__import__("test_quant").CHECKPOINTS))
+@pytest.mark.parametrize(("tp_size", "rank", "ep"), [(1, 0, False), (2, 1, False), (2, 1, True)])
+def test_fp8_layers_match_vllm_load_weights(
+    vllm_process_groups, fp8_checkpoints, layout, tp_size, rank, ep
+):
+    """vLLM's fp8 MoE methods (`Fp8MoEMethod` block scales from DeepSeek-V3, Qwen3-FP8 and
+    transformers' fused save; `CompressedTensorsW8A8Fp8MoEMethod` per channel and per tensor
+    with input scales): every weight and scale parameter equal to vLLM's own loading."""
+    import test_quant
+
+    path = fp8_checkpoints[layout]
+    prefix = test_quant.PREFIX
+    sizes = (test_quant.E, test_quant.H, test_quant.INTER)
+    # vLLM matches parameter kinds by substrings of the full name: keep the layer's own.
+    name = prefix.removesuffix(".experts")
+    theirs = build(tp_size, rank, ep, name, quant_config_of(path), sizes)
+    ours = build(tp_size, rank, ep, name, quant_config_of(path), sizes)
+    with fml.open(path) as ckpt:
+        names = [n for n in ckpt.keys() if n.startswith(prefix + ".")]
+        weights = ((n[len(prefix) + 1 :], ckpt.tensor(n)) for n in names)
+        assert set(theirs.load_weights(weights))
+        consumed = load_fused_moe_layer(ours, ckpt, prefix)
+    assert sorted(consumed) == sorted(names)
+    params = dict(theirs.routed_experts.named_parameters())
+    assert any("scale" in p for p in params), params
+    for param, expected in params.items():
+        actual = getattr(ours.routed_experts, param).data
+        assert not expected.data.float().isnan().all(), f"vLLM left {param} unloaded"
+        assert actual.dtype == expected.dtype, param
+        assert torch.equal(actual.view(torch.uint8), expected.data.view(torch.uint8)), param

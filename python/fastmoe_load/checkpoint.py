@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+from dataclasses import dataclass
 from functools import cached_property
 from types import TracebackType
 from typing import Any, Literal
@@ -52,8 +54,112 @@ def torch_dtype(name: str, what: str) -> torch.dtype:
         ) from None
 
 
+@dataclass(frozen=True)
+class Companion:
+    """One kind of tensor that rides with quantized expert weights.
+
+    `kind` is its name in checkpoints and in vLLM (`w13_{kind}`, `w2_{kind}`):
+    `weight_scale_inv` (fp8 block scales, DeepSeek-V3 and transformers' FP8 layout),
+    `weight_scale` (compressed-tensors, ModelOpt, fbgemm) or `input_scale` (static activation
+    scales). `scheme` says how one value maps onto the weight: `block` (one per
+    `block[0] x block[1]` entries), `channel` (one per output row) or `tensor` (one per
+    matrix). `merged_w13`: vLLM keeps one value per expert for gate and up together
+    (`w13_input_scale [E]`), the up projection's. `fused_suffix`: the name transformers gives
+    the fused form after `gate_up_proj`/`down_proj` (`_scale_inv`, `_activation_scale`), or
+    None where it has none (compressed-tensors' `weight_scale`)."""
+
+    kind: str
+    scheme: str
+    block: tuple[int, int] | None
+    dtype: torch.dtype
+    merged_w13: bool
+    fused_suffix: str | None
+
+    def grid(self, rows: int, cols: int) -> tuple[int, int]:
+        """`(rows, cols)` of this companion for a `rows x cols` weight."""
+        if self.scheme == "block":
+            assert self.block is not None
+            return math.ceil(rows / self.block[0]), math.ceil(cols / self.block[1])
+        return (rows, 1) if self.scheme == "channel" else (1, 1)
+
+    def destination_shape(
+        self, target: str, experts: int, hidden: int, shard: int
+    ) -> tuple[int, ...]:
+        """The shape vLLM 0.33's fp8 MoE methods give `{target}_{kind}` (`target` `w13` or
+        `w2`) for `experts` local experts and an intermediate shard of `shard`: block scales
+        `[E, 2·ceil(I/tp/bn), ceil(H/bk)]` and `[E, ceil(H/bn), ceil(I/tp/bk)]`, per-channel
+        `[E, 2·I/tp, 1]` and `[E, H, 1]`, per-tensor `[E, 2]` and `[E]`, input scales `[E]`."""
+        if target == "w13":
+            if self.merged_w13:
+                return (experts,)
+            if self.scheme == "tensor":
+                return (experts, 2)
+            rows, cols = self.grid(shard, hidden)
+            return (experts, 2 * rows, cols)
+        if self.scheme == "tensor":
+            return (experts,)
+        return (experts, *self.grid(hidden, shard))
+
+    def fused_shape(self, target: str, experts: int, hidden: int, shard: int) -> tuple[int, ...]:
+        """The shape transformers' `FP8Experts` gives `gate_up_proj{fused_suffix}` (`target`
+        `w13`) or `down_proj{fused_suffix}` (`w2`): the grid's `[E, 2·rows, cols]` and
+        `[E, rows, cols]` (per-tensor scales `[E, 2, 1]` and `[E, 1, 1]`), `[E]` for the input
+        scale gate and up share. The bytes are those of `destination_shape`."""
+        if self.merged_w13:
+            return (experts,)
+        if target == "w13":
+            rows, cols = self.grid(shard, hidden)
+            return (experts, 2 * rows, cols)
+        return (experts, *self.grid(hidden, shard))
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How a group's expert weights are quantized: `method` is `quant_method` from
+    `config.json` (`fp8`, `compressed-tensors`, `fbgemm_fp8`, `modelopt`), or `fp8` where only
+    the files say so; `companions` lists the tensors beside each weight, the weight's own
+    scale first."""
+
+    method: str
+    companions: tuple[Companion, ...]
+
+    @property
+    def weight_scale(self) -> Companion:
+        """The weights' own scale (`weight_scale_inv` or `weight_scale`)."""
+        return next(c for c in self.companions if c.kind != "input_scale")
+
+    @property
+    def scheme(self) -> str:
+        """`block`, `channel` or `tensor`: the weight scale's grid."""
+        return self.weight_scale.scheme
+
+    @property
+    def block_size(self) -> tuple[int, int] | None:
+        return self.weight_scale.block
+
+    def companion(self, kind: str) -> Companion | None:
+        return next((c for c in self.companions if c.kind == kind), None)
+
+    def __str__(self) -> str:
+        scale = self.weight_scale
+        grid = f"{scale.block[0]}x{scale.block[1]} block" if scale.block else scale.scheme
+        kinds = ", ".join(c.kind for c in self.companions)
+        return (
+            f"{self.method}, {grid} scales in {str(scale.dtype).removeprefix('torch.')} ({kinds})"
+        )
+
+
 class MoeLayer:
-    """One routed-expert group: its layout, sizes, and per-expert zero-copy views."""
+    """One routed-expert group: its layout, sizes, and per-expert zero-copy views.
+
+    Attributes: `prefix` (the experts' module path, e.g. `model.layers.3.mlp.experts`);
+    `format` (`fused` for transformers v5 `gate_up_proj [E, 2I, H]`, `fused_transposed` for
+    `[E, H, 2I]` as in Llama 4, `fused_interleaved` / `fused_transposed_interleaved` where gate
+    and up alternate as in gpt-oss, or `per_expert` for one tensor per expert and matrix);
+    `num_experts`, `hidden_size` (H), `intermediate_size` (I, per expert, before TP);
+    `dtype` (the weights'), `bias_dtype` (None without biases); `tensor_names` (every stored
+    tensor of the group, scales included); `quantization` (None for unquantized experts).
+    """
 
     def __init__(self, ckpt: Checkpoint, info: native.MoeLayerInfo) -> None:
         self._ckpt = ckpt
@@ -68,6 +174,20 @@ class MoeLayer:
             None if info.bias_dtype is None else torch_dtype(info.bias_dtype, where)
         )
         self.tensor_names: tuple[str, ...] = tuple(info.tensor_names)
+        self.quantization: Quantization | None = None
+        if info.quant_method is not None:
+            companions = tuple(
+                Companion(
+                    c.kind,
+                    c.scheme,
+                    c.block,
+                    torch_dtype(c.dtype, where),
+                    c.merged_w13,
+                    c.fused_suffix,
+                )
+                for c in info.companions
+            )
+            self.quantization = Quantization(info.quant_method, companions)
 
     @property
     def has_bias(self) -> bool:
@@ -82,17 +202,20 @@ class MoeLayer:
         return "interleaved" in self.format
 
     def __repr__(self) -> str:
+        quantized = "" if self.quantization is None else f", quantization={self.quantization}"
         return (
             f"MoeLayer({self.prefix!r}, format={self.format!r}, E={self.num_experts}, "
             f"H={self.hidden_size}, I={self.intermediate_size}, dtype={self.dtype}, "
-            f"bias={self.has_bias})"
+            f"bias={self.has_bias}{quantized})"
         )
 
-    def _view(self, name: str, expert: int, vector: bool = False) -> torch.Tensor:
+    def _view(
+        self, name: str, expert: int, vector: bool = False, kind: str | None = None
+    ) -> torch.Tensor:
         where = f"{self._ckpt.path}: experts at `{self.prefix}`: "
         expert = as_index(expert, "expert", where)
         tensor, offset, rows, cols, row_stride, col_stride = self._ckpt._handle.matrix(
-            self.prefix, name, expert
+            self.prefix, name, expert, kind
         )
         base = self._ckpt.tensor(tensor)
         if vector:
@@ -122,6 +245,34 @@ class MoeLayer:
     def b2(self, expert: int) -> torch.Tensor:
         """Down bias `[H]` of `expert`."""
         return self._view("b2", expert, vector=True)
+
+    def companion(self, kind: str, matrix: str, expert: int) -> torch.Tensor:
+        """A zero-copy view of the `kind` companion (e.g. `weight_scale_inv`) of `matrix`
+        (`w1`, `w3` or `w2`) of `expert`, as a matrix on its grid over the weight: block
+        scales `[ceil(rows/bn), ceil(cols/bk)]`, per-channel `[rows, 1]`, per-tensor `[1, 1]`;
+        in the file's dtype. Raises `RequestError` where the group has no such companion."""
+        if matrix not in ("w1", "w3", "w2"):
+            raise RequestError(f"{self._ckpt.path}: matrix must be w1, w3 or w2, not {matrix!r}")
+        return self._view(matrix, expert, kind=kind)
+
+    def w1_scale(self, expert: int) -> torch.Tensor:
+        """The gate projection's weight scale of `expert` (see `companion`)."""
+        return self.companion(self._weight_scale_kind(), "w1", expert)
+
+    def w3_scale(self, expert: int) -> torch.Tensor:
+        """The up projection's weight scale of `expert` (see `companion`)."""
+        return self.companion(self._weight_scale_kind(), "w3", expert)
+
+    def w2_scale(self, expert: int) -> torch.Tensor:
+        """The down projection's weight scale of `expert` (see `companion`)."""
+        return self.companion(self._weight_scale_kind(), "w2", expert)
+
+    def _weight_scale_kind(self) -> str:
+        if self.quantization is None:
+            raise RequestError(
+                f"{self._ckpt.path}: experts at `{self.prefix}` are not quantized: no scales"
+            )
+        return self.quantization.weight_scale.kind
 
 
 class Checkpoint:
@@ -270,7 +421,9 @@ def open(
 
     `num_threads` sets the copy threads (default: the CPUs available, at most 16).
     `interleaved` overrides whether fused gate/up tensors alternate gate and up rows
-    (default: from `config.json`'s `model_type`, e.g. gpt-oss).
+    (default: what the shards' metadata records, as `convert` writes it, else from
+    `config.json`'s `model_type`, e.g. gpt-oss); an override that contradicts the record
+    raises `CheckpointError`.
     `staging_bytes` and `staging_buffers` size the pinned buffers of CUDA loads.
     `io` chooses how long contiguous runs are read: copies out of the memory map (`mmap`,
     default, fastest on a warm page cache) or `pread` (strided gathers, as in TP-sliced

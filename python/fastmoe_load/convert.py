@@ -11,8 +11,9 @@ in that orientation (v5 names, GraniteMoe's `input_linear`/`output_linear`) are 
 unchanged. Transposed or interleaved fused groups (gpt-oss, Llama 4) are rewritten into the
 same v5 orientation under their own names: a layout for engines, which the transformers
 classes of those families cannot load (they keep `[E, H, 2I]`, gpt-oss with gate and up
-interleaved); as `config.json` still names gpt-oss, open such a result with
-`fml.open(path, interleaved=False)`.
+interleaved). The shards record that gate and up are concatenated (`__metadata__`
+`fastmoe_load.gate_up`), so `fml.open` and every loader built on it read such a result
+right although `config.json` still names gpt-oss.
 
 `to="per_expert"`: every fused group becomes `P.{e}.{gate}.weight [I, H]`, `P.{e}.{up}.weight
 [I, H]`, `P.{e}.{down}.weight [H, I]` (and `.bias` vectors), copied from the zero-copy
@@ -20,6 +21,14 @@ per-expert views; per-expert groups are copied unchanged. The module names are, 
 precedence: `expert_names`; the names recorded by a previous `to="fused"` conversion in the
 shards' metadata, so a round trip restores the original names; `w1`/`w3`/`w2` for
 Mixtral-style `model_type`s; else `gate_proj`/`up_proj`/`down_proj`.
+
+Quantized (fp8) groups carry their scales with their weights: `P.{e}.{m}.weight_scale_inv`
+block (or per-tensor) scales become `P.gate_up_proj_scale_inv [E, 2·ceil(I/bn), ceil(H/bk)]`
+and `P.down_proj_scale_inv [E, ceil(H/bn), ceil(I/bk)]` (transformers' `FP8Experts`), and
+static input scales `P.gate_up_proj_activation_scale [E]` / `P.down_proj_activation_scale
+[E]` (gate and up share one input scale there: the up projection's); back again, each
+expert gets its slices. Scales without a fused transformers form (compressed-tensors'
+`weight_scale`) are refused with a `RequestError` before anything is written.
 
 Every other tensor is copied byte for byte. The result is written to a temporary directory
 beside `dst` and renamed into place when complete, in shards of at most `max_shard_size`
@@ -164,7 +173,11 @@ class _FusedGroup:
         if layer.bias_dtype is not None:
             tensors["w13_bias"] = torch.empty(e, 2 * i, dtype=layer.bias_dtype)
             tensors["w2_bias"] = torch.empty(e, h, dtype=layer.bias_dtype)
-        # tp_size 1 with every expert in order: w13 is exactly gate_up_proj [E, 2I, H].
+        scales = {
+            name: torch.empty(shape, dtype=dtype) for name, shape, dtype in _fused_scales(layer)
+        }
+        # tp_size 1 with every expert in order: w13 is exactly gate_up_proj [E, 2I, H], and
+        # w13's block scales exactly gate_up_proj_scale_inv.
         load_fused_moe(
             self._ckpt,
             self._prefix,
@@ -172,13 +185,42 @@ class _FusedGroup:
             tensors["w2"],
             w13_bias=tensors.get("w13_bias"),
             w2_bias=tensors.get("w2_bias"),
+            scales=scales,
         )
-        return tensors
+        return tensors | scales
 
     def take(self, target: str) -> memoryview:
         if self._tensors is None:
             self._tensors = self._load()
         return _tensor_bytes(self._tensors.pop(target))
+
+
+def _fused_scales(layer: MoeLayer) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """`(destination, shape, dtype)` of the fused form of each of the group's scales, as
+    `load_fused_moe` fills them at tp_size 1."""
+    if layer.quantization is None:
+        return []
+    e, h, i = layer.num_experts, layer.hidden_size, layer.intermediate_size
+    return [
+        (f"{target}_{c.kind}", c.destination_shape(target, e, h, i), c.dtype)
+        for c in layer.quantization.companions
+        for target in ("w13", "w2")
+    ]
+
+
+def _check_convertible(ckpt: Checkpoint, layer: MoeLayer) -> None:
+    """Refuses scales that have no fused transformers form, before anything is written."""
+    unknown = [
+        c.kind
+        for c in (layer.quantization.companions if layer.quantization else ())
+        if c.fused_suffix is None
+    ]
+    if unknown:
+        raise RequestError(
+            f"{ckpt.path}: experts at `{layer.prefix}` have {', '.join(unknown)} scales "
+            f"({layer.quantization}), which have no fused transformers form; keep this "
+            "checkpoint per expert"
+        )
 
 
 def _fused_outputs(ckpt: Checkpoint, prefix: str) -> list[OutputTensor]:
@@ -194,6 +236,10 @@ def _fused_outputs(ckpt: Checkpoint, prefix: str) -> list[OutputTensor]:
             ("gate_up_proj_bias", "w13_bias", (e, 2 * i), layer.bias_dtype),
             ("down_proj_bias", "w2_bias", (e, h), layer.bias_dtype),
         ]
+    for c in layer.quantization.companions if layer.quantization else ():
+        for stem, proj in (("w13", "gate_up_proj"), ("w2", "down_proj")):
+            shape = c.fused_shape(stem, e, h, i)
+            parts.append((f"{proj}{c.fused_suffix}", f"{stem}_{c.kind}", shape, c.dtype))
     return [
         OutputTensor(
             f"{prefix}.{suffix}",
@@ -214,8 +260,21 @@ def _per_expert_outputs(
     weights = (layer.w1, layer.w3, layer.w2)
     biases = (layer.b1, layer.b3, layer.b2)
     shapes = ((i, h), (i, h), (h, i))
+    companions = layer.quantization.companions if layer.quantization else ()
     outputs = []
     for e in range(layer.num_experts):
+        for c in companions:
+            for module, matrix, (rows, cols) in zip(names, ("w1", "w3", "w2"), shapes, strict=True):
+                shape = () if c.scheme == "tensor" else c.grid(rows, cols)
+                outputs.append(
+                    OutputTensor(
+                        f"{prefix}.{e}.{module}.{c.kind}",
+                        _safetensors_dtype(c.dtype),
+                        shape,
+                        _nbytes(shape, c.dtype),
+                        lambda c=c, m=matrix, e=e: _tensor_bytes(layer.companion(c.kind, m, e)),
+                    )
+                )
         for module, view, shape in zip(names, weights, shapes, strict=True):
             outputs.append(
                 OutputTensor(
@@ -288,14 +347,6 @@ def recorded_metadata(paths: list[str]) -> dict[str, str]:
     return {}
 
 
-def misread_interleaving(ckpt: Checkpoint) -> bool:
-    """Whether `ckpt` was written by `convert(to="fused")` with gate and up concatenated but
-    is read interleaved (its config.json names gpt-oss)."""
-    interleaved = any(layer.interleaved for layer in ckpt.moe_layers())
-    recorded = recorded_metadata(ckpt.shard_paths).get(GATE_UP_METADATA_KEY)
-    return interleaved and recorded == "concatenated"
-
-
 def _recorded_names(ckpt: Checkpoint) -> tuple[str, str, str] | None:
     recorded = recorded_metadata(ckpt.shard_paths).get(NAMES_METADATA_KEY, "")
     names = tuple(recorded.split(","))
@@ -366,6 +417,9 @@ def plan_outputs(
     owner = {name: layer for layer in layers for name in layer.tensor_names}
     # Only "fused" is the v5 orientation: transposed and interleaved fused groups convert.
     converting = [layer for layer in layers if layer.format != to]
+    if to == "fused":
+        for layer in converting:
+            _check_convertible(ckpt, layer)
     names = _choose_names(ckpt, expert_names) if to == "per_expert" and converting else None
 
     outputs: list[OutputTensor] = []
@@ -410,9 +464,6 @@ def _warn_about_layouts(ckpt: Checkpoint, converted: list[MoeLayer], to: Target)
             "the result is for engines: transformers' classes for these families keep the "
             "experts transposed or interleaved and cannot load it"
         )
-        if any("interleaved" in f for f in odd):
-            hint += "; open it with fml.open(path, interleaved=False), as config.json still says "
-            hint += f"model_type {ckpt.model_type}"
         what = "into the v5 layout (gate_up_proj [E, 2I, H], gate rows then up rows)"
     else:
         hint = "transformers has no per-expert format for these families and cannot load it"
@@ -510,17 +561,6 @@ def _partial_directory(dst: Path) -> Path:
     return partial
 
 
-def _open_source(path: Path, interleaved: bool | None) -> Checkpoint:
-    """Opens `path`, reading gate/up as concatenated where an earlier conversion says so
-    (unless `interleaved` says otherwise)."""
-    ckpt = open_checkpoint(path, interleaved=interleaved)
-    if interleaved is None and misread_interleaving(ckpt):
-        logger.info("%s: gate/up read as concatenated, as recorded by an earlier conversion", path)
-        ckpt.close()
-        ckpt = open_checkpoint(path, interleaved=False)
-    return ckpt
-
-
 def convert(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -542,7 +582,7 @@ def convert(
     start = time.perf_counter()
     src_path, dst_path = Path(src), Path(dst)
     _check_destination(dst_path)
-    with _open_source(src_path, interleaved) as ckpt:
+    with open_checkpoint(src_path, interleaved=interleaved) as ckpt:
         outputs, report, metadata = plan_outputs(ckpt, to, expert_names)
         if not report.converted:
             logger.warning(

@@ -38,6 +38,7 @@ class LayerReport:
     intermediate_size: int
     dtype: str
     bias_dtype: str | None
+    quantization: str | None  # e.g. "fp8, 128x128 block scales in float32 (weight_scale_inv)"
     tensors: list[str]
     bytes: int  # stored in the checkpoint
     ranks: list[RankBytes]
@@ -89,8 +90,11 @@ def _stored_bytes(ckpt: Checkpoint, name: str) -> int:
 def rank_bytes(
     ckpt: Checkpoint, layer: MoeLayer, tp_rank: int, tp_size: int, experts: list[int]
 ) -> int:
-    """Bytes a load of `layer` for this TP rank and these experts reads (and writes)."""
+    """Bytes a load of `layer` for this TP rank and these experts reads (and writes), scales
+    included."""
     targets = ["w13", "w2"] + (["w13_bias", "w2_bias"] if layer.has_bias else [])
+    if layer.quantization is not None:
+        targets += [f"{t}_{c.kind}" for c in layer.quantization.companions for t in ("w13", "w2")]
     return sum(
         ckpt._handle.plan(
             layer.prefix, target, tp_rank=tp_rank, tp_size=tp_size, experts=experts
@@ -116,6 +120,7 @@ def _layer_report(
         intermediate_size=layer.intermediate_size,
         dtype=_dtype_name(layer.dtype),
         bias_dtype=None if layer.bias_dtype is None else _dtype_name(layer.bias_dtype),
+        quantization=None if layer.quantization is None else str(layer.quantization),
         tensors=list(layer.tensor_names),
         bytes=sum(_stored_bytes(ckpt, name) for name in layer.tensor_names),
         ranks=ranks,
@@ -150,13 +155,14 @@ def inspect_checkpoint(
     ]
     for layer in layers:
         logger.info(
-            "%s: %s, E=%d H=%d I=%d %s",
+            "%s: %s, E=%d H=%d I=%d %s%s",
             layer.prefix,
             layer.format,
             layer.num_experts,
             layer.hidden_size,
             layer.intermediate_size,
             layer.dtype,
+            f" ({layer.quantization})" if layer.quantization else "",
         )
     names = ckpt.keys()
     expert_tensors = sum(len(layer.tensors) for layer in layers)
@@ -239,8 +245,11 @@ def format_report(report: Report) -> str:
     ]
     if not report.layers:
         return "\n".join([*lines, "", "no routed-expert groups found"])
+    quantizations = sorted({layer.quantization for layer in report.layers if layer.quantization})
+    lines += [f"quantized   {q}" for q in quantizations]
 
     header = ["prefix", "format", "E", "H", "I", "dtype", "bias", "bytes", "per rank"]
+    # Bytes include the scales of quantized groups: they travel with their weights.
     rows = [
         [
             layer.prefix,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,12 +37,14 @@ TRANSPOSE_SCRATCH_BYTES = 128 << 20
 class Destination:
     """One parameter to fill and the plan that fills it. A plan in the stored order of a
     transposed group (`stored` = "w13", "w13_pairs" or "w2", see `_transpose_stored`)
-    lands in scratch memory on the destination's device and is transposed there."""
+    lands in scratch memory on the destination's device and is transposed there; so does a
+    plan whose bytes are of another dtype (`cast_from`, the checkpoint's), converted there."""
 
     name: str
     tensor: torch.Tensor
     plan: native.CopyPlan
     stored: str | None = None
+    cast_from: torch.dtype | None = None
 
 
 class _Request:
@@ -71,14 +73,19 @@ class _Request:
         return experts
 
     def destination(
-        self, name: str, tensor: object, shape: tuple[int, ...], dtype: torch.dtype
+        self,
+        name: str,
+        tensor: object,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        allow_cast: bool = False,
     ) -> torch.Tensor:
         if not isinstance(tensor, torch.Tensor):
             raise self.error(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-        if tensor.dtype != dtype:
+        if tensor.dtype != dtype and not allow_cast:
             raise self.error(
                 f"{name} has dtype {tensor.dtype} but the checkpoint stores {dtype}; "
-                "fastmoe_load does not cast"
+                "fastmoe_load casts only when asked to (allow_cast=True)"
             )
         if tuple(tensor.shape) != shape:
             raise self.error(f"{name} has shape {tuple(tensor.shape)}, expected {shape}")
@@ -100,6 +107,8 @@ def plan_destinations(
     local_experts: Iterable[int] | None = None,
     w13_bias: torch.Tensor | None = None,
     w2_bias: torch.Tensor | None = None,
+    scales: Mapping[str, torch.Tensor] | None = None,
+    allow_cast: bool = False,
 ) -> list[Destination]:
     """Checks a load request completely and plans it, writing nothing."""
     if not isinstance(ckpt, Checkpoint):
@@ -131,14 +140,20 @@ def plan_destinations(
             if layer.bias_dtype is None:
                 raise request.error(f"{name} given but the checkpoint has no expert biases")
             wanted.append((name, bias, shape, layer.bias_dtype))
-    tensors = [request.destination(*w) for w in wanted]
+    wanted += _scale_destinations(request, layer, scales, n, shard)
+    tensors = [request.destination(*w, allow_cast=allow_cast) for w in wanted]
     devices = {t.device for t in tensors}
     if len(devices) > 1:
         raise request.error(f"destinations are on several devices: {sorted(map(str, devices))}")
 
     destinations = []
-    for (name, *_), tensor in zip(wanted, tensors, strict=True):
+    for (name, _, _, dtype), tensor in zip(wanted, tensors, strict=True):
+        cast_from = dtype if tensor.dtype != dtype else None
         if name in ("w13", "w2") and layer.transposed and _transposes_on_device(tensor):
+            if cast_from is not None:
+                raise request.error(
+                    f"{name}: transposed experts are loaded in the checkpoint's dtype {dtype}"
+                )
             # Read the stored rows (plain runs) and transpose on the GPU, a few experts at
             # a time; a CPU gather of the 2-byte entries runs at a few GB/s at best.
             stored = "w13_pairs" if name == "w13" and layer.interleaved else name
@@ -158,10 +173,39 @@ def plan_destinations(
             plan = ckpt._handle.plan(
                 prefix, name, tp_rank=tp_rank, tp_size=tp_size, experts=experts
             )
-            destinations.append(Destination(name, tensor, plan))
+            destinations.append(Destination(name, tensor, plan, cast_from=cast_from))
     for d in destinations:
         d.plan.check_intact()
     return destinations
+
+
+def _scale_destinations(
+    request: _Request,
+    layer: MoeLayer,
+    scales: Mapping[str, torch.Tensor] | None,
+    experts: int,
+    shard: int,
+) -> list[tuple[str, object, tuple[int, ...], torch.dtype]]:
+    """`(name, tensor, shape, checkpoint dtype)` of each scale destination given."""
+    if not scales:
+        return []
+    if not isinstance(scales, Mapping):
+        raise request.error(f"scales must map parameter names to tensors, got {scales!r}")
+    quantization = layer.quantization
+    known = {}
+    for companion in quantization.companions if quantization else ():
+        for target in ("w13", "w2"):
+            shape = companion.destination_shape(target, experts, layer.hidden_size, shard)
+            known[f"{target}_{companion.kind}"] = (shape, companion.dtype)
+    unknown = sorted(set(scales) - set(known))
+    if unknown:
+        what = (
+            f"its scales fill {', '.join(sorted(known))}"
+            if known
+            else "the checkpoint's experts are not quantized"
+        )
+        raise request.error(f"no scales for {', '.join(map(str, unknown))}: {what}")
+    return [(name, tensor, *known[name]) for name, tensor in scales.items()]
 
 
 def load_fused_moe(
@@ -175,6 +219,8 @@ def load_fused_moe(
     local_experts: Iterable[int] | None = None,
     w13_bias: torch.Tensor | None = None,
     w2_bias: torch.Tensor | None = None,
+    scales: Mapping[str, torch.Tensor] | None = None,
+    allow_cast: bool = False,
     staging: StagingPool | None = None,
     progress: Progress | None = None,
 ) -> LoadStats:
@@ -183,7 +229,23 @@ def load_fused_moe(
 
     Slot `k` receives global expert `local_experts[k]` (default: every expert in order; an
     expert may fill several slots). Everything is checked before the first byte is written,
-    so on error the destinations are untouched. Dtypes must match the checkpoint exactly.
+    so on error the destinations are untouched.
+
+    Quantized experts (`ckpt.experts(prefix).quantization`): `w13`/`w2` take the weights as
+    stored (e.g. `torch.float8_e4m3fn`), and `scales` maps vLLM's scale parameter names to
+    their destinations, each sliced with its weights for the TP rank and the local experts:
+    `w13_weight_scale_inv [E_local, 2·ceil(I/tp/bn), ceil(H/bk)]` and `w2_weight_scale_inv
+    [E_local, ceil(H/bn), ceil(I/tp/bk)]` for `bn x bk` block scales (vLLM's `Fp8MoEMethod`);
+    `w13_weight_scale [E_local, 2·I/tp, 1]` / `[E_local, 2]` and `w2_weight_scale [E_local, H,
+    1]` / `[E_local]` per channel / per tensor (compressed-tensors, ModelOpt); `w13_input_scale`
+    and `w2_input_scale [E_local]` (static activation scales; w13 takes the up projection's,
+    as vLLM's loader leaves it). A TP split must fall on the scale blocks (vLLM's rule):
+    `RequestError` names the tp sizes that do.
+
+    Dtypes must match the checkpoint's unless `allow_cast=True`: then a destination of
+    another dtype is filled through scratch memory on its device in the checkpoint's dtype,
+    converted by torch's `copy_` as vLLM's own loader converts (exact from bfloat16,
+    float16 and float8_e8m0fnu scales to float32 parameters; rounding where narrower).
 
     CUDA destinations are filled through pinned staging buffers (`staging`, default: the
     checkpoint's pool) with asynchronous copies; the caller's current stream sees the
@@ -200,6 +262,8 @@ def load_fused_moe(
         local_experts=local_experts,
         w13_bias=w13_bias,
         w2_bias=w2_bias,
+        scales=scales,
+        allow_cast=allow_cast,
     )
     start = time.perf_counter()
     nbytes = fill(ckpt, destinations, staging=staging, progress=progress)
@@ -215,10 +279,24 @@ def fill(
 ) -> int:
     """Executes planned destinations (all on one device): CPU tensors directly, CUDA ones
     through the staging pipeline; stored-order plans land in scratch on the device first and
-    are transposed there. Returns the bytes written."""
-    direct = [d for d in destinations if d.stored is None]
+    are transposed there, and plans of another dtype are converted there. Returns the bytes
+    read."""
+    # Casts share the pipeline with the rest: their scratch is the destination's size.
+    scratch = {
+        id(d): torch.empty(d.tensor.shape, dtype=d.cast_from, device=d.tensor.device)
+        for d in destinations
+        if d.cast_from is not None
+    }
+    direct = [
+        Destination(d.name, scratch.get(id(d), d.tensor), d.plan)
+        for d in destinations
+        if d.stored is None
+    ]
     if direct:
         _fill_direct(ckpt, direct, staging, progress)
+    for d in destinations:
+        if id(d) in scratch:
+            d.tensor.copy_(scratch[id(d)])  # on the caller's stream, after the transfers
     for d in destinations:
         if d.stored is not None:
             scratch = torch.empty(d.plan.nbytes, dtype=torch.uint8, device=d.tensor.device)

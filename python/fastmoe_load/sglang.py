@@ -49,7 +49,8 @@ logger = logging.getLogger("fastmoe_load")
 
 def fillable(layer: torch.nn.Module, group: MoeLayer) -> bool:
     """Whether `fill_expert_layer` writes what SGLang's own `weight_loader` would:
-    unquantized, gate rows then up rows of the TP slice, unpadded, the checkpoint's dtype."""
+    unquantized layer and checkpoint, the TP slice's rows in the checkpoint's gate/up
+    arrangement, unpadded, the checkpoint's dtype."""
     tp_size = int(layer.moe_tp_size)
     if group.intermediate_size % tp_size:
         return False
@@ -66,6 +67,7 @@ def fillable(layer: torch.nn.Module, group: MoeLayer) -> bool:
         and tuple(w13.shape[1:]) == (2 * shard, group.hidden_size)
         and tuple(w2.shape[1:]) == (group.hidden_size, shard)
         and w13.dtype == w2.dtype == group.dtype
+        and group.quantization is None
     )
 
 

@@ -8,6 +8,12 @@ attributes of the experts module:
 
 - `w13_weight [E_local, 2*I/tp, H]`, `w2_weight [E_local, H, I/tp]`, and for gpt-oss
   `w13_bias [E_local, 2*I/tp]`, `w2_bias [E_local, H]`;
+- for quantized (fp8) checkpoints, the scale parameters vLLM's fp8 MoE methods
+  (`Fp8MoEMethod`, `CompressedTensorsW8A8Fp8MoEMethod`) create, named `w13_{kind}` and
+  `w2_{kind}` after the checkpoint's companions: `w13_weight_scale_inv`/`w2_weight_scale_inv`
+  (block scales), `w13_weight_scale`/`w2_weight_scale` (per channel or tensor),
+  `w13_input_scale`/`w2_input_scale`; float32 parameters take bfloat16 or UE8M0 scales
+  converted exactly, as vLLM's `copy_` does;
 - `tp_rank`, `tp_size` (or `moe_config.tp_rank`, `moe_config.tp_size`): the layer's MoE
   tensor-parallel rank and size;
 - `expert_map` (optional): a tensor of one entry per physical (global) expert, holding its
@@ -17,9 +23,13 @@ Physical experts beyond the checkpoint's (EPLB redundant experts) are replicas o
 expert `physical % num_experts`, as vLLM places them initially, unless
 `logical_of_physical` says otherwise.
 
-vLLM keeps gpt-oss's interleaved gate/up rows in `w13_weight` (its activation splits them),
-and adds `w2_bias` once before the all-reduce, so TP ranks other than 0 hold zeros there;
-this adapter does the same for interleaved checkpoints.
+How gate and up are arranged in `w13_weight` is the layer's to say, not the checkpoint's:
+vLLM's gpt-oss activation (`moe_config.activation` `swigluoai`) reads them interleaved, every
+other activation gate rows then up rows. The checkpoint's own arrangement (interleaved
+gpt-oss files, or the same rewritten concatenated by `convert`, as its shards record) is
+read as it is and rearranged on the destination's device where the two differ; a layer
+that names no activation keeps the checkpoint's. vLLM adds `w2_bias` once before the
+all-reduce, so TP ranks other than 0 hold zeros there; this adapter does the same.
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ from typing import Any
 import torch
 
 from ._fastmoe_load import RequestError
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, MoeLayer
 from .loader import load_fused_moe
 
 
@@ -55,6 +65,32 @@ def local_experts_of(
     return [int(logical_of_physical[p]) for p in physical]
 
 
+def wants_interleaved(layer: Any, group: MoeLayer) -> bool:
+    """Whether `layer` keeps gate and up interleaved in `w13_weight` (vLLM's `swigluoai`)."""
+    layer = getattr(layer, "routed_experts", layer)
+    config = getattr(layer, "moe_config", None)
+    activation = getattr(layer, "activation", None) or getattr(config, "activation", None)
+    if activation is None:
+        return group.interleaved
+    return getattr(activation, "value", activation) == "swigluoai"
+
+
+def scale_parameters(layer: Any, group: MoeLayer) -> dict[str, torch.Tensor]:
+    """The layer's parameters for the checkpoint group's companions (`w13_weight_scale_inv`,
+    ...), by name; raises `RequestError` naming any the layer lacks."""
+    if group.quantization is None:
+        return {}
+    layer = getattr(layer, "routed_experts", layer)
+    names = [f"{t}_{c.kind}" for c in group.quantization.companions for t in ("w13", "w2")]
+    missing = [n for n in names if not isinstance(getattr(layer, n, None), torch.Tensor)]
+    if missing:
+        raise RequestError(
+            f"experts at `{group.prefix}` are {group.quantization}, but the layer has no "
+            f"{', '.join(missing)}: build it with the checkpoint's quantization config"
+        )
+    return {n: getattr(layer, n).data for n in names}
+
+
 def load_fused_moe_layer(
     layer: Any,
     ckpt: Checkpoint,
@@ -62,8 +98,10 @@ def load_fused_moe_layer(
     *,
     logical_of_physical: Sequence[int] | None = None,
 ) -> list[str]:
-    """Fills a vLLM `FusedMoE` layer with the experts at `prefix` for the layer's own TP rank
-    and expert placement; returns the checkpoint tensor names it consumed."""
+    """Fills a vLLM `FusedMoE` layer with the experts at `prefix` (weights, biases and
+    scales) for the layer's own TP rank and expert placement; returns the checkpoint tensor
+    names it consumed. Parameters of another dtype than the checkpoint's are converted as
+    vLLM's own loader converts them (`copy_`)."""
     layer = getattr(layer, "routed_experts", layer)
     group = ckpt.experts(prefix)
     experts = local_experts_of(layer, group.num_experts, logical_of_physical)
@@ -73,10 +111,11 @@ def load_fused_moe_layer(
     b13, b2 = getattr(layer, "w13_bias", None), getattr(layer, "w2_bias", None)
     with_bias = group.has_bias and b13 is not None and b2 is not None
     biases = {"w13_bias": b13.data, "w2_bias": b2.data} if with_bias else {}
-    # Interleaved checkpoints keep their interleaving in vLLM: load gate rows then up rows
-    # into scratch and interleave them on the destination's device.
-    scratch = {"w13": torch.empty_like(w13)} if group.interleaved else {}
-    if group.interleaved and with_bias:
+    # For an interleaving activation, load gate rows then up rows into scratch and
+    # interleave them on the destination's device.
+    interleave = wants_interleaved(layer, group)
+    scratch = {"w13": torch.empty_like(w13)} if interleave else {}
+    if interleave and with_bias:
         scratch["w13_bias"] = torch.empty_like(biases["w13_bias"])
     load_fused_moe(
         ckpt,
@@ -86,6 +125,8 @@ def load_fused_moe_layer(
         tp_rank=tp_rank,
         tp_size=tp_size,
         local_experts=experts,
+        scales=scale_parameters(layer, group),
+        allow_cast=True,
         **{**biases, **{k: v for k, v in scratch.items() if k != "w13"}},
     )
     with torch.no_grad():

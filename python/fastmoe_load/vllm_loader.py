@@ -27,10 +27,12 @@ What it relies on in vLLM (0.33):
   model on the target device, calls `load_weights(model, model_config)`, then runs
   `process_weights_after_loading`;
 - an expert layer is a module whose own parameters include `w13_weight` and `w2_weight`
-  (`RoutedExperts`, or `FusedMoE` before 0.33), with `UnquantizedFusedMoEMethod` as its
-  `quant_method` and `moe_config.is_act_and_mul` true; inside a `MoERunner` it is the
-  runner's `routed_experts`, and checkpoint names address the runner. `fastmoe_load.vllm`
-  lists what is read from the layer itself;
+  (`RoutedExperts`, or `FusedMoE` before 0.33), with `moe_config.is_act_and_mul` true and,
+  as its `quant_method`, `UnquantizedFusedMoEMethod` (unquantized checkpoints) or one of the
+  fp8 methods in `FP8_METHODS` without a refined or padded scale grid (fp8 checkpoints:
+  their scales go into `w13_{kind}`/`w2_{kind}`); inside a `MoERunner` it is the runner's
+  `routed_experts`, and checkpoint names address the runner. `fastmoe_load.vllm` lists what
+  is read from the layer itself;
 - `model.hf_to_vllm_mapper` (optional), a `WeightsMapper` whose `map_name` turns a
   checkpoint name into the model's name, or None for a dropped weight;
 - `model.load_weights(iterable of (name, tensor))`, returning the names of the parameters
@@ -40,9 +42,11 @@ What it relies on in vLLM (0.33):
 - `model_config.model`, `.revision`, `.quantization`; `load_config.download_dir`,
   `.ignore_patterns`, `.model_loader_extra_config`; `weight_utils.download_weights_from_hf`.
 
-Expert layers this loader does not fill (quantized, or of a dtype other than the
-checkpoint's: vLLM casts, `load_fused_moe` never does) and checkpoint expert groups that map
-to no layer are left to the model's `load_weights`, so they load exactly as vLLM loads them.
+Parameters of another dtype than the checkpoint's (a float32 model from a bfloat16
+checkpoint, float32 scales from bfloat16 ones) are converted as vLLM's loader converts them.
+Expert layers this loader does not fill (other quantization methods) and checkpoint expert
+groups that map to no layer are left to the model's `load_weights`, so they load exactly as
+vLLM loads them.
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ from vllm.model_executor.model_loader.weight_utils import download_weights_from_
 from ._fastmoe_load import LayoutError, RequestError, TensorNotFoundError
 from .checkpoint import Checkpoint, MoeLayer
 from .checkpoint import open as open_checkpoint
-from .vllm import load_fused_moe_layer
+from .vllm import load_fused_moe_layer, scale_parameters
 
 logger = logging.getLogger("fastmoe_load")
 
@@ -163,14 +167,28 @@ def expert_layers(model: torch.nn.Module) -> dict[str, tuple[str, torch.nn.Modul
     return layers
 
 
+# vLLM's fp8 MoE methods whose scales `load_fused_moe_layer` fills as their weight_loader does.
+FP8_METHODS = ("Fp8MoEMethod", "CompressedTensorsW8A8Fp8MoEMethod")
+
+
 def fillable(module: torch.nn.Module, group: MoeLayer) -> bool:
-    """Whether `load_fused_moe_layer` writes what vLLM's own loading would: unquantized,
-    gate and up both in w13, the checkpoint's dtype."""
+    """Whether `load_fused_moe_layer` writes what vLLM's own loading would: gate and up both
+    in w13; an unquantized layer for an unquantized group; for an fp8 group, an fp8 method
+    with a parameter for every companion on the checkpoint's own grid (no refined or padded
+    TP grid) and weights in the checkpoint's dtype."""
+    method = getattr(module, "quant_method", None)
     moe_config = getattr(module, "moe_config", None)
+    if not getattr(moe_config, "is_act_and_mul", True):
+        return False
+    if group.quantization is None:
+        return isinstance(method, UnquantizedFusedMoEMethod)
+    companions = [f"{t}_{c.kind}" for c in group.quantization.companions for t in ("w13", "w2")]
     return (
-        isinstance(getattr(module, "quant_method", None), UnquantizedFusedMoEMethod)
-        and getattr(moe_config, "is_act_and_mul", True)
+        type(method).__name__ in FP8_METHODS
+        and getattr(method, "weight_scale_refine", None) is None
+        and not getattr(moe_config, "tp_shard_with_padding", False)
         and module.w13_weight.dtype == group.dtype
+        and all(name in module._parameters for name in companions)
     )
 
 
@@ -216,11 +234,12 @@ def fill_expert_layers(model: torch.nn.Module, ckpt: Checkpoint) -> tuple[set[st
         params = ["w13_weight", "w2_weight"]
         if group.has_bias and {"w13_bias", "w2_bias"} <= module._parameters.keys():
             params += ["w13_bias", "w2_bias"]
+        params += scale_parameters(module, group)
         filled.update(f"{module_path}.{param}" for param in params)
     if left_to_model:
         logger.info(
-            "%s: %d expert group(s) left to %s.load_weights (no unquantized expert layer of "
-            "the checkpoint's dtype maps to them): %s",
+            "%s: %d expert group(s) left to %s.load_weights (no expert layer of a "
+            "quantization fastmoe_load fills maps to them): %s",
             ckpt.path,
             len(left_to_model),
             type(model).__name__,

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from typing import Any
 
 import torch
 from safetensors import safe_open
 
-from ..checkpoint import MoeLayer
+from ..checkpoint import Companion, MoeLayer
 
 
 def shard_of_tensors(path: str) -> dict[str, str]:
@@ -41,7 +41,8 @@ def shard_of_tensors(path: str) -> dict[str, str]:
 
 
 class SeedLoader:
-    """vLLM's `FusedMoE.weight_loader` for one destination pair, fed tensor by tensor."""
+    """vLLM's `FusedMoE.weight_loader` for one destination pair and its scale parameters
+    (`scales`, by vLLM name), fed tensor by tensor."""
 
     def __init__(
         self,
@@ -49,11 +50,39 @@ class SeedLoader:
         w2: torch.Tensor,
         tp_rank: int,
         local_experts: Sequence[int],
+        scales: Mapping[str, torch.Tensor] | None = None,
+        tp_size: int = 1,
     ) -> None:
-        self.w13, self.w2, self.tp_rank = w13, w2, tp_rank
+        self.w13, self.w2, self.tp_rank, self.tp_size = w13, w2, tp_rank, tp_size
+        self.scales = dict(scales or {})
         self.slots: dict[int, list[int]] = {}
         for slot, expert in enumerate(local_experts):
             self.slots.setdefault(expert, []).append(slot)
+
+    def scale_loader(
+        self, scale: torch.Tensor, companion: Companion, shard_id: str, expert_id: int
+    ) -> None:
+        """vLLM's scale branches: per-tensor values by index, input scales one per expert,
+        block and channel scales narrowed like weights (down's channel scales whole)."""
+        param = self.scales.get(f"{'w2' if shard_id == 'w2' else 'w13'}_{companion.kind}")
+        if param is None:
+            return
+        for slot in self.slots.get(expert_id, ()):
+            if companion.merged_w13 or (shard_id == "w2" and companion.scheme == "tensor"):
+                param[slot] = scale.reshape(())
+            elif companion.scheme == "tensor":  # w13: [E, 2]
+                param[slot][0 if shard_id == "w1" else 1] = scale.reshape(())
+            elif shard_id == "w2":
+                per_rank = scale.shape[1] // self.tp_size
+                if companion.scheme == "channel":  # down's rows are not split
+                    param[slot].copy_(scale)
+                else:
+                    param[slot].copy_(scale.narrow(1, per_rank * self.tp_rank, per_rank))
+            else:
+                per_rank = scale.shape[0] // self.tp_size
+                half = param.shape[1] // 2
+                loaded = scale.narrow(0, per_rank * self.tp_rank, per_rank)
+                param[slot].narrow(0, 0 if shard_id == "w1" else half, half).copy_(loaded)
 
     def weight_loader(self, weight: torch.Tensor, shard_id: str, expert_id: int) -> None:
         for slot in self.slots.get(expert_id, ()):  # experts of other ranks are skipped
@@ -89,14 +118,16 @@ def seed_load(
     w2: torch.Tensor,
     *,
     tp_rank: int = 0,
+    tp_size: int = 1,
     local_experts: Sequence[int] | None = None,
     where: dict[str, str] | None = None,
+    scales: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
-    """Fills `w13`/`w2` for `layer` the way vLLM does. `where` maps tensor names to files
-    (computed from `path` if not given)."""
+    """Fills `w13`/`w2` (and `scales`, by vLLM parameter name) for `layer` the way vLLM does.
+    `where` maps tensor names to files (computed from `path` if not given)."""
     where = where if where is not None else shard_of_tensors(path)
     experts = range(layer.num_experts) if local_experts is None else local_experts
-    loader = SeedLoader(w13, w2, tp_rank, experts)
+    loader = SeedLoader(w13, w2, tp_rank, experts, scales, tp_size)
     names = layer.tensor_names
     with ExitStack() as files:
         handles: dict[str, Any] = {}
@@ -107,11 +138,20 @@ def seed_load(
                 handles[file] = files.enter_context(safe_open(file, framework="pt"))
             return handles[file].get_tensor(name)
 
+        companions = layer.quantization.companions if layer.quantization else ()
         if layer.format == "per_expert":
             n = layer.num_experts
-            for k, shard_id in enumerate(("w1", "w3", "w2")):
-                for expert_id, name in enumerate(names[k * n : (k + 1) * n]):
-                    loader.weight_loader(get_tensor(name), shard_id, expert_id)
+            # tensor_names: weights, biases, then each companion kind, by matrix then expert.
+            first = 6 * n if layer.has_bias else 3 * n
+            groups = [(None, names[: 3 * n])]
+            groups += [(c, names[first + 3 * n * k :][: 3 * n]) for k, c in enumerate(companions)]
+            for companion, group in groups:
+                for k, shard_id in enumerate(("w1", "w3", "w2")):
+                    for expert_id, name in enumerate(group[k * n : (k + 1) * n]):
+                        if companion is None:
+                            loader.weight_loader(get_tensor(name), shard_id, expert_id)
+                        else:
+                            loader.scale_loader(get_tensor(name), companion, shard_id, expert_id)
             return
         for shard_id, stack in _gate_up_halves(get_tensor(names[0]), layer):
             for expert_id, weight in enumerate(stack.unbind()):
@@ -121,3 +161,10 @@ def seed_load(
             down = down.transpose(1, 2)
         for expert_id, weight in enumerate(down.unbind()):
             loader.weight_loader(weight, "w2", expert_id)
+        first = 4 if layer.has_bias else 2
+        for k, companion in enumerate(companions):
+            gate_up, down = (get_tensor(n) for n in names[first + 2 * k : first + 2 * k + 2])
+            halves = [gate_up, gate_up] if companion.merged_w13 else gate_up.chunk(2, dim=1)
+            for shard_id, stack in (("w1", halves[0]), ("w3", halves[1]), ("w2", down)):
+                for expert_id, scale in enumerate(stack.unbind()):
+                    loader.scale_loader(scale, companion, shard_id, expert_id)

@@ -11,6 +11,7 @@ use safetensors::tensor::Dtype;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
+use crate::quant::{self, CompanionTensors, Found, Grid, PerExpertFound, Quantization, Weights};
 use crate::shard::{elem_bytes, TensorEntry};
 
 /// One matrix of one expert. Gate and up are `[I, H]`, down is `[H, I]`; biases are a
@@ -103,6 +104,12 @@ const FUSED_NAMES: [FusedNames; 2] = [
 /// `model_type`s whose fused gate/up tensor interleaves gate and up.
 const INTERLEAVED_MODEL_TYPES: [&str; 1] = ["gpt_oss"];
 
+/// The shard metadata entry in which a writer records how gate and up are arranged in its
+/// fused tensors (`concatenated` or `interleaved`): what the files say beats what
+/// `config.json`'s `model_type` implies (a gpt-oss checkpoint rewritten with gate and up
+/// concatenated is still `gpt_oss`).
+pub const GATE_UP_METADATA_KEY: &str = "fastmoe_load.gate_up";
+
 /// A 2-D strided view into one stored tensor, in elements.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MatrixView {
@@ -156,6 +163,8 @@ pub struct MoeLayer {
     pub dtype: Dtype,
     pub bias_dtype: Option<Dtype>,
     pub tensors: ExpertTensors,
+    /// Scales beside quantized (fp8) weights; `None` for unquantized experts.
+    pub quantization: Option<Quantization>,
 }
 
 impl MoeLayer {
@@ -177,9 +186,10 @@ impl MoeLayer {
         self.bias_dtype.is_some()
     }
 
-    /// Every tensor of the group, weights first.
+    /// Every tensor of the group, weights first, then biases, then companions.
     pub fn tensor_names(&self) -> Vec<&str> {
-        match &self.tensors {
+        let companions = self.quantization.iter().flat_map(|q| &q.companions);
+        let mut names: Vec<&str> = match &self.tensors {
             ExpertTensors::Fused(f) => [
                 Some(&f.gate_up),
                 Some(&f.down),
@@ -197,7 +207,86 @@ impl MoeLayer {
                 .flatten()
                 .map(String::as_str)
                 .collect(),
+        };
+        names.extend(companions.flat_map(|c| c.tensor_names()));
+        names
+    }
+
+    /// Where the `kind` companion of `part` (gate, up or down) of `expert` lies, on its grid
+    /// over the matrix: `[ceil(rows/bn), ceil(cols/bk)]` block scales, `[rows, 1]` per row,
+    /// `[1, 1]` per tensor. `None` for an unknown kind, a bias part or an expert out of range.
+    pub fn companion_matrix(&self, kind: &str, part: Part, expert: usize) -> Option<MatrixView> {
+        let companion = self.quantization.as_ref()?.companion(kind)?;
+        if expert >= self.num_experts {
+            return None;
         }
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let (slot, (rows, cols)) = match part {
+            Part::Gate => (0, companion.grid.shape(i, h)),
+            Part::Up => (1, companion.grid.shape(i, h)),
+            Part::Down => (2, companion.grid.shape(h, i)),
+            _ => return None,
+        };
+        let (tensor, offset) = match &companion.tensors {
+            CompanionTensors::PerExpert(tensors) => (&tensors[slot][expert], 0),
+            CompanionTensors::Fused { gate_up, down } => match slot {
+                2 => (down, expert * rows * cols),
+                _ if companion.kind.merged_w13 => (gate_up, expert),
+                _ => (gate_up, (expert * 2 * rows + slot * rows) * cols),
+            },
+        };
+        Some(MatrixView {
+            tensor: tensor.clone(),
+            offset,
+            rows,
+            cols,
+            row_stride: cols,
+            col_stride: 1,
+        })
+    }
+
+    /// The TP shard sizes of the intermediate dimension that fall on every companion's grid
+    /// (vLLM's rule: a split never cuts a scale block), as `Err(reason)` for `tp_size`.
+    pub fn check_tp_split(&self, tp_size: usize) -> std::result::Result<(), String> {
+        let Some(q) = &self.quantization else {
+            return Ok(());
+        };
+        let inter = self.intermediate_size;
+        // Gate/up are split along their rows, down along its columns: both in I.
+        let steps: Vec<(usize, &str)> = q
+            .companions
+            .iter()
+            .flat_map(|c| {
+                let name = c.tensor_names()[0];
+                [Grid::step(&c.grid, true), Grid::step(&c.grid, false)]
+                    .into_iter()
+                    .flatten()
+                    .map(move |s| (s, name))
+            })
+            .collect();
+        let fits = |tp: usize| {
+            tp == 1
+                || (inter.is_multiple_of(tp)
+                    && steps.iter().all(|(s, _)| (inter / tp).is_multiple_of(*s)))
+        };
+        if fits(tp_size) {
+            return Ok(());
+        }
+        let (step, name) = steps
+            .iter()
+            .find(|(s, _)| !(inter / tp_size).is_multiple_of(*s))
+            .copied()
+            .unwrap_or((1, ""));
+        let working: Vec<String> = (1..=inter)
+            .filter(|&t| fits(t))
+            .map(|t| t.to_string())
+            .collect();
+        Err(format!(
+            "tp_size={tp_size} gives each rank {} of the intermediate size {inter}, which cuts the \
+             {step}-entry scale blocks of `{name}`; tp_size that fit: {}",
+            inter / tp_size,
+            working.join(", ")
+        ))
     }
 
     /// Where `part` of `expert` lies. Gate/up are `[I, H]`, down `[H, I]`, biases `[1, n]`.
@@ -259,12 +348,10 @@ impl MoeLayer {
 
 /// Every routed-expert group of the checkpoint, in natural prefix order (layer 2 before 10).
 /// `interleaved` overrides the gate/up interleaving of fused tensors, which is otherwise
-/// taken from `model_type`.
+/// what the shards record ([`GATE_UP_METADATA_KEY`]), else taken from `model_type`; an
+/// override that contradicts the record is an error.
 pub fn detect(ckpt: &Checkpoint, interleaved: Option<bool>) -> Result<Vec<MoeLayer>> {
-    let interleaved = interleaved.unwrap_or_else(|| {
-        ckpt.model_type()
-            .is_some_and(|t| INTERLEAVED_MODEL_TYPES.contains(&t))
-    });
+    let interleaved = gate_up_interleaved(ckpt, interleaved)?;
     let mut layers = Vec::new();
     for (name, gate_up) in ckpt.entries() {
         if let Some(layer) = fused_group(ckpt, name, gate_up, interleaved)? {
@@ -283,6 +370,39 @@ pub fn detect(ckpt: &Checkpoint, interleaved: Option<bool>) -> Result<Vec<MoeLay
     }
     layers.sort_by(|a, b| natural_cmp(&a.prefix, &b.prefix));
     Ok(layers)
+}
+
+fn gate_up_interleaved(ckpt: &Checkpoint, requested: Option<bool>) -> Result<bool> {
+    let recorded = match ckpt.recorded(GATE_UP_METADATA_KEY) {
+        None => None,
+        Some(("concatenated", file)) => Some((false, file)),
+        Some(("interleaved", file)) => Some((true, file)),
+        Some((other, file)) => {
+            return Err(Error::Checkpoint {
+                path: file.to_path_buf(),
+                reason: format!(
+                    "`{GATE_UP_METADATA_KEY}` records gate/up as `{other}`; expected \
+                     `concatenated` or `interleaved`"
+                ),
+            })
+        }
+    };
+    match (requested, recorded) {
+        (Some(wanted), Some((found, file))) if wanted != found => Err(Error::Checkpoint {
+            path: file.to_path_buf(),
+            reason: format!(
+                "interleaved={} contradicts the file, which records its fused gate/up \
+                 tensors as {}: leave `interleaved` unset",
+                if wanted { "True" } else { "False" },
+                if found { "interleaved" } else { "concatenated" }
+            ),
+        }),
+        (Some(wanted), _) => Ok(wanted),
+        (None, Some((found, _))) => Ok(found),
+        (None, None) => Ok(ckpt
+            .model_type()
+            .is_some_and(|t| INTERLEAVED_MODEL_TYPES.contains(&t))),
+    }
 }
 
 fn layout_error(ckpt: &Checkpoint, prefix: &str, reason: String) -> Error {
@@ -370,6 +490,19 @@ fn fused_group(
             }
         }
     };
+    let weights = Weights {
+        prefix,
+        hidden: h,
+        inter: i,
+        dtype,
+    };
+    let quantization = quant::fused(
+        ckpt,
+        &weights,
+        (name, &down_name),
+        num_experts,
+        transposed || interleaved,
+    )?;
     Ok(Some(MoeLayer {
         prefix: prefix.to_string(),
         num_experts,
@@ -377,6 +510,7 @@ fn fused_group(
         intermediate_size: i,
         dtype,
         bias_dtype,
+        quantization,
         tensors: ExpertTensors::Fused(FusedTensors {
             gate_up: name.to_string(),
             down: down_name,
@@ -408,24 +542,36 @@ fn same_dtype(ckpt: &Checkpoint, prefix: &str, entries: &[&TensorEntry]) -> Resu
     Ok(first)
 }
 
-/// `experts[e][0..3]` weights, `[3..6]` biases of one per-expert candidate group.
-type ExpertNames<'c> = BTreeMap<usize, [Option<(&'c str, &'c TensorEntry)>; 6]>;
+/// What one expert of a per-expert candidate group holds.
+#[derive(Default)]
+struct ExpertEntries<'c> {
+    /// Weights `[0..3]` and biases `[3..6]`, in [`Part`] order.
+    tensors: [Option<Found<'c>>; 6],
+    /// Companions by kind, `[gate, up, down]`.
+    companions: BTreeMap<&'static str, [Option<Found<'c>>; 3]>,
+}
+
+type ExpertNames<'c> = BTreeMap<usize, ExpertEntries<'c>>;
 
 /// Groups `P.{e}.{gate|up|down}.{weight|bias}` names by prefix and naming scheme.
 fn per_expert_candidates(ckpt: &Checkpoint) -> Vec<(String, &'static Naming, ExpertNames<'_>)> {
     let mut groups: BTreeMap<(String, usize), ExpertNames> = BTreeMap::new();
     for (name, entry) in ckpt.entries() {
         let mut parts = name.rsplitn(4, '.');
-        let (Some(kind), Some(module), Some(expert), Some(prefix)) =
+        let (Some(kind_name), Some(module), Some(expert), Some(prefix)) =
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             continue;
         };
-        let kind = match kind {
-            "weight" => 0,
-            "bias" => 3,
-            _ => continue,
+        let kind = match kind_name {
+            "weight" => Some(0),
+            "bias" => Some(3),
+            _ => None,
         };
+        let companion = quant::companion_kind(kind_name);
+        if kind.is_none() && companion.is_none() {
+            continue;
+        }
         let Ok(expert) = expert.parse::<usize>() else {
             continue;
         };
@@ -442,7 +588,14 @@ fn per_expert_candidates(ckpt: &Checkpoint) -> Vec<(String, &'static Naming, Exp
                 .position(|m| *m == module);
             if let Some(slot) = slot {
                 let experts = groups.entry((prefix.to_string(), n)).or_default();
-                experts.entry(expert).or_default()[kind + slot] = Some((name, entry));
+                let found = experts.entry(expert).or_default();
+                match (kind, companion) {
+                    (Some(kind), _) => found.tensors[kind + slot] = Some((name, entry)),
+                    (None, Some(c)) => {
+                        found.companions.entry(c.name).or_default()[slot] = Some((name, entry))
+                    }
+                    (None, None) => {}
+                }
             }
         }
     }
@@ -450,7 +603,7 @@ fn per_expert_candidates(ckpt: &Checkpoint) -> Vec<(String, &'static Naming, Exp
         .into_iter()
         // A group must have at least one gate weight; a lone `0.linear.weight` elsewhere in a
         // model is not an expert group.
-        .filter(|(_, experts)| experts.values().any(|e| e[0].is_some()))
+        .filter(|(_, experts)| experts.values().any(|e| e.tensors[0].is_some()))
         .map(|((prefix, n), experts)| (prefix, &NAMINGS[n], experts))
         .collect()
 }
@@ -470,14 +623,16 @@ fn per_expert_group(
         )));
     }
     let modules = [naming.gate, naming.up, naming.down];
-    let has_bias = experts.values().any(|e| e[3..].iter().any(Option::is_some));
+    let has_bias = experts
+        .values()
+        .any(|e| e.tensors[3..].iter().any(Option::is_some));
     let kinds = if has_bias { 6 } else { 3 };
     // found[kind][expert], kinds in `Part` order
     let mut found: [Vec<(&str, &TensorEntry)>; 6] = Default::default();
     for (e, tensors) in &experts {
         for k in 0..kinds {
             let kind = if k < 3 { "weight" } else { "bias" };
-            let tensor = tensors[k].ok_or_else(|| {
+            let tensor = tensors.tensors[k].ok_or_else(|| {
                 err(format!(
                     "`{prefix}.{e}.{}.{kind}` is missing",
                     modules[k % 3]
@@ -523,12 +678,31 @@ fn per_expert_group(
             .collect::<Vec<_>>()
     });
     let [g, u, d, gb, ub, db] = names;
+    let mut companions = PerExpertFound::new();
+    for (e, found) in experts.into_values().enumerate() {
+        for (kind, slots) in found.companions {
+            let kind_experts = companions.entry(kind).or_default();
+            kind_experts.resize(e, [None; 3]); // experts before `e` lack this kind
+            kind_experts.push(slots);
+        }
+    }
+    for kind_experts in companions.values_mut() {
+        kind_experts.resize(num_experts, [None; 3]);
+    }
+    let weights = Weights {
+        prefix: &prefix,
+        hidden: h,
+        inter: i,
+        dtype,
+    };
+    let quantization = quant::per_expert(ckpt, &weights, modules, companions)?;
     Ok(MoeLayer {
         num_experts,
         hidden_size: h,
         intermediate_size: i,
         dtype,
         bias_dtype,
+        quantization,
         tensors: ExpertTensors::PerExpert(PerExpertTensors {
             naming,
             weights: [g, u, d],

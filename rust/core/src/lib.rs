@@ -8,6 +8,7 @@ pub mod exec;
 mod fault;
 pub mod layout;
 pub mod plan;
+pub mod quant;
 pub mod shard;
 
 pub use checkpoint::Checkpoint;
@@ -15,5 +16,6 @@ pub use error::{Error, Result};
 pub use exec::{Executor, ReadMode, Ticket};
 pub use layout::{detect, MatrixView, MoeLayer, Part};
 pub use plan::{CopyOp, CopyPlan, LoadRequest, Target};
+pub use quant::{Companion, CompanionKind, Grid, Quantization};
 pub use safetensors::tensor::Dtype;
 pub use shard::{Shard, TensorEntry};

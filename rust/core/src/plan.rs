@@ -14,6 +14,13 @@ pub const OP_BYTES: usize = 1 << 20;
 /// The vLLM `FusedMoE` parameters a plan can fill.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
+    /// `w13_{kind}`: the companions (scales) of gate then up, on their grid: block scales
+    /// `[E_local, 2*ceil(I/tp/bn), ceil(H/bk)]`, per-row `[E_local, 2*I/tp, 1]`, per-tensor
+    /// `[E_local, 2]`; `[E_local]` for a kind vLLM keeps once for both (`input_scale`).
+    W13Companion(&'static str),
+    /// `w2_{kind}`: down's companions: `[E_local, ceil(H/bn), ceil(I/tp/bk)]` block scales,
+    /// `[E_local, H, 1]` per row, `[E_local]` per tensor.
+    W2Companion(&'static str),
     /// `[E_local, 2*I/tp, H]`: gate rows then up rows of the rank's shard.
     W13,
     /// `[E_local, H, I/tp]`: the rank's columns of down.
@@ -24,8 +31,13 @@ pub enum Target {
     W2Bias,
 }
 
-/// Narrows a matrix to the rank's shard: `select(matrix, first, count)`.
-type Select = fn(MatrixView, usize, usize) -> MatrixView;
+/// How a part of an expert is narrowed to the rank's shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Split {
+    Rows,
+    Cols,
+    Whole,
+}
 
 /// Which experts and which tensor-parallel shard a destination holds.
 #[derive(Debug, Clone, Copy)]
@@ -167,6 +179,17 @@ impl CopyPlan {
                 "the checkpoint has no expert biases for this layer".into()
             ));
         }
+        layer.check_tp_split(tp_size).map_err(err)?;
+        let companion =
+            match target {
+                Target::W13Companion(kind) | Target::W2Companion(kind) => {
+                    let found = layer.quantization.as_ref().and_then(|q| q.companion(kind));
+                    Some(found.ok_or_else(|| {
+                        err(format!("the checkpoint has no `{kind}` for this layer"))
+                    })?)
+                }
+                _ => None,
+            };
         let interleaved = match &layer.tensors {
             ExpertTensors::Fused(f) if f.transposed => f.interleaved,
             _ if !stored_order => false,
@@ -182,25 +205,36 @@ impl CopyPlan {
         }
         let shard = inter / tp_size;
         let first = tp_rank * shard;
-        let parts: &[(Part, Select)] = match target {
-            Target::W13 => &[
-                (Part::Gate, MatrixView::select_rows),
-                (Part::Up, MatrixView::select_rows),
-            ],
-            Target::W2 => &[(Part::Down, MatrixView::select_cols)],
-            Target::W13Bias => &[
-                (Part::GateBias, MatrixView::select_cols),
-                (Part::UpBias, MatrixView::select_cols),
-            ],
-            Target::W2Bias => &[(Part::DownBias, |m, _, _| m)],
+        let parts: &[(Part, Split)] = match target {
+            Target::W13Companion(_) if companion.is_some_and(|c| c.kind.merged_w13) => {
+                &[(Part::Up, Split::Rows)]
+            }
+            Target::W13 | Target::W13Companion(_) => {
+                &[(Part::Gate, Split::Rows), (Part::Up, Split::Rows)]
+            }
+            Target::W2 | Target::W2Companion(_) => &[(Part::Down, Split::Cols)],
+            Target::W13Bias => &[(Part::GateBias, Split::Cols), (Part::UpBias, Split::Cols)],
+            Target::W2Bias => &[(Part::DownBias, Split::Whole)],
         };
         let mut plan = CopyPlan::default();
         for &expert in experts {
-            for &(part, select) in parts {
-                let matrix = layer
-                    .matrix(part, expert)
-                    .ok_or_else(|| err(format!("no {part:?} for expert {expert}")))?;
-                let matrix = select(matrix, first, shard);
+            for &(part, split) in parts {
+                let matrix = match companion {
+                    None => layer.matrix(part, expert),
+                    Some(c) => layer.companion_matrix(c.kind.name, part, expert),
+                }
+                .ok_or_else(|| err(format!("no {part:?} for expert {expert}")))?;
+                // A companion value spans `step` entries of the weight (or all of them).
+                let step = match (companion, split) {
+                    (None, _) => Some(1),
+                    (Some(c), Split::Rows) => c.grid.step(true),
+                    (Some(c), _) => c.grid.step(false),
+                };
+                let matrix = match (split, step) {
+                    (Split::Whole, _) | (_, None) => matrix,
+                    (Split::Rows, Some(s)) => matrix.select_rows(first / s, shard.div_ceil(s)),
+                    (Split::Cols, Some(s)) => matrix.select_cols(first / s, shard.div_ceil(s)),
+                };
                 if !stored_order {
                     plan.push_matrix(ckpt, &matrix)?;
                 } else if !(interleaved && part == Part::Up) {

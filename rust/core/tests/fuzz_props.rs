@@ -328,6 +328,9 @@ fn reference(def: &Def, layer: &MoeLayer, target: Target, request: &LoadRequest)
         Target::W2 => &[n, h, shard],
         Target::W13Bias => &[n, shard],
         Target::W2Bias => &[n, h],
+        Target::W13Companion(_) | Target::W2Companion(_) => {
+            unreachable!("the generated layers are unquantized; tests/quant.rs covers companions")
+        }
     };
     // Zero elements: do not walk a huge but empty loop nest.
     if factors.contains(&0) {
@@ -364,6 +367,7 @@ fn reference(def: &Def, layer: &MoeLayer, target: Target, request: &LoadRequest)
                     out.extend_from_slice(def.value(M::DownBias, e, 0, c, inter));
                 }
             }
+            Target::W13Companion(_) | Target::W2Companion(_) => unreachable!(),
         }
     }
     out
@@ -1452,15 +1456,10 @@ struct LoadCase {
     seed: u64,
 }
 
+/// Unquantized dtypes: float8 weights need scales (tests/quant.rs).
 fn dtype_of_size(elem: usize) -> impl Strategy<Value = Dtype> {
     prop::sample::select(match elem {
-        1 => vec![
-            Dtype::U8,
-            Dtype::I8,
-            Dtype::BOOL,
-            Dtype::F8_E4M3,
-            Dtype::F8_E5M2,
-        ],
+        1 => vec![Dtype::U8, Dtype::I8, Dtype::BOOL, Dtype::F8_E8M0],
         2 => vec![Dtype::BF16, Dtype::F16, Dtype::I16, Dtype::U16],
         4 => vec![Dtype::F32, Dtype::I32, Dtype::U32],
         _ => vec![Dtype::F64, Dtype::I64, Dtype::U64, Dtype::C64],

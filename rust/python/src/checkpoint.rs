@@ -5,6 +5,7 @@ use std::ffi::c_int;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock, RwLock};
 
+use fastmoe_load_core::quant::{companion_kind, Grid};
 use fastmoe_load_core::{
     detect, Checkpoint, CopyPlan, Executor, LoadRequest, MoeLayer, Part, ReadMode, Shard, Target,
 };
@@ -84,17 +85,28 @@ fn part(name: &str) -> PyResult<Part> {
     })
 }
 
+/// A destination by its vLLM name: `w13`, `w2`, their biases, or `w13_{kind}`/`w2_{kind}`
+/// for a companion kind (`w13_weight_scale_inv`, ...).
 fn target(name: &str) -> PyResult<Target> {
+    let companion = |kind: &str| companion_kind(kind).map(|k| k.name);
     Ok(match name {
         "w13" => Target::W13,
         "w2" => Target::W2,
         "w13_bias" => Target::W13Bias,
         "w2_bias" => Target::W2Bias,
-        other => {
-            return Err(PyValueError::new_err(format!(
-                "unknown destination `{other}`"
-            )))
-        }
+        other => match (other.strip_prefix("w13_"), other.strip_prefix("w2_")) {
+            (Some(kind), _) if companion(kind).is_some() => {
+                Target::W13Companion(companion(kind).unwrap_or_default())
+            }
+            (_, Some(kind)) if companion(kind).is_some() => {
+                Target::W2Companion(companion(kind).unwrap_or_default())
+            }
+            _ => {
+                return Err(PyValueError::new_err(format!(
+                    "unknown destination `{other}`"
+                )))
+            }
+        },
     })
 }
 
@@ -248,22 +260,38 @@ impl PyCheckpoint {
         Ok(MoeLayerInfo::from(self.state()?.layer(prefix)?))
     }
 
-    /// Where one matrix of one expert lies: `(tensor, offset, rows, cols, row_stride,
-    /// col_stride)`, in elements of the tensor.
+    /// Where one matrix of one expert lies, or with `kind`, that matrix's companion (its
+    /// scales): `(tensor, offset, rows, cols, row_stride, col_stride)`, in elements of the
+    /// tensor.
+    #[pyo3(signature = (prefix, name, expert, kind=None))]
     fn matrix(
         &self,
         prefix: &str,
         name: &str,
         expert: usize,
+        kind: Option<&str>,
     ) -> PyResult<(String, usize, usize, usize, usize, usize)> {
         let state = self.state()?;
         let layer = state.layer(prefix)?;
-        let m = layer.matrix(part(name)?, expert).ok_or_else(|| {
+        let part = part(name)?;
+        let m = match kind {
+            None => layer.matrix(part, expert),
+            Some(kind) => layer.companion_matrix(kind, part, expert),
+        };
+        let m = m.ok_or_else(|| {
+            let what = kind.map_or_else(|| format!("`{name}`"), |k| format!("`{k}` of `{name}`"));
             RequestError::new_err(format!(
-                "{}: experts at `{prefix}`: no `{name}` for expert {expert} (the layer has {} experts{})",
+                "{}: experts at `{prefix}`: no {what} for expert {expert} (the layer has {} experts{}{})",
                 self.path.display(),
                 layer.num_experts,
-                if layer.has_bias() { "" } else { " and no biases" }
+                if layer.has_bias() { "" } else { ", no biases" },
+                match &layer.quantization {
+                    None => ", no scales".to_string(),
+                    Some(q) => format!(
+                        ", companions {}",
+                        q.companions.iter().map(|c| c.kind.name).collect::<Vec<_>>().join(", ")
+                    ),
+                }
             ))
         })?;
         Ok((
@@ -375,6 +403,27 @@ pub struct MoeLayerInfo {
     dtype: String,
     bias_dtype: Option<String>,
     tensor_names: Vec<String>,
+    /// `quant_method`, or None for unquantized experts.
+    quant_method: Option<String>,
+    companions: Vec<CompanionInfo>,
+}
+
+/// One kind of companion tensor of a quantized group.
+#[pyclass(module = "fastmoe_load._fastmoe_load", frozen, get_all)]
+#[derive(Clone)]
+pub struct CompanionInfo {
+    /// `weight_scale_inv`, `weight_scale` or `input_scale`.
+    kind: &'static str,
+    /// `block`, `channel` or `tensor`.
+    scheme: &'static str,
+    /// `(rows, cols)` of weight entries per value, for block scales.
+    block: Option<(usize, usize)>,
+    dtype: String,
+    /// vLLM keeps one value per expert for gate and up together.
+    merged_w13: bool,
+    /// The suffix transformers gives the fused form after `gate_up_proj`/`down_proj`
+    /// (`_scale_inv`), if it has one.
+    fused_suffix: Option<&'static str>,
 }
 
 impl From<&MoeLayer> for MoeLayerInfo {
@@ -388,6 +437,23 @@ impl From<&MoeLayer> for MoeLayerInfo {
             dtype: layer.dtype.to_string(),
             bias_dtype: layer.bias_dtype.map(|d| d.to_string()),
             tensor_names: layer.tensor_names().into_iter().map(String::from).collect(),
+            quant_method: layer.quantization.as_ref().map(|q| q.method.clone()),
+            companions: layer
+                .quantization
+                .iter()
+                .flat_map(|q| &q.companions)
+                .map(|c| CompanionInfo {
+                    kind: c.kind.name,
+                    scheme: c.grid.scheme(),
+                    block: match c.grid {
+                        Grid::Block { rows, cols } => Some((rows, cols)),
+                        Grid::Row | Grid::Tensor => None,
+                    },
+                    dtype: c.dtype.to_string(),
+                    merged_w13: c.kind.merged_w13,
+                    fused_suffix: c.kind.fused_suffix,
+                })
+                .collect(),
         }
     }
 }

@@ -14,6 +14,7 @@ fn _fastmoe_load(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<checkpoint::PyCheckpoint>()?;
     m.add_class::<checkpoint::ShardBuffer>()?;
     m.add_class::<checkpoint::MoeLayerInfo>()?;
+    m.add_class::<checkpoint::CompanionInfo>()?;
     m.add_class::<plan::PyCopyPlan>()?;
     m.add_class::<plan::FillTicket>()?;
     Ok(())

@@ -1,0 +1,262 @@
+"""`python -m fastmoe_load bench --quant fp8`: quantized experts beside the pure-Python path.
+
+A generated checkpoint shaped like DeepSeek-V3's routed experts (one fp8 e4m3 tensor per
+expert and matrix, 256 experts, H=7168, I=2048, each with its float32 128 x 128
+`weight_scale_inv`: thousands of small scale tensors beside the weights), loaded into the
+parameters vLLM's `Fp8MoEMethod` creates (`w13_weight`, `w2_weight`,
+`w13_weight_scale_inv`, `w2_weight_scale_inv`), by fastmoe_load and by vLLM's per-expert
+`weight_loader` loop in pure Python; and, in the same run, the bf16 fused checkpoint of the
+plain bench, so that fp8 and bf16 compare per landed byte.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from .._fastmoe_load import RequestError
+from .generate import (
+    Shape,
+    announce,
+    check_dir,
+    default_dir,
+    finish,
+    generate,
+    generated,
+    layers_for,
+    prepare,
+    remove,
+)
+from .run import Bench, Case, Row, describe_machine, legend
+
+FP8 = torch.float8_e4m3fn
+BLOCK = 128
+MODULES = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Fp8Shape:
+    layers: int
+    experts: int = 256
+    hidden: int = 7168
+    intermediate: int = 2048
+
+    @property
+    def scale_bytes(self) -> int:
+        rows, cols = math.ceil(self.intermediate / BLOCK), math.ceil(self.hidden / BLOCK)
+        return 3 * self.experts * rows * cols * 4  # float32
+
+    @property
+    def layer_bytes(self) -> int:
+        return 3 * self.experts * self.hidden * self.intermediate + self.scale_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.layers * self.layer_bytes
+
+    def prefix(self, layer: int) -> str:
+        # DeepSeek-V3's first three layers are dense; its routed experts start at layer 3.
+        return f"model.layers.{layer + 3}.mlp.experts"
+
+
+def generate_fp8(path: str, shape: Fp8Shape) -> bool:
+    """Writes the fp8 checkpoint to directory `path` unless it is there already (see
+    `generate.prepare`), with a progress bar on a terminal. Returns whether it was there."""
+    if prepare(path, "fp8", asdict(shape)):
+        return True
+    generator = torch.Generator().manual_seed(0)
+    h, i = shape.hidden, shape.intermediate
+    # Random fp8 bytes (no NaN patterns), copied into every weight: cheap, real data.
+    block = torch.randint(0, 0x7E, (h * i,), dtype=torch.uint8, generator=generator).view(FP8)
+    # Shards of 32 experts (1.4 GB at DeepSeek-V3's sizes), as releases shard by size.
+    groups = [
+        (layer, first) for layer in range(shape.layers) for first in range(0, shape.experts, 32)
+    ]
+    weight_map = {}
+    bar = tqdm(
+        total=shape.total_bytes,
+        desc="writing the fp8 checkpoint",
+        unit="B",
+        unit_scale=True,
+        disable=None,  # only on a terminal
+    )
+    for k, (layer, first) in enumerate(groups):
+        file = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {}
+        for e in range(first, min(first + 32, shape.experts)):
+            for module in MODULES:
+                rows, cols = (h, i) if module == "down_proj" else (i, h)
+                name = f"{shape.prefix(layer)}.{e}.{module}"
+                tensors[f"{name}.weight"] = block.view(rows, cols).clone()
+                grid = (math.ceil(rows / BLOCK), math.ceil(cols / BLOCK))
+                tensors[f"{name}.weight_scale_inv"] = torch.rand(grid, generator=generator)
+        save_file(tensors, os.path.join(path, file))
+        weight_map.update(dict.fromkeys(tensors, file))
+        bar.update(sum(t.nbytes for t in tensors.values()))
+    bar.close()
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": shape.total_bytes}, "weight_map": weight_map}, f)
+    config = {
+        "model_type": "deepseek_v3",
+        "hidden_size": h,
+        "moe_intermediate_size": i,
+        "n_routed_experts": shape.experts,
+        "quantization_config": {
+            "quant_method": "fp8",
+            "activation_scheme": "dynamic",
+            "fmt": "e4m3",
+            "weight_block_size": [BLOCK, BLOCK],
+        },
+    }
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    finish(path, "fp8", asdict(shape))
+    return False
+
+
+# One layer's destinations: w13, w2 and the scales by vLLM parameter name.
+Destinations = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
+
+
+class Fp8Bench(Bench):
+    """The plain bench's timing and table over fp8 destinations."""
+
+    shape: Fp8Shape  # type: ignore[assignment]
+
+    def destinations(self, case: Case, touched: bool) -> list[Destinations]:  # type: ignore[override]
+        s = self.shape
+        n, shard = len(case.experts(s.experts)), s.intermediate // case.tp_size
+        out = []
+        for _ in range(s.layers):
+            rows, cols = math.ceil(shard / BLOCK), math.ceil(s.hidden / BLOCK)
+            w13 = torch.empty(n, 2 * shard, s.hidden, dtype=FP8, device=self.device)
+            w2 = torch.empty(n, s.hidden, shard, dtype=FP8, device=self.device)
+            scales = {
+                "w13_weight_scale_inv": torch.empty(n, 2 * rows, cols, device=self.device),
+                "w2_weight_scale_inv": torch.empty(n, cols, rows, device=self.device),
+            }
+            if touched:
+                for t in (w13, w2, *scales.values()):
+                    t.view(torch.uint8).zero_()
+            out.append((w13, w2, scales))
+        return out
+
+
+def default_shape(
+    device: torch.device,
+    layers: int | None,
+    experts: int | None = None,
+    hidden: int | None = None,
+    intermediate: int | None = None,
+) -> Fp8Shape:
+    """DeepSeek-V3's sizes unless given: one full layer (11.3 GB) on a GPU machine; on a
+    CPU, as many experts as fit an eighth of the memory, so that the checkpoint stays in the
+    page cache."""
+    base = Fp8Shape(layers=layers or 1)
+    base = replace(
+        base, hidden=hidden or base.hidden, intermediate=intermediate or base.intermediate
+    )
+    if experts or device.type == "cuda":
+        return replace(base, experts=experts or base.experts)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    one = replace(base, layers=1, experts=1)
+    return replace(base, experts=max(8, min(256, ram // 8 // one.layer_bytes)))
+
+
+def _check_root(root: str) -> None:
+    """`root` holds the two checkpoints in `fp8/` and `bf16/`: it must be new, empty or hold
+    only those, each one a bench generated."""
+    if os.path.lexists(root) and not os.path.isdir(root):
+        raise RequestError(f"{root}: exists and is not a directory; give --dir a directory")
+    others = sorted(set(os.listdir(root)) - {"fp8", "bf16"}) if os.path.isdir(root) else []
+    if others:
+        raise RequestError(
+            f"{root}: the directory is not empty and holds more than the fp8/ and bf16/ "
+            f"checkpoints bench --quant generates ({', '.join(others[:3])}); nothing in it is "
+            "overwritten: give --dir a new or empty directory"
+        )
+    for name in ("fp8", "bf16"):
+        check_dir(os.path.join(root, name))
+
+
+def main(
+    device: str = "cpu",
+    layers: int | None = None,
+    directory: str | None = None,
+    repeats: int = 5,
+    threads: int | None = None,
+    clean: bool = False,
+    experts: int | None = None,
+    hidden: int | None = None,
+    intermediate: int | None = None,
+) -> list[Row]:
+    """Generates the fp8 checkpoint (see `default_shape`) and a bf16 fused one of about the
+    same size in `directory`/fp8 and `directory`/bf16 (default: `default_dir`, reused while
+    the shapes match; removed afterwards with `clean`), and prints the table."""
+    dev = torch.device(device)
+    shape = default_shape(dev, layers, experts, hidden, intermediate)
+    one = Shape(layers=1)
+    one = replace(
+        one,
+        experts=experts or one.experts,
+        hidden=hidden or one.hidden,
+        intermediate=intermediate or one.intermediate,
+    )
+    bf16_shape = replace(one, layers=layers_for(shape.total_bytes, one))
+    root = directory or default_dir("fastmoe_bench_fp8")
+    path, bf16_path = os.path.join(root, "fp8"), os.path.join(root, "bf16")
+    _check_root(root)
+    announce(
+        path,
+        f"{shape.layers} layer(s) of {shape.experts} experts, H={shape.hidden}, "
+        f"I={shape.intermediate}, fp8 e4m3 per expert with float32 128x128 weight_scale_inv, "
+        f"{shape.total_bytes / 1e9:.3g} GB",
+        generated(path, "fp8", asdict(shape)),
+        clean,
+    )
+    announce(
+        bf16_path,
+        f"bf16 fused, {bf16_shape.layers} layer(s) of E={bf16_shape.experts}, "
+        f"H={bf16_shape.hidden}, I={bf16_shape.intermediate}, "
+        f"{bf16_shape.total_bytes / 1e9:.3g} GB",
+        generated(bf16_path, "experts", asdict(bf16_shape)),
+        clean,
+    )
+    try:
+        generate_fp8(path, shape)
+        generate(bf16_path, bf16_shape)
+        print(describe_machine(dev, path), flush=True)
+        reference = "fastmoe_load bf16"
+        fp8 = Fp8Bench(path, shape, dev, repeats, threads, reference)  # type: ignore[arg-type]
+        bf16 = Bench(bf16_path, bf16_shape, dev, repeats, threads, reference, rows=fp8.rows)
+        if dev.type == "cuda":
+            fp8.link_rate(pinned=True)  # the physical limit, measured in the same run
+        cases = [Case("TP=1"), Case("TP=2 rank 1", tp_rank=1, tp_size=2)]
+        ep = min(8, shape.experts)
+        if ep > 1:
+            cases.append(Case(f"EP={ep} rank 1", ep_rank=1, ep_size=ep))
+        for case in cases:
+            # bf16 first, so that the fp8 rows print with their ratio to it.
+            bf16.compare(case, {"fastmoe_load bf16 fused": bf16.fastmoe(case)})
+            fp8.compare(
+                case,
+                {
+                    "fastmoe_load fp8 + scales": fp8.fastmoe(case),
+                    "seed: vLLM per-expert loop, fp8 + scales": fp8.seed(case),
+                },
+            )
+        print()
+        print(legend(fp8))
+    finally:
+        if clean:
+            remove(path)
+            remove(bf16_path)
+            if os.path.isdir(root) and not os.listdir(root):
+                os.rmdir(root)
+    return fp8.rows

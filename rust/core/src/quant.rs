@@ -1,0 +1,560 @@
+//! Quantized experts: what `quantization_config` declares, and the companion tensors (scales)
+//! that ride with each expert weight.
+//!
+//! A companion maps onto its weight's rows and columns by a [`Grid`]: one value per block of
+//! entries, one per row, or one for the whole matrix. Copy plans slice a companion together
+//! with its weight through that grid, so that a TP rank or an EP rank reads only the scales
+//! of the weights it keeps.
+
+use std::collections::BTreeMap;
+
+use safetensors::tensor::Dtype;
+use serde_json::Value;
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+use crate::shard::TensorEntry;
+
+/// The block of weight entries one block scale covers when neither `config.json` nor the
+/// file says otherwise: every block-scaled fp8 release (DeepSeek-V3/R1, Kimi-K2, Qwen3-FP8,
+/// MiniMax-M2) uses 128 × 128.
+pub const DEFAULT_BLOCK: (usize, usize) = (128, 128);
+
+/// How the values of a companion map onto the entries of its `rows × cols` weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grid {
+    /// One value per `rows × cols` block (fp8 `weight_scale_inv`, `[ceil(out/128), ceil(in/128)]`).
+    Block { rows: usize, cols: usize },
+    /// One value per weight row (per-channel `weight_scale [out, 1]`).
+    Row,
+    /// One value for the whole matrix (per-tensor `weight_scale`, `input_scale`).
+    Tensor,
+}
+
+impl Grid {
+    /// The companion's `(rows, cols)` for a `rows × cols` weight.
+    pub fn shape(&self, rows: usize, cols: usize) -> (usize, usize) {
+        match *self {
+            Grid::Block { rows: bn, cols: bk } => (rows.div_ceil(bn), cols.div_ceil(bk)),
+            Grid::Row => (rows, 1),
+            Grid::Tensor => (1, 1),
+        }
+    }
+
+    /// Weight entries one value spans along the weight's rows (`along_rows`) or columns;
+    /// `None` where one value spans the whole dimension, so that every TP rank keeps it.
+    pub fn step(&self, along_rows: bool) -> Option<usize> {
+        match (*self, along_rows) {
+            (Grid::Block { rows, .. }, true) => Some(rows),
+            (Grid::Block { cols, .. }, false) => Some(cols),
+            (Grid::Row, true) => Some(1),
+            (Grid::Row, false) | (Grid::Tensor, _) => None,
+        }
+    }
+
+    /// `block`, `channel` or `tensor`: the names compressed-tensors gives these strategies.
+    pub fn scheme(&self) -> &'static str {
+        match self {
+            Grid::Block { .. } => "block",
+            Grid::Row => "channel",
+            Grid::Tensor => "tensor",
+        }
+    }
+
+    /// The grid a companion of `shape` has over a `rows × cols` weight, if any. `block` is
+    /// the block size the checkpoint declares; `scheme`, where the config names one, decides
+    /// between grids that give the same shape (a 128 × 128 weight has one block scale).
+    pub fn of_shape(
+        shape: &[usize],
+        rows: usize,
+        cols: usize,
+        block: (usize, usize),
+        scheme: Option<&str>,
+    ) -> Option<Grid> {
+        let block = Grid::Block {
+            rows: block.0,
+            cols: block.1,
+        };
+        let as_matrix = match shape {
+            [] => (1, 1),
+            [n] => (1, *n),
+            [r, c] => (*r, *c),
+            _ => return None,
+        };
+        let fits =
+            |g: &Grid| g.shape(rows, cols) == as_matrix && (*g != Grid::Row || shape.len() == 2);
+        let grids = [Grid::Tensor, Grid::Row, block];
+        grids
+            .iter()
+            .find(|g| Some(g.scheme()) == scheme && fits(g))
+            .or_else(|| grids.iter().find(|g| fits(g)))
+            .copied()
+    }
+}
+
+/// A kind of companion tensor, by the name it has in checkpoints (the suffix after a
+/// per-expert weight's module, `….gate_proj.weight_scale_inv`) and in vLLM (`w13_{kind}`).
+#[derive(Debug, PartialEq, Eq)]
+pub struct CompanionKind {
+    pub name: &'static str,
+    /// The suffix of the fused form transformers v5 writes after `gate_up_proj`/`down_proj`.
+    pub fused_suffix: Option<&'static str>,
+    /// The weight's own scale (as opposed to an activation scale): required by fp8 weights.
+    pub weight_scale: bool,
+    /// vLLM keeps one value per expert for gate and up together (`w13_input_scale [E]`):
+    /// both projections read the same activations. It keeps the up projection's, the last
+    /// of the two its loader sees in name order.
+    pub merged_w13: bool,
+}
+
+pub const COMPANION_KINDS: [CompanionKind; 3] = [
+    CompanionKind {
+        name: "weight_scale_inv",
+        fused_suffix: Some("_scale_inv"),
+        weight_scale: true,
+        merged_w13: false,
+    },
+    CompanionKind {
+        name: "weight_scale",
+        fused_suffix: None,
+        weight_scale: true,
+        merged_w13: false,
+    },
+    CompanionKind {
+        name: "input_scale",
+        fused_suffix: Some("_activation_scale"),
+        weight_scale: false,
+        merged_w13: true,
+    },
+];
+
+pub fn companion_kind(name: &str) -> Option<&'static CompanionKind> {
+    COMPANION_KINDS.iter().find(|k| k.name == name)
+}
+
+/// Dtypes a scale may be stored in: converted exactly to vLLM's float32 parameters.
+pub const SCALE_DTYPES: [Dtype; 4] = [Dtype::F32, Dtype::BF16, Dtype::F16, Dtype::F8_E8M0];
+
+/// Weight dtypes that need a weight scale to mean anything.
+pub fn is_quantized_weight(dtype: Dtype) -> bool {
+    matches!(
+        dtype,
+        Dtype::F8_E4M3 | Dtype::F8_E5M2 | Dtype::F8_E4M3FNUZ | Dtype::F8_E5M2FNUZ
+    )
+}
+
+/// What `quantization_config` in `config.json` (also under `text_config`) declares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuantConfig {
+    /// `quant_method`: `fp8`, `compressed-tensors`, `fbgemm_fp8`, `modelopt`, ...
+    pub method: String,
+    /// `weight_block_size` (fp8) or `block_structure` (compressed-tensors), when block-scaled.
+    pub block: Option<(usize, usize)>,
+    /// The weight scale's strategy the config states (`block`, `channel`, `tensor`), if any.
+    pub scheme: Option<&'static str>,
+}
+
+impl QuantConfig {
+    pub fn from_config(config: Option<&Value>) -> Option<QuantConfig> {
+        let config = config?;
+        let q = config
+            .get("quantization_config")
+            .or_else(|| config.get("text_config")?.get("quantization_config"))?;
+        let method = q.get("quant_method")?.as_str()?.to_string();
+        let pair = |v: &Value| -> Option<(usize, usize)> {
+            match v.as_array()?.as_slice() {
+                [r, c] => Some((r.as_u64()? as usize, c.as_u64()? as usize)),
+                _ => None,
+            }
+        };
+        let (block, scheme) = match method.as_str() {
+            "fp8" => match q.get("weight_block_size").and_then(pair) {
+                Some(block) => (Some(block), Some("block")),
+                None => (None, Some("tensor")),
+            },
+            "fbgemm_fp8" => (None, Some("channel")),
+            "compressed-tensors" => {
+                // The weights of the first float group; experts are `Linear` targets.
+                let weights = q
+                    .get("config_groups")
+                    .and_then(Value::as_object)
+                    .into_iter()
+                    .flat_map(|groups| groups.values())
+                    .filter_map(|g| g.get("weights"))
+                    .find(|w| w.get("type").and_then(Value::as_str) == Some("float"));
+                let strategy = weights
+                    .and_then(|w| w.get("strategy"))
+                    .and_then(Value::as_str);
+                let scheme = match strategy {
+                    Some("block") => Some("block"),
+                    Some("channel") => Some("channel"),
+                    Some("tensor") => Some("tensor"),
+                    _ => None,
+                };
+                let block = weights
+                    .and_then(|w| w.get("block_structure"))
+                    .and_then(pair);
+                (block, scheme)
+            }
+            "modelopt" => {
+                let algo = q
+                    .get("quant_algo")
+                    .or_else(|| q.get("quantization")?.get("quant_algo"))
+                    .and_then(Value::as_str);
+                (None, (algo == Some("FP8")).then_some("tensor"))
+            }
+            _ => (None, None),
+        };
+        Some(QuantConfig {
+            method,
+            block,
+            scheme,
+        })
+    }
+}
+
+/// The companions of one expert group: `quant_method` and one [`Companion`] per kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quantization {
+    /// `quant_method` from `config.json`, or `fp8` where only the files say so.
+    pub method: String,
+    pub companions: Vec<Companion>,
+}
+
+impl Quantization {
+    pub fn companion(&self, kind: &str) -> Option<&Companion> {
+        self.companions.iter().find(|c| c.kind.name == kind)
+    }
+
+    /// The weight's own scale (`weight_scale_inv` or `weight_scale`).
+    pub fn weight_scale(&self) -> &Companion {
+        self.companions
+            .iter()
+            .find(|c| c.kind.weight_scale)
+            .expect("a quantized group has a weight scale (checked at detection)")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Companion {
+    pub kind: &'static CompanionKind,
+    pub grid: Grid,
+    pub dtype: Dtype,
+    pub tensors: CompanionTensors,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CompanionTensors {
+    /// `[gate, up, down][expert]`, each the companion of one expert's matrix.
+    PerExpert([Vec<String>; 3]),
+    /// `gate_up [E, 2·r, c]` (gate's `r` rows, then up's) and `down [E, r, c]`; `[E]` each for a
+    /// kind merged over gate and up.
+    Fused { gate_up: String, down: String },
+}
+
+impl Companion {
+    pub fn tensor_names(&self) -> Vec<&str> {
+        match &self.tensors {
+            CompanionTensors::PerExpert(t) => t.iter().flatten().map(String::as_str).collect(),
+            CompanionTensors::Fused { gate_up, down } => vec![gate_up, down],
+        }
+    }
+}
+
+/// One stored tensor: its name and entry.
+pub(crate) type Found<'c> = (&'c str, &'c TensorEntry);
+
+/// Companions of a per-expert group as found by name: `kind -> [expert][gate, up, down]`.
+pub(crate) type PerExpertFound<'c> = BTreeMap<&'static str, Vec<[Option<Found<'c>>; 3]>>;
+
+fn layout_error(ckpt: &Checkpoint, prefix: &str, reason: String) -> Error {
+    Error::Layout {
+        path: ckpt.path().to_path_buf(),
+        prefix: prefix.to_string(),
+        reason,
+    }
+}
+
+/// What a group's weights look like, for matching companions against them.
+pub(crate) struct Weights<'a> {
+    pub prefix: &'a str,
+    pub hidden: usize,
+    pub inter: usize,
+    pub dtype: Dtype,
+}
+
+impl Weights<'_> {
+    /// `(rows, cols)` of gate/up (`slot` 0, 1) or down (`slot` 2).
+    fn dims(&self, slot: usize) -> (usize, usize) {
+        if slot < 2 {
+            (self.inter, self.hidden)
+        } else {
+            (self.hidden, self.inter)
+        }
+    }
+}
+
+/// The grid of companion `name` of shape `shape` over a `rows × cols` weight, or an error
+/// that says which shapes would fit.
+fn grid_of(
+    ckpt: &Checkpoint,
+    w: &Weights,
+    config: Option<&QuantConfig>,
+    name: &str,
+    shape: &[usize],
+    (rows, cols): (usize, usize),
+) -> Result<Grid> {
+    let block = config.and_then(|c| c.block).unwrap_or(DEFAULT_BLOCK);
+    let scheme = config.and_then(|c| c.scheme);
+    Grid::of_shape(shape, rows, cols, block, scheme).ok_or_else(|| {
+        let (br, bc) = Grid::Block {
+            rows: block.0,
+            cols: block.1,
+        }
+        .shape(rows, cols);
+        layout_error(
+            ckpt,
+            w.prefix,
+            format!(
+                "`{name}` has shape {shape:?}, which is no scale grid of its [{rows}, {cols}] \
+                 weight: expected [{br}, {bc}] ({}×{} blocks), [{rows}, 1] (one per row) or a \
+                 scalar (one per tensor)",
+                block.0, block.1
+            ),
+        )
+    })
+}
+
+/// The quantization of a per-expert group from the companions found beside its weights.
+pub(crate) fn per_expert(
+    ckpt: &Checkpoint,
+    w: &Weights,
+    modules: [&str; 3],
+    found: PerExpertFound,
+) -> Result<Option<Quantization>> {
+    let config = QuantConfig::from_config(ckpt.config());
+    let mut companions = Vec::new();
+    for (kind, experts) in found {
+        let kind = companion_kind(kind).expect("only known kinds are collected");
+        let mut names: [Vec<String>; 3] = Default::default();
+        let mut grid = None;
+        let mut dtypes = Vec::new();
+        for (e, slots) in experts.iter().enumerate() {
+            for (slot, tensor) in slots.iter().enumerate() {
+                let Some((name, entry)) = tensor else {
+                    return Err(layout_error(
+                        ckpt,
+                        w.prefix,
+                        format!(
+                            "`{}.{e}.{}.{}` is missing (other experts have one)",
+                            w.prefix, modules[slot], kind.name
+                        ),
+                    ));
+                };
+                let dims = w.dims(slot);
+                let this = grid_of(ckpt, w, config.as_ref(), name, &entry.shape, dims)?;
+                if kind.merged_w13 && this != Grid::Tensor {
+                    return Err(layout_error(
+                        ckpt,
+                        w.prefix,
+                        format!(
+                            "`{name}` has shape {:?}; an input scale is a scalar",
+                            entry.shape
+                        ),
+                    ));
+                }
+                match grid {
+                    None => grid = Some(this),
+                    Some(g) if g != this => {
+                        return Err(layout_error(
+                            ckpt,
+                            w.prefix,
+                            format!(
+                                "`{name}` has {} scales, other `{}` tensors of the group {} scales",
+                                this.scheme(),
+                                kind.name,
+                                g.scheme()
+                            ),
+                        ))
+                    }
+                    Some(_) => {}
+                }
+                dtypes.push((*name, entry.dtype));
+                names[slot].push(name.to_string());
+            }
+        }
+        companions.push(Companion {
+            kind,
+            grid: grid.unwrap_or(Grid::Tensor),
+            dtype: one_dtype(ckpt, w.prefix, &dtypes)?,
+            tensors: CompanionTensors::PerExpert(names),
+        });
+    }
+    finish(ckpt, w, config, companions)
+}
+
+/// The quantization of a fused group: the companions transformers v5 writes beside its
+/// `gate_up`/`down` tensors (`gate_up_proj_scale_inv [E, 2·ceil(I/128), ceil(H/128)]`, ...).
+pub(crate) fn fused(
+    ckpt: &Checkpoint,
+    w: &Weights,
+    (gate_up, down): (&str, &str),
+    num_experts: usize,
+    rearranged: bool,
+) -> Result<Option<Quantization>> {
+    let config = QuantConfig::from_config(ckpt.config());
+    let mut companions = Vec::new();
+    for kind in &COMPANION_KINDS {
+        let Some(suffix) = kind.fused_suffix else {
+            continue;
+        };
+        let names = (format!("{gate_up}{suffix}"), format!("{down}{suffix}"));
+        let (g, d) = match (ckpt.tensor(&names.0), ckpt.tensor(&names.1)) {
+            (Err(_), Err(_)) => continue,
+            (Ok((_, g)), Ok((_, d))) => (g, d),
+            _ => {
+                return Err(layout_error(
+                    ckpt,
+                    w.prefix,
+                    format!("only one of `{}` and `{}` is present", names.0, names.1),
+                ))
+            }
+        };
+        if rearranged {
+            return Err(layout_error(
+                ckpt,
+                w.prefix,
+                format!(
+                    "`{}`: scales of transposed or interleaved fused experts are not supported",
+                    names.0
+                ),
+            ));
+        }
+        let bad = |name: &str, shape: &[usize], expected: String| {
+            layout_error(
+                ckpt,
+                w.prefix,
+                format!("`{name}` has shape {shape:?}; expected {expected}"),
+            )
+        };
+        let grid = if kind.merged_w13 {
+            for (name, entry) in [(&names.0, g), (&names.1, d)] {
+                if entry.shape != [num_experts] {
+                    return Err(bad(name, &entry.shape, format!("[{num_experts}]")));
+                }
+            }
+            Grid::Tensor
+        } else {
+            if d.shape.len() != 3 || d.shape[0] != num_experts {
+                return Err(bad(
+                    &names.1,
+                    &d.shape,
+                    format!("[{num_experts}, rows, cols]"),
+                ));
+            }
+            let grid = grid_of(ckpt, w, config.as_ref(), &names.1, &d.shape[1..], w.dims(2))?;
+            let (r, c) = grid.shape(w.inter, w.hidden);
+            if g.shape != [num_experts, 2 * r, c] {
+                return Err(bad(
+                    &names.0,
+                    &g.shape,
+                    format!(
+                        "[{num_experts}, {}, {c}]: the {} grid of `{}`, for gate and for up",
+                        2 * r,
+                        grid.scheme(),
+                        names.1
+                    ),
+                ));
+            }
+            grid
+        };
+        companions.push(Companion {
+            kind,
+            grid,
+            dtype: one_dtype(ckpt, w.prefix, &[(&names.0, g.dtype), (&names.1, d.dtype)])?,
+            tensors: CompanionTensors::Fused {
+                gate_up: names.0,
+                down: names.1,
+            },
+        });
+    }
+    finish(ckpt, w, config, companions)
+}
+
+fn one_dtype(ckpt: &Checkpoint, prefix: &str, dtypes: &[(&str, Dtype)]) -> Result<Dtype> {
+    let (first_name, first) = dtypes[0];
+    if let Some((name, other)) = dtypes.iter().find(|(_, d)| *d != first) {
+        return Err(layout_error(
+            ckpt,
+            prefix,
+            format!("`{first_name}` is {first} but `{name}` is {other}"),
+        ));
+    }
+    if !SCALE_DTYPES.contains(&first) {
+        return Err(layout_error(
+            ckpt,
+            prefix,
+            format!("`{first_name}` is {first}; scales are F32, BF16, F16 or F8_E8M0"),
+        ));
+    }
+    Ok(first)
+}
+
+/// Checks the companions against the weights and the config.
+fn finish(
+    ckpt: &Checkpoint,
+    w: &Weights,
+    config: Option<QuantConfig>,
+    companions: Vec<Companion>,
+) -> Result<Option<Quantization>> {
+    let err = |reason: String| layout_error(ckpt, w.prefix, reason);
+    let weight_scales: Vec<&Companion> =
+        companions.iter().filter(|c| c.kind.weight_scale).collect();
+    if companions.is_empty() {
+        return if is_quantized_weight(w.dtype) {
+            Err(err(format!(
+                "the experts' weights are {} but have no scales beside them (`weight_scale_inv` \
+                 or `weight_scale`); without them the values mean nothing",
+                w.dtype
+            )))
+        } else {
+            Ok(None)
+        };
+    }
+    let first = companions[0].tensor_names()[0];
+    if !is_quantized_weight(w.dtype) {
+        return Err(err(format!(
+            "the experts have scales (`{first}`) but their weights are {}, not float8",
+            w.dtype
+        )));
+    }
+    let scale = match weight_scales.as_slice() {
+        [one] => *one,
+        [] => return Err(err(format!("`{first}` has no weight scale beside it"))),
+        [a, b, ..] => {
+            return Err(err(format!(
+                "both `{}` and `{}` are present: one weight scale per weight",
+                a.tensor_names()[0],
+                b.tensor_names()[0]
+            )))
+        }
+    };
+    if let Some(QuantConfig {
+        method,
+        scheme: Some(scheme),
+        ..
+    }) = &config
+    {
+        if scale.grid.scheme() != *scheme {
+            return Err(err(format!(
+                "config.json declares {method} with {scheme} scales, but `{}` holds {} scales",
+                scale.tensor_names()[0],
+                scale.grid.scheme()
+            )));
+        }
+    }
+    Ok(Some(Quantization {
+        method: config.map_or_else(|| "fp8".to_string(), |c| c.method),
+        companions,
+    }))
+}
