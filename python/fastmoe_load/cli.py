@@ -62,7 +62,7 @@ def _common() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="whether fused gate/up tensors interleave gate and up rows "
-        "(default: from config.json's model_type, e.g. gpt-oss)",
+        "(default: what the shards record, else config.json's model_type, e.g. gpt-oss)",
     )
     common.add_argument(
         "-v", "--verbose", action="store_true", help="log what was matched, converted, copied"
@@ -215,17 +215,9 @@ def _logging_to_stderr(verbose: bool) -> Iterator[None]:
 
 def _inspect(args: argparse.Namespace) -> None:
     from .checkpoint import open as open_checkpoint
-    from .convert import misread_interleaving
     from .inspect import format_report, inspect_checkpoint
 
     with open_checkpoint(args.checkpoint, interleaved=args.interleaved) as ckpt:
-        if args.interleaved is None and misread_interleaving(ckpt):
-            logging.getLogger("fastmoe_load").warning(
-                "%s was converted with gate and up concatenated, but config.json's model_type "
-                "makes it read interleaved: use --no-interleaved here and "
-                "fml.open(path, interleaved=False) to load it",
-                args.checkpoint,
-            )
         report = inspect_checkpoint(ckpt, args.tp, args.ep, args.placement)
     if args.json:
         print(json.dumps(report.to_json()))

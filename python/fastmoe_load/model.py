@@ -31,6 +31,7 @@ logger = logging.getLogger("fastmoe_load")
 # Narrowing loses bits and is refused: the model is then built in the wrong dtype.
 WIDENING = frozenset(
     {
+        (getattr(torch, "float8_e8m0fnu", torch.float32), torch.float32),  # UE8M0 scales
         (torch.bfloat16, torch.float32),
         (torch.float16, torch.float32),
         (torch.bfloat16, torch.float64),
@@ -395,12 +396,22 @@ def _check_experts(
     if layer.has_bias and hasattr(group.module, "gate_up_proj_bias"):
         expected["gate_up_proj_bias"] = ((n, 2 * shard), layer.bias_dtype)
         expected["down_proj_bias"] = ((n, h), layer.bias_dtype)
+    scales = _scale_weights(layer, n, shard)
+    expected |= scales
     whose = f"this rank's experts ({scope})" if scope else "the checkpoint's experts"
     problems, casts = {}, {}
+    unquantized = layer.quantization and group.module.gate_up_proj.dtype != layer.dtype
     for name, (shape, dtype) in expected.items():
-        weight = getattr(group.module, name)
+        weight = getattr(group.module, name, None)
         key = f"{group.path}.{name}"
-        if tuple(weight.shape) != shape:
+        if unquantized or not isinstance(weight, torch.Tensor):
+            problems[key] = (
+                f"the checkpoint's experts are {layer.quantization}; "
+                f"{type(group.module).__name__} does not hold them so: build the model with the "
+                "checkpoint's quantization_config (transformers' FP8 modules); fastmoe_load does "
+                "not dequantize"
+            )
+        elif tuple(weight.shape) != shape:
             problems[key] = f"{tuple(weight.shape)} in the model, {whose} are {shape}"
         elif weight.dtype != dtype:
             if (dtype, weight.dtype) in WIDENING:
@@ -414,8 +425,24 @@ def _check_experts(
         report.mismatched.update(problems)
         return False
     report.cast.update(casts)
-    group.cast = bool(casts)
+    # Scales widen in the expert plans themselves; widened weights are loaded apart.
+    group.cast = any(key.removeprefix(f"{group.path}.") not in scales for key in casts)
     return True
+
+
+def _scale_weights(
+    layer: MoeLayer, experts: int, shard: int
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The scale weights transformers' `FP8Experts` holds for a quantized group
+    (`gate_up_proj_scale_inv`, `down_proj_scale_inv`, ...), with their shapes and the
+    checkpoint's dtypes."""
+    scales = {}
+    for c in layer.quantization.companions if layer.quantization else ():
+        suffix = c.fused_suffix or f"_{c.kind}"
+        for stem, proj in (("w13", "gate_up_proj"), ("w2", "down_proj")):
+            shape = c.fused_shape(stem, experts, layer.hidden_size, shard)
+            scales[f"{proj}{suffix}"] = (shape, c.dtype)
+    return scales
 
 
 def _dtype_mismatch(model: torch.dtype, stored: torch.dtype, report: ModelLoadReport) -> str:
@@ -463,6 +490,7 @@ def _expert_weight_names(group: _Experts) -> list[str]:
     names = ["gate_up_proj", "down_proj"]
     if group.layer.has_bias:
         names += ["gate_up_proj_bias", "down_proj_bias"]
+    names += _scale_weights(group.layer, len(group.experts), 1)
     return [f"{group.path}.{n}" for n in names if hasattr(group.module, n)]
 
 
@@ -684,9 +712,17 @@ def _advice(report: ModelLoadReport, model: torch.nn.Module, ckpt: Checkpoint) -
 def _plan_experts(
     ckpt: Checkpoint, group: _Experts, tp_rank: int, tp_size: int
 ) -> list[Destination]:
-    """Plans of a group whose module has vLLM's layout, straight into its weights."""
-    m = group.module
-    with_bias = group.layer.has_bias and hasattr(m, "gate_up_proj_bias")
+    """Plans of a group whose module has vLLM's layout, straight into its weights (the
+    scales too, widened on the device where the module holds them wider)."""
+    m, layer = group.module, group.layer
+    with_bias = layer.has_bias and hasattr(m, "gate_up_proj_bias")
+    shard = layer.intermediate_size // tp_size
+    scales = {}
+    for c in layer.quantization.companions if layer.quantization else ():
+        suffix = c.fused_suffix or f"_{c.kind}"
+        for stem, proj in (("w13", "gate_up_proj"), ("w2", "down_proj")):
+            shape = c.destination_shape(stem, len(group.experts), layer.hidden_size, shard)
+            scales[f"{stem}_{c.kind}"] = getattr(m, f"{proj}{suffix}").data.view(shape)
     return plan_destinations(
         ckpt,
         group.layer.prefix,
@@ -697,6 +733,8 @@ def _plan_experts(
         local_experts=group.experts,
         w13_bias=m.gate_up_proj_bias.data if with_bias else None,
         w2_bias=m.down_proj_bias.data if with_bias else None,
+        scales=scales,
+        allow_cast=bool(scales),  # only scales differ: _check_experts refused the rest
     )
 
 

@@ -14,14 +14,11 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
-
-import fastmoe_load as fml
 
 from .._fastmoe_load import RequestError
 from .generate import (
@@ -37,7 +34,6 @@ from .generate import (
     remove,
 )
 from .run import Bench, Case, Row, describe_machine, legend
-from .seed import seed_load, shard_of_tensors
 
 FP8 = torch.float8_e4m3fn
 BLOCK = 128
@@ -150,48 +146,6 @@ class Fp8Bench(Bench):
                     t.view(torch.uint8).zero_()
             out.append((w13, w2, scales))
         return out
-
-    def fastmoe(self, case: Case, **open_args: object) -> Callable[[list], int]:  # type: ignore[override]
-        def load(dests: list[Destinations]) -> int:
-            total = 0
-            with fml.open(self.path, num_threads=self.threads, **open_args) as ckpt:
-                for layer, (w13, w2, scales) in enumerate(dests):
-                    stats = fml.load_fused_moe(
-                        ckpt,
-                        self.shape.prefix(layer),
-                        w13,
-                        w2,
-                        tp_rank=case.tp_rank,
-                        tp_size=case.tp_size,
-                        local_experts=case.experts(self.shape.experts),
-                        scales=scales,
-                    )
-                    total += stats.bytes
-            return total
-
-        return load
-
-    def seed(self, case: Case) -> Callable[[list], int]:
-        with fml.open(self.path) as ckpt:  # only for the layer descriptions
-            layers = ckpt.moe_layers()
-
-        def load(dests: list[Destinations]) -> int:
-            where = shard_of_tensors(self.path)
-            for layer, (w13, w2, scales) in zip(layers, dests, strict=True):
-                seed_load(
-                    self.path,
-                    layer,
-                    w13,
-                    w2,
-                    tp_rank=case.tp_rank,
-                    tp_size=case.tp_size,
-                    local_experts=case.experts(self.shape.experts),
-                    where=where,
-                    scales=scales,
-                )
-            return sum(t.nbytes for w13, w2, s in dests for t in (w13, w2, *s.values()))
-
-        return load
 
 
 def default_shape(

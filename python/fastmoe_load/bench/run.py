@@ -139,13 +139,16 @@ class Bench:
 
     # -- contenders ---------------------------------------------------------------------
 
+    # A layer's destinations are `(w13, w2)`, or `(w13, w2, scales)` for quantized experts
+    # (scales by vLLM parameter name); fastmoe_load and the seed path take both.
+
     def fastmoe(self, case: Case, **open_args: Any) -> Callable[[list], int]:
         open_args = {"num_threads": self.threads, **open_args}
 
-        def load(dests: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+        def load(dests: list[tuple]) -> int:
             total = 0
             with fml.open(self.path, **open_args) as ckpt:
-                for layer, (w13, w2) in enumerate(dests):
+                for layer, (w13, w2, *scales) in enumerate(dests):
                     stats = fml.load_fused_moe(
                         ckpt,
                         self.shape.prefix(layer),
@@ -154,6 +157,7 @@ class Bench:
                         tp_rank=case.tp_rank,
                         tp_size=case.tp_size,
                         local_experts=case.experts(self.shape.experts),
+                        scales=scales[0] if scales else None,
                     )
                     total += stats.bytes
             return total
@@ -164,19 +168,21 @@ class Bench:
         with fml.open(self.path) as ckpt:  # only for the layer descriptions
             layers = ckpt.moe_layers()
 
-        def load(dests: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+        def load(dests: list[tuple]) -> int:
             where = shard_of_tensors(self.path)
-            for layer, (w13, w2) in zip(layers, dests, strict=True):
+            for layer, (w13, w2, *scales) in zip(layers, dests, strict=True):
                 seed_load(
                     self.path,
                     layer,
                     w13,
                     w2,
                     tp_rank=case.tp_rank,
+                    tp_size=case.tp_size,
                     local_experts=case.experts(self.shape.experts),
                     where=where,
+                    scales=scales[0] if scales else None,
                 )
-            return sum(t.numel() * t.element_size() for pair in dests for t in pair)
+            return _nbytes(dests)
 
         return load
 
@@ -270,8 +276,13 @@ class Bench:
         return row
 
 
-def _nbytes(dests: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
-    return sum(t.numel() * t.element_size() for pair in dests for t in pair)
+def _nbytes(dests: list[tuple]) -> int:
+    """Bytes of every layer's destinations, scales included."""
+    return sum(
+        t.nbytes
+        for w13, w2, *scales in dests
+        for t in (w13, w2, *(s for layer in scales for s in layer.values()))
+    )
 
 
 def _safetensors_load_file(files: list[str], device: torch.device) -> int:

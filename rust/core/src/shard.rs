@@ -73,6 +73,8 @@ pub struct Shard {
     /// Set when a copy found pages of the mapping gone: the file was cut short under it.
     cut_short: AtomicBool,
     tensors: Vec<(String, TensorEntry)>,
+    /// The header's `__metadata__` strings (what the writer recorded about the file).
+    metadata: HashMap<String, String>,
 }
 
 impl std::fmt::Debug for Shard {
@@ -109,7 +111,7 @@ impl Shard {
         // by `read_mapped` during one.
         let map = unsafe { MmapOptions::new().map(&file) }
             .map_err(|e| Error::io(path, "memory-map", e))?;
-        let tensors = parse_header(path, &map)?;
+        let (tensors, metadata) = parse_header(path, &map)?;
         Ok(Shard {
             path: path.to_path_buf(),
             file,
@@ -118,6 +120,7 @@ impl Shard {
             identity: FileIdentity::of(&meta),
             cut_short: AtomicBool::new(false),
             tensors,
+            metadata,
         })
     }
 
@@ -134,6 +137,11 @@ impl Shard {
     }
 
     /// Tensors in file order.
+    /// The header's `__metadata__` entries.
+    pub fn metadata(&self) -> &HashMap<String, String> {
+        &self.metadata
+    }
+
     pub fn tensors(&self) -> &[(String, TensorEntry)] {
         &self.tensors
     }
@@ -246,7 +254,9 @@ fn header_error(path: &Path, reason: String) -> Error {
     }
 }
 
-fn parse_header(path: &Path, bytes: &[u8]) -> Result<Vec<(String, TensorEntry)>> {
+type Header = (Vec<(String, TensorEntry)>, HashMap<String, String>);
+
+fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
     if let Some(what) = not_safetensors(bytes) {
         return Err(Error::Checkpoint {
             path: path.to_path_buf(),
@@ -270,7 +280,7 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<Vec<(String, TensorEntry)>>
         })
         .collect();
     tensors.sort_by_key(|(_, e)| (e.start, e.end));
-    Ok(tensors)
+    Ok((tensors, metadata.metadata().clone().unwrap_or_default()))
 }
 
 /// What a file that cannot be safetensors looks like, or `None` if it may be one. A
