@@ -166,9 +166,15 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="generate the checkpoint in the transposed fused layout (Llama 4, gpt-oss)",
     )
-    for name, default in (("experts", 128), ("hidden", 2048), ("intermediate", 768)):
+    for name, meaning, default, fp8 in (
+        ("experts", "routed experts E", 128, "256 (fewer on a CPU)"),
+        ("hidden", "hidden size H", 2048, 7168),
+        ("intermediate", "intermediate size I of each expert", 768, 2048),
+    ):
         bench.add_argument(
-            f"--{name}", type=positive_int, help=f"{name} size of the experts (default: {default})"
+            f"--{name}",
+            type=positive_int,
+            help=f"{meaning} (default: {default}, or {fp8} with --quant)",
         )
     bench.add_argument(
         "--model",
