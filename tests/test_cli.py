@@ -1,6 +1,6 @@
 """The command line: `inspect` (bytes per rank equal what `load_fused_moe` moves), `convert`
 (transformers loads every result bit for bit; a round trip restores the original files),
-user mistakes (one `error:` line, no traceback) and the progress line.
+user mistakes (one `error:` line, no traceback).
 
 A few commands run in a child process, exactly as a user runs them (`python -m fastmoe_load`);
 the others call `cli.main` in this process with stdout and stderr captured, which runs the
@@ -26,7 +26,6 @@ import torch
 from conftest import assert_bitwise_equal, build_model, reference_experts
 from fastmoe_load.cli import main
 from fastmoe_load.inspect import describe_experts
-from fastmoe_load.progress import Progress, execute_with_progress, format_bytes
 from safetensors import safe_open
 
 transformers = pytest.importorskip("transformers")
@@ -404,101 +403,6 @@ def test_user_mistakes_end_with_one_error_line(sources: dict[str, Source], tmp_p
     assert [p.name for p in not_empty.iterdir()] == ["keep.txt"]
     assert (not_empty / "keep.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.safetensors", "not-empty"]
-
-
-# ---------------------------------------------------------------------------------------------
-# progress
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
-def test_progress_is_off_when_not_a_terminal_or_disabled(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.delenv("FASTMOE_LOAD_PROGRESS", raising=False)
-    assert not Progress(10, "load", stream=io.StringIO()).enabled
-    assert Progress(10, "load", stream=Terminal()).enabled
-    assert not Progress(10, "load", enabled=False, stream=Terminal()).enabled
-    monkeypatch.setenv("FASTMOE_LOAD_PROGRESS", "0")
-    assert not Progress(10, "load", stream=Terminal()).enabled
-
-    clock, stream = FakeClock(), io.StringIO()
-    with Progress(10**9, "load", stream=stream, clock=clock) as progress:
-        clock.now += 5
-        progress.advance(10**9)
-    assert stream.getvalue() == ""
-
-
-def test_progress_stays_silent_for_short_loads() -> None:
-    clock, stream = FakeClock(), Terminal()
-    with Progress(10**9, "load", enabled=True, stream=stream, clock=clock) as progress:
-        for _ in range(10):
-            clock.now += 0.09
-            progress.advance(10**8)
-    assert stream.getvalue() == ""
-    assert progress.done == 10**9 and not progress.drawn
-
-
-def test_progress_rate_and_redraws() -> None:
-    clock, stream = FakeClock(), Terminal()
-    progress = Progress(8 * 10**9, "load", enabled=True, stream=stream, clock=clock)
-    clock.now += 2
-    progress.advance(4 * 10**9)
-    assert progress.rate == pytest.approx(2e9)
-    assert stream.getvalue() == "\rload: 4.00 GB / 8.00 GB (50%), 2.00 GB/s"
-    clock.now += 0.05  # within the redraw interval: nothing new
-    progress.advance(10**6)
-    assert stream.getvalue().count("\r") == 1
-    clock.now += 1.95
-    progress.advance(4 * 10**9 - 10**6)
-    progress.close()
-    assert stream.getvalue().endswith("\rload: 8.00 GB / 8.00 GB (100%), 2.00 GB/s\n")
-    progress.close()  # once only
-    assert stream.getvalue().count("\n") == 1
-
-
-def test_execute_with_progress_advances_per_window() -> None:
-    class Plan:
-        nbytes = 10
-
-        def __init__(self) -> None:
-            self.calls: list[tuple[int, int, int | None]] = []
-
-        def windows(self, max_bytes: int) -> list[tuple[int, int]]:
-            return [(s, min(s + max_bytes, self.nbytes)) for s in range(0, self.nbytes, max_bytes)]
-
-        def execute(self, address: int, start: int = 0, end: int | None = None) -> None:
-            self.calls.append((address, start, end))
-
-    plan, progress = Plan(), Progress(10, "load", enabled=False)
-    execute_with_progress(plan, 1000, progress, window_bytes=4)
-    assert plan.calls == [(1000, 0, 4), (1004, 4, 8), (1008, 8, 10)]
-    assert progress.done == 10
-    plan = Plan()
-    execute_with_progress(plan, 1000, None)
-    assert plan.calls == [(1000, 0, None)]
-
-
-def test_format_bytes() -> None:
-    assert [format_bytes(n) for n in (0, 999, 1000, 57_600, 9.66e9, 123.4e6)] == [
-        "0 B",
-        "999 B",
-        "1.00 kB",
-        "57.6 kB",
-        "9.66 GB",
-        "123 MB",
-    ]
 
 
 def test_describe_experts() -> None:

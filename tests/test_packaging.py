@@ -17,6 +17,7 @@ PACKAGE = ROOT / "python" / "fastmoe_load"
 OPTIONAL = {
     "transformers": "load_model's checkpoint name rules, bench --model",
     "vllm": "fastmoe_load.vllm and the load_format='fastmoe' model loader",
+    "sglang": "fastmoe_load.sglang_loader, the SGLang model loader",
     **dict.fromkeys(
         ["instanttensor", "fastsafetensors", "runai_model_streamer"],
         "the peers bench compares on a GPU, where installed",

@@ -1,9 +1,10 @@
-"""Feedback on long operations: a progress line on stderr, and the package's logging rules.
+"""Feedback on long operations: a tqdm progress bar on stderr, and the package's logging rules.
 
-`Progress` shows bytes done, the total and the rate, redrawn in place at most ten times a
-second, once an operation has run for a second (shorter ones print nothing). It draws only
-when its stream is a terminal and `FASTMOE_LOAD_PROGRESS` is not `0`, or when forced with
-`enabled=True`; `enabled=False` silences it whatever the environment.
+`Progress` shows bytes done out of the total, the rate (GB/s) and the time left, redrawn at
+most ten times a second, once an operation has run for a second (shorter ones print nothing).
+It draws only when its stream is a terminal and neither `FASTMOE_LOAD_PROGRESS=0` nor
+`TQDM_DISABLE=1` is set, or when forced with `enabled=True`; `enabled=False` silences it
+whatever the environment.
 
     with Progress(total_bytes, "load") as progress:
         for plan, address in work:
@@ -26,7 +27,10 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Protocol, TextIO
 
+from tqdm import tqdm
+
 ENV_VAR = "FASTMOE_LOAD_PROGRESS"
+_OFF = ("0", "false", "no", "off")
 # Nothing is drawn for operations shorter than this: a bar that flashes by is noise.
 DEFAULT_DELAY_S = 1.0
 # Redrawing more often costs time in the terminal without telling the reader more.
@@ -49,8 +53,10 @@ def format_bytes(n: float) -> str:
 
 
 def progress_enabled(stream: TextIO | None = None) -> bool:
-    """Whether a progress line would be drawn on `stream` (default: stderr) by default."""
-    if os.environ.get(ENV_VAR, "").strip().lower() in ("0", "false", "no", "off"):
+    """Whether a progress bar would be drawn on `stream` (default: stderr) by default."""
+    if os.environ.get(ENV_VAR, "").strip().lower() in _OFF:
+        return False
+    if os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", *_OFF):
         return False
     stream = sys.stderr if stream is None else stream
     isatty = getattr(stream, "isatty", None)
@@ -61,11 +67,12 @@ def progress_enabled(stream: TextIO | None = None) -> bool:
 
 
 class Progress:
-    """Bytes done out of `total`, shown as one line redrawn in place on `stream`.
+    """Bytes done out of `total`, shown as a tqdm bar on `stream` (default: stderr), e.g.
+    `load:  50%|█████     | 4.00G/8.00G [00:02<00:02, 2.00GB/s]`.
 
     `enabled=None` decides from the environment (see `progress_enabled`); `advance` and
     `close` are cheap when disabled, so callers need not check. Safe to advance from
-    several threads. `clock` is for tests."""
+    several threads. `clock` (seconds) is for tests."""
 
     def __init__(
         self,
@@ -83,15 +90,29 @@ class Progress:
         self.stream = sys.stderr if stream is None else stream
         self.enabled = progress_enabled(self.stream) if enabled is None else bool(enabled)
         self.done = 0
-        self._delay, self._interval, self._clock = delay, interval, clock
+        self._clock = clock
         self._start = clock()
-        self._last_draw: float | None = None
-        self._width = 0  # of the line drawn last, to blank out what a shorter line leaves
-        self._closed = False
         self._lock = threading.Lock()
+        self._bar: tqdm | None = None
+        if self.enabled:
+            self._bar = tqdm(
+                total=self.total,
+                desc=label,
+                file=self.stream,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1000,
+                delay=delay,
+                mininterval=interval,
+                miniters=1,  # bytes arrive in windows of very different sizes
+            )
+            # tqdm reads its clock from this attribute; its start is taken again with it.
+            self._bar._time = clock
+            self._bar.start_t = self._bar.last_print_t = self._start
 
     @property
     def elapsed(self) -> float:
+        """Seconds since the start."""
         return self._clock() - self._start
 
     @property
@@ -103,45 +124,21 @@ class Progress:
     @property
     def drawn(self) -> bool:
         """Whether anything has been written to the stream."""
-        return self._last_draw is not None
-
-    def line(self) -> str:
-        """The text of the progress line, e.g. `load: 3.21 GB / 9.66 GB (33%), 12.40 GB/s`."""
-        percent = 100 * self.done / self.total if self.total else 100.0
-        return (
-            f"{self.label}: {format_bytes(self.done)} / {format_bytes(self.total)} "
-            f"({percent:.0f}%), {self.rate / 1e9:.2f} GB/s"
-        )
+        bar = self._bar
+        return bar is not None and bar.last_print_t >= bar.start_t + bar.delay
 
     def advance(self, nbytes: int) -> None:
+        """Counts `nbytes` more bytes done, redrawing the bar when it is due."""
         with self._lock:
             self.done += nbytes
-            if not self.enabled or self._closed:
-                return
-            now = self._clock()
-            if now - self._start < self._delay:
-                return
-            if self._last_draw is not None and now - self._last_draw < self._interval:
-                return
-            self._draw(now)
-
-    def _draw(self, now: float) -> None:
-        text = self.line()
-        self.stream.write("\r" + text.ljust(self._width))
-        self.stream.flush()
-        self._width = len(text)
-        self._last_draw = now
+            if self._bar is not None:
+                self._bar.update(nbytes)
 
     def close(self) -> None:
         """Draws the final state and ends the line, if anything was drawn."""
         with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            if self.enabled and self._last_draw is not None:
-                self._draw(self._clock())
-                self.stream.write("\n")
-                self.stream.flush()
+            if self._bar is not None:
+                self._bar.close()
 
     def __enter__(self) -> Progress:
         return self

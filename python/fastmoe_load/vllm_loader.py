@@ -135,13 +135,20 @@ class FastMoeModelLoader(BaseModelLoader):
             experts_done = time.perf_counter()
             remaining = [name for name in ckpt.keys() if name not in consumed]
             loaded = model.load_weights((name, ckpt.tensor(name)) for name in remaining)
-        logger.info(
-            "%s: %d expert layers filled in %.2f s, %d other tensors loaded by %s in %.2f s",
+        # Through vLLM's logger, which vLLM shows by default (it configures no other), worded
+        # like its own loader's line, so that it is found where vLLM users look.
+        expert_bytes = sum(model.get_parameter(name).nbytes for name in filled)
+        logging.getLogger("vllm.fastmoe_load").info(
+            "Loading weights took %.2f seconds (%s): fastmoe_load filled %d expert layers, "
+            "%.3f GB in %.2f s (%.2f GB/s); %s.load_weights loaded %d other tensors in %.2f s",
+            time.perf_counter() - start,
             path,
             layers,
+            expert_bytes / 1e9,
             experts_done - start,
-            len(remaining),
+            expert_bytes / 1e9 / max(experts_done - start, 1e-9),
             type(model).__name__,
+            len(remaining),
             time.perf_counter() - experts_done,
         )
         # Tracked by default where vLLM's own loader tracks: unquantized models that report.

