@@ -164,3 +164,40 @@ def test_fp8_layers_match_vllm_load_weights(
         assert not expected.data.float().isnan().all(), f"vLLM left {param} unloaded"
         assert actual.dtype == expected.dtype, param
         assert torch.equal(actual.view(torch.uint8), expected.data.view(torch.uint8)), param
+
+
+@pytest.mark.parametrize(("tp_size", "rank"), [(1, 0), (2, 1)])
+def test_dbrx_matches_vllm_dbrx_loader(vllm_process_groups, tmp_path, tp_size, rank):
+    """DBRX's stacked `ffn.experts.mlp.w1 / v1 / w2 [E·I, H]`, loaded by vLLM's own
+    `DbrxExperts.weight_loader` (dbrx.py) and by the adapter. That loader fills every expert
+    (DBRX in vLLM has no expert parallelism), so only TP ranks are compared here."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    import test_dbrx
+    from vllm.model_executor.models import dbrx
+
+    path, tensors = test_dbrx.dbrx(tmp_path / "dbrx")
+    prefix = test_dbrx.prefix(0)
+    sizes = (test_dbrx.E, test_dbrx.H, test_dbrx.INTER)
+    theirs = build(tp_size, rank, False, f"dbrx_theirs{tp_size}{rank}", sizes=sizes)
+    ours = build(tp_size, rank, False, f"dbrx_ours{tp_size}{rank}", sizes=sizes)
+    # The attributes `DbrxExperts.weight_loader` reads of its module.
+    module = SimpleNamespace(intermediate_size=test_dbrx.INTER // tp_size, d_model=test_dbrx.H)
+    params = dict(theirs.routed_experts.named_parameters())
+    with mock.patch.object(dbrx, "get_tensor_model_parallel_rank", lambda: rank):
+        for weight_name in ("w1", "v1", "w2"):
+            param = "w13_weight" if weight_name != "w2" else "w2_weight"
+            name = f"{prefix}.{param}"  # as `DbrxForCausalLM.load_weights` renames it
+            loaded = tensors[f"{prefix}.mlp.{weight_name}"]
+            dbrx.DbrxExperts.weight_loader(
+                module, params[param], loaded, f"mlp.{weight_name}", name
+            )
+    with fml.open(path) as ckpt:
+        consumed = load_fused_moe_layer(ours, ckpt, prefix)
+    assert sorted(consumed) == sorted(f"{prefix}.mlp.{n}" for n in ("w1", "v1", "w2"))
+    for param in ("w13_weight", "w2_weight"):
+        expected = getattr(theirs.routed_experts, param).data
+        actual = getattr(ours.routed_experts, param).data
+        assert not expected.isnan().any(), param
+        assert torch.equal(actual.view(torch.int16), expected.view(torch.int16)), param

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from types import TracebackType
@@ -132,6 +133,26 @@ class Quantization:
         return (
             f"{self.method}, {grid} scales in {str(scale.dtype).removeprefix('torch.')} ({kinds})"
         )
+
+
+class UnsupportedWarning(UserWarning):
+    """A checkpoint holds experts, or declares a quantization, that fastmoe_load does not
+    load."""
+
+
+@dataclass(frozen=True)
+class UnsupportedGroup:
+    """Tensors that look like routed experts (an expert index in their names, or a leading
+    expert dimension under an `experts`/`moe` module) but that no layout fastmoe_load loads
+    covers. `reason` starts with `unknown quantization:`, `unread tensors:` (beside a group
+    that loads) or `unknown naming:`, and names a tensor with its dtype and shape."""
+
+    prefix: str
+    tensor_names: tuple[str, ...]
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.prefix} ({len(self.tensor_names)} tensors): {self.reason}"
 
 
 class MoeLayer:
@@ -286,6 +307,16 @@ class Checkpoint:
         self._shards: dict[int, native.ShardBuffer] = {}
         self._layers: dict[str, MoeLayer] | None = None
         self._staging = staging
+        scheme = self._handle.unsupported_quantization
+        if scheme is not None:
+            # A warning, not a log record: visible without any logging set up.
+            warnings.warn(
+                f"{self.path}: config.json declares {scheme} quantization, which fastmoe_load "
+                "does not load; experts quantized so are listed by unsupported_groups() and "
+                "not loaded",
+                UnsupportedWarning,
+                stacklevel=3,
+            )
 
     @property
     def staging(self) -> StagingPool:
@@ -350,7 +381,24 @@ class Checkpoint:
         if self._layers is None:
             layers = (MoeLayer(self, info) for info in self._handle.moe_layers())
             self._layers = {layer.prefix: layer for layer in layers}
+            unsupported = self.unsupported_groups()
+            if unsupported:
+                more = f" and {len(unsupported) - 1} more" if len(unsupported) > 1 else ""
+                warnings.warn(
+                    f"{self.path}: experts that cannot be loaded (see unsupported_groups()): "
+                    f"{unsupported[0]}{more}",
+                    UnsupportedWarning,
+                    stacklevel=2,
+                )
         return list(self._layers.values())
+
+    def unsupported_groups(self) -> list[UnsupportedGroup]:
+        """Groups of tensors that look like routed experts but that `moe_layers()` does not
+        list because they cannot be loaded, each with the reason, in layer order."""
+        return [
+            UnsupportedGroup(prefix, tuple(names), reason)
+            for prefix, names, reason in self._handle.unsupported_groups()
+        ]
 
     def experts(self, prefix: str) -> MoeLayer:
         """The routed-expert group at `prefix` (the same object `moe_layers()` lists)."""
@@ -359,6 +407,11 @@ class Checkpoint:
         assert self._layers is not None
         layer = self._layers.get(prefix)
         if layer is None:
+            unsupported = next((g for g in self.unsupported_groups() if g.prefix == prefix), None)
+            if unsupported is not None:
+                raise native.LayoutError(
+                    f"{self.path}: experts at `{prefix}` cannot be loaded: {unsupported.reason}"
+                )
             # Not a group: the native lookup raises TensorNotFoundError naming those there are.
             layer = MoeLayer(self, self._handle.layer(prefix))
         return layer

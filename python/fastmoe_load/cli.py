@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from typing import NoReturn
 
@@ -175,11 +176,16 @@ def _logging_to_stderr(verbose: bool) -> Iterator[None]:
 
 
 def _inspect(args: argparse.Namespace) -> None:
+    from .checkpoint import UnsupportedWarning
     from .checkpoint import open as open_checkpoint
     from .convert import misread_interleaving
     from .inspect import format_report, inspect_checkpoint
 
-    with open_checkpoint(args.checkpoint, interleaved=args.interleaved) as ckpt:
+    with (
+        # The report names what cannot be loaded.
+        warnings.catch_warnings(action="ignore", category=UnsupportedWarning),
+        open_checkpoint(args.checkpoint, interleaved=args.interleaved) as ckpt,
+    ):
         if args.interleaved is None and misread_interleaving(ckpt):
             logging.getLogger("fastmoe_load").warning(
                 "%s was converted with gate and up concatenated, but config.json's model_type "

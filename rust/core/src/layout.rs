@@ -48,10 +48,21 @@ pub struct PerExpertTensors {
     pub biases: Option<[Vec<String>; 3]>,
 }
 
+/// Each matrix of all experts stacked in one 2-D tensor `[E·I, H]`, expert after expert
+/// (DBRX's `ffn.experts.mlp.w1 / v1 / w2`): gate and up as `[I, H]` per expert, down
+/// transposed, `[I, H]` per expert for its `[H, I]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StackedTensors {
+    pub gate: String,
+    pub up: String,
+    pub down: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExpertTensors {
     Fused(FusedTensors),
     PerExpert(PerExpertTensors),
+    Stacked(StackedTensors),
 }
 
 /// A per-expert naming scheme: the module names of gate, up and down.
@@ -99,6 +110,18 @@ const FUSED_NAMES: [FusedNames; 2] = [
         down: "output_linear.weight",
         biases: None,
     },
+];
+
+/// Suffixes of the experts prefix naming stacked gate, up and down tensors.
+const STACKED_NAMES: [[&str; 3]; 1] = [["mlp.w1", "mlp.v1", "mlp.w2"]];
+
+/// `config.json` keys (dotted paths) that give the number of routed experts, which the
+/// shape of a stacked tensor `[E·I, H]` does not tell.
+const NUM_EXPERTS_KEYS: [&str; 4] = [
+    "ffn_config.moe_num_experts",
+    "num_local_experts",
+    "num_experts",
+    "n_routed_experts",
 ];
 
 /// `model_type`s whose fused gate/up tensor interleaves gate and up.
@@ -162,11 +185,12 @@ pub struct MoeLayer {
 }
 
 impl MoeLayer {
-    /// `fused`, `fused_transposed`, `fused_interleaved`, `fused_transposed_interleaved` or
-    /// `per_expert`.
+    /// `fused`, `fused_transposed`, `fused_interleaved`, `fused_transposed_interleaved`,
+    /// `per_expert` or `stacked`.
     pub fn format(&self) -> &'static str {
         match &self.tensors {
             ExpertTensors::PerExpert(_) => "per_expert",
+            ExpertTensors::Stacked(_) => "stacked",
             ExpertTensors::Fused(f) => match (f.transposed, f.interleaved) {
                 (false, false) => "fused",
                 (true, false) => "fused_transposed",
@@ -201,6 +225,7 @@ impl MoeLayer {
                 .flatten()
                 .map(String::as_str)
                 .collect(),
+            ExpertTensors::Stacked(t) => vec![&t.gate, &t.up, &t.down],
         };
         names.extend(companions.flat_map(|c| c.tensor_names()));
         names
@@ -299,6 +324,15 @@ impl MoeLayer {
             col_stride,
         };
         match &self.tensors {
+            ExpertTensors::Stacked(t) => {
+                let offset = expert * i * h;
+                match part {
+                    Part::Gate => Some(view(&t.gate, offset, i, h, h, 1)),
+                    Part::Up => Some(view(&t.up, offset, i, h, h, 1)),
+                    Part::Down => Some(view(&t.down, offset, h, i, 1, h)),
+                    Part::GateBias | Part::UpBias | Part::DownBias => None,
+                }
+            }
             ExpertTensors::PerExpert(p) => {
                 let (tensors, rows, cols) = match part {
                     Part::Gate => (&p.weights[0], i, h),
@@ -351,6 +385,9 @@ pub fn detect(ckpt: &Checkpoint, interleaved: Option<bool>) -> Result<Vec<MoeLay
     let mut layers = Vec::new();
     for (name, gate_up) in ckpt.entries() {
         if let Some(layer) = fused_group(ckpt, name, gate_up, interleaved)? {
+            layers.push(layer);
+        }
+        if let Some(layer) = stacked_group(ckpt, name, gate_up)? {
             layers.push(layer);
         }
     }
@@ -485,6 +522,84 @@ fn fused_group(
     }))
 }
 
+/// The number of routed experts `config.json` declares, if it does.
+fn config_num_experts(ckpt: &Checkpoint) -> Option<usize> {
+    let config = ckpt.config()?;
+    let scopes = [Some(config), config.get("text_config")];
+    scopes.into_iter().flatten().find_map(|scope| {
+        NUM_EXPERTS_KEYS.iter().find_map(|key| {
+            key.split('.')
+                .try_fold(scope, |v, k| v.get(k))?
+                .as_u64()
+                .map(|n| n as usize)
+        })
+    })
+}
+
+/// The stacked group whose gate tensor is `name`, if `name` is one (DBRX).
+fn stacked_group(ckpt: &Checkpoint, name: &str, gate: &TensorEntry) -> Result<Option<MoeLayer>> {
+    let Some((prefix, [_, up_suffix, down_suffix])) = STACKED_NAMES.iter().find_map(|names| {
+        let prefix = name.strip_suffix(names[0])?.strip_suffix('.')?;
+        Some((prefix, *names))
+    }) else {
+        return Ok(None);
+    };
+    let err = |reason: String| layout_error(ckpt, prefix, reason);
+    let (up_name, down_name) = (
+        format!("{prefix}.{up_suffix}"),
+        format!("{prefix}.{down_suffix}"),
+    );
+    let (Some(up), Some(down)) = (entry(ckpt, &up_name), entry(ckpt, &down_name)) else {
+        return Err(err(format!(
+            "`{name}` needs `{up_name}` and `{down_name}` beside it (experts stacked as [E·I, H])"
+        )));
+    };
+    if gate.shape.len() != 2 || up.shape != gate.shape || down.shape != gate.shape {
+        return Err(err(format!(
+            "`{name}` {:?}, `{up_name}` {:?} and `{down_name}` {:?} should all be [E·I, H]",
+            gate.shape, up.shape, down.shape
+        )));
+    }
+    let num_experts = config_num_experts(ckpt).ok_or_else(|| {
+        err(format!(
+            "`{name}` {:?} stacks all experts' rows; config.json must say how many experts              there are (one of {})",
+            gate.shape,
+            NUM_EXPERTS_KEYS.join(", ")
+        ))
+    })?;
+    let (rows, h) = (gate.shape[0], gate.shape[1]);
+    if num_experts == 0 || rows == 0 || h == 0 || !rows.is_multiple_of(num_experts) {
+        return Err(err(format!(
+            "`{name}` {:?} does not hold {num_experts} experts (config.json) of equal size",
+            gate.shape
+        )));
+    }
+    let dtype = same_dtype(ckpt, prefix, &[gate, up, down])?;
+    let i = rows / num_experts;
+    let weights = Weights {
+        prefix,
+        hidden: h,
+        inter: i,
+        dtype,
+    };
+    // No companions are known for this layout: fp8 weights fail here for want of scales.
+    let quantization = quant::per_expert(ckpt, &weights, ["w1", "v1", "w2"], Default::default())?;
+    Ok(Some(MoeLayer {
+        prefix: prefix.to_string(),
+        num_experts,
+        hidden_size: h,
+        intermediate_size: i,
+        dtype,
+        bias_dtype: None,
+        quantization,
+        tensors: ExpertTensors::Stacked(StackedTensors {
+            gate: name.to_string(),
+            up: up_name,
+            down: down_name,
+        }),
+    }))
+}
+
 /// All entries (at least one) must share one dtype, and it must be sliceable per element.
 fn same_dtype(ckpt: &Checkpoint, prefix: &str, entries: &[&TensorEntry]) -> Result<Dtype> {
     let first = entries[0].dtype;
@@ -512,6 +627,10 @@ struct ExpertEntries<'c> {
     tensors: [Option<Found<'c>>; 6],
     /// Companions by kind, `[gate, up, down]`.
     companions: BTreeMap<&'static str, [Option<Found<'c>>; 3]>,
+    /// A tensor of a gate/up/down module that is neither weight, bias nor a known companion
+    /// (`weight_scale_2`, `weight_zero_point`, `qweight`, ...): a scheme the loader does
+    /// not know.
+    foreign: bool,
 }
 
 type ExpertNames<'c> = BTreeMap<usize, ExpertEntries<'c>>;
@@ -532,9 +651,6 @@ fn per_expert_candidates(ckpt: &Checkpoint) -> Vec<(String, &'static Naming, Exp
             _ => None,
         };
         let companion = quant::companion_kind(kind_name);
-        if kind.is_none() && companion.is_none() {
-            continue;
-        }
         let Ok(expert) = expert.parse::<usize>() else {
             continue;
         };
@@ -557,7 +673,7 @@ fn per_expert_candidates(ckpt: &Checkpoint) -> Vec<(String, &'static Naming, Exp
                     (None, Some(c)) => {
                         found.companions.entry(c.name).or_default()[slot] = Some((name, entry))
                     }
-                    (None, None) => {}
+                    (None, None) => found.foreign = true,
                 }
             }
         }
@@ -567,6 +683,17 @@ fn per_expert_candidates(ckpt: &Checkpoint) -> Vec<(String, &'static Naming, Exp
         // A group must have at least one gate weight; a lone `0.linear.weight` elsewhere in a
         // model is not an expert group.
         .filter(|(_, experts)| experts.values().any(|e| e.tensors[0].is_some()))
+        // Unknown tensors beside the weights, or integer weights (packed values), belong to
+        // a quantization the loader does not know: `unsupported_groups` names them.
+        .filter(|(_, experts)| {
+            !experts.values().any(|e| {
+                e.foreign
+                    || e.tensors[..3]
+                        .iter()
+                        .flatten()
+                        .any(|(_, t)| !quant::is_float(t.dtype))
+            })
+        })
         .map(|((prefix, n), experts)| (prefix, &NAMINGS[n], experts))
         .collect()
 }
@@ -676,7 +803,7 @@ fn per_expert_group(
 }
 
 /// Orders `layers.2` before `layers.10`.
-fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+pub(crate) fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
     let key = |s: &str| -> Vec<(String, u64)> {
         s.split('.')
             .map(|part| match part.parse::<u64>() {

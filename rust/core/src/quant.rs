@@ -143,6 +143,12 @@ pub fn is_quantized_weight(dtype: Dtype) -> bool {
     )
 }
 
+/// Floating-point dtypes: what a weight is unless it packs quantized values into integers.
+pub fn is_float(dtype: Dtype) -> bool {
+    matches!(dtype, Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64)
+        || is_quantized_weight(dtype)
+}
+
 /// What `quantization_config` in `config.json` (also under `text_config`) declares.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QuantConfig {
@@ -155,11 +161,51 @@ pub struct QuantConfig {
 }
 
 impl QuantConfig {
+    /// The scheme `config.json` declares when fastmoe_load does not load it (`mxfp4`,
+    /// `modelopt NVFP4`, `compressed-tensors int4 pack-quantized`, ...), by name; `None` for
+    /// the fp8 schemes it loads.
+    pub fn unsupported(config: Option<&Value>) -> Option<String> {
+        let q = quantization_config(config?)?;
+        let method = q.get("quant_method")?.as_str()?;
+        let text = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_string);
+        match method {
+            "fp8" | "fbgemm_fp8" => None,
+            "modelopt" => {
+                let algo = text(
+                    q.get("quant_algo")
+                        .or_else(|| q.get("quantization")?.get("quant_algo")),
+                );
+                match algo.as_deref() {
+                    Some("FP8") => None,
+                    Some(algo) => Some(format!("modelopt {algo}")),
+                    None => Some("modelopt without quant_algo".into()),
+                }
+            }
+            "compressed-tensors" => {
+                let weights: Vec<&Value> = q
+                    .get("config_groups")
+                    .and_then(Value::as_object)
+                    .into_iter()
+                    .flat_map(|groups| groups.values())
+                    .filter_map(|g| g.get("weights"))
+                    .collect();
+                let other = weights
+                    .iter()
+                    .find(|w| w.get("type").and_then(Value::as_str) != Some("float"))?;
+                let bits = other.get("num_bits").and_then(Value::as_u64);
+                let kind = text(other.get("type")).unwrap_or_else(|| "untyped".into());
+                let format = text(q.get("format")).unwrap_or_else(|| "unnamed format".into());
+                Some(match bits {
+                    Some(bits) => format!("compressed-tensors {kind}{bits} {format}"),
+                    None => format!("compressed-tensors {kind} {format}"),
+                })
+            }
+            other => Some(other.to_string()),
+        }
+    }
+
     pub fn from_config(config: Option<&Value>) -> Option<QuantConfig> {
-        let config = config?;
-        let q = config
-            .get("quantization_config")
-            .or_else(|| config.get("text_config")?.get("quantization_config"))?;
+        let q = quantization_config(config?)?;
         let method = q.get("quant_method")?.as_str()?.to_string();
         let pair = |v: &Value| -> Option<(usize, usize)> {
             match v.as_array()?.as_slice() {
@@ -211,6 +257,13 @@ impl QuantConfig {
             scheme,
         })
     }
+}
+
+/// `quantization_config` of `config.json`, also where it sits under `text_config`.
+fn quantization_config(config: &Value) -> Option<&Value> {
+    config
+        .get("quantization_config")
+        .or_else(|| config.get("text_config")?.get("quantization_config"))
 }
 
 /// The companions of one expert group: `quant_method` and one [`Companion`] per kind.

@@ -5,9 +5,10 @@ use std::ffi::c_int;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock, RwLock};
 
-use fastmoe_load_core::quant::{companion_kind, Grid};
+use fastmoe_load_core::quant::{companion_kind, Grid, QuantConfig};
 use fastmoe_load_core::{
-    detect, Checkpoint, CopyPlan, Executor, LoadRequest, MoeLayer, Part, ReadMode, Shard, Target,
+    detect, unsupported_groups, Checkpoint, CopyPlan, Executor, LoadRequest, MoeLayer, Part,
+    ReadMode, Shard, Target,
 };
 use pyo3::exceptions::PyValueError;
 use pyo3::ffi;
@@ -254,6 +255,23 @@ impl PyCheckpoint {
             .iter()
             .map(MoeLayerInfo::from)
             .collect())
+    }
+
+    /// Groups that look like routed experts but cannot be loaded:
+    /// `[(prefix, tensor names, reason)]`.
+    fn unsupported_groups(&self) -> PyResult<Vec<(String, Vec<String>, String)>> {
+        let state = self.state()?;
+        Ok(unsupported_groups(&state.ckpt, state.layers()?)
+            .into_iter()
+            .map(|g| (g.prefix, g.tensors, g.reason))
+            .collect())
+    }
+
+    /// The quantization scheme `config.json` declares, by name, where fastmoe_load does not
+    /// load it (`mxfp4`, `modelopt NVFP4`, ...).
+    #[getter]
+    fn unsupported_quantization(&self) -> PyResult<Option<String>> {
+        Ok(QuantConfig::unsupported(self.state()?.ckpt.config()))
     }
 
     fn layer(&self, prefix: &str) -> PyResult<MoeLayerInfo> {
