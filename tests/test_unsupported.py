@@ -1,8 +1,8 @@
 """Nothing unrecognised goes unnamed: groups that look like routed experts but cannot be loaded
 are listed by `Checkpoint.unsupported_groups()` and by `inspect` with the reason, and a
 `quantization_config` the loader does not load is said at `open`, once, by name. Checkpoints
-with the names, dtypes and shapes of gpt-oss (mxfp4), ModelOpt NVFP4 and compressed-tensors
-int4 `pack-quantized` releases."""
+with the names, dtypes and shapes of gpt-oss (mxfp4) and compressed-tensors int4
+`pack-quantized` releases, and of one with an unknown modelopt algorithm."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import fastmoe_load as fml
 import pytest
 import torch
 from fastmoe_load.cli import main
-from test_quant import fp8, save
+from test_quant import save
 
 E, H, INTER = 4, 128, 64
 LAYERS = 2
@@ -43,33 +43,6 @@ def mxfp4_gpt_oss(path: Path, config: bool = True) -> Path:
         }
     quant = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
     return save(path, tensors, "gpt_oss", quant if config else None)
-
-
-def nvfp4_modelopt(path: Path) -> Path:
-    """ModelOpt NVFP4 (DeepSeek-R1-FP4, Qwen3-235B-FP4): per expert `weight` u8 `[out, in/2]`,
-    `weight_scale` fp8 `[out, in/16]`, `weight_scale_2` and `input_scale` float32 scalars."""
-    gen = torch.Generator().manual_seed(1)
-    tensors = {}
-    for layer in range(LAYERS):
-        for e in range(E):
-            for module, (rows, cols) in {
-                "gate_proj": (INTER, H),
-                "up_proj": (INTER, H),
-                "down_proj": (H, INTER),
-            }.items():
-                name = f"model.layers.{layer}.mlp.experts.{e}.{module}"
-                tensors[f"{name}.weight"] = u8(rows, cols // 2, gen=gen)
-                tensors[f"{name}.weight_scale"] = fp8(rows, cols // 16, gen=gen)
-                tensors[f"{name}.weight_scale_2"] = torch.rand(()) + 0.5
-                tensors[f"{name}.input_scale"] = torch.rand(()) + 0.5
-    quant = {
-        "quant_method": "modelopt",
-        "quant_algo": "NVFP4",
-        "group_size": 16,
-        "kv_cache_quant_algo": None,
-        "exclude_modules": ["lm_head"],
-    }
-    return save(path, tensors, "qwen3_moe", quant)
 
 
 def int4_pack_quantized(path: Path) -> Path:
@@ -117,7 +90,6 @@ def open_quietly(path: Path) -> fml.Checkpoint:
     ("make", "scheme"),
     [
         (mxfp4_gpt_oss, "mxfp4"),
-        (nvfp4_modelopt, "modelopt NVFP4"),
         (int4_pack_quantized, "compressed-tensors int4 pack-quantized"),
     ],
 )
@@ -150,6 +122,15 @@ def test_unsupported_quantization_named_at_open_once_and_per_group(tmp_path, mak
             ckpt.experts(groups[0].prefix)
 
 
+def test_unknown_modelopt_algorithm_is_named(tmp_path):
+    """NVFP4 files under a config that names another ModelOpt algorithm: said at open."""
+    from test_nvfp4 import nvfp4_modelopt
+
+    path = nvfp4_modelopt(tmp_path / "ckpt", quant_algo="W4A8_AWQ")
+    with pytest.warns(fml.UnsupportedWarning, match="declares modelopt W4A8_AWQ quantization"):
+        fml.open(path).close()
+
+
 def test_without_config_the_tensor_names_give_the_reason(tmp_path):
     path = mxfp4_gpt_oss(tmp_path / "ckpt", config=False)
     (path / "config.json").unlink()
@@ -163,18 +144,6 @@ def test_without_config_the_tensor_names_give_the_reason(tmp_path):
     # The first foreign tensor in file order (safetensors sorts names).
     assert reason.startswith("unknown quantization: `model.layers.0.mlp.experts.down_proj_blocks")
     assert "(U8 [4, 128, 2, 16]) belongs to no quantization scheme" in reason
-
-
-def test_nvfp4_weights_are_not_mistaken_for_fp8(tmp_path):
-    """The u8 weights and fp8 `weight_scale` of NVFP4 match the names of compressed-tensors
-    fp8; the packed dtype and `weight_scale_2` keep them out of the fp8 path."""
-    path = nvfp4_modelopt(tmp_path / "ckpt")
-    (path / "config.json").unlink()
-    with open_quietly(path) as ckpt, pytest.warns(fml.UnsupportedWarning):
-        assert ckpt.moe_layers() == []
-        (group, _) = ckpt.unsupported_groups()
-    assert "unknown quantization" in group.reason
-    assert len(group.tensor_names) == E * 3 * 4
 
 
 def test_unknown_naming_beside_a_loadable_group(tmp_path):

@@ -61,11 +61,13 @@ class Companion:
 
     `kind` is its name in checkpoints and in vLLM (`w13_{kind}`, `w2_{kind}`):
     `weight_scale_inv` (fp8 block scales, DeepSeek-V3 and transformers' FP8 layout),
-    `weight_scale` (compressed-tensors, ModelOpt, fbgemm) or `input_scale` (static activation
+    `weight_scale` (compressed-tensors, ModelOpt, fbgemm; NVFP4's float8 block scales),
+    `weight_scale_2` (NVFP4's per-tensor global scale) or `input_scale` (static activation
     scales). `scheme` says how one value maps onto the weight: `block` (one per
-    `block[0] x block[1]` entries), `channel` (one per output row) or `tensor` (one per
-    matrix). `merged_w13`: vLLM keeps one value per expert for gate and up together
-    (`w13_input_scale [E]`), the up projection's."""
+    `block[0] x block[1]` values), `group` (a block of one row: `block` is `(1, 16)` for
+    NVFP4), `channel` (one per output row) or `tensor` (one per matrix). `merged_w13`: vLLM
+    keeps one value per expert for gate and up together (fp8's `w13_input_scale [E]`, the up
+    projection's); otherwise it keeps both (`[E, 2]`)."""
 
     kind: str
     scheme: str
@@ -75,7 +77,7 @@ class Companion:
 
     def grid(self, rows: int, cols: int) -> tuple[int, int]:
         """`(rows, cols)` of this companion for a `rows x cols` weight."""
-        if self.scheme == "block":
+        if self.scheme in ("block", "group"):
             assert self.block is not None
             return math.ceil(rows / self.block[0]), math.ceil(cols / self.block[1])
         return (rows, 1) if self.scheme == "channel" else (1, 1)
@@ -83,10 +85,11 @@ class Companion:
     def destination_shape(
         self, target: str, experts: int, hidden: int, shard: int
     ) -> tuple[int, ...]:
-        """The shape vLLM 0.33's fp8 MoE methods give `{target}_{kind}` (`target` `w13` or
-        `w2`) for `experts` local experts and an intermediate shard of `shard`: block scales
-        `[E, 2·ceil(I/tp/bn), ceil(H/bk)]` and `[E, ceil(H/bn), ceil(I/tp/bk)]`, per-channel
-        `[E, 2·I/tp, 1]` and `[E, H, 1]`, per-tensor `[E, 2]` and `[E]`, input scales `[E]`."""
+        """The shape vLLM 0.33's fp8 and NVFP4 MoE methods give `{target}_{kind}` (`target`
+        `w13` or `w2`) for `experts` local experts and an intermediate shard of `shard`: block
+        scales `[E, 2·ceil(I/tp/bn), ceil(H/bk)]` and `[E, ceil(H/bn), ceil(I/tp/bk)]` (NVFP4's
+        16-value groups: `[E, 2·I/tp, H/16]`, `[E, H, I/tp/16]`), per-channel `[E, 2·I/tp, 1]`
+        and `[E, H, 1]`, per-tensor `[E, 2]` and `[E]`, merged input scales `[E]`."""
         if target == "w13":
             if self.merged_w13:
                 return (experts,)
@@ -102,17 +105,19 @@ class Companion:
 @dataclass(frozen=True)
 class Quantization:
     """How a group's expert weights are quantized: `method` is `quant_method` from
-    `config.json` (`fp8`, `compressed-tensors`, `fbgemm_fp8`, `modelopt`), or `fp8` where only
-    the files say so; `companions` lists the tensors beside each weight, the weight's own
-    scale first."""
+    `config.json` (`fp8`, `compressed-tensors`, `fbgemm_fp8`, `modelopt`), or where only the
+    files say so `fp8` (float8 weights) or `modelopt` (NVFP4); `weights` is `fp8` or `nvfp4`
+    (two e2m1 values a byte along the input dimension); `companions` lists the tensors beside
+    each weight."""
 
     method: str
     companions: tuple[Companion, ...]
+    weights: str = "fp8"
 
     @property
     def weight_scale(self) -> Companion:
         """The weights' own scale (`weight_scale_inv` or `weight_scale`)."""
-        return next(c for c in self.companions if c.kind != "input_scale")
+        return next(c for c in self.companions if c.kind in ("weight_scale_inv", "weight_scale"))
 
     @property
     def scheme(self) -> str:
@@ -128,11 +133,15 @@ class Quantization:
 
     def __str__(self) -> str:
         scale = self.weight_scale
-        grid = f"{scale.block[0]}x{scale.block[1]} block" if scale.block else scale.scheme
+        grid = scale.scheme
+        if scale.block is not None:
+            rows, cols = scale.block
+            grid = f"{cols}-value group" if scale.scheme == "group" else f"{rows}x{cols} block"
         kinds = ", ".join(c.kind for c in self.companions)
-        return (
-            f"{self.method}, {grid} scales in {str(scale.dtype).removeprefix('torch.')} ({kinds})"
-        )
+        dtype = str(scale.dtype).removeprefix("torch.")
+        # fp8 weights are what every method part of the name already implies.
+        name = self.method if self.weights == "fp8" else f"{self.method} {self.weights}"
+        return f"{name}, {grid} scales in {dtype} ({kinds})"
 
 
 class UnsupportedWarning(UserWarning):
@@ -164,7 +173,10 @@ class MoeLayer:
     and up alternate as in gpt-oss, or `per_expert` for one tensor per expert and matrix);
     `num_experts`, `hidden_size` (H), `intermediate_size` (I, per expert, before TP);
     `dtype` (the weights'), `bias_dtype` (None without biases); `tensor_names` (every stored
-    tensor of the group, scales included); `quantization` (None for unquantized experts).
+    tensor of the group, scales included); `quantization` (None for unquantized experts);
+    `pack`: values one stored weight element holds along the input dimension (2 for NVFP4's
+    uint8 weights, else 1): H and I count values, the views `[I, H/pack]` and `[H, I/pack]`
+    stored elements.
     """
 
     def __init__(self, ckpt: Checkpoint, info: native.MoeLayerInfo) -> None:
@@ -174,6 +186,7 @@ class MoeLayer:
         self.num_experts: int = info.num_experts
         self.hidden_size: int = info.hidden_size
         self.intermediate_size: int = info.intermediate_size
+        self.pack: int = info.pack
         where = f"{ckpt.path}: experts at `{info.prefix}`"
         self.dtype: torch.dtype = torch_dtype(info.dtype, where)
         self.bias_dtype: torch.dtype | None = (
@@ -186,7 +199,8 @@ class MoeLayer:
                 Companion(c.kind, c.scheme, c.block, torch_dtype(c.dtype, where), c.merged_w13)
                 for c in info.companions
             )
-            self.quantization = Quantization(info.quant_method, companions)
+            weights = "nvfp4" if info.pack == 2 else "fp8"
+            self.quantization = Quantization(info.quant_method, companions, weights)
 
     @property
     def has_bias(self) -> bool:
@@ -222,15 +236,15 @@ class MoeLayer:
         return base.as_strided((rows, cols), (row_stride, col_stride), offset)
 
     def w1(self, expert: int) -> torch.Tensor:
-        """Gate projection `[I, H]` of `expert`."""
+        """Gate projection `[I, H]` of `expert` (`[I, H/pack]` packed)."""
         return self._view("w1", expert)
 
     def w3(self, expert: int) -> torch.Tensor:
-        """Up projection `[I, H]` of `expert`."""
+        """Up projection `[I, H]` of `expert` (`[I, H/pack]` packed)."""
         return self._view("w3", expert)
 
     def w2(self, expert: int) -> torch.Tensor:
-        """Down projection `[H, I]` of `expert`."""
+        """Down projection `[H, I]` of `expert` (`[H, I/pack]` packed)."""
         return self._view("w2", expert)
 
     def b1(self, expert: int) -> torch.Tensor:

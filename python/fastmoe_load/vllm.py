@@ -8,12 +8,16 @@ attributes of the experts module:
 
 - `w13_weight [E_local, 2*I/tp, H]`, `w2_weight [E_local, H, I/tp]`, and for gpt-oss
   `w13_bias [E_local, 2*I/tp]`, `w2_bias [E_local, H]`;
-- for quantized (fp8) checkpoints, the scale parameters vLLM's fp8 MoE methods
-  (`Fp8MoEMethod`, `CompressedTensorsW8A8Fp8MoEMethod`) create, named `w13_{kind}` and
-  `w2_{kind}` after the checkpoint's companions: `w13_weight_scale_inv`/`w2_weight_scale_inv`
-  (block scales), `w13_weight_scale`/`w2_weight_scale` (per channel or tensor),
+- for quantized checkpoints, the scale parameters vLLM's fp8 and NVFP4 MoE methods
+  (`Fp8MoEMethod`, `CompressedTensorsW8A8Fp8MoEMethod`, `ModelOptNvFp4FusedMoE`) create,
+  named `w13_{kind}` and `w2_{kind}` after the checkpoint's companions:
+  `w13_weight_scale_inv`/`w2_weight_scale_inv` (block scales), `w13_weight_scale`/
+  `w2_weight_scale` (per channel or tensor; NVFP4's 16-value groups),
+  `w13_weight_scale_2`/`w2_weight_scale_2` (NVFP4's global scales),
   `w13_input_scale`/`w2_input_scale`; float32 parameters take bfloat16 or UE8M0 scales
-  converted exactly, as vLLM's `copy_` does;
+  converted exactly, as vLLM's `copy_` does. NVFP4 methods whose kernels quantize with the
+  scales of all experts (FlashInfer's, `use_global_sf`) keep input scales for every global
+  expert (`[E, 2]`, `[E]`) on every EP rank: those are filled for every expert;
 - `tp_rank`, `tp_size` (or `moe_config.tp_rank`, `moe_config.tp_size`): the layer's MoE
   tensor-parallel rank and size;
 - `expert_map` (optional): a tensor of one entry per physical (global) expert, holding its
@@ -63,7 +67,9 @@ def local_experts_of(
 
 def scale_parameters(layer: Any, group: MoeLayer) -> dict[str, torch.Tensor]:
     """The layer's parameters for the checkpoint group's companions (`w13_weight_scale_inv`,
-    ...), by name; raises `RequestError` naming any the layer lacks."""
+    ...), by name; raises `RequestError` naming any the layer lacks. Input scales of a
+    method that keeps them for all global experts (`use_global_sf`) are left out: see
+    `_fill_global_input_scales`."""
     if group.quantization is None:
         return {}
     layer = getattr(layer, "routed_experts", layer)
@@ -74,7 +80,31 @@ def scale_parameters(layer: Any, group: MoeLayer) -> dict[str, torch.Tensor]:
             f"experts at `{group.prefix}` are {group.quantization}, but the layer has no "
             f"{', '.join(missing)}: build it with the checkpoint's quantization config"
         )
+    if _global_input_scales(layer):
+        names = [n for n in names if not n.endswith("input_scale")]
     return {n: getattr(layer, n).data for n in names}
+
+
+def _global_input_scales(layer: Any) -> bool:
+    return bool(getattr(getattr(layer, "quant_method", None), "use_global_sf", False))
+
+
+def _fill_global_input_scales(layer: Any, group: MoeLayer) -> None:
+    """`w13_input_scale [E, 2]` (gate's, up's) and `w2_input_scale [E]` of every global
+    expert, as vLLM's loader fills them for a `use_global_sf` method: scalars, copied from
+    the zero-copy views after checking the shapes."""
+    w13, w2 = layer.w13_input_scale.data, layer.w2_input_scale.data
+    n = group.num_experts
+    if tuple(w13.shape) != (n, 2) or tuple(w2.shape) != (n,):
+        raise RequestError(
+            f"experts at `{group.prefix}`: global input scales of shapes {tuple(w13.shape)} "
+            f"and {tuple(w2.shape)}, expected ({n}, 2) and ({n},)"
+        )
+    with torch.no_grad():
+        for e in range(n):
+            for column, matrix in enumerate(("w1", "w3")):
+                w13[e, column] = group.companion("input_scale", matrix, e).reshape(())
+            w2[e] = group.companion("input_scale", "w2", e).reshape(())
 
 
 def load_fused_moe_layer(
@@ -114,6 +144,9 @@ def load_fused_moe_layer(
         allow_cast=True,
         **{**biases, **{k: v for k, v in scratch.items() if k != "w13"}},
     )
+    quantization = group.quantization
+    if quantization and quantization.companion("input_scale") and _global_input_scales(layer):
+        _fill_global_input_scales(layer, group)
     with torch.no_grad():
         for name, target in (("w13", w13), ("w13_bias", biases.get("w13_bias"))):
             if name in scratch and target is not None:

@@ -29,10 +29,10 @@ What it relies on in vLLM (0.33):
 - an expert layer is a module whose own parameters include `w13_weight` and `w2_weight`
   (`RoutedExperts`, or `FusedMoE` before 0.33), with `moe_config.is_act_and_mul` true and,
   as its `quant_method`, `UnquantizedFusedMoEMethod` (unquantized checkpoints) or one of the
-  fp8 methods in `FP8_METHODS` without a refined or padded scale grid (fp8 checkpoints:
-  their scales go into `w13_{kind}`/`w2_{kind}`); inside a `MoERunner` it is the runner's
-  `routed_experts`, and checkpoint names address the runner. `fastmoe_load.vllm` lists what
-  is read from the layer itself;
+  quantized methods in `QUANTIZED_METHODS` (fp8, NVFP4) without a refined or padded scale
+  grid (quantized checkpoints: their scales go into `w13_{kind}`/`w2_{kind}`); inside a
+  `MoERunner` it is the runner's `routed_experts`, and checkpoint names address the runner.
+  `fastmoe_load.vllm` lists what is read from the layer itself;
 - `model.hf_to_vllm_mapper` (optional), a `WeightsMapper` whose `map_name` turns a
   checkpoint name into the model's name, or None for a dropped weight;
 - `model.load_weights(iterable of (name, tensor))`, returning the names of the parameters
@@ -160,8 +160,9 @@ def expert_layers(model: torch.nn.Module) -> dict[str, tuple[str, torch.nn.Modul
     return layers
 
 
-# vLLM's fp8 MoE methods whose scales `load_fused_moe_layer` fills as their weight_loader does.
-FP8_METHODS = ("Fp8MoEMethod", "CompressedTensorsW8A8Fp8MoEMethod")
+# vLLM's quantized MoE methods whose weights and scales `load_fused_moe_layer` fills as their
+# weight_loader does.
+QUANTIZED_METHODS = ("Fp8MoEMethod", "CompressedTensorsW8A8Fp8MoEMethod", "ModelOptNvFp4FusedMoE")
 
 
 def fillable(module: torch.nn.Module, group: MoeLayer) -> bool:
@@ -177,7 +178,7 @@ def fillable(module: torch.nn.Module, group: MoeLayer) -> bool:
         return isinstance(method, UnquantizedFusedMoEMethod)
     companions = [f"{t}_{c.kind}" for c in group.quantization.companions for t in ("w13", "w2")]
     return (
-        type(method).__name__ in FP8_METHODS
+        type(method).__name__ in QUANTIZED_METHODS
         and getattr(method, "weight_scale_refine", None) is None
         and not getattr(moe_config, "tp_shard_with_padding", False)
         and module.w13_weight.dtype == group.dtype

@@ -179,6 +179,10 @@ pub struct MoeLayer {
     pub intermediate_size: usize,
     pub dtype: Dtype,
     pub bias_dtype: Option<Dtype>,
+    /// Values one stored weight element holds along the input dimension: 1, or 2 for NVFP4
+    /// (two e2m1 values a byte). `hidden_size` and `intermediate_size` count values; the
+    /// views of [`MoeLayer::matrix`] count stored elements (`[I, H/pack]`, `[H, I/pack]`).
+    pub pack: usize,
     pub tensors: ExpertTensors,
     /// Scales beside quantized (fp8) weights; `None` for unquantized experts.
     pub quantization: Option<Quantization>,
@@ -250,7 +254,7 @@ impl MoeLayer {
             CompanionTensors::PerExpert(tensors) => (&tensors[slot][expert], 0),
             CompanionTensors::Fused { gate_up, down } => match slot {
                 2 => (down, expert * rows * cols),
-                _ if companion.kind.merged_w13 => (gate_up, expert),
+                _ if companion.merged_w13 => (gate_up, expert),
                 _ => (gate_up, (expert * 2 * rows + slot * rows) * cols),
             },
         };
@@ -283,6 +287,11 @@ impl MoeLayer {
                     .map(move |s| (s, name))
             })
             .collect();
+        let weight_name = self.tensor_names()[0].to_string();
+        let mut steps = steps;
+        if self.pack > 1 {
+            steps.push((self.pack, &weight_name));
+        }
         let fits = |tp: usize| {
             tp == 1
                 || (inter.is_multiple_of(tp)
@@ -302,7 +311,7 @@ impl MoeLayer {
             .collect();
         Err(format!(
             "tp_size={tp_size} gives each rank {} of the intermediate size {inter}, which cuts the \
-             {step}-entry scale blocks of `{name}`; tp_size that fit: {}",
+             {step}-value blocks (scales or packs) of `{name}`; tp_size that fit: {}",
             inter / tp_size,
             working.join(", ")
         ))
@@ -334,10 +343,11 @@ impl MoeLayer {
                 }
             }
             ExpertTensors::PerExpert(p) => {
+                let pack = self.pack;
                 let (tensors, rows, cols) = match part {
-                    Part::Gate => (&p.weights[0], i, h),
-                    Part::Up => (&p.weights[1], i, h),
-                    Part::Down => (&p.weights[2], h, i),
+                    Part::Gate => (&p.weights[0], i, h / pack),
+                    Part::Up => (&p.weights[1], i, h / pack),
+                    Part::Down => (&p.weights[2], h, i / pack),
                     Part::GateBias => (&p.biases.as_ref()?[0], 1, i),
                     Part::UpBias => (&p.biases.as_ref()?[1], 1, i),
                     Part::DownBias => (&p.biases.as_ref()?[2], 1, h),
@@ -495,6 +505,7 @@ fn fused_group(
         hidden: h,
         inter: i,
         dtype,
+        pack: 1,
     };
     let quantization = quant::fused(
         ckpt,
@@ -510,6 +521,7 @@ fn fused_group(
         intermediate_size: i,
         dtype,
         bias_dtype,
+        pack: 1,
         quantization,
         tensors: ExpertTensors::Fused(FusedTensors {
             gate_up: name.to_string(),
@@ -581,6 +593,7 @@ fn stacked_group(ckpt: &Checkpoint, name: &str, gate: &TensorEntry) -> Result<Op
         hidden: h,
         inter: i,
         dtype,
+        pack: 1,
     };
     // No companions are known for this layout: fp8 weights fail here for want of scales.
     let quantization = quant::per_expert(ckpt, &weights, ["w1", "v1", "w2"], Default::default())?;
@@ -591,6 +604,7 @@ fn stacked_group(ckpt: &Checkpoint, name: &str, gate: &TensorEntry) -> Result<Op
         intermediate_size: i,
         dtype,
         bias_dtype: None,
+        pack: 1,
         quantization,
         tensors: ExpertTensors::Stacked(StackedTensors {
             gate: name.to_string(),
@@ -637,6 +651,7 @@ type ExpertNames<'c> = BTreeMap<usize, ExpertEntries<'c>>;
 
 /// Groups `P.{e}.{gate|up|down}.{weight|bias}` names by prefix and naming scheme.
 fn per_expert_candidates(ckpt: &Checkpoint) -> Vec<(String, &'static Naming, ExpertNames<'_>)> {
+    let unloaded_config = quant::QuantConfig::unsupported(ckpt.config());
     let mut groups: BTreeMap<(String, usize), ExpertNames> = BTreeMap::new();
     for (name, entry) in ckpt.entries() {
         let mut parts = name.rsplitn(4, '.');
@@ -685,13 +700,20 @@ fn per_expert_candidates(ckpt: &Checkpoint) -> Vec<(String, &'static Naming, Exp
         .filter(|(_, experts)| experts.values().any(|e| e.tensors[0].is_some()))
         // Unknown tensors beside the weights, or integer weights (packed values), belong to
         // a quantization the loader does not know: `unsupported_groups` names them.
+        // Scales under a quantization_config the loader does not load mean something else.
         .filter(|(_, experts)| {
+            unloaded_config.is_none() || experts.values().all(|e| e.companions.is_empty())
+        })
+        .filter(|(_, experts)| {
+            let packed = experts
+                .values()
+                .any(|e| e.companions.contains_key("weight_scale_2"));
             !experts.values().any(|e| {
                 e.foreign
                     || e.tensors[..3]
                         .iter()
                         .flatten()
-                        .any(|(_, t)| !quant::is_float(t.dtype))
+                        .any(|(_, t)| quant::packing(t.dtype, packed).is_none())
             })
         })
         .map(|((prefix, n), experts)| (prefix, &NAMINGS[n], experts))
@@ -738,14 +760,31 @@ fn per_expert_group(
             first.shape
         )));
     }
-    let (i, h) = (first.shape[0], first.shape[1]);
+    let packed = experts
+        .values()
+        .any(|e| e.companions.contains_key("weight_scale_2"));
+    let pack = quant::packing(first.dtype, packed).unwrap_or(1);
+    let (i, stored_h) = (first.shape[0], first.shape[1]);
+    let h = stored_h * pack;
     if i == 0 || h == 0 {
         return Err(err(format!(
             "`{first_name}` has shape {:?}: an expert cannot be empty",
             first.shape
         )));
     }
-    let expected: [&[usize]; 6] = [&[i, h], &[i, h], &[h, i], &[i], &[i], &[h]];
+    if !i.is_multiple_of(pack) {
+        return Err(err(format!(
+            "`{first_name}` has {i} rows, which do not pack {pack} values a byte in down's rows"
+        )));
+    }
+    let expected: [&[usize]; 6] = [
+        &[i, stored_h],
+        &[i, stored_h],
+        &[h, i / pack],
+        &[i],
+        &[i],
+        &[h],
+    ];
     for k in 0..kinds {
         if let Some((name, e)) = found[k].iter().find(|(_, e)| e.shape != expected[k]) {
             return Err(err(format!(
@@ -784,6 +823,7 @@ fn per_expert_group(
         hidden: h,
         inter: i,
         dtype,
+        pack,
     };
     let quantization = quant::per_expert(ckpt, &weights, modules, companions)?;
     Ok(MoeLayer {
@@ -792,6 +832,7 @@ fn per_expert_group(
         intermediate_size: i,
         dtype,
         bias_dtype,
+        pack,
         quantization,
         tensors: ExpertTensors::PerExpert(PerExpertTensors {
             naming,

@@ -52,9 +52,11 @@ impl Grid {
         }
     }
 
-    /// `block`, `channel` or `tensor`: the names compressed-tensors gives these strategies.
+    /// `block`, `group` (a block of one row), `channel` or `tensor`: the names
+    /// compressed-tensors gives these strategies.
     pub fn scheme(&self) -> &'static str {
         match self {
+            Grid::Block { rows: 1, .. } => "group",
             Grid::Block { .. } => "block",
             Grid::Row => "channel",
             Grid::Tensor => "tensor",
@@ -107,7 +109,7 @@ pub struct CompanionKind {
     pub merged_w13: bool,
 }
 
-pub const COMPANION_KINDS: [CompanionKind; 3] = [
+pub const COMPANION_KINDS: [CompanionKind; 4] = [
     CompanionKind {
         name: "weight_scale_inv",
         fused_suffix: Some("_scale_inv"),
@@ -126,14 +128,40 @@ pub const COMPANION_KINDS: [CompanionKind; 3] = [
         weight_scale: false,
         merged_w13: true,
     },
+    // NVFP4's global (per-tensor) scale beside its 16-value block scales `weight_scale`.
+    CompanionKind {
+        name: "weight_scale_2",
+        fused_suffix: None,
+        weight_scale: false,
+        merged_w13: false,
+    },
 ];
 
 pub fn companion_kind(name: &str) -> Option<&'static CompanionKind> {
     COMPANION_KINDS.iter().find(|k| k.name == name)
 }
 
-/// Dtypes a scale may be stored in: converted exactly to vLLM's float32 parameters.
-pub const SCALE_DTYPES: [Dtype; 4] = [Dtype::F32, Dtype::BF16, Dtype::F16, Dtype::F8_E8M0];
+/// Dtypes a scale may be stored in: converted exactly to vLLM's float32 parameters, or kept
+/// (NVFP4's float8 e4m3 block scales, which vLLM keeps as they are).
+pub const SCALE_DTYPES: [Dtype; 5] = [
+    Dtype::F32,
+    Dtype::BF16,
+    Dtype::F16,
+    Dtype::F8_E8M0,
+    Dtype::F8_E4M3,
+];
+
+/// Values one stored weight element holds along the input dimension, by what the group is:
+/// 1 for float weights, 2 for NVFP4 (two e2m1 values a byte, recognised by its
+/// `weight_scale_2` beside `uint8` weights); `None` for integer weights of a scheme the
+/// loader does not know.
+pub fn packing(weight: Dtype, has_weight_scale_2: bool) -> Option<usize> {
+    match weight {
+        d if is_float(d) => Some(1),
+        Dtype::U8 if has_weight_scale_2 => Some(2),
+        _ => None,
+    }
+}
 
 /// Weight dtypes that need a weight scale to mean anything.
 pub fn is_quantized_weight(dtype: Dtype) -> bool {
@@ -176,7 +204,7 @@ impl QuantConfig {
                         .or_else(|| q.get("quantization")?.get("quant_algo")),
                 );
                 match algo.as_deref() {
-                    Some("FP8") => None,
+                    Some("FP8" | "NVFP4") => None,
                     Some(algo) => Some(format!("modelopt {algo}")),
                     None => Some("modelopt without quant_algo".into()),
                 }
@@ -243,11 +271,15 @@ impl QuantConfig {
                 (block, scheme)
             }
             "modelopt" => {
-                let algo = q
-                    .get("quant_algo")
-                    .or_else(|| q.get("quantization")?.get("quant_algo"))
-                    .and_then(Value::as_str);
-                (None, (algo == Some("FP8")).then_some("tensor"))
+                let field = |k: &str| q.get(k).or_else(|| q.get("quantization")?.get(k));
+                match field("quant_algo").and_then(Value::as_str) {
+                    Some("FP8") => (None, Some("tensor")),
+                    Some("NVFP4") => {
+                        let group = field("group_size").and_then(Value::as_u64).unwrap_or(16);
+                        (Some((1, group as usize)), Some("group"))
+                    }
+                    _ => (None, None),
+                }
             }
             _ => (None, None),
         };
@@ -291,6 +323,9 @@ impl Quantization {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Companion {
     pub kind: &'static CompanionKind,
+    /// vLLM keeps one value per expert for gate and up (the kind's rule, except where the
+    /// method keeps both: NVFP4's `w13_input_scale [E, 2]`).
+    pub merged_w13: bool,
     pub grid: Grid,
     pub dtype: Dtype,
     pub tensors: CompanionTensors,
@@ -334,6 +369,8 @@ pub(crate) struct Weights<'a> {
     pub hidden: usize,
     pub inter: usize,
     pub dtype: Dtype,
+    /// Values per stored element along the input dimension (see [`packing`]).
+    pub pack: usize,
 }
 
 impl Weights<'_> {
@@ -357,7 +394,9 @@ fn grid_of(
     shape: &[usize],
     (rows, cols): (usize, usize),
 ) -> Result<Grid> {
-    let block = config.and_then(|c| c.block).unwrap_or(DEFAULT_BLOCK);
+    // NVFP4 scales a group of 16 values of a row, whether or not config.json says so.
+    let default = if w.pack > 1 { (1, 16) } else { DEFAULT_BLOCK };
+    let block = config.and_then(|c| c.block).unwrap_or(default);
     let scheme = config.and_then(|c| c.scheme);
     Grid::of_shape(shape, rows, cols, block, scheme).ok_or_else(|| {
         let (br, bc) = Grid::Block {
@@ -406,7 +445,7 @@ pub(crate) fn per_expert(
                 };
                 let dims = w.dims(slot);
                 let this = grid_of(ckpt, w, config.as_ref(), name, &entry.shape, dims)?;
-                if kind.merged_w13 && this != Grid::Tensor {
+                if kind.name == "input_scale" && this != Grid::Tensor {
                     return Err(layout_error(
                         ckpt,
                         w.prefix,
@@ -438,6 +477,7 @@ pub(crate) fn per_expert(
         }
         companions.push(Companion {
             kind,
+            merged_w13: kind.merged_w13 && w.pack == 1,
             grid: grid.unwrap_or(Grid::Tensor),
             dtype: one_dtype(ckpt, w.prefix, &dtypes)?,
             tensors: CompanionTensors::PerExpert(names),
@@ -523,6 +563,7 @@ pub(crate) fn fused(
         };
         companions.push(Companion {
             kind,
+            merged_w13: kind.merged_w13,
             grid,
             dtype: one_dtype(ckpt, w.prefix, &[(&names.0, g.dtype), (&names.1, d.dtype)])?,
             tensors: CompanionTensors::Fused {
@@ -563,8 +604,9 @@ fn finish(
     let err = |reason: String| layout_error(ckpt, w.prefix, reason);
     let weight_scales: Vec<&Companion> =
         companions.iter().filter(|c| c.kind.weight_scale).collect();
+    let quantized = is_quantized_weight(w.dtype) || w.pack > 1;
     if companions.is_empty() {
-        return if is_quantized_weight(w.dtype) {
+        return if quantized {
             Err(err(format!(
                 "the experts' weights are {} but have no scales beside them (`weight_scale_inv` \
                  or `weight_scale`); without them the values mean nothing",
@@ -575,9 +617,10 @@ fn finish(
         };
     }
     let first = companions[0].tensor_names()[0];
-    if !is_quantized_weight(w.dtype) {
+    if !quantized {
         return Err(err(format!(
-            "the experts have scales (`{first}`) but their weights are {}, not float8",
+            "the experts have scales (`{first}`) but their weights are {}, not float8 or packed \
+             fp4",
             w.dtype
         )));
     }
@@ -607,7 +650,10 @@ fn finish(
         }
     }
     Ok(Some(Quantization {
-        method: config.map_or_else(|| "fp8".to_string(), |c| c.method),
+        method: config.map_or_else(
+            || if w.pack > 1 { "modelopt" } else { "fp8" }.to_string(),
+            |c| c.method,
+        ),
         companions,
     }))
 }

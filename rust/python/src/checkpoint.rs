@@ -423,6 +423,8 @@ pub struct MoeLayerInfo {
     tensor_names: Vec<String>,
     /// `quant_method`, or None for unquantized experts.
     quant_method: Option<String>,
+    /// Values per stored weight element along the input dimension (2 for NVFP4).
+    pack: usize,
     companions: Vec<CompanionInfo>,
 }
 
@@ -453,6 +455,7 @@ impl From<&MoeLayer> for MoeLayerInfo {
             bias_dtype: layer.bias_dtype.map(|d| d.to_string()),
             tensor_names: layer.tensor_names().into_iter().map(String::from).collect(),
             quant_method: layer.quantization.as_ref().map(|q| q.method.clone()),
+            pack: layer.pack,
             companions: layer
                 .quantization
                 .iter()
@@ -465,7 +468,7 @@ impl From<&MoeLayer> for MoeLayerInfo {
                         Grid::Row | Grid::Tensor => None,
                     },
                     dtype: c.dtype.to_string(),
-                    merged_w13: c.kind.merged_w13,
+                    merged_w13: c.merged_w13,
                 })
                 .collect(),
         }
