@@ -217,3 +217,21 @@ def test_inspect_names_the_scheme(checkpoint, capsys):
     out = capsys.readouterr().out
     assert "quantized   modelopt nvfp4, 16-value group scales in float8_e4m3fn" in out
     assert f"{prefix(1)}  per_expert" in out
+
+
+def test_convert_refuses_to_fuse_and_keeps_per_expert(checkpoint, tmp_path):
+    """transformers has no fused NVFP4 experts: fusing is refused before anything is written;
+    to per_expert the groups are copied unchanged, scales included, and load the same."""
+    from fastmoe_load.convert import convert
+
+    with pytest.raises(fml.RequestError, match="weight_scale, weight_scale_2 scales"):
+        convert(checkpoint, tmp_path / "fused", to="fused")
+    assert not (tmp_path / "fused").exists()
+    report = convert(checkpoint, tmp_path / "copy", to="per_expert")
+    assert report.kept == [prefix(0), prefix(1)]
+    original = stored(checkpoint)
+    with fml.open(tmp_path / "copy") as copy:
+        assert sorted(copy.keys()) == sorted(original)
+        for name, tensor in original.items():
+            assert_bitwise_equal(copy.tensor(name), tensor, name)
+        assert copy.experts(prefix()).pack == 2

@@ -82,7 +82,10 @@ def load(path, load_format: str, dtype: str = "bfloat16") -> tuple[torch.nn.Modu
             model = initialize_model(vllm_config=config, model_config=config.model_config)
         with torch.no_grad():
             for param in model.parameters():
-                param.fill_(float("nan"))
+                if param.is_floating_point():
+                    param.fill_(float("nan"))
+                else:  # packed integer weights: a byte pattern no test writes
+                    param.view(torch.uint8).fill_(0xA5)
         received: list[str] = []
         model_load_weights = model.load_weights
 
@@ -250,3 +253,63 @@ def test_unknown_extra_config_is_refused(distributed):
                 model_loader_extra_config={"enable_multithread_load": True},
             )
         )
+
+
+@pytest.fixture(scope="module")
+def nvfp4_checkpoint(tmp_path_factory):
+    """A Qwen3-MoE model saved per expert with its experts in ModelOpt NVFP4 (uint8 weights,
+    float8 16-value group scales, float32 `weight_scale_2` and `input_scale`), the rest in
+    bf16 and listed in `exclude_modules` as ModelOpt lists them."""
+    import json
+
+    from test_quant import fp8
+
+    model = build_model("qwen3_moe", hidden_size=128, moe_intermediate_size=64, head_dim=32)
+    path = tmp_path_factory.mktemp("nvfp4")
+    model.save_pretrained(path, save_original_format=True)
+    with fml.open(path) as ckpt:
+        tensors = {name: ckpt.tensor(name).clone() for name in ckpt.keys()}
+        experts = {n for group in ckpt.moe_layers() for n in group.tensor_names}
+    for file in path.glob("*.safetensors*"):
+        file.unlink()
+    gen = torch.Generator().manual_seed(5)
+    for name in sorted(experts):
+        rows, cols = tensors[name].shape
+        stem = name.removesuffix(".weight")
+        tensors[name] = torch.randint(0, 256, (rows, cols // 2), dtype=torch.uint8, generator=gen)
+        tensors[f"{stem}.weight_scale"] = fp8(rows, cols // 16, gen=gen)
+        tensors[f"{stem}.weight_scale_2"] = torch.rand((), generator=gen) + 0.5
+        tensors[f"{stem}.input_scale"] = torch.rand((), generator=gen) + 0.5
+    save_file(tensors, path / "model.safetensors")
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "modelopt",
+        "quant_algo": "NVFP4",
+        "group_size": 16,
+        "kv_cache_quant_algo": None,
+        "exclude_modules": ["lm_head", "self_attn", "mlp.gate"],
+    }
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_nvfp4_model_matches_default_loader(distributed, nvfp4_checkpoint, monkeypatch):
+    """A whole NVFP4 model (`ModelOptNvFp4FusedMoE` experts): every parameter equal to vLLM's
+    own loading, and neither expert weights nor scales through the model's loader. vLLM has
+    no NVFP4 MoE kernel on the CPU: the method is given the emulation backend, which decides
+    nothing of the loading."""
+    from vllm.model_executor.layers.fused_moe.oracle.nvfp4 import NvFp4MoeBackend
+    from vllm.model_executor.layers.quantization import modelopt
+
+    chosen = (NvFp4MoeBackend.EMULATION, None)
+    monkeypatch.setattr(modelopt, "select_nvfp4_moe_backend", lambda **_: chosen)
+    theirs, _ = load(nvfp4_checkpoint, "safetensors")
+    ours, received = load(nvfp4_checkpoint, "fastmoe")
+    assert_same_state(ours, theirs)
+    packed = [n for n, p in ours.named_parameters() if n.endswith("w13_weight")]
+    assert packed and all(ours.get_parameter(n).dtype == torch.uint8 for n in packed)
+    with fml.open(nvfp4_checkpoint) as ckpt:
+        groups = ckpt.moe_layers()
+        assert all(g.pack == 2 for g in groups)
+        expert_names = {name for group in groups for name in group.tensor_names}
+        assert set(received) == set(ckpt.keys()) - expert_names

@@ -140,9 +140,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--quant",
-        choices=["fp8"],
-        help="quantized experts: a DeepSeek-V3-shaped fp8 checkpoint with block scales, "
-        "beside the pure-Python path and the bf16 rows (--layers of 11.3 GB, default 1)",
+        choices=["fp8", "nvfp4"],
+        help="quantized experts: a DeepSeek-V3-shaped checkpoint, fp8 with block scales "
+        "(--layers of 11.3 GB, default 1) or ModelOpt nvfp4 (6 GB), beside the pure-Python "
+        "path and the bf16 rows",
     )
     return parser
 
@@ -224,7 +225,7 @@ def _bench(args: argparse.Namespace) -> None:
     if args.quant:
         from .bench.quant import main as bench_quant
 
-        bench_quant(args.device, args.layers, args.dir, args.repeats, args.threads)
+        bench_quant(args.device, args.layers, args.dir, args.repeats, args.threads, args.quant)
         return
     from .bench.run import main as bench
 

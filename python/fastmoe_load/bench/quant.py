@@ -1,12 +1,16 @@
-"""`python -m fastmoe_load bench --quant fp8`: quantized experts beside the pure-Python path.
+"""`python -m fastmoe_load bench --quant fp8|nvfp4`: quantized experts beside the pure-Python
+path.
 
-A generated checkpoint shaped like DeepSeek-V3's routed experts (one fp8 e4m3 tensor per
-expert and matrix, 256 experts, H=7168, I=2048, each with its float32 128 x 128
-`weight_scale_inv`: thousands of small scale tensors beside the weights), loaded into the
-parameters vLLM's `Fp8MoEMethod` creates (`w13_weight`, `w2_weight`,
-`w13_weight_scale_inv`, `w2_weight_scale_inv`), by fastmoe_load and by vLLM's per-expert
-`weight_loader` loop in pure Python; and, in the same run, the bf16 fused checkpoint of the
-plain bench, so that fp8 and bf16 compare per landed byte.
+A generated checkpoint shaped like DeepSeek-V3's routed experts (one tensor per expert and
+matrix, 256 experts, H=7168, I=2048), quantized as the releases are: `fp8`, fp8 e4m3
+weights each with its float32 128 x 128 `weight_scale_inv` (DeepSeek-V3), loaded into the
+parameters vLLM's `Fp8MoEMethod` creates (`w13_weight`, `w2_weight`, `w13_weight_scale_inv`,
+`w2_weight_scale_inv`); `nvfp4`, uint8 weights of two e2m1 values a byte, float8
+`weight_scale` per 16 values and float32 `weight_scale_2` and `input_scale` scalars
+(DeepSeek-R1-FP4), into `ModelOptNvFp4FusedMoE`'s. Thousands of small scale tensors lie
+beside the weights. Loaded by fastmoe_load and by vLLM's per-expert `weight_loader` loop in
+pure Python; and, in the same run, the bf16 fused checkpoint of the plain bench, so that the
+quantized and bf16 checkpoints compare per landed byte.
 """
 
 from __future__ import annotations
@@ -29,24 +33,67 @@ from .seed import seed_load, shard_of_tensors
 
 FP8 = torch.float8_e4m3fn
 BLOCK = 128
+FP4_GROUP = 16
 MODULES = ("gate_proj", "up_proj", "down_proj")
+SCHEMES = ("fp8", "nvfp4")
+
+
+def module_tensors(
+    scheme: str, rows: int, cols: int, weight: torch.Tensor, gen: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """The tensors of one expert matrix `[rows, cols]` by suffix, as the scheme's releases
+    store them; `weight` holds enough random bytes for the weight."""
+    if scheme == "fp8":
+        grid = (math.ceil(rows / BLOCK), math.ceil(cols / BLOCK))
+        return {
+            "weight": weight[: rows * cols].view(FP8).view(rows, cols).clone(),
+            "weight_scale_inv": torch.rand(grid, generator=gen),
+        }
+    packed = rows * cols // 2
+    return {
+        "weight": weight[:packed].view(rows, cols // 2).clone(),
+        "weight_scale": torch.rand(rows, cols // FP4_GROUP, generator=gen).to(FP8),
+        "weight_scale_2": torch.rand((), generator=gen),
+        "input_scale": torch.rand((), generator=gen),
+    }
+
+
+QUANTIZATION_CONFIGS = {
+    "fp8": {
+        "quant_method": "fp8",
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "weight_block_size": [BLOCK, BLOCK],
+    },
+    "nvfp4": {
+        "quant_method": "modelopt",
+        "quant_algo": "NVFP4",
+        "group_size": FP4_GROUP,
+        "kv_cache_quant_algo": None,
+        "exclude_modules": ["lm_head"],
+    },
+}
 
 
 @dataclass(frozen=True)
-class Fp8Shape:
+class QuantShape:
     layers: int
     experts: int = 256
     hidden: int = 7168
     intermediate: int = 2048
+    scheme: str = "fp8"
 
     @property
     def scale_bytes(self) -> int:
+        if self.scheme == "nvfp4":  # float8 groups, two float32 scalars
+            return 3 * self.experts * (self.hidden * self.intermediate // FP4_GROUP + 8)
         rows, cols = math.ceil(self.intermediate / BLOCK), math.ceil(self.hidden / BLOCK)
         return 3 * self.experts * rows * cols * 4  # float32
 
     @property
     def layer_bytes(self) -> int:
-        return 3 * self.experts * self.hidden * self.intermediate + self.scale_bytes
+        values = 3 * self.experts * self.hidden * self.intermediate
+        return (values // 2 if self.scheme == "nvfp4" else values) + self.scale_bytes
 
     @property
     def total_bytes(self) -> int:
@@ -57,8 +104,9 @@ class Fp8Shape:
         return f"model.layers.{layer + 3}.mlp.experts"
 
 
-def generate_fp8(path: str, shape: Fp8Shape) -> str:
-    """Writes the fp8 checkpoint to directory `path` unless a matching one is there already."""
+def generate_quantized(path: str, shape: QuantShape) -> str:
+    """Writes the quantized checkpoint to directory `path` unless a matching one is there
+    already."""
     os.makedirs(path, exist_ok=True)
     marker = os.path.join(path, MARKER)
     if os.path.exists(marker):
@@ -67,8 +115,8 @@ def generate_fp8(path: str, shape: Fp8Shape) -> str:
                 return path
     generator = torch.Generator().manual_seed(0)
     h, i = shape.hidden, shape.intermediate
-    # Random fp8 bytes (no NaN patterns), copied into every weight: cheap, real data.
-    block = torch.randint(0, 0x7E, (h * i,), dtype=torch.uint8, generator=generator).view(FP8)
+    # Random bytes (no fp8 NaN patterns), copied into every weight: cheap, real data.
+    block = torch.randint(0, 0x7E, (h * i,), dtype=torch.uint8, generator=generator)
     # Shards of 32 experts (1.4 GB at DeepSeek-V3's sizes), as releases shard by size.
     groups = [
         (layer, first) for layer in range(shape.layers) for first in range(0, shape.experts, 32)
@@ -81,9 +129,8 @@ def generate_fp8(path: str, shape: Fp8Shape) -> str:
             for module in MODULES:
                 rows, cols = (h, i) if module == "down_proj" else (i, h)
                 name = f"{shape.prefix(layer)}.{e}.{module}"
-                tensors[f"{name}.weight"] = block.view(rows, cols).clone()
-                grid = (math.ceil(rows / BLOCK), math.ceil(cols / BLOCK))
-                tensors[f"{name}.weight_scale_inv"] = torch.rand(grid, generator=generator)
+                for suffix, t in module_tensors(shape.scheme, rows, cols, block, generator).items():
+                    tensors[f"{name}.{suffix}"] = t
         save_file(tensors, os.path.join(path, file))
         weight_map.update(dict.fromkeys(tensors, file))
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
@@ -93,12 +140,7 @@ def generate_fp8(path: str, shape: Fp8Shape) -> str:
         "hidden_size": h,
         "moe_intermediate_size": i,
         "n_routed_experts": shape.experts,
-        "quantization_config": {
-            "quant_method": "fp8",
-            "activation_scheme": "dynamic",
-            "fmt": "e4m3",
-            "weight_block_size": [BLOCK, BLOCK],
-        },
+        "quantization_config": QUANTIZATION_CONFIGS[shape.scheme],
     }
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f)
@@ -111,23 +153,38 @@ def generate_fp8(path: str, shape: Fp8Shape) -> str:
 Destinations = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
 
 
-class Fp8Bench(Bench):
-    """The plain bench's timing and table over fp8 destinations."""
+class QuantBench(Bench):
+    """The plain bench's timing and table over quantized destinations."""
 
-    shape: Fp8Shape  # type: ignore[assignment]
+    shape: QuantShape  # type: ignore[assignment]
 
     def destinations(self, case: Case, touched: bool) -> list[Destinations]:  # type: ignore[override]
         s = self.shape
-        n, shard = len(case.experts(s.experts)), s.intermediate // case.tp_size
+        n, shard, h = len(case.experts(s.experts)), s.intermediate // case.tp_size, s.hidden
         out = []
+
+        def empty(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            return torch.empty(shape, dtype=dtype, device=self.device)
+
         for _ in range(s.layers):
-            rows, cols = math.ceil(shard / BLOCK), math.ceil(s.hidden / BLOCK)
-            w13 = torch.empty(n, 2 * shard, s.hidden, dtype=FP8, device=self.device)
-            w2 = torch.empty(n, s.hidden, shard, dtype=FP8, device=self.device)
-            scales = {
-                "w13_weight_scale_inv": torch.empty(n, 2 * rows, cols, device=self.device),
-                "w2_weight_scale_inv": torch.empty(n, cols, rows, device=self.device),
-            }
+            if s.scheme == "nvfp4":  # `ModelOptNvFp4FusedMoE.create_weights`
+                w13 = empty(n, 2 * shard, h // 2, dtype=torch.uint8)
+                w2 = empty(n, h, shard // 2, dtype=torch.uint8)
+                scales = {
+                    "w13_weight_scale": empty(n, 2 * shard, h // FP4_GROUP, dtype=FP8),
+                    "w2_weight_scale": empty(n, h, shard // FP4_GROUP, dtype=FP8),
+                    "w13_weight_scale_2": empty(n, 2),
+                    "w2_weight_scale_2": empty(n),
+                    "w13_input_scale": empty(n, 2),
+                    "w2_input_scale": empty(n),
+                }
+            else:  # `Fp8MoEMethod.create_weights`, block scales
+                rows, cols = math.ceil(shard / BLOCK), math.ceil(h / BLOCK)
+                w13, w2 = empty(n, 2 * shard, h, dtype=FP8), empty(n, h, shard, dtype=FP8)
+                scales = {
+                    "w13_weight_scale_inv": empty(n, 2 * rows, cols),
+                    "w2_weight_scale_inv": empty(n, cols, rows),
+                }
             if touched:
                 for t in (w13, w2, *scales.values()):
                     t.view(torch.uint8).zero_()
@@ -177,14 +234,16 @@ class Fp8Bench(Bench):
         return load
 
 
-def default_shape(device: torch.device, layers: int | None) -> Fp8Shape:
-    """One full DeepSeek-V3 layer (11.3 GB) on a GPU machine; on a CPU, as many experts as
-    fit an eighth of the memory, so that the checkpoint stays in the page cache."""
+def default_shape(device: torch.device, layers: int | None, scheme: str = "fp8") -> QuantShape:
+    """One full DeepSeek-V3 layer (11.3 GB in fp8, 6 GB in nvfp4) on a GPU machine; on a CPU,
+    as many experts as fit an eighth of the memory, so that the checkpoint stays in the page
+    cache."""
     if device.type == "cuda":
-        return Fp8Shape(layers=layers or 1)
+        return QuantShape(layers=layers or 1, scheme=scheme)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    one = Fp8Shape(layers=1, experts=1)
-    return Fp8Shape(layers=layers or 1, experts=max(8, min(256, ram // 8 // one.layer_bytes)))
+    one = QuantShape(layers=1, experts=1, scheme=scheme)
+    experts = max(8, min(256, ram // 8 // one.layer_bytes))
+    return QuantShape(layers=layers or 1, experts=experts, scheme=scheme)
 
 
 def main(
@@ -193,41 +252,47 @@ def main(
     directory: str | None = None,
     repeats: int = 5,
     threads: int | None = None,
+    scheme: str = "fp8",
 ) -> list:
     dev = torch.device(device)
-    shape = default_shape(dev, layers)
+    shape = default_shape(dev, layers, scheme)
     root = directory or tempfile.gettempdir()
-    path = os.path.join(root, f"fastmoe_bench_fp8_{shape.layers}x{shape.experts}")
+    path = os.path.join(root, f"fastmoe_bench_{scheme}_{shape.layers}x{shape.experts}")
+    stored = {
+        "fp8": "fp8 e4m3 per expert with float32 128x128 weight_scale_inv",
+        "nvfp4": "nvfp4 per expert (uint8, two values a byte) with float8 weight_scale per "
+        "16 values and float32 weight_scale_2 and input_scale",
+    }[scheme]
     print(
         f"checkpoint: {path} ({shape.layers} layer(s) of {shape.experts} experts, "
-        f"H={shape.hidden}, I={shape.intermediate}, fp8 e4m3 per expert with float32 "
-        f"128x128 weight_scale_inv; {shape.total_bytes / 1e9:.2f} GB)",
+        f"H={shape.hidden}, I={shape.intermediate}, {stored}; "
+        f"{shape.total_bytes / 1e9:.2f} GB)",
         flush=True,
     )
-    generate_fp8(path, shape)
+    generate_quantized(path, shape)
     bf16_shape = Shape(layers=layers_for(shape.total_bytes))
     bf16_path = os.path.join(root, f"fastmoe_bench_{bf16_shape.layers}")
     print(f"checkpoint: {bf16_path} (bf16 fused, {bf16_shape.total_bytes / 1e9:.2f} GB)")
     generate(bf16_path, bf16_shape)
     print(describe_machine(dev, path), flush=True)
 
-    fp8 = Fp8Bench(path, shape, dev, repeats, threads)  # type: ignore[arg-type]
+    quant = QuantBench(path, shape, dev, repeats, threads)  # type: ignore[arg-type]
     bf16 = Bench(bf16_path, bf16_shape, dev, repeats, threads)
     if dev.type == "cuda":
-        fp8.link_rate(pinned=True)  # the physical limit, measured in the same run
+        quant.link_rate(pinned=True)  # the physical limit, measured in the same run
     ep = 8 if shape.experts >= 8 else 1
     cases = [Case("TP=1"), Case("TP=2 rank 1", tp_rank=1, tp_size=2)]
     cases.append(Case(f"EP={ep} rank 1", ep_rank=1, ep_size=ep))
     for case in cases:
-        fp8.compare(
+        quant.compare(
             case,
             {
-                "fastmoe_load fp8 + scales": fp8.fastmoe(case),
-                "seed: vLLM per-expert loop, fp8 + scales": fp8.seed(case),
+                f"fastmoe_load {scheme} + scales": quant.fastmoe(case),
+                f"seed: vLLM per-expert loop, {scheme} + scales": quant.seed(case),
             },
         )
         bf16.compare(case, {"fastmoe_load bf16 fused": bf16.fastmoe(case)})
-    rows = fp8.rows + bf16.rows
+    rows = quant.rows + bf16.rows
     print()
     print(render(rows, "fastmoe_load bf16"))
     return rows
