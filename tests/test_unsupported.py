@@ -2,7 +2,7 @@
 are listed by `Checkpoint.unsupported_groups()` and by `inspect` with the reason, and a
 `quantization_config` the loader does not load is said at `open`, once, by name. Checkpoints
 with the names, dtypes and shapes of gpt-oss (mxfp4) and compressed-tensors int4
-`pack-quantized` releases, and of one with an unknown modelopt algorithm."""
+`pack-quantized` (asymmetric) releases, and of one with an unknown modelopt algorithm."""
 
 from __future__ import annotations
 
@@ -45,39 +45,11 @@ def mxfp4_gpt_oss(path: Path, config: bool = True) -> Path:
     return save(path, tensors, "gpt_oss", quant if config else None)
 
 
-def int4_pack_quantized(path: Path) -> Path:
-    """compressed-tensors W4A16 `pack-quantized`, group 32 (Kimi-K2-Thinking): per expert
-    `weight_packed` int32 `[out, in/8]`, `weight_scale` bf16 `[out, in/32]`, `weight_shape`."""
-    gen = torch.Generator().manual_seed(2)
-    tensors = {}
-    for layer in range(LAYERS):
-        for e in range(E):
-            for module, (rows, cols) in {
-                "gate_proj": (INTER, H),
-                "up_proj": (INTER, H),
-                "down_proj": (H, INTER),
-            }.items():
-                name = f"model.layers.{layer}.mlp.experts.{e}.{module}"
-                tensors[f"{name}.weight_packed"] = torch.randint(
-                    -(2**31), 2**31 - 1, (rows, cols // 8), dtype=torch.int32, generator=gen
-                )
-                tensors[f"{name}.weight_scale"] = torch.rand(rows, cols // 32).bfloat16()
-                tensors[f"{name}.weight_shape"] = torch.tensor([rows, cols], dtype=torch.int32)
-    weights = {
-        "num_bits": 4,
-        "type": "int",
-        "symmetric": True,
-        "strategy": "group",
-        "group_size": 32,
-        "dynamic": False,
-    }
-    quant = {
-        "quant_method": "compressed-tensors",
-        "format": "pack-quantized",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}},
-        "ignore": ["lm_head"],
-    }
-    return save(path, tensors, "kimi_k2", quant)
+def int4_asymmetric(path: Path) -> Path:
+    """compressed-tensors int4 `pack-quantized` with zero points (asymmetric)."""
+    from test_int4 import int4_pack_quantized
+
+    return int4_pack_quantized(path, symmetric=False)
 
 
 def open_quietly(path: Path) -> fml.Checkpoint:
@@ -90,7 +62,7 @@ def open_quietly(path: Path) -> fml.Checkpoint:
     ("make", "scheme"),
     [
         (mxfp4_gpt_oss, "mxfp4"),
-        (int4_pack_quantized, "compressed-tensors int4 pack-quantized"),
+        (int4_asymmetric, "compressed-tensors int4 pack-quantized"),
     ],
 )
 def test_unsupported_quantization_named_at_open_once_and_per_group(tmp_path, make, scheme):

@@ -258,3 +258,48 @@ def test_nvfp4_layers_match_vllm_load_weights(
             assert not (expected.data.view(torch.uint8) == 0xA5).all(), f"{param} unloaded"
         assert actual.dtype == expected.dtype, param
         assert torch.equal(actual.view(torch.uint8), expected.data.view(torch.uint8)), param
+
+
+@pytest.mark.parametrize("backend", ["MARLIN", "TRITON"])
+@pytest.mark.parametrize(("tp_size", "rank", "ep"), [(1, 0, False), (2, 1, False), (2, 1, True)])
+def test_int4_layers_match_vllm_load_weights(
+    vllm_process_groups, tmp_path, tp_size, rank, ep, backend
+):
+    """compressed-tensors int4 `pack-quantized` (W4A16, group 32) into vLLM's
+    `CompressedTensorsWNA16MoEMethod` parameters (`w13_weight_packed [E, 2I/tp, H/8]` int32,
+    bfloat16 group scales, float32 `weight_shape`): every parameter equal to vLLM's own
+    loading. vLLM has no WNA16 MoE kernel on the CPU, so the backend the method would pick
+    on a GPU is named here: every backend loads the checkpoint's N-first layout and
+    transposes later, in `process_weights_after_loading`."""
+    from unittest import mock
+
+    import test_int4
+    from vllm.model_executor.layers.fused_moe.oracle.int_wna16 import WNA16MoEBackend
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe import (
+        compressed_tensors_moe_wna16 as wna16,
+    )
+
+    path = test_int4.int4_pack_quantized(tmp_path / "int4")
+    prefix = test_int4.prefix()
+    sizes = (test_int4.E, test_int4.H, test_int4.INTER)
+    name = prefix.removesuffix(".experts")
+    chosen = (WNA16MoEBackend[backend], None)
+    with mock.patch.object(wna16, "select_wna16_moe_backend", lambda **_: chosen):
+        theirs = build(tp_size, rank, ep, name, quant_config_of(path), sizes)
+        ours = build(tp_size, rank, ep, name, quant_config_of(path), sizes)
+    with fml.open(path) as ckpt:
+        names = [n for n in ckpt.keys() if n.startswith(prefix + ".")]
+        weights = ((n[len(prefix) + 1 :], ckpt.tensor(n)) for n in names)
+        assert set(theirs.load_weights(weights))
+        consumed = load_fused_moe_layer(ours, ckpt, prefix)
+    assert sorted(consumed) == sorted(names)
+    params = dict(theirs.routed_experts.named_parameters())
+    assert {"w13_weight_packed", "w13_weight_scale", "w2_weight_shape"} <= set(params), params
+    for param, expected in params.items():
+        actual = getattr(ours.routed_experts, param).data
+        if expected.is_floating_point():
+            assert not expected.float().isnan().all(), f"vLLM left {param} unloaded"
+        else:
+            assert not (expected.data.view(torch.uint8) == 0xA5).all(), f"{param} unloaded"
+        assert actual.dtype == expected.dtype, param
+        assert torch.equal(actual.view(torch.uint8), expected.data.view(torch.uint8)), param

@@ -62,12 +62,13 @@ class Companion:
     `kind` is its name in checkpoints and in vLLM (`w13_{kind}`, `w2_{kind}`):
     `weight_scale_inv` (fp8 block scales, DeepSeek-V3 and transformers' FP8 layout),
     `weight_scale` (compressed-tensors, ModelOpt, fbgemm; NVFP4's float8 block scales),
-    `weight_scale_2` (NVFP4's per-tensor global scale) or `input_scale` (static activation
-    scales). `scheme` says how one value maps onto the weight: `block` (one per
-    `block[0] x block[1]` values), `group` (a block of one row: `block` is `(1, 16)` for
-    NVFP4), `channel` (one per output row) or `tensor` (one per matrix). `merged_w13`: vLLM
-    keeps one value per expert for gate and up together (fp8's `w13_input_scale [E]`, the up
-    projection's); otherwise it keeps both (`[E, 2]`)."""
+    `weight_scale_2` (NVFP4's per-tensor global scale), `input_scale` (static activation
+    scales) or `weight_shape` (compressed-tensors' int32 `[rows, cols]` of a packed weight).
+    `scheme` says how one value maps onto the weight: `block` (one per `block[0] x block[1]`
+    values), `group` (a block of one row: `block` is `(1, 16)` for NVFP4), `channel` (one per
+    output row), `tensor` (one per matrix) or `whole` (`block[1]` values that describe the
+    whole matrix). `merged_w13`: vLLM keeps one value per expert for gate and up together
+    (fp8's `w13_input_scale [E]`, the up projection's); otherwise it keeps both (`[E, 2]`)."""
 
     kind: str
     scheme: str
@@ -77,6 +78,9 @@ class Companion:
 
     def grid(self, rows: int, cols: int) -> tuple[int, int]:
         """`(rows, cols)` of this companion for a `rows x cols` weight."""
+        if self.scheme == "whole":
+            assert self.block is not None
+            return self.block
         if self.scheme in ("block", "group"):
             assert self.block is not None
             return math.ceil(rows / self.block[0]), math.ceil(cols / self.block[1])
@@ -90,6 +94,8 @@ class Companion:
         scales `[E, 2·ceil(I/tp/bn), ceil(H/bk)]` and `[E, ceil(H/bn), ceil(I/tp/bk)]` (NVFP4's
         16-value groups: `[E, 2·I/tp, H/16]`, `[E, H, I/tp/16]`), per-channel `[E, 2·I/tp, 1]`
         and `[E, H, 1]`, per-tensor `[E, 2]` and `[E]`, merged input scales `[E]`."""
+        if self.scheme == "whole":  # `w13_weight_shape [E, 2]`, the up projection's
+            return (experts, *self.grid(0, 0)[1:])
         if target == "w13":
             if self.merged_w13:
                 return (experts,)
@@ -106,9 +112,10 @@ class Companion:
 class Quantization:
     """How a group's expert weights are quantized: `method` is `quant_method` from
     `config.json` (`fp8`, `compressed-tensors`, `fbgemm_fp8`, `modelopt`), or where only the
-    files say so `fp8` (float8 weights) or `modelopt` (NVFP4); `weights` is `fp8` or `nvfp4`
-    (two e2m1 values a byte along the input dimension); `companions` lists the tensors beside
-    each weight."""
+    files say so `fp8` (float8 weights) or `modelopt` (NVFP4); `weights` is `fp8`, `nvfp4`
+    (two e2m1 values a byte along the input dimension) or `int4` (eight values an int32,
+    compressed-tensors `pack-quantized`); `companions` lists the tensors beside each
+    weight."""
 
     method: str
     companions: tuple[Companion, ...]
@@ -175,8 +182,8 @@ class MoeLayer:
     `dtype` (the weights'), `bias_dtype` (None without biases); `tensor_names` (every stored
     tensor of the group, scales included); `quantization` (None for unquantized experts);
     `pack`: values one stored weight element holds along the input dimension (2 for NVFP4's
-    uint8 weights, else 1): H and I count values, the views `[I, H/pack]` and `[H, I/pack]`
-    stored elements.
+    uint8 weights, 8 for int4 in int32 `weight_packed`, else 1): H and I count values, the
+    views `[I, H/pack]` and `[H, I/pack]` stored elements.
     """
 
     def __init__(self, ckpt: Checkpoint, info: native.MoeLayerInfo) -> None:
@@ -199,7 +206,7 @@ class MoeLayer:
                 Companion(c.kind, c.scheme, c.block, torch_dtype(c.dtype, where), c.merged_w13)
                 for c in info.companions
             )
-            weights = "nvfp4" if info.pack == 2 else "fp8"
+            weights = {1: "fp8", 2: "nvfp4"}.get(info.pack, f"int{32 // info.pack}")
             self.quantization = Quantization(info.quant_method, companions, weights)
 
     @property

@@ -176,6 +176,12 @@ def plan_destinations(
             plan = ckpt._handle.plan(
                 prefix, name, tp_rank=tp_rank, tp_size=tp_size, experts=experts
             )
+            if plan.nbytes != tensor.numel() * dtype.itemsize:
+                # The copy threads write exactly the plan's bytes: never past the tensor.
+                raise request.error(
+                    f"{name}: the checkpoint holds {plan.nbytes} bytes for it, the "
+                    f"destination {tuple(tensor.shape)} takes {tensor.numel() * dtype.itemsize}"
+                )
             destinations.append(Destination(name, tensor, plan, cast_from=cast_from))
     for d in destinations:
         d.plan.check_intact()

@@ -6,14 +6,17 @@ names this returns. The layer is vLLM's `FusedMoE`, or, from vLLM 0.33 on, the `
 that `FusedMoEFactory` builds (whose experts are its `routed_experts`). It relies on these
 attributes of the experts module:
 
-- `w13_weight [E_local, 2*I/tp, H]`, `w2_weight [E_local, H, I/tp]`, and for gpt-oss
+- `w13_weight [E_local, 2*I/tp, H]`, `w2_weight [E_local, H, I/tp]` (named
+  `w13_weight_packed`, `w2_weight_packed` by compressed-tensors' `WNA16` method, int32 of
+  eight int4 values along the input dimension: `[E_local, 2*I/tp, H/8]`), and for gpt-oss
   `w13_bias [E_local, 2*I/tp]`, `w2_bias [E_local, H]`;
 - for quantized checkpoints, the scale parameters vLLM's fp8 and NVFP4 MoE methods
   (`Fp8MoEMethod`, `CompressedTensorsW8A8Fp8MoEMethod`, `ModelOptNvFp4FusedMoE`) create,
   named `w13_{kind}` and `w2_{kind}` after the checkpoint's companions:
   `w13_weight_scale_inv`/`w2_weight_scale_inv` (block scales), `w13_weight_scale`/
   `w2_weight_scale` (per channel or tensor; NVFP4's 16-value groups),
-  `w13_weight_scale_2`/`w2_weight_scale_2` (NVFP4's global scales),
+  `w13_weight_scale_2`/`w2_weight_scale_2` (NVFP4's global scales), `w13_weight_shape`/
+  `w2_weight_shape` (compressed-tensors' `[rows, cols]`, float32, the up projection's),
   `w13_input_scale`/`w2_input_scale`; float32 parameters take bfloat16 or UE8M0 scales
   converted exactly, as vLLM's `copy_` does. NVFP4 methods whose kernels quantize with the
   scales of all experts (FlashInfer's, `use_global_sf`) keep input scales for every global
@@ -44,12 +47,22 @@ from .checkpoint import Checkpoint, MoeLayer
 from .loader import load_fused_moe
 
 
+def weight_parameters(layer: Any) -> tuple[str, str]:
+    """The names of the layer's gate/up and down weights: `w13_weight`, `w2_weight`, or
+    `w13_weight_packed`, `w2_weight_packed` (compressed-tensors' packed integer weights)."""
+    layer = getattr(layer, "routed_experts", layer)
+    names = ("w13_weight", "w2_weight")
+    if not all(isinstance(getattr(layer, n, None), torch.Tensor) for n in names):
+        names = ("w13_weight_packed", "w2_weight_packed")
+    return names
+
+
 def local_experts_of(
     layer: Any, num_experts: int, logical_of_physical: Sequence[int] | None = None
 ) -> list[int]:
     """The checkpoint (logical) expert of each local slot of `layer`."""
     layer = getattr(layer, "routed_experts", layer)
-    slots = layer.w13_weight.shape[0]
+    slots = getattr(layer, weight_parameters(layer)[0]).shape[0]
     expert_map = getattr(layer, "expert_map", None)
     if expert_map is None:
         physical = list(range(slots))
@@ -123,7 +136,7 @@ def load_fused_moe_layer(
     experts = local_experts_of(layer, group.num_experts, logical_of_physical)
     parallel = layer if hasattr(layer, "tp_rank") else layer.moe_config
     tp_rank, tp_size = int(parallel.tp_rank), int(parallel.tp_size)
-    w13, w2 = layer.w13_weight.data, layer.w2_weight.data
+    w13, w2 = (getattr(layer, name).data for name in weight_parameters(layer))
     b13, b2 = getattr(layer, "w13_bias", None), getattr(layer, "w2_bias", None)
     with_bias = group.has_bias and b13 is not None and b2 is not None
     biases = {"w13_bias": b13.data, "w2_bias": b2.data} if with_bias else {}

@@ -652,6 +652,8 @@ type ExpertNames<'c> = BTreeMap<usize, ExpertEntries<'c>>;
 /// Groups `P.{e}.{gate|up|down}.{weight|bias}` names by prefix and naming scheme.
 fn per_expert_candidates(ckpt: &Checkpoint) -> Vec<(String, &'static Naming, ExpertNames<'_>)> {
     let unloaded_config = quant::QuantConfig::unsupported(ckpt.config());
+    let config = quant::QuantConfig::from_config(ckpt.config());
+    let int_bits = config.and_then(|c| c.int_bits);
     let mut groups: BTreeMap<(String, usize), ExpertNames> = BTreeMap::new();
     for (name, entry) in ckpt.entries() {
         let mut parts = name.rsplitn(4, '.');
@@ -661,7 +663,8 @@ fn per_expert_candidates(ckpt: &Checkpoint) -> Vec<(String, &'static Naming, Exp
             continue;
         };
         let kind = match kind_name {
-            "weight" => Some(0),
+            // compressed-tensors names its packed integer weights `weight_packed`.
+            "weight" | "weight_packed" => Some(0),
             "bias" => Some(3),
             _ => None,
         };
@@ -710,10 +713,13 @@ fn per_expert_candidates(ckpt: &Checkpoint) -> Vec<(String, &'static Naming, Exp
                 .any(|e| e.companions.contains_key("weight_scale_2"));
             !experts.values().any(|e| {
                 e.foreign
-                    || e.tensors[..3]
-                        .iter()
-                        .flatten()
-                        .any(|(_, t)| quant::packing(t.dtype, packed).is_none())
+                    || e.tensors[..3].iter().flatten().any(|(name, t)| {
+                        let bits = name
+                            .ends_with(".weight_packed")
+                            .then_some(int_bits)
+                            .flatten();
+                        quant::packing(t.dtype, packed, bits).is_none()
+                    })
             })
         })
         .map(|((prefix, n), experts)| (prefix, &NAMINGS[n], experts))
@@ -763,7 +769,11 @@ fn per_expert_group(
     let packed = experts
         .values()
         .any(|e| e.companions.contains_key("weight_scale_2"));
-    let pack = quant::packing(first.dtype, packed).unwrap_or(1);
+    let int_bits = first_name
+        .ends_with(".weight_packed")
+        .then(|| quant::QuantConfig::from_config(ckpt.config())?.int_bits)
+        .flatten();
+    let pack = quant::packing(first.dtype, packed, int_bits).unwrap_or(1);
     let (i, stored_h) = (first.shape[0], first.shape[1]);
     let h = stored_h * pack;
     if i == 0 || h == 0 {

@@ -29,6 +29,8 @@ pub enum Grid {
     Row,
     /// One value for the whole matrix (per-tensor `weight_scale`, `input_scale`).
     Tensor,
+    /// `n` values that describe the whole matrix (compressed-tensors' `weight_shape [2]`).
+    Whole(usize),
 }
 
 impl Grid {
@@ -38,6 +40,7 @@ impl Grid {
             Grid::Block { rows: bn, cols: bk } => (rows.div_ceil(bn), cols.div_ceil(bk)),
             Grid::Row => (rows, 1),
             Grid::Tensor => (1, 1),
+            Grid::Whole(n) => (1, n),
         }
     }
 
@@ -48,7 +51,7 @@ impl Grid {
             (Grid::Block { rows, .. }, true) => Some(rows),
             (Grid::Block { cols, .. }, false) => Some(cols),
             (Grid::Row, true) => Some(1),
-            (Grid::Row, false) | (Grid::Tensor, _) => None,
+            (Grid::Row, false) | (Grid::Tensor | Grid::Whole(_), _) => None,
         }
     }
 
@@ -60,6 +63,7 @@ impl Grid {
             Grid::Block { .. } => "block",
             Grid::Row => "channel",
             Grid::Tensor => "tensor",
+            Grid::Whole(_) => "whole",
         }
     }
 
@@ -109,7 +113,7 @@ pub struct CompanionKind {
     pub merged_w13: bool,
 }
 
-pub const COMPANION_KINDS: [CompanionKind; 4] = [
+pub const COMPANION_KINDS: [CompanionKind; 5] = [
     CompanionKind {
         name: "weight_scale_inv",
         fused_suffix: Some("_scale_inv"),
@@ -135,6 +139,14 @@ pub const COMPANION_KINDS: [CompanionKind; 4] = [
         weight_scale: false,
         merged_w13: false,
     },
+    // compressed-tensors' `[rows, cols]` of a packed weight, as int32; vLLM keeps one per
+    // expert for gate and up (`w13_weight_shape [E, 2]`, the up projection's).
+    CompanionKind {
+        name: "weight_shape",
+        fused_suffix: None,
+        weight_scale: false,
+        merged_w13: true,
+    },
 ];
 
 pub fn companion_kind(name: &str) -> Option<&'static CompanionKind> {
@@ -153,12 +165,14 @@ pub const SCALE_DTYPES: [Dtype; 5] = [
 
 /// Values one stored weight element holds along the input dimension, by what the group is:
 /// 1 for float weights, 2 for NVFP4 (two e2m1 values a byte, recognised by its
-/// `weight_scale_2` beside `uint8` weights); `None` for integer weights of a scheme the
-/// loader does not know.
-pub fn packing(weight: Dtype, has_weight_scale_2: bool) -> Option<usize> {
-    match weight {
-        d if is_float(d) => Some(1),
-        Dtype::U8 if has_weight_scale_2 => Some(2),
+/// `weight_scale_2` beside `uint8` weights), `32 / bits` for compressed-tensors'
+/// `weight_packed` int32 (`int_bits`: the bits of its values, where the group's weights are
+/// so named); `None` for integer weights of a scheme the loader does not know.
+pub fn packing(weight: Dtype, has_weight_scale_2: bool, int_bits: Option<usize>) -> Option<usize> {
+    match (weight, int_bits) {
+        (d, _) if is_float(d) => Some(1),
+        (Dtype::U8, _) if has_weight_scale_2 => Some(2),
+        (Dtype::I32, Some(bits)) if bits > 0 && 32 % bits == 0 && bits < 32 => Some(32 / bits),
         _ => None,
     }
 }
@@ -184,8 +198,11 @@ pub struct QuantConfig {
     pub method: String,
     /// `weight_block_size` (fp8) or `block_structure` (compressed-tensors), when block-scaled.
     pub block: Option<(usize, usize)>,
-    /// The weight scale's strategy the config states (`block`, `channel`, `tensor`), if any.
+    /// The weight scale's strategy the config states (`block`, `group`, `channel`,
+    /// `tensor`), if any.
     pub scheme: Option<&'static str>,
+    /// `num_bits` of compressed-tensors' integer (`pack-quantized`) weights.
+    pub int_bits: Option<usize>,
 }
 
 impl QuantConfig {
@@ -217,9 +234,14 @@ impl QuantConfig {
                     .flat_map(|groups| groups.values())
                     .filter_map(|g| g.get("weights"))
                     .collect();
-                let other = weights
-                    .iter()
-                    .find(|w| w.get("type").and_then(Value::as_str) != Some("float"))?;
+                let packed_symmetric = |w: &&&Value| {
+                    q.get("format").and_then(Value::as_str) == Some("pack-quantized")
+                        && w.get("type").and_then(Value::as_str) == Some("int")
+                        && w.get("symmetric").and_then(Value::as_bool) == Some(true)
+                };
+                let other = weights.iter().find(|w| {
+                    w.get("type").and_then(Value::as_str) != Some("float") && !packed_symmetric(w)
+                })?;
                 let bits = other.get("num_bits").and_then(Value::as_u64);
                 let kind = text(other.get("type")).unwrap_or_else(|| "untyped".into());
                 let format = text(q.get("format")).unwrap_or_else(|| "unnamed format".into());
@@ -241,6 +263,7 @@ impl QuantConfig {
                 _ => None,
             }
         };
+        let mut int_bits = None;
         let (block, scheme) = match method.as_str() {
             "fp8" => match q.get("weight_block_size").and_then(pair) {
                 Some(block) => (Some(block), Some("block")),
@@ -248,27 +271,30 @@ impl QuantConfig {
             },
             "fbgemm_fp8" => (None, Some("channel")),
             "compressed-tensors" => {
-                // The weights of the first float group; experts are `Linear` targets.
+                // The weights of the first float or int group; experts are `Linear` targets.
                 let weights = q
                     .get("config_groups")
                     .and_then(Value::as_object)
                     .into_iter()
                     .flat_map(|groups| groups.values())
                     .filter_map(|g| g.get("weights"))
-                    .find(|w| w.get("type").and_then(Value::as_str) == Some("float"));
-                let strategy = weights
-                    .and_then(|w| w.get("strategy"))
-                    .and_then(Value::as_str);
-                let scheme = match strategy {
-                    Some("block") => Some("block"),
-                    Some("channel") => Some("channel"),
-                    Some("tensor") => Some("tensor"),
-                    _ => None,
-                };
-                let block = weights
-                    .and_then(|w| w.get("block_structure"))
-                    .and_then(pair);
-                (block, scheme)
+                    .find(|w| {
+                        matches!(w.get("type").and_then(Value::as_str), Some("float" | "int"))
+                    });
+                let field = |k: &str| weights.and_then(|w| w.get(k));
+                if field("type").and_then(Value::as_str) == Some("int") {
+                    int_bits = field("num_bits")
+                        .and_then(Value::as_u64)
+                        .map(|b| b as usize);
+                }
+                let group = field("group_size").and_then(Value::as_u64);
+                match field("strategy").and_then(Value::as_str) {
+                    Some("block") => (field("block_structure").and_then(pair), Some("block")),
+                    Some("group") => (group.map(|g| (1, g as usize)), Some("group")),
+                    Some("channel") => (None, Some("channel")),
+                    Some("tensor") => (None, Some("tensor")),
+                    _ => (None, None),
+                }
             }
             "modelopt" => {
                 let field = |k: &str| q.get(k).or_else(|| q.get("quantization")?.get(k));
@@ -287,6 +313,7 @@ impl QuantConfig {
             method,
             block,
             scheme,
+            int_bits,
         })
     }
 }
@@ -395,7 +422,7 @@ fn grid_of(
     (rows, cols): (usize, usize),
 ) -> Result<Grid> {
     // NVFP4 scales a group of 16 values of a row, whether or not config.json says so.
-    let default = if w.pack > 1 { (1, 16) } else { DEFAULT_BLOCK };
+    let default = if w.pack == 2 { (1, 16) } else { DEFAULT_BLOCK };
     let block = config.and_then(|c| c.block).unwrap_or(default);
     let scheme = config.and_then(|c| c.scheme);
     Grid::of_shape(shape, rows, cols, block, scheme).ok_or_else(|| {
@@ -444,7 +471,21 @@ pub(crate) fn per_expert(
                     ));
                 };
                 let dims = w.dims(slot);
-                let this = grid_of(ckpt, w, config.as_ref(), name, &entry.shape, dims)?;
+                let this = if kind.name == "weight_shape" {
+                    if entry.shape != [2] || entry.dtype != Dtype::I32 {
+                        return Err(layout_error(
+                            ckpt,
+                            w.prefix,
+                            format!(
+                                "`{name}` is {} {:?}; a weight_shape is I32 [2]",
+                                entry.dtype, entry.shape
+                            ),
+                        ));
+                    }
+                    Grid::Whole(2)
+                } else {
+                    grid_of(ckpt, w, config.as_ref(), name, &entry.shape, dims)?
+                };
                 if kind.name == "input_scale" && this != Grid::Tensor {
                     return Err(layout_error(
                         ckpt,
@@ -477,9 +518,10 @@ pub(crate) fn per_expert(
         }
         companions.push(Companion {
             kind,
-            merged_w13: kind.merged_w13 && w.pack == 1,
+            // vLLM's NVFP4 method keeps gate's and up's input scales (`[E, 2]`).
+            merged_w13: kind.merged_w13 && !(kind.name == "input_scale" && w.pack == 2),
             grid: grid.unwrap_or(Grid::Tensor),
-            dtype: one_dtype(ckpt, w.prefix, &dtypes)?,
+            dtype: one_dtype(ckpt, w.prefix, &dtypes, kind)?,
             tensors: CompanionTensors::PerExpert(names),
         });
     }
@@ -565,7 +607,12 @@ pub(crate) fn fused(
             kind,
             merged_w13: kind.merged_w13,
             grid,
-            dtype: one_dtype(ckpt, w.prefix, &[(&names.0, g.dtype), (&names.1, d.dtype)])?,
+            dtype: one_dtype(
+                ckpt,
+                w.prefix,
+                &[(&names.0, g.dtype), (&names.1, d.dtype)],
+                kind,
+            )?,
             tensors: CompanionTensors::Fused {
                 gate_up: names.0,
                 down: names.1,
@@ -575,7 +622,12 @@ pub(crate) fn fused(
     finish(ckpt, w, config, companions)
 }
 
-fn one_dtype(ckpt: &Checkpoint, prefix: &str, dtypes: &[(&str, Dtype)]) -> Result<Dtype> {
+fn one_dtype(
+    ckpt: &Checkpoint,
+    prefix: &str,
+    dtypes: &[(&str, Dtype)],
+    kind: &CompanionKind,
+) -> Result<Dtype> {
     let (first_name, first) = dtypes[0];
     if let Some((name, other)) = dtypes.iter().find(|(_, d)| *d != first) {
         return Err(layout_error(
@@ -584,7 +636,7 @@ fn one_dtype(ckpt: &Checkpoint, prefix: &str, dtypes: &[(&str, Dtype)]) -> Resul
             format!("`{first_name}` is {first} but `{name}` is {other}"),
         ));
     }
-    if !SCALE_DTYPES.contains(&first) {
+    if kind.name != "weight_shape" && !SCALE_DTYPES.contains(&first) {
         return Err(layout_error(
             ckpt,
             prefix,
@@ -651,7 +703,14 @@ fn finish(
     }
     Ok(Some(Quantization {
         method: config.map_or_else(
-            || if w.pack > 1 { "modelopt" } else { "fp8" }.to_string(),
+            || {
+                match w.pack {
+                    1 => "fp8",
+                    2 => "modelopt",
+                    _ => "compressed-tensors",
+                }
+                .to_string()
+            },
             |c| c.method,
         ),
         companions,

@@ -434,9 +434,10 @@ pub struct MoeLayerInfo {
 pub struct CompanionInfo {
     /// `weight_scale_inv`, `weight_scale` or `input_scale`.
     kind: &'static str,
-    /// `block`, `channel` or `tensor`.
+    /// `block`, `group`, `channel`, `tensor` or `whole`.
     scheme: &'static str,
-    /// `(rows, cols)` of weight entries per value, for block scales.
+    /// `(rows, cols)` of weight entries per value, for block and group scales; `(1, n)` for
+    /// `n` values describing the whole matrix.
     block: Option<(usize, usize)>,
     dtype: String,
     /// vLLM keeps one value per expert for gate and up together.
@@ -465,6 +466,7 @@ impl From<&MoeLayer> for MoeLayerInfo {
                     scheme: c.grid.scheme(),
                     block: match c.grid {
                         Grid::Block { rows, cols } => Some((rows, cols)),
+                        Grid::Whole(n) => Some((1, n)),
                         Grid::Row | Grid::Tensor => None,
                     },
                     dtype: c.dtype.to_string(),
