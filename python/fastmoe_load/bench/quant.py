@@ -1,5 +1,5 @@
-"""`python -m fastmoe_load bench --quant fp8|nvfp4`: quantized experts beside the pure-Python
-path.
+"""`python -m fastmoe_load bench --quant fp8|nvfp4|int4`: quantized experts beside the
+pure-Python path.
 
 A generated checkpoint shaped like DeepSeek-V3's routed experts (one tensor per expert and
 matrix, 256 experts, H=7168, I=2048), quantized as the releases are: `fp8`, fp8 e4m3
@@ -7,10 +7,13 @@ weights each with its float32 128 x 128 `weight_scale_inv` (DeepSeek-V3), loaded
 parameters vLLM's `Fp8MoEMethod` creates (`w13_weight`, `w2_weight`, `w13_weight_scale_inv`,
 `w2_weight_scale_inv`); `nvfp4`, uint8 weights of two e2m1 values a byte, float8
 `weight_scale` per 16 values and float32 `weight_scale_2` and `input_scale` scalars
-(DeepSeek-R1-FP4), into `ModelOptNvFp4FusedMoE`'s. Thousands of small scale tensors lie
-beside the weights. Loaded by fastmoe_load and by vLLM's per-expert `weight_loader` loop in
-pure Python; and, in the same run, the bf16 fused checkpoint of the plain bench, so that the
-quantized and bf16 checkpoints compare per landed byte.
+(DeepSeek-R1-FP4), into `ModelOptNvFp4FusedMoE`'s; `int4`, compressed-tensors
+`pack-quantized` int32 `weight_packed` of eight values, bfloat16 `weight_scale` per 32 values
+and `weight_shape` (Kimi-K2-Thinking), into `CompressedTensorsWNA16MoEMethod`'s. Thousands
+of small scale tensors lie beside the weights. Loaded by fastmoe_load and by vLLM's
+per-expert `weight_loader` loop in pure Python; and, in the same run, the bf16 fused
+checkpoint of the plain bench, so that the quantized and bf16 checkpoints compare per landed
+byte.
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ from .seed import seed_load, shard_of_tensors
 FP8 = torch.float8_e4m3fn
 BLOCK = 128
 FP4_GROUP = 16
+INT4_GROUP = 32
 MODULES = ("gate_proj", "up_proj", "down_proj")
-SCHEMES = ("fp8", "nvfp4")
+SCHEMES = ("fp8", "nvfp4", "int4")
 
 
 def module_tensors(
@@ -48,6 +52,12 @@ def module_tensors(
         return {
             "weight": weight[: rows * cols].view(FP8).view(rows, cols).clone(),
             "weight_scale_inv": torch.rand(grid, generator=gen),
+        }
+    if scheme == "int4":
+        return {
+            "weight_packed": weight[: rows * cols // 2].view(torch.int32).view(rows, -1).clone(),
+            "weight_scale": torch.rand(rows, cols // INT4_GROUP, generator=gen).bfloat16(),
+            "weight_shape": torch.tensor([rows, cols], dtype=torch.int32),
         }
     packed = rows * cols // 2
     return {
@@ -72,6 +82,23 @@ QUANTIZATION_CONFIGS = {
         "kv_cache_quant_algo": None,
         "exclude_modules": ["lm_head"],
     },
+    "int4": {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": {
+                    "num_bits": 4,
+                    "type": "int",
+                    "symmetric": True,
+                    "strategy": "group",
+                    "group_size": INT4_GROUP,
+                },
+            }
+        },
+        "ignore": ["lm_head"],
+    },
 }
 
 
@@ -87,13 +114,15 @@ class QuantShape:
     def scale_bytes(self) -> int:
         if self.scheme == "nvfp4":  # float8 groups, two float32 scalars
             return 3 * self.experts * (self.hidden * self.intermediate // FP4_GROUP + 8)
+        if self.scheme == "int4":  # bfloat16 groups, the int32 shape
+            return 3 * self.experts * (self.hidden * self.intermediate // INT4_GROUP * 2 + 8)
         rows, cols = math.ceil(self.intermediate / BLOCK), math.ceil(self.hidden / BLOCK)
         return 3 * self.experts * rows * cols * 4  # float32
 
     @property
     def layer_bytes(self) -> int:
         values = 3 * self.experts * self.hidden * self.intermediate
-        return (values // 2 if self.scheme == "nvfp4" else values) + self.scale_bytes
+        return (values if self.scheme == "fp8" else values // 2) + self.scale_bytes
 
     @property
     def total_bytes(self) -> int:
@@ -177,6 +206,15 @@ class QuantBench(Bench):
                     "w2_weight_scale_2": empty(n),
                     "w13_input_scale": empty(n, 2),
                     "w2_input_scale": empty(n),
+                }
+            elif s.scheme == "int4":  # `CompressedTensorsWNA16MoEMethod.create_weights`
+                w13 = empty(n, 2 * shard, h // 8, dtype=torch.int32)
+                w2 = empty(n, h, shard // 8, dtype=torch.int32)
+                scales = {
+                    "w13_weight_scale": empty(n, 2 * shard, h // INT4_GROUP, dtype=torch.bfloat16),
+                    "w2_weight_scale": empty(n, h, shard // INT4_GROUP, dtype=torch.bfloat16),
+                    "w13_weight_shape": empty(n, 2, dtype=torch.int32),
+                    "w2_weight_shape": empty(n, 2, dtype=torch.int32),
                 }
             else:  # `Fp8MoEMethod.create_weights`, block scales
                 rows, cols = math.ceil(shard / BLOCK), math.ceil(h / BLOCK)
@@ -262,6 +300,8 @@ def main(
         "fp8": "fp8 e4m3 per expert with float32 128x128 weight_scale_inv",
         "nvfp4": "nvfp4 per expert (uint8, two values a byte) with float8 weight_scale per "
         "16 values and float32 weight_scale_2 and input_scale",
+        "int4": "int4 per expert (int32 weight_packed, eight values each) with bfloat16 "
+        "weight_scale per 32 values and weight_shape",
     }[scheme]
     print(
         f"checkpoint: {path} ({shape.layers} layer(s) of {shape.experts} experts, "
