@@ -332,22 +332,31 @@ def test_convert_gpt_oss_to_the_v5_layout_and_back(
     assert "warning: rewrote fused_transposed_interleaved experts" in logs["gpt_oss-fused"]
     reference = reference_experts(sources["gpt_oss"].model, "gpt_oss")
     fused = safetensors_of(converted["gpt_oss-fused"])
-    with fml.open(converted["gpt_oss-fused"], interleaved=False) as ckpt:
+    # config.json still says gpt-oss; what the shards record wins, with no option needed.
+    with fml.open(converted["gpt_oss-fused"]) as ckpt:
         for layer in ckpt.moe_layers():
             ref = reference[int(layer.prefix.split(".")[2])]
             assert layer.format == "fused"
+            for e in range(ref.gate.shape[0]):  # the views read gate and up right
+                assert_bitwise_equal(layer.w1(e), ref.gate[e], layer.prefix)
+                assert_bitwise_equal(layer.w3(e), ref.up[e], layer.prefix)
+                assert_bitwise_equal(layer.b3(e), ref.up_bias[e], layer.prefix)
             expected = torch.cat([ref.gate, ref.up], dim=1)
             assert_bitwise_equal(fused[f"{layer.prefix}.gate_up_proj"], expected, layer.prefix)
             assert_bitwise_equal(fused[f"{layer.prefix}.down_proj"], ref.down, layer.prefix)
             bias = torch.cat([ref.gate_bias, ref.up_bias], dim=1)
             assert_bitwise_equal(fused[f"{layer.prefix}.gate_up_proj_bias"], bias)
             assert_bitwise_equal(fused[f"{layer.prefix}.down_proj_bias"], ref.down_bias)
-    # config.json still says gpt-oss: inspect warns, and reads it right when told.
-    misread = succeeded(run_main("inspect", converted["gpt_oss-fused"], "--json"))
-    assert "use --no-interleaved" in misread.stderr
-    told = succeeded(run_main("inspect", converted["gpt_oss-fused"], "--json", "--no-interleaved"))
-    assert {layer["format"] for layer in json.loads(told.stdout)["layers"]} == {"fused"}
-    assert told.stderr == ""
+    inspected = succeeded(run_main("inspect", converted["gpt_oss-fused"], "--json"))
+    assert {layer["format"] for layer in json.loads(inspected.stdout)["layers"]} == {"fused"}
+    assert inspected.stderr == ""
+    # An override that contradicts the record is refused, by the API and the command line.
+    with pytest.raises(fml.CheckpointError, match="interleaved=True contradicts the file"):
+        fml.open(converted["gpt_oss-fused"], interleaved=True).moe_layers()
+    refused = run_main("inspect", converted["gpt_oss-fused"], "--interleaved")
+    assert refused.returncode != 0 and "records its fused gate/up tensors as concatenated" in (
+        refused.stderr
+    )
     # Converting back needs no such hint: the shards record the concatenated layout.
     back = safetensors_of(converted["gpt_oss-back"])
     for index, ref in reference.items():

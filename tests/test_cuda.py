@@ -64,7 +64,8 @@ def test_layers_match_model_on_cuda(saved_models, family, original):
 @pytest.fixture(scope="module")
 def big_layer(tmp_path_factory):
     """One Qwen3-30B-A3B-shaped layer (1.2 GB): transfers long enough to expose a race."""
-    path = generate(str(tmp_path_factory.mktemp("big")), Shape(layers=1))
+    path = str(tmp_path_factory.mktemp("big"))
+    generate(path, Shape(layers=1))
     return path, Shape(layers=1)
 
 

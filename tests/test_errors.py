@@ -354,6 +354,38 @@ case(
     mentions=["model.embed.weight", "F4"],
 )
 
+# --- other files passed as the checkpoint: named for what they are, not "truncated" ----------
+
+CONFIG_TEXT = json.dumps(
+    {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe"}, indent=2
+)
+case(
+    "config_json_as_checkpoint",
+    "CheckpointError",
+    lambda d: (d / "config.json").write_text(CONFIG_TEXT),
+    opens("config.json"),
+    where="config.json",
+    mentions=["not a safetensors file", "JSON", "directory"],
+    forbids=["truncated", "claims"],
+)
+case(
+    "index_as_checkpoint",
+    "CheckpointError",
+    lambda d: write_sharded_fused(d),
+    opens(INDEX),
+    where=INDEX,
+    mentions=["not a safetensors file", "index", "pass the directory"],
+    forbids=["truncated", "claims"],
+)
+case(
+    "pytorch_bin_renamed_to_safetensors",
+    "CheckpointError",
+    lambda d: torch.save(fused_experts(), d / MODEL),
+    opens(),
+    mentions=["not a safetensors file", "torch.save"],
+    forbids=["truncated", "claims"],
+)
+
 # --- checkpoints as a whole ------------------------------------------------------------------
 
 

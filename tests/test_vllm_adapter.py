@@ -96,6 +96,37 @@ def test_gpt_oss_matches_vllm_gpt_oss_loader(saved_models, tp):
             assert_bitwise_equal(layer.w2_bias.data, b2, "w2_bias")
 
 
+@pytest.mark.parametrize("tp", [(0, 1), (1, 2)])
+def test_interleaving_is_the_layers_whatever_the_files_hold(saved_models, tmp_path, tp):
+    """gpt-oss rewritten with gate and up concatenated (recorded in its shards) fills a
+    `swigluoai` layer exactly as the original interleaved files do; a layer whose activation
+    wants gate rows then up rows gets them from either."""
+    from fastmoe_load.convert import convert
+
+    tp_rank, tp_size = tp
+    saved = saved_models["gpt_oss", False]
+    concatenated = tmp_path / "concatenated"
+    convert(saved.path, concatenated, to="fused", progress=False)
+    filled = {}
+    for path in (saved.path, concatenated):
+        with fml.open(path) as ckpt:
+            for group in ckpt.moe_layers():
+                e, i, h = group.num_experts, group.intermediate_size, group.hidden_size
+                for activation in ("swigluoai", "silu"):
+                    layer = vllm_layer(e, i, h, tp_rank, tp_size, bias=True)
+                    layer.moe_config = SimpleNamespace(activation=activation)
+                    load_fused_moe_layer(layer, ckpt, group.prefix)
+                    key = (group.prefix, activation)
+                    filled.setdefault(key, []).append((layer.w13_weight.data, layer.w13_bias.data))
+    for (prefix, activation), ((w13, b13), (w13_c, b13_c)) in filled.items():
+        assert_bitwise_equal(w13_c, w13, f"{prefix} {activation}")
+        assert_bitwise_equal(b13_c, b13, f"{prefix} {activation}")
+    w13, _, _, _ = vllm_gpt_oss(saved.path, prefix, tp_rank, tp_size)
+    assert_bitwise_equal(filled[prefix, "swigluoai"][1][0], w13, "swigluoai")
+    gate_then_up = torch.cat([w13[:, 0::2], w13[:, 1::2]], dim=1)
+    assert_bitwise_equal(filled[prefix, "silu"][1][0], gate_then_up, "silu")
+
+
 def test_expert_map_with_an_empty_slot_is_refused(saved_models):
     saved = saved_models["qwen3_moe", False]
     with fml.open(saved.path) as ckpt:

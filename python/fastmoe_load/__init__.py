@@ -19,7 +19,7 @@ from ._fastmoe_load import (
 )
 from .checkpoint import Checkpoint, MoeLayer, UnsupportedGroup, UnsupportedWarning, open
 from .loader import LoadStats, load_fused_moe
-from .model import ModelLoadReport, load_model
+from .model import LoadWarning, ModelLoadReport, load_model
 from .placement import expert_placement
 from .staging import StagingPool
 
@@ -31,6 +31,7 @@ __all__ = [
     "HeaderError",
     "LayoutError",
     "LoadStats",
+    "LoadWarning",
     "ModelLoadReport",
     "MoeLayer",
     "RequestError",

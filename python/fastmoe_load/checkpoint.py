@@ -68,13 +68,17 @@ class Companion:
     values), `group` (a block of one row: `block` is `(1, 16)` for NVFP4), `channel` (one per
     output row), `tensor` (one per matrix) or `whole` (`block[1]` values that describe the
     whole matrix). `merged_w13`: vLLM keeps one value per expert for gate and up together
-    (fp8's `w13_input_scale [E]`, the up projection's); otherwise it keeps both (`[E, 2]`)."""
+    (fp8's `w13_input_scale [E]`, the up projection's); otherwise it keeps both (`[E, 2]`).
+    `fused_suffix`: the name transformers gives the fused form after `gate_up_proj`/
+    `down_proj` (`_scale_inv`, `_activation_scale`), or None where it has none
+    (compressed-tensors' `weight_scale`)."""
 
     kind: str
     scheme: str
     block: tuple[int, int] | None
     dtype: torch.dtype
     merged_w13: bool
+    fused_suffix: str | None
 
     def grid(self, rows: int, cols: int) -> tuple[int, int]:
         """`(rows, cols)` of this companion for a `rows x cols` weight."""
@@ -105,6 +109,18 @@ class Companion:
             return (experts, 2 * rows, cols)
         if self.scheme == "tensor":
             return (experts,)
+        return (experts, *self.grid(hidden, shard))
+
+    def fused_shape(self, target: str, experts: int, hidden: int, shard: int) -> tuple[int, ...]:
+        """The shape transformers' `FP8Experts` gives `gate_up_proj{fused_suffix}` (`target`
+        `w13`) or `down_proj{fused_suffix}` (`w2`): the grid's `[E, 2·rows, cols]` and
+        `[E, rows, cols]` (per-tensor scales `[E, 2, 1]` and `[E, 1, 1]`), `[E]` for the input
+        scale gate and up share. The bytes are those of `destination_shape`."""
+        if self.merged_w13:
+            return (experts,)
+        if target == "w13":
+            rows, cols = self.grid(shard, hidden)
+            return (experts, 2 * rows, cols)
         return (experts, *self.grid(hidden, shard))
 
 
@@ -203,7 +219,14 @@ class MoeLayer:
         self.quantization: Quantization | None = None
         if info.quant_method is not None:
             companions = tuple(
-                Companion(c.kind, c.scheme, c.block, torch_dtype(c.dtype, where), c.merged_w13)
+                Companion(
+                    c.kind,
+                    c.scheme,
+                    c.block,
+                    torch_dtype(c.dtype, where),
+                    c.merged_w13,
+                    c.fused_suffix,
+                )
                 for c in info.companions
             )
             weights = {1: "fp8", 2: "nvfp4"}.get(info.pack, f"int{32 // info.pack}")
@@ -473,7 +496,9 @@ def open(
 
     `num_threads` sets the copy threads (default: the CPUs available, at most 16).
     `interleaved` overrides whether fused gate/up tensors alternate gate and up rows
-    (default: from `config.json`'s `model_type`, e.g. gpt-oss).
+    (default: what the shards' metadata records, as `convert` writes it, else from
+    `config.json`'s `model_type`, e.g. gpt-oss); an override that contradicts the record
+    raises `CheckpointError`.
     `staging_bytes` and `staging_buffers` size the pinned buffers of CUDA loads.
     `io` chooses how long contiguous runs are read: copies out of the memory map (`mmap`,
     default, fastest on a warm page cache) or `pread` (strided gathers, as in TP-sliced

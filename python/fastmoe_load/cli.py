@@ -16,18 +16,27 @@ import warnings
 from collections.abc import Iterator
 from typing import NoReturn
 
-from ._fastmoe_load import FastMoeLoadError
+from ._fastmoe_load import FastMoeLoadError, RequestError
 
 PROG = "python -m fastmoe_load"
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose mistakes end in one `error: ...` line."""
+
     def error(self, message: str) -> NoReturn:
         # One line, like every other user mistake, instead of argparse's usage block.
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
-def _positive(text: str) -> int:
+def _device(text: str) -> str:
+    kind, _, index = text.partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+        raise argparse.ArgumentTypeError(f"use cpu or cuda[:N], not {text!r}")
+    return text
+
+
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -54,7 +63,7 @@ def _common() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="whether fused gate/up tensors interleave gate and up rows "
-        "(default: from config.json's model_type, e.g. gpt-oss)",
+        "(default: what the shards record, else config.json's model_type, e.g. gpt-oss)",
     )
     common.add_argument(
         "-v", "--verbose", action="store_true", help="log what was matched, converted, copied"
@@ -63,7 +72,7 @@ def _common() -> argparse.ArgumentParser:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Load Mixture-of-Experts checkpoints, fast.")
+    parser = OneLineParser(prog=PROG, description="Load Mixture-of-Experts checkpoints, fast.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = _common()
 
@@ -75,8 +84,8 @@ def _parser() -> argparse.ArgumentParser:
         "bytes each TP/EP rank would read, from the copy plans of a real load.",
     )
     inspect.add_argument("checkpoint", metavar="CKPT", help="a .safetensors file or a directory")
-    inspect.add_argument("--tp", type=_positive, default=1, help="tensor-parallel size")
-    inspect.add_argument("--ep", type=_positive, default=1, help="expert-parallel size")
+    inspect.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel size")
+    inspect.add_argument("--ep", type=positive_int, default=1, help="expert-parallel size")
     inspect.add_argument(
         "--placement",
         choices=["linear", "round_robin"],
@@ -116,14 +125,40 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     bench = commands.add_parser(
-        "bench", help="compare fastmoe_load with pure-Python loading on a generated checkpoint"
+        "bench",
+        help="compare fastmoe_load with pure-Python loading on a generated checkpoint",
+        description="Generate a checkpoint shaped like Qwen3-30B-A3B's experts (or, with "
+        "--model, a whole Qwen3-MoE model) and time fastmoe_load beside vLLM's pure-Python "
+        "loading and the machine's limits; the printed table explains its columns. The "
+        "checkpoint is kept under $TMPDIR (else /tmp) for later runs, which reuse it while "
+        "the shape matches; --clean removes it after the run.",
     )
-    bench.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
-    bench.add_argument("--layers", type=int, help="1.2 GB layers (default: sized for the machine)")
-    bench.add_argument("--dir", help="where to generate the checkpoint (default: a temp folder)")
-    bench.add_argument("--repeats", type=int, default=5, help="timed runs per row (median)")
-    bench.add_argument("--threads", type=int, help="copy threads (default: CPUs, at most 16)")
-    bench.add_argument("--explore", action="store_true", help="also time other staging settings")
+    bench.add_argument("--device", default="cpu", type=_device, help="cpu (default) or cuda[:N]")
+    bench.add_argument(
+        "--layers",
+        type=positive_int,
+        help="layers of 1.2 GB (default: sized for the machine, 8 on a GPU; 2 with --model)",
+    )
+    bench.add_argument(
+        "--dir",
+        help="where to generate the checkpoint: a new or empty directory, or one the bench "
+        "generated before (default: fastmoe_bench under $TMPDIR, else /tmp)",
+    )
+    bench.add_argument(
+        "--clean", action="store_true", help="remove the generated checkpoint after the run"
+    )
+    bench.add_argument(
+        "--repeats", type=positive_int, default=5, help="timed runs per row (median; default 5)"
+    )
+    bench.add_argument(
+        "--threads", type=positive_int, help="copy threads (default: CPUs, at most 16)"
+    )
+    bench.add_argument(
+        "--explore",
+        action="store_true",
+        help="also time the parts of a CUDA load (fill alone, copy alone, other staging "
+        "buffers); says so and adds nothing on a CPU",
+    )
     bench.add_argument(
         "--cold", action="store_true", help="empty the page cache before every run (root only)"
     )
@@ -132,11 +167,15 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="generate the checkpoint in the transposed fused layout (Llama 4, gpt-oss)",
     )
+    for name, default in (("experts", 128), ("hidden", 2048), ("intermediate", 768)):
+        bench.add_argument(
+            f"--{name}", type=positive_int, help=f"{name} size of the experts (default: {default})"
+        )
     bench.add_argument(
         "--model",
         action="store_true",
         help="time load_model against transformers' from_pretrained on a generated "
-        "Qwen3-MoE-shaped model (--layers of 1.3 GB, default 2)",
+        "Qwen3-MoE-shaped model (--layers of 1.3 GB, default 2; needs transformers)",
     )
     bench.add_argument(
         "--quant",
@@ -179,7 +218,6 @@ def _logging_to_stderr(verbose: bool) -> Iterator[None]:
 def _inspect(args: argparse.Namespace) -> None:
     from .checkpoint import UnsupportedWarning
     from .checkpoint import open as open_checkpoint
-    from .convert import misread_interleaving
     from .inspect import format_report, inspect_checkpoint
 
     with (
@@ -187,13 +225,6 @@ def _inspect(args: argparse.Namespace) -> None:
         warnings.catch_warnings(action="ignore", category=UnsupportedWarning),
         open_checkpoint(args.checkpoint, interleaved=args.interleaved) as ckpt,
     ):
-        if args.interleaved is None and misread_interleaving(ckpt):
-            logging.getLogger("fastmoe_load").warning(
-                "%s was converted with gate and up concatenated, but config.json's model_type "
-                "makes it read interleaved: use --no-interleaved here and "
-                "fml.open(path, interleaved=False) to load it",
-                args.checkpoint,
-            )
         report = inspect_checkpoint(ckpt, args.tp, args.ep, args.placement)
     if args.json:
         print(json.dumps(report.to_json()))
@@ -217,15 +248,54 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
+    check_device(args.device)
+    if args.cold and not os.access("/proc/sys/vm/drop_caches", os.W_OK):
+        raise RequestError(
+            "--cold empties the page cache before every run, which needs root (it writes "
+            "/proc/sys/vm/drop_caches)"
+        )
     if args.model:
+        names = (
+            "explore",
+            "cold",
+            "transposed",
+            "quant",
+            "threads",
+            "experts",
+            "hidden",
+            "intermediate",
+        )
+        given = [f"--{name}" for name in names if getattr(args, name)]
+        if given:
+            raise RequestError(f"{', '.join(given)} do not apply to bench --model")
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            raise RequestError(
+                "bench --model needs transformers: pip install 'transformers>=5'"
+            ) from None
         from .bench.model_run import main as bench_model
 
-        bench_model(args.device, args.layers or 2, args.dir, args.repeats)
+        bench_model(args.device, args.layers or 2, args.dir, args.repeats, args.clean)
         return
     if args.quant:
+        given = [f"--{name}" for name in ("explore", "cold", "transposed") if getattr(args, name)]
+        if given:
+            raise RequestError(f"{', '.join(given)} do not apply to bench --quant")
         from .bench.quant import main as bench_quant
 
-        bench_quant(args.device, args.layers, args.dir, args.repeats, args.threads, args.quant)
+        bench_quant(
+            args.device,
+            args.layers,
+            args.dir,
+            args.repeats,
+            args.threads,
+            args.clean,
+            args.experts,
+            args.hidden,
+            args.intermediate,
+            args.quant,
+        )
         return
     from .bench.run import main as bench
 
@@ -238,7 +308,29 @@ def _bench(args: argparse.Namespace) -> None:
         args.explore,
         args.cold,
         args.transposed,
+        args.clean,
+        args.experts,
+        args.hidden,
+        args.intermediate,
     )
+
+
+def check_device(device: str) -> None:
+    """Raises `RequestError` for a CUDA device (`cuda[:N]`) this machine does not have."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(device.partition(":")[2] or 0)
+    if count == 0:
+        why = "torch was built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+        raise RequestError(f"--device {device}: no CUDA device here ({why}); use --device cpu")
+    if index >= count:
+        raise RequestError(
+            f"--device {device}: there {'is' if count == 1 else 'are'} only {count} CUDA "
+            f"device{'s' if count > 1 else ''} (cuda:0 to cuda:{count - 1})"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

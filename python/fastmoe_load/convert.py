@@ -11,8 +11,9 @@ in that orientation (v5 names, GraniteMoe's `input_linear`/`output_linear`) are 
 unchanged. Transposed or interleaved fused groups (gpt-oss, Llama 4) are rewritten into the
 same v5 orientation under their own names: a layout for engines, which the transformers
 classes of those families cannot load (they keep `[E, H, 2I]`, gpt-oss with gate and up
-interleaved); as `config.json` still names gpt-oss, open such a result with
-`fml.open(path, interleaved=False)`.
+interleaved). The shards record that gate and up are concatenated (`__metadata__`
+`fastmoe_load.gate_up`), so `fml.open` and every loader built on it read such a result
+right although `config.json` still names gpt-oss.
 
 `to="per_expert"`: every fused group becomes `P.{e}.{gate}.weight [I, H]`, `P.{e}.{up}.weight
 [I, H]`, `P.{e}.{down}.weight [H, I]` (and `.bias` vectors), copied from the zero-copy
@@ -197,10 +198,6 @@ class _FusedGroup:
         return _tensor_bytes(self._tensors.pop(target))
 
 
-# The fused form transformers gives each companion kind, after `gate_up_proj`/`down_proj`.
-FUSED_SCALE_SUFFIXES = {"weight_scale_inv": "_scale_inv", "input_scale": "_activation_scale"}
-
-
 def _fused_scales(layer: MoeLayer) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     """`(destination, shape, dtype)` of the fused form of each of the group's scales, as
     `load_fused_moe` fills them at tp_size 1."""
@@ -214,25 +211,12 @@ def _fused_scales(layer: MoeLayer) -> list[tuple[str, tuple[int, ...], torch.dty
     ]
 
 
-def _fused_scale_shape(layer: MoeLayer, target: str, kind: str) -> tuple[int, ...]:
-    """transformers' shape: `[E, rows, cols]` of the grid (per-tensor scales as `[E, 2, 1]`
-    and `[E, 1, 1]`), `[E]` for the input scale gate and up share."""
-    assert layer.quantization is not None
-    c = layer.quantization.companion(kind)
-    assert c is not None
-    e, h, i = layer.num_experts, layer.hidden_size, layer.intermediate_size
-    if c.merged_w13:
-        return (e,)
-    rows, cols = c.grid(i, h) if target == "w13" else c.grid(h, i)
-    return (e, 2 * rows if target == "w13" else rows, cols)
-
-
 def _check_convertible(ckpt: Checkpoint, layer: MoeLayer) -> None:
     """Refuses scales that have no fused transformers form, before anything is written."""
     unknown = [
         c.kind
         for c in (layer.quantization.companions if layer.quantization else ())
-        if c.kind not in FUSED_SCALE_SUFFIXES
+        if c.fused_suffix is None
     ]
     if unknown:
         raise RequestError(
@@ -255,11 +239,10 @@ def _fused_outputs(ckpt: Checkpoint, prefix: str) -> list[OutputTensor]:
             ("gate_up_proj_bias", "w13_bias", (e, 2 * i), layer.bias_dtype),
             ("down_proj_bias", "w2_bias", (e, h), layer.bias_dtype),
         ]
-    for target, _, dtype in _fused_scales(layer):
-        stem, kind = target.split("_", 1)
-        proj = "gate_up_proj" if stem == "w13" else "down_proj"
-        shape = _fused_scale_shape(layer, stem, kind)
-        parts.append((proj + FUSED_SCALE_SUFFIXES[kind], target, shape, dtype))
+    for c in layer.quantization.companions if layer.quantization else ():
+        for stem, proj in (("w13", "gate_up_proj"), ("w2", "down_proj")):
+            shape = c.fused_shape(stem, e, h, i)
+            parts.append((f"{proj}{c.fused_suffix}", f"{stem}_{c.kind}", shape, c.dtype))
     return [
         OutputTensor(
             f"{prefix}.{suffix}",
@@ -365,14 +348,6 @@ def recorded_metadata(paths: list[str]) -> dict[str, str]:
         if recorded:
             return recorded
     return {}
-
-
-def misread_interleaving(ckpt: Checkpoint) -> bool:
-    """Whether `ckpt` was written by `convert(to="fused")` with gate and up concatenated but
-    is read interleaved (its config.json names gpt-oss)."""
-    interleaved = any(layer.interleaved for layer in ckpt.moe_layers())
-    recorded = recorded_metadata(ckpt.shard_paths).get(GATE_UP_METADATA_KEY)
-    return interleaved and recorded == "concatenated"
 
 
 def _recorded_names(ckpt: Checkpoint) -> tuple[str, str, str] | None:
@@ -499,9 +474,6 @@ def _warn_about_layouts(ckpt: Checkpoint, converted: list[MoeLayer], to: Target)
             "the result is for engines: transformers' classes for these families keep the "
             "experts transposed or interleaved and cannot load it"
         )
-        if any("interleaved" in f for f in odd):
-            hint += "; open it with fml.open(path, interleaved=False), as config.json still says "
-            hint += f"model_type {ckpt.model_type}"
         what = "into the v5 layout (gate_up_proj [E, 2I, H], gate rows then up rows)"
     else:
         hint = "transformers has no per-expert format for these families and cannot load it"
@@ -599,17 +571,6 @@ def _partial_directory(dst: Path) -> Path:
     return partial
 
 
-def _open_source(path: Path, interleaved: bool | None) -> Checkpoint:
-    """Opens `path`, reading gate/up as concatenated where an earlier conversion says so
-    (unless `interleaved` says otherwise)."""
-    ckpt = open_checkpoint(path, interleaved=interleaved)
-    if interleaved is None and misread_interleaving(ckpt):
-        logger.info("%s: gate/up read as concatenated, as recorded by an earlier conversion", path)
-        ckpt.close()
-        ckpt = open_checkpoint(path, interleaved=False)
-    return ckpt
-
-
 def convert(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -631,7 +592,7 @@ def convert(
     start = time.perf_counter()
     src_path, dst_path = Path(src), Path(dst)
     _check_destination(dst_path)
-    with _open_source(src_path, interleaved) as ckpt:
+    with open_checkpoint(src_path, interleaved=interleaved) as ckpt:
         outputs, report, metadata = plan_outputs(ckpt, to, expert_names)
         if not report.converted:
             logger.warning(

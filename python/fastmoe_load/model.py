@@ -7,12 +7,15 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from . import _fastmoe_load as native
 from ._fastmoe_load import RequestError
+from ._validate import as_index
 from .checkpoint import Checkpoint, MoeLayer
 from .checkpoint import open as open_checkpoint
 from .loader import Destination, fill, load_fused_moe, plan_destinations
@@ -22,24 +25,87 @@ from .progress import Progress
 logger = logging.getLogger("fastmoe_load")
 
 
-@dataclass
+# Casts that keep every value exactly. transformers makes them when a model keeps a weight
+# wider than the checkpoint stores it (DeepSeek-V3's float32 router over a bfloat16
+# release) or is built in float32; so does `load_model`, on the device after the transfer.
+# Narrowing loses bits and is refused: the model is then built in the wrong dtype.
+WIDENING = frozenset(
+    {
+        (getattr(torch, "float8_e8m0fnu", torch.float32), torch.float32),  # UE8M0 scales
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.float64),
+        (torch.float16, torch.float64),
+        (torch.float32, torch.float64),
+    }
+)
+# Device memory for tensors stored narrower than the model holds them, at a time.
+CAST_SCRATCH_BYTES = 256 << 20
+# Names a message or a summary shows of each list before "and N more".
+SHOWN_NAMES = 5
+
+
+class LoadWarning(UserWarning):
+    """What a `load_model` without `strict` could not load (missing, unexpected or
+    mismatched weights, tied weights stored apart). Shown by default, like every warning;
+    `warnings.filterwarnings("ignore", category=fml.LoadWarning)` silences it."""
+
+
+@dataclass(repr=False)
 class ModelLoadReport:
-    """What `load_model` did. `missing`: model weights the checkpoint did not provide (left as
-    they were, or initialised by the model's own init if the model was on the meta device);
-    `unexpected`: checkpoint tensors no weight took; `mismatched`: names found on both sides
-    whose shapes do not fit, with the reason."""
+    """What `load_model` did, by model weight name (as `model.state_dict()` names them).
+
+    `loaded`: weights that now hold the checkpoint's values, tied ones included.
+    `missing`: weights the checkpoint does not provide (left as they were, or initialised by
+    the model's own init if the model was on the meta device).
+    `unexpected`: checkpoint tensors no weight took.
+    `mismatched`: weights the checkpoint provides in a shape or dtype they cannot take, with
+    the reason (never also listed as missing).
+    `cast`: weights stored narrower than the model holds them, widened exactly on the
+    device ("torch.bfloat16 -> torch.float32").
+    `tied`: weights sharing the tensor of another loaded weight (tied embeddings), and that
+    weight. `untied`: weights the model ties but the checkpoint stores with different values,
+    each loaded into a tensor of its own (as transformers does).
+    `bytes`: bytes read from the checkpoint and landed; `seconds`: wall time of the copies.
+    `str(report)` is a short summary; the fields hold every name.
+    """
 
     loaded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     mismatched: dict[str, str] = field(default_factory=dict)
+    cast: dict[str, str] = field(default_factory=dict)
+    tied: dict[str, str] = field(default_factory=dict)
+    untied: list[str] = field(default_factory=list)
     expert_groups: int = 0
     bytes: int = 0
     seconds: float = 0.0
+    # The dtypes that would have loaded the weights refused for narrowing: the dtype to
+    # build the model in, for the error message.
+    _wanted_dtypes: set[torch.dtype] = field(default_factory=set, init=False, compare=False)
 
     @property
     def gb_per_s(self) -> float:
         return self.bytes / self.seconds / 1e9 if self.seconds > 0 else float("inf")
+
+    def summary(self) -> str:
+        """One line of counts, bytes and time; the fields hold the names."""
+        counts = [f"{self.expert_groups} expert groups"]
+        for label, names in (("widened", self.cast), ("tied", self.tied), ("untied", self.untied)):
+            if names:
+                counts.append(f"{len(names)} {label}")
+        return (
+            f"loaded {len(self.loaded)} weights ({', '.join(counts)}); "
+            f"{len(self.missing)} missing, {len(self.unexpected)} unexpected, "
+            f"{len(self.mismatched)} mismatched; "
+            f"{_gigabytes(self.bytes)} in {self.seconds:.3f} s"
+        )
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def __repr__(self) -> str:
+        return f"ModelLoadReport({self.summary()})"
 
 
 @dataclass
@@ -52,6 +118,31 @@ class _Experts:
     experts: list[int]
     transposed: bool
     interleaved: bool
+    # The module holds the experts wider than the checkpoint stores them.
+    cast: bool = False
+
+
+@dataclass
+class _Dense:
+    """One checkpoint tensor outside the expert groups and the model weight it fills:
+    `plan` reads the rank's part of `source`, stored as `dtype`."""
+
+    name: str
+    source: str
+    plan: native.CopyPlan
+    dtype: torch.dtype
+    cast: bool
+
+
+@dataclass
+class _TieGroup:
+    """Names of one tensor the model shares between several weights (tied embeddings):
+    after loading they share the tensor of `keeper` (the loaded name, else the first), or,
+    when the checkpoint stores them with different values (`untied`), each has its own."""
+
+    names: list[str]
+    keeper: str
+    untied: bool = False
 
 
 def load_model(
@@ -71,7 +162,7 @@ def load_model(
 ) -> ModelLoadReport:
     """Fills `model`'s parameters and persistent buffers from `ckpt` (an open checkpoint or a
     path) on `device` (default: where the model is; a model on the meta device is
-    materialised there first).
+    materialised there first), and returns a `ModelLoadReport`.
 
     Routed experts are matched to the model's expert modules in any checkpoint layout and
     written in the model's own layout. With `tp_size > 1` or `ep_size > 1` the model is
@@ -80,37 +171,55 @@ def load_model(
     checkpoint's). The experts are sliced by `expert_tp_rank` of `expert_tp_size` (default:
     `tp_rank` of `tp_size`); vLLM's expert parallelism, for one, keeps attention TP-sharded
     and experts whole (`expert_tp_size=1`) while `ep_size` places them. Names are matched
-    through transformers' own checkpoint conversion rules for transformers models. Dtypes
-    must match exactly: nothing is cast.
+    through transformers' own checkpoint conversion rules for transformers models.
 
-    Everything is matched and planned before a byte is written; with `strict=True`, missing,
-    unexpected or mismatched names raise `RequestError` and the model stays untouched.
-    A progress line shows on a terminal for loads longer than a second (`progress=False`, or
-    `FASTMOE_LOAD_PROGRESS=0`, turns it off).
+    The model ends as transformers' `from_pretrained` leaves it. Weights the model holds
+    wider than the checkpoint stores them (a float32 router over bfloat16, a model built in
+    float32) are widened exactly on the device after the transfer (`report.cast`); narrower
+    ones are refused (build the model in the checkpoint's dtype). Tied weights (tied
+    embeddings) take whichever of their names the checkpoint stores, and are loaded apart
+    when it stores them with different values (`report.tied`, `report.untied`).
+
+    Everything is matched and planned before a byte is written. Raises `RequestError`,
+    leaving the model untouched, when no checkpoint tensor fits the model at all, when an
+    argument is out of range, and with `strict=True` when any weight is missing,
+    unexpected or mismatched. Without `strict`, what was not loaded is told in a
+    `LoadWarning`. A progress line shows on a terminal for loads longer than a second
+    (`progress=False`, or `FASTMOE_LOAD_PROGRESS=0`, turns it off).
     """
     if not isinstance(model, torch.nn.Module):
         raise RequestError(f"load_model needs a torch.nn.Module, got {type(model).__name__}")
+    dense_tp = _rank_of("tp", tp_rank, tp_size)
+    expert_tp = _rank_of(
+        "expert_tp",
+        tp_rank if expert_tp_rank is None else expert_tp_rank,
+        tp_size if expert_tp_size is None else expert_tp_size,
+    )
+    ep = _rank_of("ep", ep_rank, ep_size)
     own = not isinstance(ckpt, Checkpoint)
     checkpoint = open_checkpoint(ckpt) if own else ckpt
     try:
-        return _load(
-            model,
-            checkpoint,
-            device,
-            (tp_rank, tp_size),
-            (
-                tp_rank if expert_tp_rank is None else expert_tp_rank,
-                tp_size if expert_tp_size is None else expert_tp_size,
-            ),
-            ep_rank,
-            ep_size,
-            placement,
-            strict,
-            progress,
+        report = _load(
+            model, checkpoint, device, dense_tp, expert_tp, ep, placement, strict, progress
         )
+        problems = "; ".join(filter(None, [_problems(report), _untied(report)]))
+        if problems:
+            problems = "; ".join(filter(None, [problems, _advice(report, model, checkpoint)]))
+            where = f"{checkpoint.path} into {type(model).__name__}"
     finally:
         if own:
             checkpoint.close()
+    if problems:
+        warnings.warn(f"{where}: {problems}", LoadWarning, stacklevel=2)
+    return report
+
+
+def _rank_of(kind: str, rank: object, size: object) -> tuple[int, int]:
+    size = as_index(size, f"{kind}_size", minimum=1)
+    rank = as_index(rank, f"{kind}_rank")
+    if rank >= size:
+        raise RequestError(f"{kind}_rank {rank} is not in [0, {kind}_size={size})")
+    return rank, size
 
 
 def _load(
@@ -119,8 +228,7 @@ def _load(
     device: torch.device | str | None,
     dense_tp: tuple[int, int],
     expert_tp: tuple[int, int],
-    ep_rank: int,
-    ep_size: int,
+    ep: tuple[int, int],
     placement: Strategy,
     strict: bool,
     progress: bool | None,
@@ -129,27 +237,28 @@ def _load(
     rename = _renamer(model)
     weights = model.state_dict(keep_vars=True)
     report = ModelLoadReport()
+    scope = _scope(expert_tp, ep)
 
     groups, consumed = _match_experts(
-        model, ckpt, rename, expert_tp[1], ep_size, ep_rank, placement, report
+        model, ckpt, rename, expert_tp[1], ep, placement, scope, report
     )
-    dense = _match_dense(ckpt, rename, weights, consumed, *dense_tp, report)
-    filled = {name for g in groups for name in _expert_weight_names(g)} | {d.name for d in dense}
+    dense = _match_dense(ckpt, rename, weights, consumed, dense_tp, report)
+    ties = _resolve_ties(ckpt, weights, dense, report)
+    loaded = {n for g in groups for n in _expert_weight_names(g)} | {d.name for d in dense}
+    loaded |= report.tied.keys()
+    report.loaded = sorted(loaded)
     report.missing = sorted(
-        name for name, t in weights.items() if name not in filled and not _tied(t, filled, weights)
+        name for name in weights if name not in loaded and name not in report.mismatched
     )
-    report.loaded = sorted(filled)
-    if strict and (report.missing or report.unexpected or report.mismatched):
+    if weights and not report.loaded:
         raise RequestError(
-            f"{ckpt.path}: the model and the checkpoint do not match: {_summary(report)}"
+            f"{ckpt.path}: no tensor of the checkpoint fits {type(model).__name__}, nothing "
+            f"was loaded: {_problems(report)}{_then(_advice(report, model, ckpt))}"
         )
-    for name, reason in report.mismatched.items():
-        logger.warning("not loaded: %s (%s)", name, reason)
-    if report.missing:
-        logger.info("model weights not in the checkpoint: %s", ", ".join(report.missing[:10]))
-    if report.unexpected:
-        logger.info(
-            "checkpoint tensors the model has no place for: %s", ", ".join(report.unexpected[:10])
+    if strict and _problems(report):
+        raise RequestError(
+            f"{ckpt.path}: the checkpoint does not fit {type(model).__name__} (strict=True; "
+            f"nothing was written): {_problems(report)}{_then(_advice(report, model, ckpt))}"
         )
 
     tensors = [*model.parameters(), *model.buffers()]
@@ -157,36 +266,38 @@ def _load(
     if materialise or any(t.device != target for t in tensors):
         # Fresh memory for a model on the meta device; a real model moves with its values.
         model.to_empty(device=target) if materialise else model.to(target)
-        weights = model.state_dict(keep_vars=True)
-        dense = [Destination(d.name, weights[d.name].detach(), d.plan) for d in dense]
+    _bind_ties(model, ties)  # `to_empty` gives every name a tensor of its own
+    weights = model.state_dict(keep_vars=True)
 
-    # Groups the model keeps in vLLM's layout are planned straight into their weights and
-    # go through the pipeline with the dense tensors; the others (transposed, interleaved)
-    # are loaded one by one through scratch tensors and rearranged on the device.
-    native = [g for g in groups if not g.transposed and not g.interleaved]
-    direct = dense + [d for g in native for d in _plan_experts(ckpt, g, *expert_tp)]
+    # Groups the model keeps in vLLM's layout and dtype are planned straight into their
+    # weights and go through the pipeline with the dense tensors; the others (transposed,
+    # interleaved, widened) are loaded one by one through scratch tensors and rearranged
+    # on the device. Dense tensors to widen land in scratch memory first too.
+    native = [g for g in groups if not (g.transposed or g.interleaved or g.cast)]
+    direct = [Destination(d.name, weights[d.name].detach(), d.plan) for d in dense if not d.cast]
+    direct += [d for g in native for d in _plan_experts(ckpt, g, *expert_tp)]
     rearranged = [g for g in groups if g not in native]
-    total = sum(d.plan.nbytes for d in direct) + sum(_module_bytes(g) for g in rearranged)
+    widened = [d for d in dense if d.cast]
+    total = sum(d.plan.nbytes for d in [*direct, *widened])
+    total += sum(_stored_bytes(g, expert_tp[1]) for g in rearranged)
     start = time.perf_counter()
     with Progress(total, "load", enabled=progress) as bar:
         report.bytes = fill(ckpt, direct, progress=bar)
         for group in rearranged:
             report.bytes += _fill_rearranged(ckpt, group, *expert_tp, target, bar)
+        report.bytes += _fill_widened(ckpt, widened, weights, target, bar)
         if target.type == "cuda":
             torch.cuda.current_stream(target).synchronize()
     report.seconds = time.perf_counter() - start
     report.expert_groups = len(groups)
 
-    loaded = {id(weights[name]) for name in filled if name in weights}
-    for tensor in weights.values():
-        if id(tensor) in loaded:
-            tensor._is_hf_initialized = True  # type: ignore[attr-defined]
+    for name in report.loaded:
+        weights[name]._is_hf_initialized = True  # type: ignore[attr-defined]
     if materialise and hasattr(model, "initialize_weights"):
         model.initialize_weights()  # what the checkpoint lacks: non-persistent buffers, ...
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
     logger.info(
-        "loaded %d tensors and %d expert groups, %.2f GB in %.3f s (%.1f GB/s)",
+        "%s: loaded %d dense tensors and %d expert groups, %.2f GB in %.3f s (%.1f GB/s)",
+        ckpt.path,
         len(dense),
         len(groups),
         report.bytes / 1e9,
@@ -194,6 +305,13 @@ def _load(
         report.gb_per_s,
     )
     return report
+
+
+def _scope(expert_tp: tuple[int, int], ep: tuple[int, int]) -> str | None:
+    """How messages name the experts a rank holds ("TP rank 1 of 2, EP rank 0 of 4"), or
+    None without TP or EP."""
+    ranks = (("TP", expert_tp), ("EP", ep))
+    return ", ".join(f"{kind} rank {r} of {n}" for kind, (r, n) in ranks if n > 1) or None
 
 
 def _target_device(model: torch.nn.Module, device: torch.device | str | None) -> torch.device:
@@ -233,9 +351,9 @@ def _match_experts(
     ckpt: Checkpoint,
     rename: Callable[[str], str],
     tp_size: int,
-    ep_size: int,
-    ep_rank: int,
+    ep: tuple[int, int],
     placement: Strategy,
+    scope: str | None,
     report: ModelLoadReport,
 ) -> tuple[list[_Experts], set[str]]:
     """Each checkpoint expert group and the model's expert module it fills, checked against
@@ -247,24 +365,28 @@ def _match_experts(
             report.unexpected.extend(layer.tensor_names)
             continue
         consumed.update(layer.tensor_names)
-        experts = expert_placement(layer.num_experts, ep_size, ep_rank, placement)
+        experts = expert_placement(layer.num_experts, ep[1], ep[0], placement)
         transposed, interleaved = _module_layout(module, layer)
         group = _Experts(layer, module, path, experts, transposed, interleaved)
-        problems = _expert_mismatches(group, tp_size)
-        if problems:
-            report.mismatched.update(problems)
+        if not _check_experts(group, tp_size, scope, report):
             continue
         groups.append(group)
         logger.info("experts %s (%s) -> %s", layer.prefix, layer.format, path)
     return groups, consumed
 
 
-def _expert_mismatches(group: _Experts, tp_size: int) -> dict[str, str]:
-    """What keeps the module from taking the rank's experts: shapes and dtypes by weight."""
+def _check_experts(
+    group: _Experts, tp_size: int, scope: str | None, report: ModelLoadReport
+) -> bool:
+    """Whether the module takes the rank's experts (shapes, and dtypes equal or widened);
+    records what does not fit, and the casts."""
     layer, n = group.layer, len(group.experts)
     h, inter = layer.hidden_size, layer.intermediate_size
     if inter % tp_size:
-        return {f"{group.path}.gate_up_proj": f"I={inter} does not split over tp_size={tp_size}"}
+        report.mismatched[f"{group.path}.gate_up_proj"] = (
+            f"the intermediate size {inter} does not split over expert TP size {tp_size}"
+        )
+        return False
     shard = inter // tp_size
     t = group.transposed
     expected = {
@@ -274,14 +396,61 @@ def _expert_mismatches(group: _Experts, tp_size: int) -> dict[str, str]:
     if layer.has_bias and hasattr(group.module, "gate_up_proj_bias"):
         expected["gate_up_proj_bias"] = ((n, 2 * shard), layer.bias_dtype)
         expected["down_proj_bias"] = ((n, h), layer.bias_dtype)
-    problems = {}
+    scales = _scale_weights(layer, n, shard)
+    expected |= scales
+    whose = f"this rank's experts ({scope})" if scope else "the checkpoint's experts"
+    problems, casts = {}, {}
+    unquantized = layer.quantization and group.module.gate_up_proj.dtype != layer.dtype
     for name, (shape, dtype) in expected.items():
-        weight = getattr(group.module, name)
-        if tuple(weight.shape) != shape or weight.dtype != dtype:
-            problems[f"{group.path}.{name}"] = (
-                f"{tuple(weight.shape)} {weight.dtype}, rank's experts {shape} {dtype}"
+        weight = getattr(group.module, name, None)
+        key = f"{group.path}.{name}"
+        if unquantized or not isinstance(weight, torch.Tensor):
+            problems[key] = (
+                f"the checkpoint's experts are {layer.quantization}; "
+                f"{type(group.module).__name__} does not hold them so: build the model with the "
+                "checkpoint's quantization_config (transformers' FP8 modules); fastmoe_load does "
+                "not dequantize"
             )
-    return problems
+        elif tuple(weight.shape) != shape:
+            problems[key] = f"{tuple(weight.shape)} in the model, {whose} are {shape}"
+        elif weight.dtype != dtype:
+            if (dtype, weight.dtype) in WIDENING:
+                casts[key] = f"{dtype} -> {weight.dtype}"
+            else:
+                problems[key] = _dtype_mismatch(weight.dtype, dtype, report)
+    if problems:
+        # The group loads whole or not at all: its other weights are not missing either.
+        for name in expected:
+            problems.setdefault(f"{group.path}.{name}", "the rest of its expert group does not fit")
+        report.mismatched.update(problems)
+        return False
+    report.cast.update(casts)
+    # Scales widen in the expert plans themselves; widened weights are loaded apart.
+    group.cast = any(key.removeprefix(f"{group.path}.") not in scales for key in casts)
+    return True
+
+
+def _scale_weights(
+    layer: MoeLayer, experts: int, shard: int
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The scale weights transformers' `FP8Experts` holds for a quantized group
+    (`gate_up_proj_scale_inv`, `down_proj_scale_inv`, ...), with their shapes and the
+    checkpoint's dtypes."""
+    scales = {}
+    for c in layer.quantization.companions if layer.quantization else ():
+        suffix = c.fused_suffix or f"_{c.kind}"
+        for stem, proj in (("w13", "gate_up_proj"), ("w2", "down_proj")):
+            shape = c.fused_shape(stem, experts, layer.hidden_size, shard)
+            scales[f"{proj}{suffix}"] = (shape, c.dtype)
+    return scales
+
+
+def _dtype_mismatch(model: torch.dtype, stored: torch.dtype, report: ModelLoadReport) -> str:
+    """Why a weight of dtype `model` cannot take a tensor stored as `stored`."""
+    if stored.is_floating_point and model.is_floating_point:
+        report._wanted_dtypes.add(stored)
+        return f"{model} in the model, {stored} in the checkpoint (a cast would not be exact)"
+    return f"{model} in the model, {stored} in the checkpoint (not cast)"
 
 
 def _experts_module(model: torch.nn.Module, key: str) -> tuple[str, torch.nn.Module | None]:
@@ -321,6 +490,7 @@ def _expert_weight_names(group: _Experts) -> list[str]:
     names = ["gate_up_proj", "down_proj"]
     if group.layer.has_bias:
         names += ["gate_up_proj_bias", "down_proj_bias"]
+    names += _scale_weights(group.layer, len(group.experts), 1)
     return [f"{group.path}.{n}" for n in names if hasattr(group.module, n)]
 
 
@@ -329,13 +499,13 @@ def _match_dense(
     rename: Callable[[str], str],
     weights: dict[str, torch.Tensor],
     consumed: set[str],
-    tp_rank: int,
-    tp_size: int,
+    tp: tuple[int, int],
     report: ModelLoadReport,
-) -> list[Destination]:
+) -> list[_Dense]:
     """A plan for each checkpoint tensor outside the expert groups that has a model weight:
     whole, or the rank's slice along the one dimension where the shapes differ by tp_size."""
-    destinations = []
+    tp_rank, tp_size = tp
+    dense = []
     for name in ckpt.keys():
         if name in consumed:
             continue
@@ -345,25 +515,29 @@ def _match_dense(
             report.unexpected.append(name)
             continue
         source = ckpt.tensor(name)
-        if weight.dtype != source.dtype:
-            report.mismatched[key] = f"dtype {weight.dtype}, checkpoint {source.dtype}: no cast"
-            continue
         shard = _shard_dim(tuple(source.shape), tuple(weight.shape), tp_size)
         if shard is None:
             report.mismatched[key] = (
-                f"shape {tuple(weight.shape)}, checkpoint {tuple(source.shape)}"
+                f"{tuple(weight.shape)} in the model, {tuple(source.shape)} in the checkpoint"
+                + (f", not one dimension cut over TP size {tp_size}" if tp_size > 1 else "")
             )
             continue
-        if not weight.is_contiguous():
-            report.mismatched[key] = "not contiguous"
+        cast = weight.dtype != source.dtype
+        if cast and (source.dtype, weight.dtype) not in WIDENING:
+            report.mismatched[key] = _dtype_mismatch(weight.dtype, source.dtype, report)
             continue
+        if not weight.is_contiguous():
+            report.mismatched[key] = "not contiguous in the model"
+            continue
+        if cast:
+            report.cast[key] = f"{source.dtype} -> {weight.dtype}"
         if shard < 0:
             plan = ckpt._handle.tensor_plan(name)
         else:
             plan = ckpt._handle.tensor_plan(name, dim=shard, rank=tp_rank, size=tp_size)
         plan.check_intact()
-        destinations.append(Destination(key, weight.detach(), plan))
-    return destinations
+        dense.append(_Dense(key, name, plan, source.dtype, cast))
+    return dense
 
 
 def _shard_dim(source: tuple[int, ...], target: tuple[int, ...], tp_size: int) -> int | None:
@@ -378,30 +552,174 @@ def _shard_dim(source: tuple[int, ...], target: tuple[int, ...], tp_size: int) -
     return None
 
 
-def _tied(tensor: torch.Tensor, filled: set[str], weights: dict[str, torch.Tensor]) -> bool:
-    """Whether `tensor` is a weight being loaded under another name (tied embeddings)."""
-    return any(weights[n] is tensor for n in filled if n in weights)
+def _resolve_ties(
+    ckpt: Checkpoint,
+    weights: dict[str, torch.Tensor],
+    dense: list[_Dense],
+    report: ModelLoadReport,
+) -> list[_TieGroup]:
+    """Decides, for each tensor the model shares between several names, what the checkpoint
+    makes of it, as transformers' `tie_weights` does after loading: one stored name fills
+    the tensor for all of them (whichever name it is); several stored names with equal
+    values fill it once; with different values, each stored name is loaded into a tensor of
+    its own (`report.untied`). Drops the duplicate plans from `dense`."""
+    names_of: dict[int, list[str]] = {}
+    for name, tensor in weights.items():
+        names_of.setdefault(id(tensor), []).append(name)
+    by_name = {d.name: d for d in dense}
+    ties = []
+    for names in names_of.values():
+        if len(names) < 2:
+            continue
+        stored = [by_name[n] for n in names if n in by_name]
+        group = _TieGroup(names, stored[0].name if stored else names[0])
+        values = [ckpt.tensor(d.source) for d in stored]
+        if any(not _same_values(values[0], v) for v in values[1:]):
+            group.untied = True
+            report.untied.extend(d.name for d in stored)
+        else:
+            for duplicate in stored[1:]:
+                dense.remove(duplicate)
+            if stored:
+                report.tied.update({n: group.keeper for n in names if n != group.keeper})
+        ties.append(group)
+    return ties
 
 
-def _summary(report: ModelLoadReport) -> str:
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+
+
+def _bind_ties(model: torch.nn.Module, ties: list[_TieGroup]) -> None:
+    """Makes the model's sharing what `_resolve_ties` decided: tied names hold their
+    keeper's tensor, untied ones (the stored names of an untied group) a tensor each."""
+    for group in ties:
+        keeper = _tensor(model, group.keeper)
+        seen = {id(keeper)}
+        for name in group.names:
+            tensor = _tensor(model, name)
+            if not group.untied or name == group.keeper:
+                if tensor is not keeper:
+                    _set_tensor(model, name, keeper)
+            elif id(tensor) in seen:
+                fresh = torch.empty_like(tensor)
+                if isinstance(tensor, torch.nn.Parameter):
+                    fresh = torch.nn.Parameter(fresh, requires_grad=tensor.requires_grad)
+                _set_tensor(model, name, fresh)
+            seen.add(id(_tensor(model, name)))
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if isinstance(tied, dict):
+        # transformers' own bookkeeping, so that a later `tie_weights()` keeps them apart.
+        for group in ties:
+            if group.untied:
+                for name in group.names:
+                    tied.pop(name, None)
+
+
+def _tensor(model: torch.nn.Module, name: str) -> torch.Tensor:
+    module, _, leaf = name.rpartition(".")
+    return getattr(model.get_submodule(module), leaf)
+
+
+def _set_tensor(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(module), leaf, tensor)
+
+
+def _names(names: list[str]) -> str:
+    """The first few names, and how many more there are."""
+    more = len(names) - SHOWN_NAMES
+    return ", ".join(names[:SHOWN_NAMES]) + (f" and {more} more" if more > 0 else "")
+
+
+def _reasons(mismatched: dict[str, str]) -> str:
+    """The first few reasons, each with its names."""
+    names_of: dict[str, list[str]] = {}
+    for name, reason in mismatched.items():
+        names_of.setdefault(reason, []).append(name)
+    shown = [
+        f"{names[0]}: {reason}" if len(names) == 1 else f"{reason}: {_names(names)}"
+        for reason, names in list(names_of.items())[:SHOWN_NAMES]
+    ]
+    more = len(names_of) - SHOWN_NAMES
+    return "; ".join(shown) + (f"; and {more} more reasons" if more > 0 else "")
+
+
+def _problems(report: ModelLoadReport) -> str:
+    """What was not loaded, with a few names each; empty if everything was."""
     parts = []
-    for label, names in (("missing", report.missing), ("unexpected", report.unexpected)):
-        if names:
-            parts.append(
-                f"{len(names)} {label} ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
-            )
     if report.mismatched:
-        items = [f"{k}: {v}" for k, v in list(report.mismatched.items())[:5]]
-        parts.append(f"{len(report.mismatched)} mismatched ({'; '.join(items)})")
+        parts.append(
+            f"{len(report.mismatched)} mismatched, not loaded ({_reasons(report.mismatched)})"
+        )
+    if report.missing:
+        parts.append(
+            f"{len(report.missing)} missing from the checkpoint ({_names(report.missing)})"
+        )
+    if report.unexpected:
+        parts.append(
+            f"{len(report.unexpected)} checkpoint tensors without a place in the model "
+            f"({_names(report.unexpected)})"
+        )
     return "; ".join(parts)
+
+
+def _untied(report: ModelLoadReport) -> str:
+    if not report.untied:
+        return ""
+    return (
+        f"{len(report.untied)} weights the model ties are stored with different values and "
+        f"were loaded untied, as transformers does ({_names(report.untied)}; "
+        "tie_word_embeddings=False in config.json says so)"
+    )
+
+
+def _then(advice: str) -> str:
+    return f"; {advice}" if advice else ""
+
+
+def _gigabytes(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def _advice(report: ModelLoadReport, model: torch.nn.Module, ckpt: Checkpoint) -> str:
+    """What to do about the problems in `report`."""
+    advice = []
+    if len(report._wanted_dtypes) == 1:
+        (dtype,) = report._wanted_dtypes
+        advice.append(
+            f"build the model in {dtype}, the dtype the checkpoint stores "
+            f"(from_config(config, dtype={dtype}))"
+        )
+    elif report._wanted_dtypes:
+        advice.append("build the model in the dtypes the checkpoint stores")
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if report.missing and report.unexpected and model_type and ckpt.model_type:
+        if model_type != ckpt.model_type:
+            advice.append(
+                f"the checkpoint is a {ckpt.model_type!r} model and the model a "
+                f"{model_type!r} one: is this the model's checkpoint?"
+            )
+    if not advice and report.missing and not report.mismatched:
+        advice.append("strict=False leaves the missing weights as initialised")
+    return "; ".join(advice)
 
 
 def _plan_experts(
     ckpt: Checkpoint, group: _Experts, tp_rank: int, tp_size: int
 ) -> list[Destination]:
-    """Plans of a group whose module has vLLM's layout, straight into its weights."""
-    m = group.module
-    with_bias = group.layer.has_bias and hasattr(m, "gate_up_proj_bias")
+    """Plans of a group whose module has vLLM's layout, straight into its weights (the
+    scales too, widened on the device where the module holds them wider)."""
+    m, layer = group.module, group.layer
+    with_bias = layer.has_bias and hasattr(m, "gate_up_proj_bias")
+    shard = layer.intermediate_size // tp_size
+    scales = {}
+    for c in layer.quantization.companions if layer.quantization else ():
+        suffix = c.fused_suffix or f"_{c.kind}"
+        for stem, proj in (("w13", "gate_up_proj"), ("w2", "down_proj")):
+            shape = c.destination_shape(stem, len(group.experts), layer.hidden_size, shard)
+            scales[f"{stem}_{c.kind}"] = getattr(m, f"{proj}{suffix}").data.view(shape)
     return plan_destinations(
         ckpt,
         group.layer.prefix,
@@ -412,15 +730,45 @@ def _plan_experts(
         local_experts=group.experts,
         w13_bias=m.gate_up_proj_bias.data if with_bias else None,
         w2_bias=m.down_proj_bias.data if with_bias else None,
+        scales=scales,
+        allow_cast=bool(scales),  # only scales differ: _check_experts refused the rest
     )
 
 
-def _module_bytes(group: _Experts) -> int:
-    """Bytes a group's expert weights hold (what loading them writes)."""
-    return sum(
-        getattr(group.module, name[len(group.path) + 1 :]).nbytes
-        for name in _expert_weight_names(group)
-    )
+def _stored_bytes(group: _Experts, tp_size: int) -> int:
+    """Bytes of the checkpoint loading a group reads (and lands, before any widening)."""
+    layer, n = group.layer, len(group.experts)
+    shard, h = layer.intermediate_size // tp_size, layer.hidden_size
+    nbytes = n * 3 * shard * h * layer.dtype.itemsize
+    if layer.has_bias and hasattr(group.module, "gate_up_proj_bias"):
+        assert layer.bias_dtype is not None
+        nbytes += n * (2 * shard + h) * layer.bias_dtype.itemsize
+    return nbytes
+
+
+def _fill_widened(
+    ckpt: Checkpoint,
+    dense: list[_Dense],
+    weights: dict[str, torch.Tensor],
+    target: torch.device,
+    progress: Progress,
+) -> int:
+    """Loads tensors stored narrower than their weights into scratch memory on the device,
+    a few at a time, and widens them into the weights there (in stream order after the
+    transfer). Returns the bytes read."""
+    total, batch, batch_bytes = 0, [], 0
+    for i, d in enumerate(dense):
+        batch.append(d)
+        batch_bytes += d.plan.nbytes
+        if batch_bytes < CAST_SCRATCH_BYTES and i + 1 < len(dense):
+            continue
+        scratch = [torch.empty_like(weights[d.name], dtype=d.dtype, device=target) for d in batch]
+        destinations = [Destination(d.name, s, d.plan) for d, s in zip(batch, scratch, strict=True)]
+        total += fill(ckpt, destinations, progress=progress)
+        for d, s in zip(batch, scratch, strict=True):
+            weights[d.name].detach().copy_(s)
+        batch, batch_bytes = [], 0
+    return total
 
 
 def _fill_rearranged(

@@ -12,7 +12,8 @@ Strategy = Literal["linear", "round_robin"]
 def expert_placement(
     num_experts: int, ep_size: int, ep_rank: int, strategy: Strategy = "linear"
 ) -> list[int]:
-    """Global expert ids of `ep_rank`'s slots.
+    """Global expert ids of `ep_rank`'s slots (`ep_rank` in `[0, ep_size)`, `ep_size` at
+    least 1); raises `RequestError` otherwise.
 
     `linear`: contiguous blocks, the remainder going one each to the lowest ranks.
     `round_robin`: expert `e` goes to rank `e % ep_size`.
@@ -20,7 +21,9 @@ def expert_placement(
     for name, value in (("num_experts", num_experts), ("ep_size", ep_size), ("ep_rank", ep_rank)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise RequestError(f"{name} must be a non-negative int, got {value!r}")
-    if ep_size == 0 or ep_rank >= ep_size:
+    if ep_size == 0:
+        raise RequestError("ep_size must be at least 1 (one rank holds every expert), got 0")
+    if ep_rank >= ep_size:
         raise RequestError(f"ep_rank {ep_rank} is not in [0, ep_size={ep_size})")
     if strategy == "linear":
         base, remainder = divmod(num_experts, ep_size)

@@ -30,9 +30,13 @@ Physical experts beyond the checkpoint's (EPLB redundant experts) are replicas o
 expert `physical % num_experts`, as vLLM places them initially, unless
 `logical_of_physical` says otherwise.
 
-vLLM keeps gpt-oss's interleaved gate/up rows in `w13_weight` (its activation splits them),
-and adds `w2_bias` once before the all-reduce, so TP ranks other than 0 hold zeros there;
-this adapter does the same for interleaved checkpoints.
+How gate and up are arranged in `w13_weight` is the layer's to say, not the checkpoint's:
+vLLM's gpt-oss activation (`moe_config.activation` `swigluoai`) reads them interleaved, every
+other activation gate rows then up rows. The checkpoint's own arrangement (interleaved
+gpt-oss files, or the same rewritten concatenated by `convert`, as its shards record) is
+read as it is and rearranged on the destination's device where the two differ; a layer
+that names no activation keeps the checkpoint's. vLLM adds `w2_bias` once before the
+all-reduce, so TP ranks other than 0 hold zeros there; this adapter does the same.
 """
 
 from __future__ import annotations
@@ -76,6 +80,16 @@ def local_experts_of(
     if logical_of_physical is None:
         return [p % num_experts for p in physical]
     return [int(logical_of_physical[p]) for p in physical]
+
+
+def wants_interleaved(layer: Any, group: MoeLayer) -> bool:
+    """Whether `layer` keeps gate and up interleaved in `w13_weight` (vLLM's `swigluoai`)."""
+    layer = getattr(layer, "routed_experts", layer)
+    config = getattr(layer, "moe_config", None)
+    activation = getattr(layer, "activation", None) or getattr(config, "activation", None)
+    if activation is None:
+        return group.interleaved
+    return getattr(activation, "value", activation) == "swigluoai"
 
 
 def scale_parameters(layer: Any, group: MoeLayer) -> dict[str, torch.Tensor]:
@@ -140,10 +154,11 @@ def load_fused_moe_layer(
     b13, b2 = getattr(layer, "w13_bias", None), getattr(layer, "w2_bias", None)
     with_bias = group.has_bias and b13 is not None and b2 is not None
     biases = {"w13_bias": b13.data, "w2_bias": b2.data} if with_bias else {}
-    # Interleaved checkpoints keep their interleaving in vLLM: load gate rows then up rows
-    # into scratch and interleave them on the destination's device.
-    scratch = {"w13": torch.empty_like(w13)} if group.interleaved else {}
-    if group.interleaved and with_bias:
+    # For an interleaving activation, load gate rows then up rows into scratch and
+    # interleave them on the destination's device.
+    interleave = wants_interleaved(layer, group)
+    scratch = {"w13": torch.empty_like(w13)} if interleave else {}
+    if interleave and with_bias:
         scratch["w13_bias"] = torch.empty_like(biases["w13_bias"])
     load_fused_moe(
         ckpt,

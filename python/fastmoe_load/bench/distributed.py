@@ -31,12 +31,10 @@ through fastmoe_load: the rank's slice, cut in torch, of the checkpoint read by 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 
@@ -45,8 +43,10 @@ import torch.distributed as dist
 from safetensors import safe_open
 
 import fastmoe_load as fml
+from fastmoe_load import FastMoeLoadError
 
-from .generate import Shape, generate
+from ..cli import OneLineParser, check_device, positive_int
+from .generate import Shape, check_dir, default_dir, generate
 from .model_run import save_random_model
 from .run import drop_page_cache
 
@@ -304,7 +304,7 @@ def _check_model(path: str, model: torch.nn.Module, ranks) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="torchrun ... -m fastmoe_load.bench.distributed")
+    parser = OneLineParser(prog="torchrun ... -m fastmoe_load.bench.distributed")
     parser.add_argument("--parallel", choices=["tp", "ep", "tp-ep", "dp"], default="ep")
     parser.add_argument(
         "--share", action="store_true", help="dp: read each expert once, exchange the slices"
@@ -319,17 +319,35 @@ def main() -> None:
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="cuda: NCCL, one GPU per rank; cpu: gloo, CPU destinations",
     )
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--experts", type=int, help="default: 128, or 5 with --model")
-    parser.add_argument("--hidden", type=int, help="default: 2048, or 64 with --model")
-    parser.add_argument("--intermediate", type=int, help="default: 768, or 40 with --model")
-    parser.add_argument("--dir", help="where the checkpoint is generated (reused if it matches)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--layers", type=positive_int, default=8)
+    parser.add_argument("--experts", type=positive_int, help="default: 128, or 5 with --model")
+    parser.add_argument("--hidden", type=positive_int, help="default: 2048, or 64 with --model")
+    parser.add_argument(
+        "--intermediate", type=positive_int, help="default: 768, or 40 with --model"
+    )
+    parser.add_argument(
+        "--dir",
+        help="where the checkpoint is generated: a new or empty directory, or one a bench "
+        "generated (reused if it matches; default: under $TMPDIR, else /tmp)",
+    )
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--check", action="store_true", help="compare with an independent read")
     parser.add_argument("--cold", action="store_true", help="empty the page cache first")
     args = parser.parse_args()
     if args.share and (args.parallel != "dp" or args.model):
         parser.error("--share goes with --parallel dp, without --model")
+    if not {"RANK", "WORLD_SIZE", "MASTER_ADDR"} <= os.environ.keys():
+        parser.error(
+            "start it with torchrun, which runs one process per GPU (or CPU rank): "
+            "torchrun --nproc-per-node 2 -m fastmoe_load.bench.distributed [OPTIONS]"
+        )
+    default = "fastmoe_model_bench_distributed" if args.model else "fastmoe_bench_distributed"
+    path = args.dir or default_dir(default)
+    try:  # on every rank, before any waits for another
+        check_device(args.device)
+        check_dir(path)
+    except FastMoeLoadError as error:
+        parser.exit(1, f"error: {error}\n")
 
     backend = "nccl" if args.device == "cuda" else "gloo"
     dist.init_process_group(backend)
@@ -348,7 +366,6 @@ def main() -> None:
         transformers_logging.disable_progress_bar()
         experts = args.experts or 5
         config = _model_config(args.layers, experts, args.hidden or 64, args.intermediate or 40)
-        path = args.dir or os.path.join(tempfile.gettempdir(), f"fastmoe_model_{args.layers}")
         if rank == 0:
             save_random_model(path, config)
         dist.barrier()
@@ -375,7 +392,6 @@ def main() -> None:
         )
         if args.share and shape.experts % size:
             parser.error(f"--share needs the {shape.experts} experts to split evenly")
-        path = args.dir or os.path.join(tempfile.gettempdir(), f"fastmoe_bench_{shape.layers}")
         if rank == 0:
             generate(path, shape)
         dist.barrier()

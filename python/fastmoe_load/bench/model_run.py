@@ -3,16 +3,16 @@ beside `AutoModelForCausalLM.from_pretrained` of the same checkpoint, in one run
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
-import tempfile
 import time
 
 import torch
 
 import fastmoe_load as fml
 
-MARKER = "fastmoe_model_bench.json"
+from .generate import announce, check_dir, default_dir, finish, generated, prepare, remove
 
 
 def qwen3_moe_config(layers: int):
@@ -34,18 +34,19 @@ def qwen3_moe_config(layers: int):
     )
 
 
-def save_random_model(path: str, config) -> str:
+def _description(config) -> dict:
+    return json.loads(config.to_json_string())
+
+
+def save_random_model(path: str, config) -> bool:
     """A model of `config` with random weights (every one, norms too, so that a wrong slice
     shows), saved by transformers in its default format (one tensor per expert), unless the
-    same one is in `path` already."""
+    same one is in `path` already (see `generate.prepare`: only a new, empty or bench
+    directory is written to). Returns whether it was there."""
     from transformers import AutoModelForCausalLM
 
-    marker = os.path.join(path, MARKER)
-    wanted = config.to_json_string()
-    if os.path.exists(marker):
-        with open(marker) as f:
-            if f.read() == wanted:
-                return path
+    if prepare(path, "model", _description(config)):
+        return True
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.to_empty(device="cpu")
@@ -54,23 +55,37 @@ def save_random_model(path: str, config) -> str:
         for param in model.parameters():
             param.normal_(0, 0.02, generator=generator)
     model.save_pretrained(path)
-    with open(marker, "w") as f:
-        f.write(wanted)
-    return path
+    finish(path, "model", _description(config))
+    return False
 
 
-def main(device: str, layers: int, directory: str | None, repeats: int) -> None:
+def main(
+    device: str, layers: int, directory: str | None, repeats: int, clean: bool = False
+) -> None:
+    """Generates the model's checkpoint in `directory` (default: `default_dir`, reused while
+    the shape matches; removed afterwards with `clean`) and prints the comparison."""
+    config = qwen3_moe_config(layers)
+    path = directory or default_dir("fastmoe_model_bench")
+    check_dir(path)
+    reused = generated(path, "model", _description(config))
+    announce(path, f"Qwen3-MoE shapes, {layers} layers", reused, clean)
+    try:
+        save_random_model(path, config)
+        _compare(path, torch.device(device), repeats)
+    finally:
+        if clean:
+            remove(path)
+
+
+def _compare(path: str, target: torch.device, repeats: int) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = directory or os.path.join(tempfile.gettempdir(), f"fastmoe_model_bench_{layers}")
-    save_random_model(path, qwen3_moe_config(layers))
-    target = torch.device(device)
     size = sum(
         os.path.getsize(os.path.join(path, f))
         for f in os.listdir(path)
         if f.endswith(".safetensors")
     )
-    print(f"checkpoint: {path} (Qwen3-MoE shapes, {layers} layers, {size / 1e9:.2f} GB)")
+    print(f"{size / 1e9:.2f} GB of safetensors, loaded {repeats} times each (median)")
 
     def sync() -> None:
         if target.type == "cuda":
@@ -78,7 +93,7 @@ def main(device: str, layers: int, directory: str | None, repeats: int) -> None:
 
     def with_from_pretrained() -> torch.nn.Module:
         # transformers loads to the CPU by default; other devices go through `device_map`.
-        placement = {} if target.type == "cpu" else {"device_map": device}
+        placement = {} if target.type == "cpu" else {"device_map": str(target)}
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, **placement)
 
     def with_load_model() -> torch.nn.Module:

@@ -21,18 +21,26 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from safetensors.torch import save_file
+from tqdm import tqdm
 
-import fastmoe_load as fml
-
-from .generate import MARKER, Shape, generate, layers_for
-from .run import Bench, Case, describe_machine, render
-from .seed import seed_load, shard_of_tensors
+from .._fastmoe_load import RequestError
+from .generate import (
+    Shape,
+    announce,
+    check_dir,
+    default_dir,
+    finish,
+    generate,
+    generated,
+    layers_for,
+    prepare,
+    remove,
+)
+from .run import Bench, Case, Row, describe_machine, legend
 
 FP8 = torch.float8_e4m3fn
 BLOCK = 128
@@ -40,34 +48,13 @@ FP4_GROUP = 16
 INT4_GROUP = 32
 MODULES = ("gate_proj", "up_proj", "down_proj")
 SCHEMES = ("fp8", "nvfp4", "int4")
-
-
-def module_tensors(
-    scheme: str, rows: int, cols: int, weight: torch.Tensor, gen: torch.Generator
-) -> dict[str, torch.Tensor]:
-    """The tensors of one expert matrix `[rows, cols]` by suffix, as the scheme's releases
-    store them; `weight` holds enough random bytes for the weight."""
-    if scheme == "fp8":
-        grid = (math.ceil(rows / BLOCK), math.ceil(cols / BLOCK))
-        return {
-            "weight": weight[: rows * cols].view(FP8).view(rows, cols).clone(),
-            "weight_scale_inv": torch.rand(grid, generator=gen),
-        }
-    if scheme == "int4":
-        return {
-            "weight_packed": weight[: rows * cols // 2].view(torch.int32).view(rows, -1).clone(),
-            "weight_scale": torch.rand(rows, cols // INT4_GROUP, generator=gen).bfloat16(),
-            "weight_shape": torch.tensor([rows, cols], dtype=torch.int32),
-        }
-    packed = rows * cols // 2
-    return {
-        "weight": weight[:packed].view(rows, cols // 2).clone(),
-        "weight_scale": torch.rand(rows, cols // FP4_GROUP, generator=gen).to(FP8),
-        "weight_scale_2": torch.rand((), generator=gen),
-        "input_scale": torch.rand((), generator=gen),
-    }
-
-
+STORED = {
+    "fp8": "fp8 e4m3 per expert with float32 128x128 weight_scale_inv",
+    "nvfp4": "nvfp4 per expert (uint8, two values a byte) with float8 weight_scale per 16 "
+    "values and float32 weight_scale_2 and input_scale",
+    "int4": "int4 per expert (int32 weight_packed, eight values each) with bfloat16 "
+    "weight_scale per 32 values and weight_shape",
+}
 QUANTIZATION_CONFIGS = {
     "fp8": {
         "quant_method": "fp8",
@@ -102,8 +89,36 @@ QUANTIZATION_CONFIGS = {
 }
 
 
+def module_tensors(
+    scheme: str, rows: int, cols: int, weight: torch.Tensor, gen: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """The tensors of one expert matrix `[rows, cols]` by suffix, as the scheme's releases
+    store them; `weight` holds enough random bytes (uint8) for the weight."""
+    if scheme == "fp8":
+        grid = (math.ceil(rows / BLOCK), math.ceil(cols / BLOCK))
+        return {
+            "weight": weight[: rows * cols].view(FP8).view(rows, cols).clone(),
+            "weight_scale_inv": torch.rand(grid, generator=gen),
+        }
+    packed = weight[: rows * cols // 2]
+    if scheme == "int4":
+        return {
+            "weight_packed": packed.view(torch.int32).view(rows, -1).clone(),
+            "weight_scale": torch.rand(rows, cols // INT4_GROUP, generator=gen).bfloat16(),
+            "weight_shape": torch.tensor([rows, cols], dtype=torch.int32),
+        }
+    return {
+        "weight": packed.view(rows, cols // 2).clone(),
+        "weight_scale": torch.rand(rows, cols // FP4_GROUP, generator=gen).to(FP8),
+        "weight_scale_2": torch.rand((), generator=gen),
+        "input_scale": torch.rand((), generator=gen),
+    }
+
+
 @dataclass(frozen=True)
-class QuantShape:
+class Fp8Shape:
+    """The quantized checkpoint's shape, of any scheme in `SCHEMES`."""
+
     layers: int
     experts: int = 256
     hidden: int = 7168
@@ -112,10 +127,11 @@ class QuantShape:
 
     @property
     def scale_bytes(self) -> int:
+        values = self.hidden * self.intermediate
         if self.scheme == "nvfp4":  # float8 groups, two float32 scalars
-            return 3 * self.experts * (self.hidden * self.intermediate // FP4_GROUP + 8)
+            return 3 * self.experts * (values // FP4_GROUP + 8)
         if self.scheme == "int4":  # bfloat16 groups, the int32 shape
-            return 3 * self.experts * (self.hidden * self.intermediate // INT4_GROUP * 2 + 8)
+            return 3 * self.experts * (values // INT4_GROUP * 2 + 8)
         rows, cols = math.ceil(self.intermediate / BLOCK), math.ceil(self.hidden / BLOCK)
         return 3 * self.experts * rows * cols * 4  # float32
 
@@ -133,15 +149,11 @@ class QuantShape:
         return f"model.layers.{layer + 3}.mlp.experts"
 
 
-def generate_quantized(path: str, shape: QuantShape) -> str:
-    """Writes the quantized checkpoint to directory `path` unless a matching one is there
-    already."""
-    os.makedirs(path, exist_ok=True)
-    marker = os.path.join(path, MARKER)
-    if os.path.exists(marker):
-        with open(marker) as f:
-            if json.load(f) == asdict(shape):
-                return path
+def generate_fp8(path: str, shape: Fp8Shape) -> bool:
+    """Writes the quantized checkpoint to directory `path` unless it is there already (see
+    `generate.prepare`), with a progress bar on a terminal. Returns whether it was there."""
+    if prepare(path, shape.scheme, asdict(shape)):
+        return True
     generator = torch.Generator().manual_seed(0)
     h, i = shape.hidden, shape.intermediate
     # Random bytes (no fp8 NaN patterns), copied into every weight: cheap, real data.
@@ -151,6 +163,13 @@ def generate_quantized(path: str, shape: QuantShape) -> str:
         (layer, first) for layer in range(shape.layers) for first in range(0, shape.experts, 32)
     ]
     weight_map = {}
+    bar = tqdm(
+        total=shape.total_bytes,
+        desc=f"writing the {shape.scheme} checkpoint",
+        unit="B",
+        unit_scale=True,
+        disable=None,  # only on a terminal
+    )
     for k, (layer, first) in enumerate(groups):
         file = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
         tensors = {}
@@ -162,6 +181,8 @@ def generate_quantized(path: str, shape: QuantShape) -> str:
                     tensors[f"{name}.{suffix}"] = t
         save_file(tensors, os.path.join(path, file))
         weight_map.update(dict.fromkeys(tensors, file))
+        bar.update(sum(t.nbytes for t in tensors.values()))
+    bar.close()
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": shape.total_bytes}, "weight_map": weight_map}, f)
     config = {
@@ -173,19 +194,18 @@ def generate_quantized(path: str, shape: QuantShape) -> str:
     }
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f)
-    with open(marker, "w") as f:
-        json.dump(asdict(shape), f)
-    return path
+    finish(path, shape.scheme, asdict(shape))
+    return False
 
 
 # One layer's destinations: w13, w2 and the scales by vLLM parameter name.
 Destinations = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
 
 
-class QuantBench(Bench):
+class Fp8Bench(Bench):
     """The plain bench's timing and table over quantized destinations."""
 
-    shape: QuantShape  # type: ignore[assignment]
+    shape: Fp8Shape  # type: ignore[assignment]
 
     def destinations(self, case: Case, touched: bool) -> list[Destinations]:  # type: ignore[override]
         s = self.shape
@@ -208,11 +228,12 @@ class QuantBench(Bench):
                     "w2_input_scale": empty(n),
                 }
             elif s.scheme == "int4":  # `CompressedTensorsWNA16MoEMethod.create_weights`
+                bf16 = torch.bfloat16
                 w13 = empty(n, 2 * shard, h // 8, dtype=torch.int32)
                 w2 = empty(n, h, shard // 8, dtype=torch.int32)
                 scales = {
-                    "w13_weight_scale": empty(n, 2 * shard, h // INT4_GROUP, dtype=torch.bfloat16),
-                    "w2_weight_scale": empty(n, h, shard // INT4_GROUP, dtype=torch.bfloat16),
+                    "w13_weight_scale": empty(n, 2 * shard, h // INT4_GROUP, dtype=bf16),
+                    "w2_weight_scale": empty(n, h, shard // INT4_GROUP, dtype=bf16),
                     "w13_weight_shape": empty(n, 2, dtype=torch.int32),
                     "w2_weight_shape": empty(n, 2, dtype=torch.int32),
                 }
@@ -229,59 +250,43 @@ class QuantBench(Bench):
             out.append((w13, w2, scales))
         return out
 
-    def fastmoe(self, case: Case, **open_args: object) -> Callable[[list], int]:  # type: ignore[override]
-        def load(dests: list[Destinations]) -> int:
-            total = 0
-            with fml.open(self.path, num_threads=self.threads, **open_args) as ckpt:
-                for layer, (w13, w2, scales) in enumerate(dests):
-                    stats = fml.load_fused_moe(
-                        ckpt,
-                        self.shape.prefix(layer),
-                        w13,
-                        w2,
-                        tp_rank=case.tp_rank,
-                        tp_size=case.tp_size,
-                        local_experts=case.experts(self.shape.experts),
-                        scales=scales,
-                    )
-                    total += stats.bytes
-            return total
 
-        return load
-
-    def seed(self, case: Case) -> Callable[[list], int]:
-        with fml.open(self.path) as ckpt:  # only for the layer descriptions
-            layers = ckpt.moe_layers()
-
-        def load(dests: list[Destinations]) -> int:
-            where = shard_of_tensors(self.path)
-            for layer, (w13, w2, scales) in zip(layers, dests, strict=True):
-                seed_load(
-                    self.path,
-                    layer,
-                    w13,
-                    w2,
-                    tp_rank=case.tp_rank,
-                    tp_size=case.tp_size,
-                    local_experts=case.experts(self.shape.experts),
-                    where=where,
-                    scales=scales,
-                )
-            return sum(t.nbytes for w13, w2, s in dests for t in (w13, w2, *s.values()))
-
-        return load
-
-
-def default_shape(device: torch.device, layers: int | None, scheme: str = "fp8") -> QuantShape:
-    """One full DeepSeek-V3 layer (11.3 GB in fp8, 6 GB in nvfp4) on a GPU machine; on a CPU,
-    as many experts as fit an eighth of the memory, so that the checkpoint stays in the page
-    cache."""
-    if device.type == "cuda":
-        return QuantShape(layers=layers or 1, scheme=scheme)
+def default_shape(
+    device: torch.device,
+    layers: int | None,
+    experts: int | None = None,
+    hidden: int | None = None,
+    intermediate: int | None = None,
+    scheme: str = "fp8",
+) -> Fp8Shape:
+    """DeepSeek-V3's sizes unless given: one full layer (11.3 GB in fp8, 6 GB in nvfp4 or
+    int4) on a GPU machine; on a CPU, as many experts as fit an eighth of the memory, so that
+    the checkpoint stays in the page cache."""
+    base = Fp8Shape(layers=layers or 1, scheme=scheme)
+    base = replace(
+        base, hidden=hidden or base.hidden, intermediate=intermediate or base.intermediate
+    )
+    if experts or device.type == "cuda":
+        return replace(base, experts=experts or base.experts)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    one = QuantShape(layers=1, experts=1, scheme=scheme)
-    experts = max(8, min(256, ram // 8 // one.layer_bytes))
-    return QuantShape(layers=layers or 1, experts=experts, scheme=scheme)
+    one = replace(base, layers=1, experts=1)
+    return replace(base, experts=max(8, min(256, ram // 8 // one.layer_bytes)))
+
+
+def _check_root(root: str, scheme: str) -> None:
+    """`root` holds the two checkpoints in `{scheme}/` and `bf16/`: it must be new, empty or
+    hold only those, each one a bench generated."""
+    if os.path.lexists(root) and not os.path.isdir(root):
+        raise RequestError(f"{root}: exists and is not a directory; give --dir a directory")
+    others = sorted(set(os.listdir(root)) - {scheme, "bf16"}) if os.path.isdir(root) else []
+    if others:
+        raise RequestError(
+            f"{root}: the directory is not empty and holds more than the {scheme}/ and bf16/ "
+            f"checkpoints bench --quant generates ({', '.join(others[:3])}); nothing in it is "
+            "overwritten: give --dir a new or empty directory"
+        )
+    for name in (scheme, "bf16"):
+        check_dir(os.path.join(root, name))
 
 
 def main(
@@ -290,49 +295,72 @@ def main(
     directory: str | None = None,
     repeats: int = 5,
     threads: int | None = None,
+    clean: bool = False,
+    experts: int | None = None,
+    hidden: int | None = None,
+    intermediate: int | None = None,
     scheme: str = "fp8",
-) -> list:
+) -> list[Row]:
+    """Generates the `scheme` checkpoint (see `default_shape`) and a bf16 fused one of about
+    the same size in `directory`/`scheme` and `directory`/bf16 (default: `default_dir`,
+    reused while the shapes match; removed afterwards with `clean`), and prints the table."""
     dev = torch.device(device)
-    shape = default_shape(dev, layers, scheme)
-    root = directory or tempfile.gettempdir()
-    path = os.path.join(root, f"fastmoe_bench_{scheme}_{shape.layers}x{shape.experts}")
-    stored = {
-        "fp8": "fp8 e4m3 per expert with float32 128x128 weight_scale_inv",
-        "nvfp4": "nvfp4 per expert (uint8, two values a byte) with float8 weight_scale per "
-        "16 values and float32 weight_scale_2 and input_scale",
-        "int4": "int4 per expert (int32 weight_packed, eight values each) with bfloat16 "
-        "weight_scale per 32 values and weight_shape",
-    }[scheme]
-    print(
-        f"checkpoint: {path} ({shape.layers} layer(s) of {shape.experts} experts, "
-        f"H={shape.hidden}, I={shape.intermediate}, {stored}; "
-        f"{shape.total_bytes / 1e9:.2f} GB)",
-        flush=True,
+    shape = default_shape(dev, layers, experts, hidden, intermediate, scheme)
+    one = Shape(layers=1)
+    one = replace(
+        one,
+        experts=experts or one.experts,
+        hidden=hidden or one.hidden,
+        intermediate=intermediate or one.intermediate,
     )
-    generate_quantized(path, shape)
-    bf16_shape = Shape(layers=layers_for(shape.total_bytes))
-    bf16_path = os.path.join(root, f"fastmoe_bench_{bf16_shape.layers}")
-    print(f"checkpoint: {bf16_path} (bf16 fused, {bf16_shape.total_bytes / 1e9:.2f} GB)")
-    generate(bf16_path, bf16_shape)
-    print(describe_machine(dev, path), flush=True)
-
-    quant = QuantBench(path, shape, dev, repeats, threads)  # type: ignore[arg-type]
-    bf16 = Bench(bf16_path, bf16_shape, dev, repeats, threads)
-    if dev.type == "cuda":
-        quant.link_rate(pinned=True)  # the physical limit, measured in the same run
-    ep = 8 if shape.experts >= 8 else 1
-    cases = [Case("TP=1"), Case("TP=2 rank 1", tp_rank=1, tp_size=2)]
-    cases.append(Case(f"EP={ep} rank 1", ep_rank=1, ep_size=ep))
-    for case in cases:
-        quant.compare(
-            case,
-            {
-                f"fastmoe_load {scheme} + scales": quant.fastmoe(case),
-                f"seed: vLLM per-expert loop, {scheme} + scales": quant.seed(case),
-            },
-        )
-        bf16.compare(case, {"fastmoe_load bf16 fused": bf16.fastmoe(case)})
-    rows = quant.rows + bf16.rows
-    print()
-    print(render(rows, "fastmoe_load bf16"))
-    return rows
+    bf16_shape = replace(one, layers=layers_for(shape.total_bytes, one))
+    root = directory or default_dir(f"fastmoe_bench_{scheme}")
+    path, bf16_path = os.path.join(root, scheme), os.path.join(root, "bf16")
+    _check_root(root, scheme)
+    announce(
+        path,
+        f"{shape.layers} layer(s) of {shape.experts} experts, H={shape.hidden}, "
+        f"I={shape.intermediate}, {STORED[scheme]}, {shape.total_bytes / 1e9:.3g} GB",
+        generated(path, scheme, asdict(shape)),
+        clean,
+    )
+    announce(
+        bf16_path,
+        f"bf16 fused, {bf16_shape.layers} layer(s) of E={bf16_shape.experts}, "
+        f"H={bf16_shape.hidden}, I={bf16_shape.intermediate}, "
+        f"{bf16_shape.total_bytes / 1e9:.3g} GB",
+        generated(bf16_path, "experts", asdict(bf16_shape)),
+        clean,
+    )
+    try:
+        generate_fp8(path, shape)
+        generate(bf16_path, bf16_shape)
+        print(describe_machine(dev, path), flush=True)
+        reference = "fastmoe_load bf16"
+        fp8 = Fp8Bench(path, shape, dev, repeats, threads, reference)  # type: ignore[arg-type]
+        bf16 = Bench(bf16_path, bf16_shape, dev, repeats, threads, reference, rows=fp8.rows)
+        if dev.type == "cuda":
+            fp8.link_rate(pinned=True)  # the physical limit, measured in the same run
+        cases = [Case("TP=1"), Case("TP=2 rank 1", tp_rank=1, tp_size=2)]
+        ep = min(8, shape.experts)
+        if ep > 1:
+            cases.append(Case(f"EP={ep} rank 1", ep_rank=1, ep_size=ep))
+        for case in cases:
+            # bf16 first, so that the quantized rows print with their ratio to it.
+            bf16.compare(case, {"fastmoe_load bf16 fused": bf16.fastmoe(case)})
+            fp8.compare(
+                case,
+                {
+                    f"fastmoe_load {scheme} + scales": fp8.fastmoe(case),
+                    f"seed: vLLM per-expert loop, {scheme} + scales": fp8.seed(case),
+                },
+            )
+        print()
+        print(legend(fp8))
+    finally:
+        if clean:
+            remove(path)
+            remove(bf16_path)
+            if os.path.isdir(root) and not os.listdir(root):
+                os.rmdir(root)
+    return fp8.rows

@@ -13,19 +13,19 @@ import mmap
 import os
 import platform
 import statistics
-import tempfile
+import textwrap
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 
 import fastmoe_load as fml
 
-from .generate import Shape, generate
+from .generate import Shape, announce, check_dir, default_dir, generate, generated, remove
 from .seed import seed_load, shard_of_tensors
 
 
@@ -66,12 +66,24 @@ class Row:
 
 @dataclass
 class Bench:
+    """One run of the comparison: every measured row is printed once, as a line of the
+    table, as soon as its group of contenders is done."""
+
     path: str
     shape: Shape
     device: torch.device
     repeats: int
     threads: int | None
+    # The row label (its start) of the machine's limit the last column divides by.
+    reference: str
     rows: list[Row] = field(default_factory=list)
+
+    def add(self, rows: list[Row]) -> None:
+        if not self.rows:
+            print(table_header(self.reference), flush=True)
+        self.rows.extend(rows)
+        for row in rows:
+            print(table_line(row, self.rows, self.reference), flush=True)
 
     # -- destinations -------------------------------------------------------------------
 
@@ -123,22 +135,20 @@ class Bench:
                 if run:
                     rows[name].seconds.append(time.perf_counter() - start)
                 del current
-        for row in rows.values():
-            self.rows.append(row)
-            print(
-                f"  {row.path:<44} {row.case:<12} {row.destination:<11} {row.gb_per_s:7.2f} GB/s",
-                flush=True,
-            )
+        self.add(list(rows.values()))
 
     # -- contenders ---------------------------------------------------------------------
+
+    # A layer's destinations are `(w13, w2)`, or `(w13, w2, scales)` for quantized experts
+    # (scales by vLLM parameter name); fastmoe_load and the seed path take both.
 
     def fastmoe(self, case: Case, **open_args: Any) -> Callable[[list], int]:
         open_args = {"num_threads": self.threads, **open_args}
 
-        def load(dests: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+        def load(dests: list[tuple]) -> int:
             total = 0
             with fml.open(self.path, **open_args) as ckpt:
-                for layer, (w13, w2) in enumerate(dests):
+                for layer, (w13, w2, *scales) in enumerate(dests):
                     stats = fml.load_fused_moe(
                         ckpt,
                         self.shape.prefix(layer),
@@ -147,6 +157,7 @@ class Bench:
                         tp_rank=case.tp_rank,
                         tp_size=case.tp_size,
                         local_experts=case.experts(self.shape.experts),
+                        scales=scales[0] if scales else None,
                     )
                     total += stats.bytes
             return total
@@ -157,19 +168,21 @@ class Bench:
         with fml.open(self.path) as ckpt:  # only for the layer descriptions
             layers = ckpt.moe_layers()
 
-        def load(dests: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+        def load(dests: list[tuple]) -> int:
             where = shard_of_tensors(self.path)
-            for layer, (w13, w2) in zip(layers, dests, strict=True):
+            for layer, (w13, w2, *scales) in zip(layers, dests, strict=True):
                 seed_load(
                     self.path,
                     layer,
                     w13,
                     w2,
                     tp_rank=case.tp_rank,
+                    tp_size=case.tp_size,
                     local_experts=case.experts(self.shape.experts),
                     where=where,
+                    scales=scales[0] if scales else None,
                 )
-            return sum(t.numel() * t.element_size() for pair in dests for t in pair)
+            return _nbytes(dests)
 
         return load
 
@@ -259,13 +272,17 @@ class Bench:
             self.sync()
             if run:
                 row.seconds.append(time.perf_counter() - start)
-        self.rows.append(row)
-        print(f"  {row.path:<44} {row.gb_per_s:7.2f} GB/s", flush=True)
+        self.add([row])
         return row
 
 
-def _nbytes(dests: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
-    return sum(t.numel() * t.element_size() for pair in dests for t in pair)
+def _nbytes(dests: list[tuple]) -> int:
+    """Bytes of every layer's destinations, scales included."""
+    return sum(
+        t.nbytes
+        for w13, w2, *scales in dests
+        for t in (w13, w2, *(s for layer in scales for s in layer.values()))
+    )
 
 
 def _safetensors_load_file(files: list[str], device: torch.device) -> int:
@@ -280,24 +297,92 @@ def _safetensors_load_file(files: list[str], device: torch.device) -> int:
     return total
 
 
-def render(rows: list[Row], reference: str) -> str:
-    """The comparison table, with ratios to the seed path and to `reference` measured for
-    the same case and destination."""
-    seed = {(r.case, r.destination): r for r in rows if r.path.startswith("seed")}
-    refs = {(r.case, r.destination): r for r in rows if r.path.startswith(reference)}
-    ref_label = "x " + reference.split()[0]
-    head = f"{'path':<46} {'case':<12} {'destination':<12} {'GB/s':>7} {'x seed':>7} {ref_label:>9}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        base = seed.get((r.case, r.destination))
-        vs_seed = f"{r.gb_per_s / base.gb_per_s:7.2f}" if base and r.case != "-" else f"{'':>7}"
-        # The reference of the same case, or the one measured for all cases (link rates).
-        ref = refs.get((r.case, r.destination)) or refs.get(("-", "-"))
-        vs_ref = f"{r.gb_per_s / ref.gb_per_s:9.2f}" if ref else f"{'':>9}"
-        lines.append(
-            f"{r.path:<46} {r.case:<12} {r.destination:<12} {r.gb_per_s:7.2f} {vs_seed} {vs_ref}"
-        )
-    return "\n".join(lines)
+# The rows the last column divides by (by the start of their label): its heading, and what
+# it means in the legend.
+REFERENCES = {
+    "memcpy": ("x memcpy", "one thread's memcpy of as many bytes out of the mapped file"),
+    "pinned host->device": (
+        "x pinned",
+        "the pinned host-to-device copy of 1 GiB: the link's limit",
+    ),
+    "disk read": (
+        "x disk",
+        "reading every shard in 64 MiB blocks with 16 threads: the disk's rate",
+    ),
+    "fastmoe_load bf16": (
+        "x bf16",
+        "fastmoe_load's on the bf16 fused checkpoint, same case: the cost of the scales, "
+        "per landed byte",
+    ),
+}
+
+
+def table_header(reference: str) -> str:
+    head = (
+        f"{'path':<46} {'case':<12} {'destination':<12} {'GB/s':>7} {'x seed':>7} "
+        f"{REFERENCES[reference][0]:>9}"
+    )
+    return f"{head}\n{'-' * len(head)}"
+
+
+def table_line(row: Row, rows: list[Row], reference: str) -> str:
+    """One row of the table, with its ratios to the seed path and to `reference` measured
+    for the same case and destination (or once for all, as the link rates are)."""
+
+    def rate_of(label: str, case: str, destination: str) -> float | None:
+        found = [
+            r
+            for r in rows
+            if r.path.startswith(label) and (r.case, r.destination) == (case, destination)
+        ]
+        return found[0].gb_per_s if found else None
+
+    seed = rate_of("seed", row.case, row.destination) if row.case != "-" else None
+    ref = rate_of(reference, row.case, row.destination) or rate_of(reference, "-", "-")
+    vs_seed = f"{row.gb_per_s / seed:7.2f}" if seed else f"{'':>7}"
+    vs_ref = f"{row.gb_per_s / ref:9.2f}" if ref else f"{'':>9}"
+    return (
+        f"{row.path:<46} {row.case:<12} {row.destination:<12} {row.gb_per_s:7.2f} "
+        f"{vs_seed} {vs_ref}"
+    )
+
+
+def legend(bench: Bench, cold: bool = False) -> str:
+    """What the table's columns mean, for the rows this run printed."""
+    cases = {row.case for row in bench.rows}
+    destinations = {row.destination for row in bench.rows}
+    case = ["TP=2 rank 1 = its half of the intermediate size"]
+    if any(c.startswith("EP=") for c in cases):
+        case.append("EP=n rank 1 = the experts placed on rank 1 of n")
+    kinds = {
+        "fresh": "fresh: tensors allocated for each run, whose first write pays the page "
+        "faults (as at start-up)",
+        "pre-touched": "pre-touched: one set, written once before the timed runs",
+        "own tensors": "own tensors: the loader allocates its own",
+    }
+    cache = "emptied before every run (--cold)" if cold else "warm (the files were just read)"
+    column, meaning = REFERENCES[bench.reference]
+    terms = [
+        (
+            "path",
+            "what fills the destinations. seed: vLLM's pure-Python loading, the path "
+            "fastmoe_load replaces (safetensors get_tensor of each stored tensor, then one "
+            "narrow and copy_ per expert and shard)",
+        ),
+        ("case", f"the part of every layer one rank loads: {'; '.join(case)}"),
+        ("destination", "; ".join(text for kind, text in kinds.items() if kind in destinations)),
+        (
+            "GB/s",
+            f"bytes landed in the destinations per second, median of {bench.repeats} runs "
+            f"after one warm-up; page cache {cache}",
+        ),
+        ("x seed", "that rate over the seed path's, same case and destination"),
+        (column, f"that rate over {meaning}"),
+    ]
+    return "\n".join(
+        textwrap.fill(text, 96, initial_indent=f"{term:<13}", subsequent_indent=" " * 13)
+        for term, text in terms
+    )
 
 
 def describe_machine(device: torch.device, path: str) -> str:
@@ -324,11 +409,11 @@ def _filesystem(path: str) -> str:
     return kind
 
 
-def default_layers(device: torch.device) -> int:
+def default_layers(device: torch.device, layer_bytes: int) -> int:
     if device.type == "cuda":
-        return 8  # 9.66 GB, the size of the reference measurements
+        return 8  # 9.66 GB with Qwen3-30B-A3B's experts, the size of the reference measurements
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return max(1, min(8, ram // 8 // Shape(layers=1).layer_bytes))
+    return max(1, min(8, ram // 8 // layer_bytes))
 
 
 def main(
@@ -340,31 +425,56 @@ def main(
     explore: bool = False,
     cold: bool = False,
     transposed: bool = False,
+    clean: bool = False,
+    experts: int | None = None,
+    hidden: int | None = None,
+    intermediate: int | None = None,
 ) -> Bench:
+    """Generates the checkpoint (Qwen3-30B-A3B's experts unless `experts`, `hidden` or
+    `intermediate` say otherwise; `layers` of them, default: sized for the machine) in
+    `directory` (default: `default_dir`, reused while the shape matches; removed afterwards
+    with `clean`), times every contender and prints the table and its legend."""
     dev = torch.device(device)
-    shape = Shape(layers=layers or default_layers(dev), transposed=transposed)
-    name = f"fastmoe_bench_{shape.layers}" + ("_transposed" if transposed else "")
-    path = directory or os.path.join(tempfile.gettempdir(), name)
-    layout = "fused transposed" if transposed else "fused v5"
-    print(
-        f"checkpoint: {path} ({shape.layers} layers of E={shape.experts}, H={shape.hidden}, "
-        f"I={shape.intermediate}, bf16, {layout}; {shape.total_bytes / 1e9:.2f} GB)",
-        flush=True,
+    shape = Shape(layers=1, transposed=transposed)
+    shape = replace(
+        shape,
+        experts=experts or shape.experts,
+        hidden=hidden or shape.hidden,
+        intermediate=intermediate or shape.intermediate,
     )
-    generate(path, shape)
-    print(describe_machine(dev, path), flush=True)
-    bench = Bench(path, shape, dev, repeats, threads)
-    if cold:
-        _run_cold(bench)
-        reference = "disk read"
-    elif dev.type == "cuda":
-        _run_cuda(bench, explore)
-        reference = "pinned host->device"
-    else:
-        _run_cpu(bench)
-        reference = "memcpy"
-    print()
-    print(render(bench.rows, reference))
+    shape = replace(shape, layers=layers or default_layers(dev, shape.layer_bytes))
+    path = directory or default_dir("fastmoe_bench" + ("_transposed" if transposed else ""))
+    check_dir(path)
+    layout = "fused transposed" if transposed else "fused v5"
+    announce(
+        path,
+        f"{shape.layers} layers of E={shape.experts}, H={shape.hidden}, I={shape.intermediate}, "
+        f"bf16, {layout}, {shape.total_bytes / 1e9:.3g} GB",
+        generated(path, "experts", asdict(shape)),
+        clean,
+    )
+    if explore and dev.type != "cuda":
+        print(
+            "--explore: the extra rows time the parts of a CUDA load (the fill of pinned "
+            "staging buffers alone, the copies to the GPU alone, other buffer sizes); a CPU "
+            "load has no staging, so this run has the usual rows only"
+        )
+    reference = "disk read" if cold else "pinned host->device" if dev.type == "cuda" else "memcpy"
+    try:
+        generate(path, shape)
+        print(describe_machine(dev, path), flush=True)
+        bench = Bench(path, shape, dev, repeats, threads, reference)
+        if cold:
+            _run_cold(bench)
+        elif dev.type == "cuda":
+            _run_cuda(bench, explore)
+        else:
+            _run_cpu(bench)
+        print()
+        print(legend(bench, cold))
+    finally:
+        if clean:
+            remove(path)
     return bench
 
 

@@ -109,6 +109,13 @@ impl Checkpoint {
             .and_then(|v| v.as_str())
     }
 
+    /// What the first shard that records `key` in its `__metadata__` says.
+    pub fn recorded(&self, key: &str) -> Option<(&str, &Path)> {
+        self.shards
+            .iter()
+            .find_map(|s| Some((s.metadata().get(key)?.as_str(), s.path())))
+    }
+
     /// Fails if any of the given shards changed on disk since open.
     pub fn check_intact(&self, shards: impl IntoIterator<Item = usize>) -> Result<()> {
         shards

@@ -127,6 +127,12 @@ const NUM_EXPERTS_KEYS: [&str; 4] = [
 /// `model_type`s whose fused gate/up tensor interleaves gate and up.
 const INTERLEAVED_MODEL_TYPES: [&str; 1] = ["gpt_oss"];
 
+/// The shard metadata entry in which a writer records how gate and up are arranged in its
+/// fused tensors (`concatenated` or `interleaved`): what the files say beats what
+/// `config.json`'s `model_type` implies (a gpt-oss checkpoint rewritten with gate and up
+/// concatenated is still `gpt_oss`).
+pub const GATE_UP_METADATA_KEY: &str = "fastmoe_load.gate_up";
+
 /// A 2-D strided view into one stored tensor, in elements.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MatrixView {
@@ -386,12 +392,10 @@ impl MoeLayer {
 
 /// Every routed-expert group of the checkpoint, in natural prefix order (layer 2 before 10).
 /// `interleaved` overrides the gate/up interleaving of fused tensors, which is otherwise
-/// taken from `model_type`.
+/// what the shards record ([`GATE_UP_METADATA_KEY`]), else taken from `model_type`; an
+/// override that contradicts the record is an error.
 pub fn detect(ckpt: &Checkpoint, interleaved: Option<bool>) -> Result<Vec<MoeLayer>> {
-    let interleaved = interleaved.unwrap_or_else(|| {
-        ckpt.model_type()
-            .is_some_and(|t| INTERLEAVED_MODEL_TYPES.contains(&t))
-    });
+    let interleaved = gate_up_interleaved(ckpt, interleaved)?;
     let mut layers = Vec::new();
     for (name, gate_up) in ckpt.entries() {
         if let Some(layer) = fused_group(ckpt, name, gate_up, interleaved)? {
@@ -413,6 +417,39 @@ pub fn detect(ckpt: &Checkpoint, interleaved: Option<bool>) -> Result<Vec<MoeLay
     }
     layers.sort_by(|a, b| natural_cmp(&a.prefix, &b.prefix));
     Ok(layers)
+}
+
+fn gate_up_interleaved(ckpt: &Checkpoint, requested: Option<bool>) -> Result<bool> {
+    let recorded = match ckpt.recorded(GATE_UP_METADATA_KEY) {
+        None => None,
+        Some(("concatenated", file)) => Some((false, file)),
+        Some(("interleaved", file)) => Some((true, file)),
+        Some((other, file)) => {
+            return Err(Error::Checkpoint {
+                path: file.to_path_buf(),
+                reason: format!(
+                    "`{GATE_UP_METADATA_KEY}` records gate/up as `{other}`; expected \
+                     `concatenated` or `interleaved`"
+                ),
+            })
+        }
+    };
+    match (requested, recorded) {
+        (Some(wanted), Some((found, file))) if wanted != found => Err(Error::Checkpoint {
+            path: file.to_path_buf(),
+            reason: format!(
+                "interleaved={} contradicts the file, which records its fused gate/up \
+                 tensors as {}: leave `interleaved` unset",
+                if wanted { "True" } else { "False" },
+                if found { "interleaved" } else { "concatenated" }
+            ),
+        }),
+        (Some(wanted), _) => Ok(wanted),
+        (None, Some((found, _))) => Ok(found),
+        (None, None) => Ok(ckpt
+            .model_type()
+            .is_some_and(|t| INTERLEAVED_MODEL_TYPES.contains(&t))),
+    }
 }
 
 fn layout_error(ckpt: &Checkpoint, prefix: &str, reason: String) -> Error {

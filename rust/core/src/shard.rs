@@ -73,6 +73,8 @@ pub struct Shard {
     /// Set when a copy found pages of the mapping gone: the file was cut short under it.
     cut_short: AtomicBool,
     tensors: Vec<(String, TensorEntry)>,
+    /// The header's `__metadata__` strings (what the writer recorded about the file).
+    metadata: HashMap<String, String>,
 }
 
 impl std::fmt::Debug for Shard {
@@ -109,7 +111,7 @@ impl Shard {
         // by `read_mapped` during one.
         let map = unsafe { MmapOptions::new().map(&file) }
             .map_err(|e| Error::io(path, "memory-map", e))?;
-        let tensors = parse_header(path, &map)?;
+        let (tensors, metadata) = parse_header(path, &map)?;
         Ok(Shard {
             path: path.to_path_buf(),
             file,
@@ -118,6 +120,7 @@ impl Shard {
             identity: FileIdentity::of(&meta),
             cut_short: AtomicBool::new(false),
             tensors,
+            metadata,
         })
     }
 
@@ -134,6 +137,11 @@ impl Shard {
     }
 
     /// Tensors in file order.
+    /// The header's `__metadata__` entries.
+    pub fn metadata(&self) -> &HashMap<String, String> {
+        &self.metadata
+    }
+
     pub fn tensors(&self) -> &[(String, TensorEntry)] {
         &self.tensors
     }
@@ -246,7 +254,15 @@ fn header_error(path: &Path, reason: String) -> Error {
     }
 }
 
-fn parse_header(path: &Path, bytes: &[u8]) -> Result<Vec<(String, TensorEntry)>> {
+type Header = (Vec<(String, TensorEntry)>, HashMap<String, String>);
+
+fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
+    if let Some(what) = not_safetensors(bytes) {
+        return Err(Error::Checkpoint {
+            path: path.to_path_buf(),
+            reason: format!("not a safetensors file but {what}"),
+        });
+    }
     let (header_len, metadata) =
         SafeTensors::read_metadata(bytes).map_err(|e| header_error(path, explain(&e, bytes)))?;
     let data_start = 8 + header_len;
@@ -264,7 +280,52 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<Vec<(String, TensorEntry)>>
         })
         .collect();
     tensors.sort_by_key(|(_, e)| (e.start, e.end));
-    Ok(tensors)
+    Ok((tensors, metadata.metadata().clone().unwrap_or_default()))
+}
+
+/// What a file that cannot be safetensors looks like, or `None` if it may be one. A
+/// safetensors file begins with its header's length and the header's opening `{`; a file
+/// whose first eight bytes claim more than it holds, and are text or are not followed by
+/// `{`, is something else (a config, an index or a PyTorch pickle under the wrong name),
+/// not a truncated download. A length that fits leaves the verdict to the header's own
+/// validation.
+fn not_safetensors(bytes: &[u8]) -> Option<&'static str> {
+    let start = bytes.get(..8)?;
+    let claimed = u64::from_le_bytes(start.try_into().ok()?);
+    let fits = claimed
+        .checked_add(8)
+        .is_some_and(|end| end <= bytes.len() as u64);
+    // A real header length has zero high bytes, never eight printable characters.
+    let printable = start
+        .iter()
+        .all(|b| b.is_ascii_graphic() || b.is_ascii_whitespace());
+    if fits || (bytes.get(8) == Some(&b'{') && !printable) {
+        return None;
+    }
+    let text = bytes.trim_ascii_start();
+    let json = text.starts_with(b"{") || text.starts_with(b"[");
+    Some(if json && contains(bytes, b"\"weight_map\"") {
+        "the index of a sharded checkpoint: pass the directory that holds it"
+    } else if json {
+        "JSON (a config.json?): pass the checkpoint's directory or one of its .safetensors files"
+    } else if bytes.starts_with(b"PK\x03\x04") {
+        "a zip archive (a PyTorch checkpoint written by torch.save?): fastmoe_load reads \
+         safetensors files only"
+    } else if bytes.starts_with(&[0x80]) {
+        "a Python pickle (a PyTorch .bin checkpoint?): fastmoe_load reads safetensors files only"
+    } else if bytes.starts_with(b"GGUF") {
+        "a GGUF file: fastmoe_load reads safetensors files only"
+    } else {
+        "something else (it does not begin with a header length and a JSON header): pass a \
+         .safetensors file or the checkpoint's directory"
+    })
+}
+
+/// Whether `needle` occurs in the first 64 KiB of `haystack` (enough for any index's keys).
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack[..haystack.len().min(64 << 10)]
+        .windows(needle.len())
+        .any(|w| w == needle)
 }
 
 /// Turns a header error into a sentence that names the tensor at fault where the

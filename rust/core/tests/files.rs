@@ -177,6 +177,55 @@ fn corrupt_headers() {
     }
 }
 
+/// Files of other kinds passed as the checkpoint (under their own or a `.safetensors` name)
+/// are named for what they are, not taken for a safetensors file with a huge header.
+#[test]
+fn other_files_are_not_safetensors() {
+    let dir = TempDir::new("other");
+    let config = r#"{
+  "architectures": ["Qwen3MoeForCausalLM"],
+  "model_type": "qwen3_moe"
+}"#;
+    // Minified, with `{` as the ninth byte: its first eight bytes are still text.
+    let minified = r#"{"abcd":{"model_type": "x"}}"#;
+    let index = r#"{"metadata": {"total_size": 8}, "weight_map": {"x": "a.safetensors"}}"#;
+    let mut pickle = vec![0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9];
+    pickle.extend_from_slice(&[0x20; 40]);
+    let mut zip = b"PK\x03\x04\x00\x00\x08\x08\x00\x00".to_vec();
+    zip.extend_from_slice(&[0xa1; 40]);
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("config.json", config.into(), "JSON (a config.json?)"),
+        ("renamed.safetensors", config.into(), "JSON"),
+        ("minified.safetensors", minified.into(), "JSON"),
+        (
+            "model.safetensors.index.json",
+            index.into(),
+            "pass the directory",
+        ),
+        ("pytorch_model.safetensors", zip, "zip archive"),
+        ("pytorch_model.bin", pickle, "Python pickle"),
+        (
+            "model.gguf",
+            b"GGUF\x03\x00\x00\x00\x10\x00\x00\x00".to_vec(),
+            "GGUF",
+        ),
+        (
+            "notes.safetensors",
+            b"just some notes, not weights".to_vec(),
+            "something else",
+        ),
+    ];
+    for (name, bytes, expected) in cases {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        let (err, msg) = open_err(&path);
+        assert!(matches!(err, Error::Checkpoint { .. }), "{name}: {err:?}");
+        assert!(msg.contains("not a safetensors file"), "{name}: {msg}");
+        assert!(msg.contains(expected), "{name}: {msg}");
+        assert!(!msg.contains("truncated"), "{name}: {msg}");
+    }
+}
+
 #[test]
 fn directories_and_indexes() {
     let dir = TempDir::new("dir");

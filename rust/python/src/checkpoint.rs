@@ -442,6 +442,9 @@ pub struct CompanionInfo {
     dtype: String,
     /// vLLM keeps one value per expert for gate and up together.
     merged_w13: bool,
+    /// The suffix transformers gives the fused form after `gate_up_proj`/`down_proj`
+    /// (`_scale_inv`), if it has one.
+    fused_suffix: Option<&'static str>,
 }
 
 impl From<&MoeLayer> for MoeLayerInfo {
@@ -471,6 +474,7 @@ impl From<&MoeLayer> for MoeLayerInfo {
                     },
                     dtype: c.dtype.to_string(),
                     merged_w13: c.merged_w13,
+                    fused_suffix: c.kind.fused_suffix,
                 })
                 .collect(),
         }
