@@ -748,14 +748,15 @@ fn per_expert_candidates(ckpt: &Checkpoint) -> Vec<(String, &'static Naming, Exp
             let packed = experts
                 .values()
                 .any(|e| e.companions.contains_key("weight_scale_2"));
+            // Integer weights with scales beside them (or named `weight_packed`) pack values
+            // as only a known scheme says; alone, they are plain data, loaded as stored.
+            let scaled = experts.values().any(|e| !e.companions.is_empty());
             !experts.values().any(|e| {
                 e.foreign
                     || e.tensors[..3].iter().flatten().any(|(name, t)| {
-                        let bits = name
-                            .ends_with(".weight_packed")
-                            .then_some(int_bits)
-                            .flatten();
-                        quant::packing(t.dtype, packed, bits).is_none()
+                        let named = name.ends_with(".weight_packed");
+                        let bits = named.then_some(int_bits).flatten();
+                        (scaled || named) && quant::packing(t.dtype, packed, bits).is_none()
                     })
             })
         })
