@@ -218,3 +218,21 @@ def test_seed_path_matches_hand_slices(checkpoint, tp_rank, tp, experts):
     )
     for name, tensor in want.items():
         assert_bitwise_equal(got[name], tensor, name)
+
+
+@pytest.mark.parametrize("scheme", ["nvfp4", "int4"])
+def test_quant_bench_rows(tmp_path, capsys, scheme):
+    """`bench --quant nvfp4|int4` on a tiny checkpoint: fastmoe_load and the seed path per
+    case, beside the bf16 rows; sizes off the scale groups are refused in one line."""
+    root = tmp_path / "quant"
+    options = ["--quant", scheme, "--experts", "8", "--hidden", "256", "--intermediate", "256"]
+    options += ["--layers", "1", "--repeats", "1", "--dir", str(root), "--clean"]
+    assert main(["bench", *options]) == 0
+    out = capsys.readouterr().out
+    assert f"checkpoint: {root / scheme} (1 layer(s) of 8 experts, " in out
+    for case in ("TP=1", "TP=2 rank 1", "EP=8 rank 1"):
+        for path in (f"fastmoe_load {scheme} + scales", f"seed: vLLM per-expert loop, {scheme}"):
+            assert any(line.startswith(path) and case in line for line in out.splitlines())
+    assert not root.exists()
+    assert main(["bench", *options[:-3], "--hidden", "200", "--dir", str(root)]) == 1
+    assert "must be multiples of" in capsys.readouterr().err

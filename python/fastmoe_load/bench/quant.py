@@ -306,6 +306,12 @@ def main(
     reused while the shapes match; removed afterwards with `clean`), and prints the table."""
     dev = torch.device(device)
     shape = default_shape(dev, layers, experts, hidden, intermediate, scheme)
+    group = {"fp8": 1, "nvfp4": FP4_GROUP, "int4": INT4_GROUP}[scheme]
+    if shape.hidden % group or shape.intermediate % group:
+        raise RequestError(
+            f"{scheme} scales groups of {group} values: --hidden and --intermediate must be "
+            f"multiples of {group} (got {shape.hidden} and {shape.intermediate})"
+        )
     one = Shape(layers=1)
     one = replace(
         one,
