@@ -82,7 +82,10 @@ def load(path, load_format: str, dtype: str = "bfloat16") -> tuple[torch.nn.Modu
             model = initialize_model(vllm_config=config, model_config=config.model_config)
         with torch.no_grad():
             for param in model.parameters():
-                param.fill_(float("nan"))
+                if param.is_floating_point():
+                    param.fill_(float("nan"))
+                else:  # packed integer weights: a byte pattern no test writes
+                    param.view(torch.uint8).fill_(0xA5)
         received: list[str] = []
         model_load_weights = model.load_weights
 
@@ -250,3 +253,129 @@ def test_unknown_extra_config_is_refused(distributed):
                 model_loader_extra_config={"enable_multithread_load": True},
             )
         )
+
+
+def quantized_experts_checkpoint(path, quantize, quantization_config: dict):
+    """A Qwen3-MoE model saved per expert, its experts' weights replaced by what
+    `quantize(stem, rows, cols, gen)` returns (tensors by name), the rest in bf16."""
+    import json
+
+    model = build_model("qwen3_moe", hidden_size=128, moe_intermediate_size=64, head_dim=32)
+    model.save_pretrained(path, save_original_format=True)
+    with fml.open(path) as ckpt:
+        tensors = {name: ckpt.tensor(name).clone() for name in ckpt.keys()}
+        experts = {n for group in ckpt.moe_layers() for n in group.tensor_names}
+    for file in path.glob("*.safetensors*"):
+        file.unlink()
+    gen = torch.Generator().manual_seed(5)
+    for name in sorted(experts):
+        rows, cols = tensors.pop(name).shape
+        tensors |= quantize(name.removesuffix(".weight"), rows, cols, gen)
+    save_file(tensors, path / "model.safetensors")
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = quantization_config
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def nvfp4_expert(stem: str, rows: int, cols: int, gen: torch.Generator) -> dict:
+    from test_quant import fp8
+
+    return {
+        f"{stem}.weight": torch.randint(
+            0, 256, (rows, cols // 2), dtype=torch.uint8, generator=gen
+        ),
+        f"{stem}.weight_scale": fp8(rows, cols // 16, gen=gen),
+        f"{stem}.weight_scale_2": torch.rand((), generator=gen) + 0.5,
+        f"{stem}.input_scale": torch.rand((), generator=gen) + 0.5,
+    }
+
+
+def int4_expert(stem: str, rows: int, cols: int, gen: torch.Generator) -> dict:
+    packed = torch.randint(-(2**31), 2**31 - 1, (rows, cols // 8), dtype=torch.int32, generator=gen)
+    return {
+        f"{stem}.weight_packed": packed,
+        f"{stem}.weight_scale": torch.rand(rows, cols // 32, generator=gen).bfloat16(),
+        f"{stem}.weight_shape": torch.tensor([rows, cols], dtype=torch.int32),
+    }
+
+
+@pytest.fixture(scope="module")
+def nvfp4_checkpoint(tmp_path_factory):
+    """Experts in ModelOpt NVFP4, the rest listed in `exclude_modules` as ModelOpt lists it."""
+    config = {
+        "quant_method": "modelopt",
+        "quant_algo": "NVFP4",
+        "group_size": 16,
+        "kv_cache_quant_algo": None,
+        "exclude_modules": ["lm_head", "self_attn", "mlp.gate"],
+    }
+    return quantized_experts_checkpoint(tmp_path_factory.mktemp("nvfp4"), nvfp4_expert, config)
+
+
+@pytest.fixture(scope="module")
+def int4_checkpoint(tmp_path_factory):
+    """Experts in compressed-tensors int4 `pack-quantized` (W4A16, group 32), the rest in
+    `ignore` as llm-compressor lists it."""
+    weights = {
+        "num_bits": 4,
+        "type": "int",
+        "symmetric": True,
+        "strategy": "group",
+        "group_size": 32,
+        "dynamic": False,
+    }
+    config = {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}},
+        "ignore": ["lm_head", "re:.*self_attn.*", "re:.*mlp[.]gate$"],
+    }
+    return quantized_experts_checkpoint(tmp_path_factory.mktemp("int4"), int4_expert, config)
+
+
+def test_nvfp4_model_matches_default_loader(distributed, nvfp4_checkpoint, monkeypatch):
+    """A whole NVFP4 model (`ModelOptNvFp4FusedMoE` experts): every parameter equal to vLLM's
+    own loading, and neither expert weights nor scales through the model's loader. vLLM has
+    no NVFP4 MoE kernel on the CPU: the method is given the emulation backend, which decides
+    nothing of the loading."""
+    from vllm.model_executor.layers.fused_moe.oracle.nvfp4 import NvFp4MoeBackend
+    from vllm.model_executor.layers.quantization import modelopt
+
+    chosen = (NvFp4MoeBackend.EMULATION, None)
+    monkeypatch.setattr(modelopt, "select_nvfp4_moe_backend", lambda **_: chosen)
+    theirs, _ = load(nvfp4_checkpoint, "safetensors")
+    ours, received = load(nvfp4_checkpoint, "fastmoe")
+    assert_same_state(ours, theirs)
+    packed = [n for n, p in ours.named_parameters() if n.endswith("w13_weight")]
+    assert packed and all(ours.get_parameter(n).dtype == torch.uint8 for n in packed)
+    with fml.open(nvfp4_checkpoint) as ckpt:
+        groups = ckpt.moe_layers()
+        assert all(g.pack == 2 for g in groups)
+        expert_names = {name for group in groups for name in group.tensor_names}
+        assert set(received) == set(ckpt.keys()) - expert_names
+
+
+def test_int4_model_matches_default_loader(distributed, int4_checkpoint, monkeypatch):
+    """A whole int4 model (`CompressedTensorsWNA16MoEMethod` experts): every parameter equal
+    to vLLM's own loading, and no expert tensor through the model's loader. vLLM has no WNA16
+    MoE kernel on the CPU: the method is given a GPU backend, which decides nothing of the
+    loading."""
+    from vllm.model_executor.layers.fused_moe.oracle.int_wna16 import WNA16MoEBackend
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe import (
+        compressed_tensors_moe_wna16 as wna16,
+    )
+
+    chosen = (WNA16MoEBackend.TRITON, None)
+    monkeypatch.setattr(wna16, "select_wna16_moe_backend", lambda **_: chosen)
+    theirs, _ = load(int4_checkpoint, "safetensors")
+    ours, received = load(int4_checkpoint, "fastmoe")
+    assert_same_state(ours, theirs)
+    packed = [n for n, _ in ours.named_parameters() if n.endswith("w13_weight_packed")]
+    assert len(packed) == FAMILIES["qwen3_moe"]["num_hidden_layers"]
+    with fml.open(int4_checkpoint) as ckpt:
+        groups = ckpt.moe_layers()
+        assert all(g.pack == 8 for g in groups)
+        expert_names = {name for group in groups for name in group.tensor_names}
+        assert set(received) == set(ckpt.keys()) - expert_names

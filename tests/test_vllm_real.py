@@ -44,7 +44,8 @@ def build(
     quant_config=None,
     sizes: tuple[int, int, int] = (E, H, INTER),
 ):
-    """A vLLM `MoERunner` as TP rank `rank` of `tp_size`, every parameter poisoned (NaN)."""
+    """A vLLM `MoERunner` as TP rank `rank` of `tp_size`, every parameter poisoned (NaN, or
+    0xA5 bytes where it holds integers)."""
     from vllm.config import ParallelConfig, VllmConfig, set_current_vllm_config
     from vllm.model_executor.layers.fused_moe import FusedMoEFactory
 
@@ -63,7 +64,10 @@ def build(
             quant_config=quant_config,
         )
     for p in runner.routed_experts.parameters():
-        p.data.fill_(float("nan"))
+        if p.is_floating_point():
+            p.data.fill_(float("nan"))
+        else:  # packed integer weights: a byte pattern no test writes
+            p.data.view(torch.uint8).fill_(0xA5)
     return runner
 
 
@@ -162,5 +166,140 @@ def test_fp8_layers_match_vllm_load_weights(
     for param, expected in params.items():
         actual = getattr(ours.routed_experts, param).data
         assert not expected.data.float().isnan().all(), f"vLLM left {param} unloaded"
+        assert actual.dtype == expected.dtype, param
+        assert torch.equal(actual.view(torch.uint8), expected.data.view(torch.uint8)), param
+
+
+@pytest.mark.parametrize(("tp_size", "rank"), [(1, 0), (2, 1)])
+def test_dbrx_matches_vllm_dbrx_loader(vllm_process_groups, tmp_path, tp_size, rank):
+    """DBRX's stacked `ffn.experts.mlp.w1 / v1 / w2 [E·I, H]`, loaded by vLLM's own
+    `DbrxExperts.weight_loader` (dbrx.py) and by the adapter. That loader fills every expert
+    (DBRX in vLLM has no expert parallelism), so only TP ranks are compared here."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    import test_dbrx
+    from vllm.model_executor.models import dbrx
+
+    path, tensors = test_dbrx.dbrx(tmp_path / "dbrx")
+    prefix = test_dbrx.prefix(0)
+    sizes = (test_dbrx.E, test_dbrx.H, test_dbrx.INTER)
+    theirs = build(tp_size, rank, False, f"dbrx_theirs{tp_size}{rank}", sizes=sizes)
+    ours = build(tp_size, rank, False, f"dbrx_ours{tp_size}{rank}", sizes=sizes)
+    # The attributes `DbrxExperts.weight_loader` reads of its module.
+    module = SimpleNamespace(
+        intermediate_size=test_dbrx.INTER // tp_size, d_model=test_dbrx.H, tp_size=tp_size
+    )
+    params = dict(theirs.routed_experts.named_parameters())
+    with mock.patch.object(dbrx, "get_tensor_model_parallel_rank", lambda: rank):
+        for weight_name in ("w1", "v1", "w2"):
+            param = "w13_weight" if weight_name != "w2" else "w2_weight"
+            name = f"{prefix}.{param}"  # as `DbrxForCausalLM.load_weights` renames it
+            loaded = tensors[f"{prefix}.mlp.{weight_name}"]
+            dbrx.DbrxExperts.weight_loader(
+                module, params[param], loaded, f"mlp.{weight_name}", name
+            )
+    with fml.open(path) as ckpt:
+        consumed = load_fused_moe_layer(ours, ckpt, prefix)
+    assert sorted(consumed) == sorted(f"{prefix}.mlp.{n}" for n in ("w1", "v1", "w2"))
+    for param in ("w13_weight", "w2_weight"):
+        expected = getattr(theirs.routed_experts, param).data
+        actual = getattr(ours.routed_experts, param).data
+        assert not expected.isnan().any(), param
+        assert torch.equal(actual.view(torch.int16), expected.view(torch.int16)), param
+
+
+@pytest.mark.parametrize("backend", ["EMULATION", "FLASHINFER_CUTLASS"])
+@pytest.mark.parametrize(("tp_size", "rank", "ep"), [(1, 0, False), (2, 1, False), (2, 1, True)])
+def test_nvfp4_layers_match_vllm_load_weights(
+    vllm_process_groups, tmp_path, tp_size, rank, ep, backend
+):
+    """ModelOpt NVFP4 per-expert checkpoints into vLLM's `ModelOptNvFp4FusedMoE` parameters
+    (uint8 weights two values a byte, float8 16-value group scales, per-tensor global and
+    input scales for gate and up): every parameter equal to vLLM's own loading. vLLM has no
+    NVFP4 MoE kernel on the CPU, so the backend the method would pick on a GPU is named
+    here: the kernel decides nothing of the loading but whether input scales are kept for
+    every global expert (FlashInfer's) or for the local ones."""
+    import json
+    from unittest import mock
+
+    import test_nvfp4
+    from vllm.model_executor.layers.fused_moe.oracle.nvfp4 import NvFp4MoeBackend
+    from vllm.model_executor.layers.quantization import modelopt
+    from vllm.model_executor.layers.quantization.modelopt import ModelOptNvFp4Config
+
+    chosen = (NvFp4MoeBackend[backend], None)
+
+    path = test_nvfp4.nvfp4_modelopt(tmp_path / "nvfp4")
+    config = ModelOptNvFp4Config.from_config(
+        json.loads((path / "config.json").read_text())["quantization_config"]
+    )
+    prefix = test_nvfp4.prefix()
+    sizes = (test_nvfp4.E, test_nvfp4.H, test_nvfp4.INTER)
+    name = prefix.removesuffix(".experts")
+    with mock.patch.object(modelopt, "select_nvfp4_moe_backend", lambda **_: chosen):
+        theirs = build(tp_size, rank, ep, name, config, sizes)
+        ours = build(tp_size, rank, ep, name, config, sizes)
+    with fml.open(path) as ckpt:
+        names = [n for n in ckpt.keys() if n.startswith(prefix + ".")]
+        weights = ((n[len(prefix) + 1 :], ckpt.tensor(n)) for n in names)
+        assert set(theirs.load_weights(weights))
+        consumed = load_fused_moe_layer(ours, ckpt, prefix)
+    assert sorted(consumed) == sorted(names)
+    params = dict(theirs.routed_experts.named_parameters())
+    assert {"w13_weight_scale_2", "w13_input_scale", "w2_weight_scale"} <= set(params), params
+    if backend == "FLASHINFER_CUTLASS":
+        assert params["w13_input_scale"].shape[0] == test_nvfp4.E  # every global expert
+    for param, expected in params.items():
+        actual = getattr(ours.routed_experts, param).data
+        if expected.is_floating_point():
+            assert not expected.float().isnan().all(), f"vLLM left {param} unloaded"
+        else:
+            assert not (expected.data.view(torch.uint8) == 0xA5).all(), f"{param} unloaded"
+        assert actual.dtype == expected.dtype, param
+        assert torch.equal(actual.view(torch.uint8), expected.data.view(torch.uint8)), param
+
+
+@pytest.mark.parametrize("backend", ["MARLIN", "TRITON"])
+@pytest.mark.parametrize(("tp_size", "rank", "ep"), [(1, 0, False), (2, 1, False), (2, 1, True)])
+def test_int4_layers_match_vllm_load_weights(
+    vllm_process_groups, tmp_path, tp_size, rank, ep, backend
+):
+    """compressed-tensors int4 `pack-quantized` (W4A16, group 32) into vLLM's
+    `CompressedTensorsWNA16MoEMethod` parameters (`w13_weight_packed [E, 2I/tp, H/8]` int32,
+    bfloat16 group scales, float32 `weight_shape`): every parameter equal to vLLM's own
+    loading. vLLM has no WNA16 MoE kernel on the CPU, so the backend the method would pick
+    on a GPU is named here: every backend loads the checkpoint's N-first layout and
+    transposes later, in `process_weights_after_loading`."""
+    from unittest import mock
+
+    import test_int4
+    from vllm.model_executor.layers.fused_moe.oracle.int_wna16 import WNA16MoEBackend
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe import (
+        compressed_tensors_moe_wna16 as wna16,
+    )
+
+    path = test_int4.int4_pack_quantized(tmp_path / "int4")
+    prefix = test_int4.prefix()
+    sizes = (test_int4.E, test_int4.H, test_int4.INTER)
+    name = prefix.removesuffix(".experts")
+    chosen = (WNA16MoEBackend[backend], None)
+    with mock.patch.object(wna16, "select_wna16_moe_backend", lambda **_: chosen):
+        theirs = build(tp_size, rank, ep, name, quant_config_of(path), sizes)
+        ours = build(tp_size, rank, ep, name, quant_config_of(path), sizes)
+    with fml.open(path) as ckpt:
+        names = [n for n in ckpt.keys() if n.startswith(prefix + ".")]
+        weights = ((n[len(prefix) + 1 :], ckpt.tensor(n)) for n in names)
+        assert set(theirs.load_weights(weights))
+        consumed = load_fused_moe_layer(ours, ckpt, prefix)
+    assert sorted(consumed) == sorted(names)
+    params = dict(theirs.routed_experts.named_parameters())
+    assert {"w13_weight_packed", "w13_weight_scale", "w2_weight_shape"} <= set(params), params
+    for param, expected in params.items():
+        actual = getattr(ours.routed_experts, param).data
+        if expected.is_floating_point():
+            assert not expected.float().isnan().all(), f"vLLM left {param} unloaded"
+        else:
+            assert not (expected.data.view(torch.uint8) == 0xA5).all(), f"{param} unloaded"
         assert actual.dtype == expected.dtype, param
         assert torch.equal(actual.view(torch.uint8), expected.data.view(torch.uint8)), param

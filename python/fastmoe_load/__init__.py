@@ -17,7 +17,7 @@ from ._fastmoe_load import (
     RequestError,
     TensorNotFoundError,
 )
-from .checkpoint import Checkpoint, MoeLayer, open
+from .checkpoint import Checkpoint, MoeLayer, UnsupportedGroup, UnsupportedWarning, open
 from .loader import LoadStats, load_fused_moe
 from .model import LoadWarning, ModelLoadReport, load_model
 from .placement import expert_placement
@@ -37,6 +37,8 @@ __all__ = [
     "RequestError",
     "StagingPool",
     "TensorNotFoundError",
+    "UnsupportedGroup",
+    "UnsupportedWarning",
     "expert_placement",
     "load_fused_moe",
     "load_model",

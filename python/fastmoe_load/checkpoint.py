@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from types import TracebackType
@@ -60,13 +61,17 @@ class Companion:
 
     `kind` is its name in checkpoints and in vLLM (`w13_{kind}`, `w2_{kind}`):
     `weight_scale_inv` (fp8 block scales, DeepSeek-V3 and transformers' FP8 layout),
-    `weight_scale` (compressed-tensors, ModelOpt, fbgemm) or `input_scale` (static activation
-    scales). `scheme` says how one value maps onto the weight: `block` (one per
-    `block[0] x block[1]` entries), `channel` (one per output row) or `tensor` (one per
-    matrix). `merged_w13`: vLLM keeps one value per expert for gate and up together
-    (`w13_input_scale [E]`), the up projection's. `fused_suffix`: the name transformers gives
-    the fused form after `gate_up_proj`/`down_proj` (`_scale_inv`, `_activation_scale`), or
-    None where it has none (compressed-tensors' `weight_scale`)."""
+    `weight_scale` (compressed-tensors, ModelOpt, fbgemm; NVFP4's float8 block scales),
+    `weight_scale_2` (NVFP4's per-tensor global scale), `input_scale` (static activation
+    scales) or `weight_shape` (compressed-tensors' int32 `[rows, cols]` of a packed weight).
+    `scheme` says how one value maps onto the weight: `block` (one per `block[0] x block[1]`
+    values), `group` (a block of one row: `block` is `(1, 16)` for NVFP4), `channel` (one per
+    output row), `tensor` (one per matrix) or `whole` (`block[1]` values that describe the
+    whole matrix). `merged_w13`: vLLM keeps one value per expert for gate and up together
+    (fp8's `w13_input_scale [E]`, the up projection's); otherwise it keeps both (`[E, 2]`).
+    `fused_suffix`: the name transformers gives the fused form after `gate_up_proj`/
+    `down_proj` (`_scale_inv`, `_activation_scale`), or None where it has none
+    (compressed-tensors' `weight_scale`)."""
 
     kind: str
     scheme: str
@@ -77,7 +82,10 @@ class Companion:
 
     def grid(self, rows: int, cols: int) -> tuple[int, int]:
         """`(rows, cols)` of this companion for a `rows x cols` weight."""
-        if self.scheme == "block":
+        if self.scheme == "whole":
+            assert self.block is not None
+            return self.block
+        if self.scheme in ("block", "group"):
             assert self.block is not None
             return math.ceil(rows / self.block[0]), math.ceil(cols / self.block[1])
         return (rows, 1) if self.scheme == "channel" else (1, 1)
@@ -85,10 +93,13 @@ class Companion:
     def destination_shape(
         self, target: str, experts: int, hidden: int, shard: int
     ) -> tuple[int, ...]:
-        """The shape vLLM 0.33's fp8 MoE methods give `{target}_{kind}` (`target` `w13` or
-        `w2`) for `experts` local experts and an intermediate shard of `shard`: block scales
-        `[E, 2·ceil(I/tp/bn), ceil(H/bk)]` and `[E, ceil(H/bn), ceil(I/tp/bk)]`, per-channel
-        `[E, 2·I/tp, 1]` and `[E, H, 1]`, per-tensor `[E, 2]` and `[E]`, input scales `[E]`."""
+        """The shape vLLM 0.33's fp8 and NVFP4 MoE methods give `{target}_{kind}` (`target`
+        `w13` or `w2`) for `experts` local experts and an intermediate shard of `shard`: block
+        scales `[E, 2·ceil(I/tp/bn), ceil(H/bk)]` and `[E, ceil(H/bn), ceil(I/tp/bk)]` (NVFP4's
+        16-value groups: `[E, 2·I/tp, H/16]`, `[E, H, I/tp/16]`), per-channel `[E, 2·I/tp, 1]`
+        and `[E, H, 1]`, per-tensor `[E, 2]` and `[E]`, merged input scales `[E]`."""
+        if self.scheme == "whole":  # `w13_weight_shape [E, 2]`, the up projection's
+            return (experts, *self.grid(0, 0)[1:])
         if target == "w13":
             if self.merged_w13:
                 return (experts,)
@@ -116,17 +127,20 @@ class Companion:
 @dataclass(frozen=True)
 class Quantization:
     """How a group's expert weights are quantized: `method` is `quant_method` from
-    `config.json` (`fp8`, `compressed-tensors`, `fbgemm_fp8`, `modelopt`), or `fp8` where only
-    the files say so; `companions` lists the tensors beside each weight, the weight's own
-    scale first."""
+    `config.json` (`fp8`, `compressed-tensors`, `fbgemm_fp8`, `modelopt`), or where only the
+    files say so `fp8` (float8 weights) or `modelopt` (NVFP4); `weights` is `fp8`, `nvfp4`
+    (two e2m1 values a byte along the input dimension) or `int4` (eight values an int32,
+    compressed-tensors `pack-quantized`); `companions` lists the tensors beside each
+    weight."""
 
     method: str
     companions: tuple[Companion, ...]
+    weights: str = "fp8"
 
     @property
     def weight_scale(self) -> Companion:
         """The weights' own scale (`weight_scale_inv` or `weight_scale`)."""
-        return next(c for c in self.companions if c.kind != "input_scale")
+        return next(c for c in self.companions if c.kind in ("weight_scale_inv", "weight_scale"))
 
     @property
     def scheme(self) -> str:
@@ -142,11 +156,35 @@ class Quantization:
 
     def __str__(self) -> str:
         scale = self.weight_scale
-        grid = f"{scale.block[0]}x{scale.block[1]} block" if scale.block else scale.scheme
+        grid = scale.scheme
+        if scale.block is not None:
+            rows, cols = scale.block
+            grid = f"{cols}-value group" if scale.scheme == "group" else f"{rows}x{cols} block"
         kinds = ", ".join(c.kind for c in self.companions)
-        return (
-            f"{self.method}, {grid} scales in {str(scale.dtype).removeprefix('torch.')} ({kinds})"
-        )
+        dtype = str(scale.dtype).removeprefix("torch.")
+        # fp8 weights are what every method part of the name already implies.
+        name = self.method if self.weights == "fp8" else f"{self.method} {self.weights}"
+        return f"{name}, {grid} scales in {dtype} ({kinds})"
+
+
+class UnsupportedWarning(UserWarning):
+    """A checkpoint holds experts, or declares a quantization, that fastmoe_load does not
+    load."""
+
+
+@dataclass(frozen=True)
+class UnsupportedGroup:
+    """Tensors that look like routed experts (an expert index in their names, or a leading
+    expert dimension under an `experts`/`moe` module) but that no layout fastmoe_load loads
+    covers. `reason` starts with `unknown quantization:`, `unread tensors:` (beside a group
+    that loads) or `unknown naming:`, and names a tensor with its dtype and shape."""
+
+    prefix: str
+    tensor_names: tuple[str, ...]
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.prefix} ({len(self.tensor_names)} tensors): {self.reason}"
 
 
 class MoeLayer:
@@ -158,7 +196,10 @@ class MoeLayer:
     and up alternate as in gpt-oss, or `per_expert` for one tensor per expert and matrix);
     `num_experts`, `hidden_size` (H), `intermediate_size` (I, per expert, before TP);
     `dtype` (the weights'), `bias_dtype` (None without biases); `tensor_names` (every stored
-    tensor of the group, scales included); `quantization` (None for unquantized experts).
+    tensor of the group, scales included); `quantization` (None for unquantized experts);
+    `pack`: values one stored weight element holds along the input dimension (2 for NVFP4's
+    uint8 weights, 8 for int4 in int32 `weight_packed`, else 1): H and I count values, the
+    views `[I, H/pack]` and `[H, I/pack]` stored elements.
     """
 
     def __init__(self, ckpt: Checkpoint, info: native.MoeLayerInfo) -> None:
@@ -168,6 +209,7 @@ class MoeLayer:
         self.num_experts: int = info.num_experts
         self.hidden_size: int = info.hidden_size
         self.intermediate_size: int = info.intermediate_size
+        self.pack: int = info.pack
         where = f"{ckpt.path}: experts at `{info.prefix}`"
         self.dtype: torch.dtype = torch_dtype(info.dtype, where)
         self.bias_dtype: torch.dtype | None = (
@@ -187,7 +229,8 @@ class MoeLayer:
                 )
                 for c in info.companions
             )
-            self.quantization = Quantization(info.quant_method, companions)
+            weights = {1: "fp8", 2: "nvfp4"}.get(info.pack, f"int{32 // info.pack}")
+            self.quantization = Quantization(info.quant_method, companions, weights)
 
     @property
     def has_bias(self) -> bool:
@@ -223,15 +266,15 @@ class MoeLayer:
         return base.as_strided((rows, cols), (row_stride, col_stride), offset)
 
     def w1(self, expert: int) -> torch.Tensor:
-        """Gate projection `[I, H]` of `expert`."""
+        """Gate projection `[I, H]` of `expert` (`[I, H/pack]` packed)."""
         return self._view("w1", expert)
 
     def w3(self, expert: int) -> torch.Tensor:
-        """Up projection `[I, H]` of `expert`."""
+        """Up projection `[I, H]` of `expert` (`[I, H/pack]` packed)."""
         return self._view("w3", expert)
 
     def w2(self, expert: int) -> torch.Tensor:
-        """Down projection `[H, I]` of `expert`."""
+        """Down projection `[H, I]` of `expert` (`[H, I/pack]` packed)."""
         return self._view("w2", expert)
 
     def b1(self, expert: int) -> torch.Tensor:
@@ -308,6 +351,16 @@ class Checkpoint:
         self._shards: dict[int, native.ShardBuffer] = {}
         self._layers: dict[str, MoeLayer] | None = None
         self._staging = staging
+        scheme = self._handle.unsupported_quantization
+        if scheme is not None:
+            # A warning, not a log record: visible without any logging set up.
+            warnings.warn(
+                f"{self.path}: config.json declares {scheme} quantization, which fastmoe_load "
+                "does not load; experts quantized so are listed by unsupported_groups() and "
+                "not loaded",
+                UnsupportedWarning,
+                stacklevel=3,
+            )
 
     @property
     def staging(self) -> StagingPool:
@@ -372,7 +425,24 @@ class Checkpoint:
         if self._layers is None:
             layers = (MoeLayer(self, info) for info in self._handle.moe_layers())
             self._layers = {layer.prefix: layer for layer in layers}
+            unsupported = self.unsupported_groups()
+            if unsupported:
+                more = f" and {len(unsupported) - 1} more" if len(unsupported) > 1 else ""
+                warnings.warn(
+                    f"{self.path}: experts that cannot be loaded (see unsupported_groups()): "
+                    f"{unsupported[0]}{more}",
+                    UnsupportedWarning,
+                    stacklevel=2,
+                )
         return list(self._layers.values())
+
+    def unsupported_groups(self) -> list[UnsupportedGroup]:
+        """Groups of tensors that look like routed experts but that `moe_layers()` does not
+        list because they cannot be loaded, each with the reason, in layer order."""
+        return [
+            UnsupportedGroup(prefix, tuple(names), reason)
+            for prefix, names, reason in self._handle.unsupported_groups()
+        ]
 
     def experts(self, prefix: str) -> MoeLayer:
         """The routed-expert group at `prefix` (the same object `moe_layers()` lists)."""
@@ -381,6 +451,11 @@ class Checkpoint:
         assert self._layers is not None
         layer = self._layers.get(prefix)
         if layer is None:
+            unsupported = next((g for g in self.unsupported_groups() if g.prefix == prefix), None)
+            if unsupported is not None:
+                raise native.LayoutError(
+                    f"{self.path}: experts at `{prefix}` cannot be loaded: {unsupported.reason}"
+                )
             # Not a group: the native lookup raises TensorNotFoundError naming those there are.
             layer = MoeLayer(self, self._handle.layer(prefix))
         return layer

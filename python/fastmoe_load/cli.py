@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from typing import NoReturn
 
@@ -166,9 +167,15 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="generate the checkpoint in the transposed fused layout (Llama 4, gpt-oss)",
     )
-    for name, default in (("experts", 128), ("hidden", 2048), ("intermediate", 768)):
+    for name, meaning, default, fp8 in (
+        ("experts", "routed experts E", 128, "256 (fewer on a CPU)"),
+        ("hidden", "hidden size H", 2048, 7168),
+        ("intermediate", "intermediate size I of each expert", 768, 2048),
+    ):
         bench.add_argument(
-            f"--{name}", type=positive_int, help=f"{name} size of the experts (default: {default})"
+            f"--{name}",
+            type=positive_int,
+            help=f"{meaning} (default: {default}, or {fp8} with --quant)",
         )
     bench.add_argument(
         "--model",
@@ -178,9 +185,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--quant",
-        choices=["fp8"],
-        help="quantized experts: a DeepSeek-V3-shaped fp8 checkpoint with block scales, "
-        "beside the pure-Python path and the bf16 rows (--layers of 11.3 GB, default 1)",
+        choices=["fp8", "nvfp4", "int4"],
+        help="quantized experts: a DeepSeek-V3-shaped checkpoint, fp8 with block scales "
+        "(--layers of 11.3 GB, default 1), ModelOpt nvfp4 or compressed-tensors int4 (6 GB), "
+        "beside the pure-Python path and the bf16 rows",
     )
     return parser
 
@@ -214,10 +222,15 @@ def _logging_to_stderr(verbose: bool) -> Iterator[None]:
 
 
 def _inspect(args: argparse.Namespace) -> None:
+    from .checkpoint import UnsupportedWarning
     from .checkpoint import open as open_checkpoint
     from .inspect import format_report, inspect_checkpoint
 
-    with open_checkpoint(args.checkpoint, interleaved=args.interleaved) as ckpt:
+    with (
+        # The report names what cannot be loaded.
+        warnings.catch_warnings(action="ignore", category=UnsupportedWarning),
+        open_checkpoint(args.checkpoint, interleaved=args.interleaved) as ckpt,
+    ):
         report = inspect_checkpoint(ckpt, args.tp, args.ep, args.placement)
     if args.json:
         print(json.dumps(report.to_json()))
@@ -287,6 +300,7 @@ def _bench(args: argparse.Namespace) -> None:
             args.experts,
             args.hidden,
             args.intermediate,
+            args.quant,
         )
         return
     from .bench.run import main as bench

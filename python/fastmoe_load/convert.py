@@ -30,7 +30,10 @@ static input scales `P.gate_up_proj_activation_scale [E]` / `P.down_proj_activat
 expert gets its slices. Scales without a fused transformers form (compressed-tensors'
 `weight_scale`) are refused with a `RequestError` before anything is written.
 
-Every other tensor is copied byte for byte. The result is written to a temporary directory
+DBRX's stacked experts (`mlp.w1 / v1 / w2 [E·I, H]`) are refused with a `RequestError`:
+transformers and vLLM read DBRX in no other layout. Tensors that look like experts but cannot
+be loaded (`Checkpoint.unsupported_groups()`) are copied unchanged, as is every other tensor,
+byte for byte. The result is written to a temporary directory
 beside `dst` and renamed into place when complete, in shards of at most `max_shard_size`
 bytes with a `model.safetensors.index.json`; from a checkpoint directory, the small files
 beside the weights (config, generation config, tokenizer) come along.
@@ -417,6 +420,13 @@ def plan_outputs(
     owner = {name: layer for layer in layers for name in layer.tensor_names}
     # Only "fused" is the v5 orientation: transposed and interleaved fused groups convert.
     converting = [layer for layer in layers if layer.format != to]
+    stacked = [layer.prefix for layer in converting if layer.format == "stacked"]
+    if stacked:
+        raise RequestError(
+            f"{ckpt.path}: experts at `{stacked[0]}` are stacked as DBRX stores them "
+            "(`mlp.w1 / v1 / w2 [E·I, H]`), the only layout transformers' and vLLM's DBRX "
+            "read: they are not converted; load them from this checkpoint"
+        )
     if to == "fused":
         for layer in converting:
             _check_convertible(ckpt, layer)

@@ -9,10 +9,11 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .checkpoint import Checkpoint, MoeLayer
+from .checkpoint import Checkpoint, MoeLayer, UnsupportedWarning
 from .placement import Strategy, expert_placement
 from .progress import format_bytes
 
@@ -45,6 +46,16 @@ class LayerReport:
 
 
 @dataclass(frozen=True)
+class UnsupportedReport:
+    """Tensors that look like routed experts but cannot be loaded (see
+    `Checkpoint.unsupported_groups`)."""
+
+    prefix: str
+    tensors: list[str]
+    reason: str
+
+
+@dataclass(frozen=True)
 class ShardReport:
     path: str
     bytes: int
@@ -62,6 +73,8 @@ class Report:
     placement: str
     layers: list[LayerReport]
     ranks: list[RankBytes] = field(default_factory=list)  # summed over the layers
+    unsupported: list[UnsupportedReport] = field(default_factory=list)
+    quantization_config: str | None = None  # a scheme config.json declares that is not loaded
 
     @property
     def file_bytes(self) -> int:
@@ -150,8 +163,14 @@ def inspect_checkpoint(
     ckpt: Checkpoint, tp_size: int = 1, ep_size: int = 1, placement: Strategy = "linear"
 ) -> Report:
     """Describes `ckpt` and plans every layer for each of the `tp_size * ep_size` ranks."""
-    layers = [
-        _layer_report(ckpt, layer, tp_size, ep_size, placement) for layer in ckpt.moe_layers()
+    with warnings.catch_warnings():
+        # The report lists what cannot be loaded itself.
+        warnings.simplefilter("ignore", UnsupportedWarning)
+        moe_layers = ckpt.moe_layers()
+    layers = [_layer_report(ckpt, layer, tp_size, ep_size, placement) for layer in moe_layers]
+    unsupported = [
+        UnsupportedReport(g.prefix, list(g.tensor_names), g.reason)
+        for g in ckpt.unsupported_groups()
     ]
     for layer in layers:
         logger.info(
@@ -180,6 +199,8 @@ def inspect_checkpoint(
         placement=placement,
         layers=layers,
         ranks=_rank_totals(layers),
+        unsupported=unsupported,
+        quantization_config=ckpt._handle.unsupported_quantization,
     )
 
 
@@ -243,6 +264,17 @@ def format_report(report: Report) -> str:
         f"ranks       tp={report.tp_size} x ep={report.ep_size} "
         f"({report.placement} placement): {ranks} rank{'s' if ranks != 1 else ''}",
     ]
+    if report.quantization_config:
+        lines.append(f"quantized   {report.quantization_config}: not loaded by fastmoe_load")
+    if report.unsupported:
+        groups = len(report.unsupported)
+        lines += [
+            "",
+            f"{groups} group{'s' if groups != 1 else ''} of expert tensors cannot be loaded:",
+        ]
+        lines += [
+            f"  {g.prefix} ({len(g.tensors)} tensors): {g.reason}" for g in report.unsupported
+        ]
     if not report.layers:
         return "\n".join([*lines, "", "no routed-expert groups found"])
     quantizations = sorted({layer.quantization for layer in report.layers if layer.quantization})

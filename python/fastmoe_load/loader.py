@@ -127,10 +127,13 @@ def plan_destinations(
         )
     experts = request.experts(layer, local_experts)
     n, shard = len(experts), inter // tp_size
+    if shard % layer.pack:
+        # A split that cuts a pack: the plan's check names the tp sizes that fit.
+        ckpt._handle.plan(prefix, "w2", tp_rank=tp_rank, tp_size=tp_size, experts=[])
 
     wanted: list[tuple[str, object, tuple[int, ...], torch.dtype]] = [
-        ("w13", w13, (n, 2 * shard, hidden), layer.dtype),
-        ("w2", w2, (n, hidden, shard), layer.dtype),
+        ("w13", w13, (n, 2 * shard, hidden // layer.pack), layer.dtype),
+        ("w2", w2, (n, hidden, shard // layer.pack), layer.dtype),
     ]
     for name, bias, shape in (
         ("w13_bias", w13_bias, (n, 2 * shard)),
@@ -173,6 +176,12 @@ def plan_destinations(
             plan = ckpt._handle.plan(
                 prefix, name, tp_rank=tp_rank, tp_size=tp_size, experts=experts
             )
+            if plan.nbytes != tensor.numel() * dtype.itemsize:
+                # The copy threads write exactly the plan's bytes: never past the tensor.
+                raise request.error(
+                    f"{name}: the checkpoint holds {plan.nbytes} bytes for it, the "
+                    f"destination {tuple(tensor.shape)} takes {tensor.numel() * dtype.itemsize}"
+                )
             destinations.append(Destination(name, tensor, plan, cast_from=cast_from))
     for d in destinations:
         d.plan.check_intact()
@@ -239,7 +248,12 @@ def load_fused_moe(
     `w13_weight_scale [E_local, 2·I/tp, 1]` / `[E_local, 2]` and `w2_weight_scale [E_local, H,
     1]` / `[E_local]` per channel / per tensor (compressed-tensors, ModelOpt); `w13_input_scale`
     and `w2_input_scale [E_local]` (static activation scales; w13 takes the up projection's,
-    as vLLM's loader leaves it). A TP split must fall on the scale blocks (vLLM's rule):
+    as vLLM's loader leaves it). NVFP4 (ModelOpt, vLLM's `ModelOptNvFp4FusedMoE`): `w13`
+    `[E_local, 2*I/tp, H/2]` and `w2 [E_local, H, I/tp/2]` uint8 (two values a byte),
+    `w13_weight_scale [E_local, 2*I/tp, H/16]` and `w2_weight_scale [E_local, H, I/tp/16]`
+    float8_e4m3fn, `w13_weight_scale_2` and `w13_input_scale [E_local, 2]` (gate's, up's),
+    `w2_weight_scale_2` and `w2_input_scale [E_local]` float32. A TP split must fall on the
+    scale blocks and packs (vLLM's rule):
     `RequestError` names the tp sizes that do.
 
     Dtypes must match the checkpoint's unless `allow_cast=True`: then a destination of

@@ -587,7 +587,10 @@ def _resolve_ties(
 
 
 def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    """Bit for bit (NaN equals itself; the checkpoint's bytes are compared, not numbers)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
 def _bind_ties(model: torch.nn.Module, ties: list[_TieGroup]) -> None:

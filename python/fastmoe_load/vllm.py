@@ -6,14 +6,21 @@ names this returns. The layer is vLLM's `FusedMoE`, or, from vLLM 0.33 on, the `
 that `FusedMoEFactory` builds (whose experts are its `routed_experts`). It relies on these
 attributes of the experts module:
 
-- `w13_weight [E_local, 2*I/tp, H]`, `w2_weight [E_local, H, I/tp]`, and for gpt-oss
+- `w13_weight [E_local, 2*I/tp, H]`, `w2_weight [E_local, H, I/tp]` (named
+  `w13_weight_packed`, `w2_weight_packed` by compressed-tensors' `WNA16` method, int32 of
+  eight int4 values along the input dimension: `[E_local, 2*I/tp, H/8]`), and for gpt-oss
   `w13_bias [E_local, 2*I/tp]`, `w2_bias [E_local, H]`;
-- for quantized (fp8) checkpoints, the scale parameters vLLM's fp8 MoE methods
-  (`Fp8MoEMethod`, `CompressedTensorsW8A8Fp8MoEMethod`) create, named `w13_{kind}` and
-  `w2_{kind}` after the checkpoint's companions: `w13_weight_scale_inv`/`w2_weight_scale_inv`
-  (block scales), `w13_weight_scale`/`w2_weight_scale` (per channel or tensor),
+- for quantized checkpoints, the scale parameters vLLM's fp8 and NVFP4 MoE methods
+  (`Fp8MoEMethod`, `CompressedTensorsW8A8Fp8MoEMethod`, `ModelOptNvFp4FusedMoE`) create,
+  named `w13_{kind}` and `w2_{kind}` after the checkpoint's companions:
+  `w13_weight_scale_inv`/`w2_weight_scale_inv` (block scales), `w13_weight_scale`/
+  `w2_weight_scale` (per channel or tensor; NVFP4's 16-value groups),
+  `w13_weight_scale_2`/`w2_weight_scale_2` (NVFP4's global scales), `w13_weight_shape`/
+  `w2_weight_shape` (compressed-tensors' `[rows, cols]`, float32, the up projection's),
   `w13_input_scale`/`w2_input_scale`; float32 parameters take bfloat16 or UE8M0 scales
-  converted exactly, as vLLM's `copy_` does;
+  converted exactly, as vLLM's `copy_` does. NVFP4 methods whose kernels quantize with the
+  scales of all experts (FlashInfer's, `use_global_sf`) keep input scales for every global
+  expert (`[E, 2]`, `[E]`) on every EP rank: those are filled for every expert;
 - `tp_rank`, `tp_size` (or `moe_config.tp_rank`, `moe_config.tp_size`): the layer's MoE
   tensor-parallel rank and size;
 - `expert_map` (optional): a tensor of one entry per physical (global) expert, holding its
@@ -44,12 +51,22 @@ from .checkpoint import Checkpoint, MoeLayer
 from .loader import load_fused_moe
 
 
+def weight_parameters(layer: Any) -> tuple[str, str]:
+    """The names of the layer's gate/up and down weights: `w13_weight`, `w2_weight`, or
+    `w13_weight_packed`, `w2_weight_packed` (compressed-tensors' packed integer weights)."""
+    layer = getattr(layer, "routed_experts", layer)
+    names = ("w13_weight", "w2_weight")
+    if not all(isinstance(getattr(layer, n, None), torch.Tensor) for n in names):
+        names = ("w13_weight_packed", "w2_weight_packed")
+    return names
+
+
 def local_experts_of(
     layer: Any, num_experts: int, logical_of_physical: Sequence[int] | None = None
 ) -> list[int]:
     """The checkpoint (logical) expert of each local slot of `layer`."""
     layer = getattr(layer, "routed_experts", layer)
-    slots = layer.w13_weight.shape[0]
+    slots = getattr(layer, weight_parameters(layer)[0]).shape[0]
     expert_map = getattr(layer, "expert_map", None)
     if expert_map is None:
         physical = list(range(slots))
@@ -77,7 +94,9 @@ def wants_interleaved(layer: Any, group: MoeLayer) -> bool:
 
 def scale_parameters(layer: Any, group: MoeLayer) -> dict[str, torch.Tensor]:
     """The layer's parameters for the checkpoint group's companions (`w13_weight_scale_inv`,
-    ...), by name; raises `RequestError` naming any the layer lacks."""
+    ...), by name; raises `RequestError` naming any the layer lacks. Input scales of a
+    method that keeps them for all global experts (`use_global_sf`) are left out: see
+    `_fill_global_input_scales`."""
     if group.quantization is None:
         return {}
     layer = getattr(layer, "routed_experts", layer)
@@ -88,7 +107,31 @@ def scale_parameters(layer: Any, group: MoeLayer) -> dict[str, torch.Tensor]:
             f"experts at `{group.prefix}` are {group.quantization}, but the layer has no "
             f"{', '.join(missing)}: build it with the checkpoint's quantization config"
         )
+    if _global_input_scales(layer):
+        names = [n for n in names if not n.endswith("input_scale")]
     return {n: getattr(layer, n).data for n in names}
+
+
+def _global_input_scales(layer: Any) -> bool:
+    return bool(getattr(getattr(layer, "quant_method", None), "use_global_sf", False))
+
+
+def _fill_global_input_scales(layer: Any, group: MoeLayer) -> None:
+    """`w13_input_scale [E, 2]` (gate's, up's) and `w2_input_scale [E]` of every global
+    expert, as vLLM's loader fills them for a `use_global_sf` method: scalars, copied from
+    the zero-copy views after checking the shapes."""
+    w13, w2 = layer.w13_input_scale.data, layer.w2_input_scale.data
+    n = group.num_experts
+    if tuple(w13.shape) != (n, 2) or tuple(w2.shape) != (n,):
+        raise RequestError(
+            f"experts at `{group.prefix}`: global input scales of shapes {tuple(w13.shape)} "
+            f"and {tuple(w2.shape)}, expected ({n}, 2) and ({n},)"
+        )
+    with torch.no_grad():
+        for e in range(n):
+            for column, matrix in enumerate(("w1", "w3")):
+                w13[e, column] = group.companion("input_scale", matrix, e).reshape(())
+            w2[e] = group.companion("input_scale", "w2", e).reshape(())
 
 
 def load_fused_moe_layer(
@@ -107,7 +150,7 @@ def load_fused_moe_layer(
     experts = local_experts_of(layer, group.num_experts, logical_of_physical)
     parallel = layer if hasattr(layer, "tp_rank") else layer.moe_config
     tp_rank, tp_size = int(parallel.tp_rank), int(parallel.tp_size)
-    w13, w2 = layer.w13_weight.data, layer.w2_weight.data
+    w13, w2 = (getattr(layer, name).data for name in weight_parameters(layer))
     b13, b2 = getattr(layer, "w13_bias", None), getattr(layer, "w2_bias", None)
     with_bias = group.has_bias and b13 is not None and b2 is not None
     biases = {"w13_bias": b13.data, "w2_bias": b2.data} if with_bias else {}
@@ -129,6 +172,9 @@ def load_fused_moe_layer(
         allow_cast=True,
         **{**biases, **{k: v for k, v in scratch.items() if k != "w13"}},
     )
+    quantization = group.quantization
+    if quantization and quantization.companion("input_scale") and _global_input_scales(layer):
+        _fill_global_input_scales(layer, group)
     with torch.no_grad():
         for name, target in (("w13", w13), ("w13_bias", biases.get("w13_bias"))):
             if name in scratch and target is not None:

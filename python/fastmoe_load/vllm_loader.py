@@ -26,13 +26,14 @@ What it relies on in vLLM (0.33):
 - `register_model_loader(load_format)` and `BaseModelLoader`, whose `load_model` builds the
   model on the target device, calls `load_weights(model, model_config)`, then runs
   `process_weights_after_loading`;
-- an expert layer is a module whose own parameters include `w13_weight` and `w2_weight`
-  (`RoutedExperts`, or `FusedMoE` before 0.33), with `moe_config.is_act_and_mul` true and,
-  as its `quant_method`, `UnquantizedFusedMoEMethod` (unquantized checkpoints) or one of the
-  fp8 methods in `FP8_METHODS` without a refined or padded scale grid (fp8 checkpoints:
-  their scales go into `w13_{kind}`/`w2_{kind}`); inside a `MoERunner` it is the runner's
-  `routed_experts`, and checkpoint names address the runner. `fastmoe_load.vllm` lists what
-  is read from the layer itself;
+- an expert layer is a module whose own parameters include `w13_weight` and `w2_weight`, or
+  `w13_weight_packed` and `w2_weight_packed` (`RoutedExperts`, or `FusedMoE` before 0.33),
+  with `moe_config.is_act_and_mul` true and, as its `quant_method`,
+  `UnquantizedFusedMoEMethod` (unquantized checkpoints) or one of the quantized methods in
+  `QUANTIZED_METHODS` (fp8, NVFP4, int4) without a refined or padded scale grid (quantized
+  checkpoints: their scales go into `w13_{kind}`/`w2_{kind}`); inside a
+  `MoERunner` it is the runner's `routed_experts`, and checkpoint names address the runner.
+  `fastmoe_load.vllm` lists what is read from the layer itself;
 - `model.hf_to_vllm_mapper` (optional), a `WeightsMapper` whose `map_name` turns a
   checkpoint name into the model's name, or None for a dropped weight;
 - `model.load_weights(iterable of (name, tensor))`, returning the names of the parameters
@@ -70,7 +71,7 @@ from vllm.model_executor.model_loader.weight_utils import download_weights_from_
 from ._fastmoe_load import LayoutError, RequestError, TensorNotFoundError
 from .checkpoint import Checkpoint, MoeLayer
 from .checkpoint import open as open_checkpoint
-from .vllm import load_fused_moe_layer, scale_parameters
+from .vllm import load_fused_moe_layer, scale_parameters, weight_parameters
 
 logger = logging.getLogger("fastmoe_load")
 
@@ -131,7 +132,7 @@ class FastMoeModelLoader(BaseModelLoader):
         with open_checkpoint(path, **self.open_options) as ckpt:
             start = time.perf_counter()
             filled, consumed = fill_expert_layers(model, ckpt)
-            layers = sum(name.endswith(".w13_weight") for name in filled)
+            layers = sum(name.endswith((".w13_weight", ".w13_weight_packed")) for name in filled)
             experts_done = time.perf_counter()
             remaining = [name for name in ckpt.keys() if name not in consumed]
             loaded = model.load_weights((name, ckpt.tensor(name)) for name in remaining)
@@ -161,14 +162,24 @@ def expert_layers(model: torch.nn.Module) -> dict[str, tuple[str, torch.nn.Modul
     the module that holds their parameters."""
     layers = {}
     for name, module in model.named_modules():
-        if {"w13_weight", "w2_weight"} <= module._parameters.keys():
+        params = module._parameters.keys()
+        if {"w13_weight", "w2_weight"} <= params or {
+            "w13_weight_packed",
+            "w2_weight_packed",
+        } <= params:
             addressed = name.removesuffix(".routed_experts")
             layers[addressed] = (name, module)
     return layers
 
 
-# vLLM's fp8 MoE methods whose scales `load_fused_moe_layer` fills as their weight_loader does.
-FP8_METHODS = ("Fp8MoEMethod", "CompressedTensorsW8A8Fp8MoEMethod")
+# vLLM's quantized MoE methods whose weights and scales `load_fused_moe_layer` fills as their
+# weight_loader does.
+QUANTIZED_METHODS = (
+    "Fp8MoEMethod",
+    "CompressedTensorsW8A8Fp8MoEMethod",
+    "ModelOptNvFp4FusedMoE",
+    "CompressedTensorsWNA16MoEMethod",
+)
 
 
 def fillable(module: torch.nn.Module, group: MoeLayer) -> bool:
@@ -184,10 +195,10 @@ def fillable(module: torch.nn.Module, group: MoeLayer) -> bool:
         return isinstance(method, UnquantizedFusedMoEMethod)
     companions = [f"{t}_{c.kind}" for c in group.quantization.companions for t in ("w13", "w2")]
     return (
-        type(method).__name__ in FP8_METHODS
+        type(method).__name__ in QUANTIZED_METHODS
         and getattr(method, "weight_scale_refine", None) is None
         and not getattr(moe_config, "tp_shard_with_padding", False)
-        and module.w13_weight.dtype == group.dtype
+        and getattr(module, weight_parameters(module)[0]).dtype == group.dtype
         and all(name in module._parameters for name in companions)
     )
 
@@ -231,7 +242,7 @@ def fill_expert_layers(model: torch.nn.Module, ckpt: Checkpoint) -> tuple[set[st
             left_to_model.append(group.prefix)
             continue
         consumed.update(load_fused_moe_layer(module, ckpt, group.prefix))
-        params = ["w13_weight", "w2_weight"]
+        params = list(weight_parameters(module))
         if group.has_bias and {"w13_bias", "w2_bias"} <= module._parameters.keys():
             params += ["w13_bias", "w2_bias"]
         params += scale_parameters(module, group)

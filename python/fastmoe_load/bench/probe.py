@@ -84,7 +84,7 @@ def copy_only(bench: Bench) -> Load:
 
 def contenders(bench: Bench, case: Case) -> dict[str, Load]:
     runs = {
-        "fastmoe_load": bench.fastmoe(case),
+        "fastmoe_load, timed beside the probes": bench.fastmoe(case),
         "probe: fill only, no copy": fill_only(bench, case),
         "probe: copy only, no fill": copy_only(bench),
         "probe: io=pread": bench.fastmoe(case, io="pread"),

@@ -1,12 +1,19 @@
-"""`python -m fastmoe_load bench --quant fp8`: quantized experts beside the pure-Python path.
+"""`python -m fastmoe_load bench --quant fp8|nvfp4|int4`: quantized experts beside the
+pure-Python path.
 
-A generated checkpoint shaped like DeepSeek-V3's routed experts (one fp8 e4m3 tensor per
-expert and matrix, 256 experts, H=7168, I=2048, each with its float32 128 x 128
-`weight_scale_inv`: thousands of small scale tensors beside the weights), loaded into the
-parameters vLLM's `Fp8MoEMethod` creates (`w13_weight`, `w2_weight`,
-`w13_weight_scale_inv`, `w2_weight_scale_inv`), by fastmoe_load and by vLLM's per-expert
-`weight_loader` loop in pure Python; and, in the same run, the bf16 fused checkpoint of the
-plain bench, so that fp8 and bf16 compare per landed byte.
+A generated checkpoint shaped like DeepSeek-V3's routed experts (one tensor per expert and
+matrix, 256 experts, H=7168, I=2048), quantized as the releases are: `fp8`, fp8 e4m3
+weights each with its float32 128 x 128 `weight_scale_inv` (DeepSeek-V3), loaded into the
+parameters vLLM's `Fp8MoEMethod` creates (`w13_weight`, `w2_weight`, `w13_weight_scale_inv`,
+`w2_weight_scale_inv`); `nvfp4`, uint8 weights of two e2m1 values a byte, float8
+`weight_scale` per 16 values and float32 `weight_scale_2` and `input_scale` scalars
+(DeepSeek-R1-FP4), into `ModelOptNvFp4FusedMoE`'s; `int4`, compressed-tensors
+`pack-quantized` int32 `weight_packed` of eight values, bfloat16 `weight_scale` per 32 values
+and `weight_shape` (Kimi-K2-Thinking), into `CompressedTensorsWNA16MoEMethod`'s. Thousands
+of small scale tensors lie beside the weights. Loaded by fastmoe_load and by vLLM's
+per-expert `weight_loader` loop in pure Python; and, in the same run, the bf16 fused
+checkpoint of the plain bench, so that the quantized and bf16 checkpoints compare per landed
+byte.
 """
 
 from __future__ import annotations
@@ -37,24 +44,101 @@ from .run import Bench, Case, Row, describe_machine, legend
 
 FP8 = torch.float8_e4m3fn
 BLOCK = 128
+FP4_GROUP = 16
+INT4_GROUP = 32
 MODULES = ("gate_proj", "up_proj", "down_proj")
+SCHEMES = ("fp8", "nvfp4", "int4")
+STORED = {
+    "fp8": "fp8 e4m3 per expert with float32 128x128 weight_scale_inv",
+    "nvfp4": "nvfp4 per expert (uint8, two values a byte) with float8 weight_scale per 16 "
+    "values and float32 weight_scale_2 and input_scale",
+    "int4": "int4 per expert (int32 weight_packed, eight values each) with bfloat16 "
+    "weight_scale per 32 values and weight_shape",
+}
+QUANTIZATION_CONFIGS = {
+    "fp8": {
+        "quant_method": "fp8",
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "weight_block_size": [BLOCK, BLOCK],
+    },
+    "nvfp4": {
+        "quant_method": "modelopt",
+        "quant_algo": "NVFP4",
+        "group_size": FP4_GROUP,
+        "kv_cache_quant_algo": None,
+        "exclude_modules": ["lm_head"],
+    },
+    "int4": {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": {
+                    "num_bits": 4,
+                    "type": "int",
+                    "symmetric": True,
+                    "strategy": "group",
+                    "group_size": INT4_GROUP,
+                },
+            }
+        },
+        "ignore": ["lm_head"],
+    },
+}
+
+
+def module_tensors(
+    scheme: str, rows: int, cols: int, weight: torch.Tensor, gen: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """The tensors of one expert matrix `[rows, cols]` by suffix, as the scheme's releases
+    store them; `weight` holds enough random bytes (uint8) for the weight."""
+    if scheme == "fp8":
+        grid = (math.ceil(rows / BLOCK), math.ceil(cols / BLOCK))
+        return {
+            "weight": weight[: rows * cols].view(FP8).view(rows, cols).clone(),
+            "weight_scale_inv": torch.rand(grid, generator=gen),
+        }
+    packed = weight[: rows * cols // 2]
+    if scheme == "int4":
+        return {
+            "weight_packed": packed.view(torch.int32).view(rows, -1).clone(),
+            "weight_scale": torch.rand(rows, cols // INT4_GROUP, generator=gen).bfloat16(),
+            "weight_shape": torch.tensor([rows, cols], dtype=torch.int32),
+        }
+    return {
+        "weight": packed.view(rows, cols // 2).clone(),
+        "weight_scale": torch.rand(rows, cols // FP4_GROUP, generator=gen).to(FP8),
+        "weight_scale_2": torch.rand((), generator=gen),
+        "input_scale": torch.rand((), generator=gen),
+    }
 
 
 @dataclass(frozen=True)
 class Fp8Shape:
+    """The quantized checkpoint's shape, of any scheme in `SCHEMES`."""
+
     layers: int
     experts: int = 256
     hidden: int = 7168
     intermediate: int = 2048
+    scheme: str = "fp8"
 
     @property
     def scale_bytes(self) -> int:
+        values = self.hidden * self.intermediate
+        if self.scheme == "nvfp4":  # float8 groups, two float32 scalars
+            return 3 * self.experts * (values // FP4_GROUP + 8)
+        if self.scheme == "int4":  # bfloat16 groups, the int32 shape
+            return 3 * self.experts * (values // INT4_GROUP * 2 + 8)
         rows, cols = math.ceil(self.intermediate / BLOCK), math.ceil(self.hidden / BLOCK)
         return 3 * self.experts * rows * cols * 4  # float32
 
     @property
     def layer_bytes(self) -> int:
-        return 3 * self.experts * self.hidden * self.intermediate + self.scale_bytes
+        values = 3 * self.experts * self.hidden * self.intermediate
+        return (values if self.scheme == "fp8" else values // 2) + self.scale_bytes
 
     @property
     def total_bytes(self) -> int:
@@ -66,14 +150,14 @@ class Fp8Shape:
 
 
 def generate_fp8(path: str, shape: Fp8Shape) -> bool:
-    """Writes the fp8 checkpoint to directory `path` unless it is there already (see
+    """Writes the quantized checkpoint to directory `path` unless it is there already (see
     `generate.prepare`), with a progress bar on a terminal. Returns whether it was there."""
-    if prepare(path, "fp8", asdict(shape)):
+    if prepare(path, shape.scheme, asdict(shape)):
         return True
     generator = torch.Generator().manual_seed(0)
     h, i = shape.hidden, shape.intermediate
-    # Random fp8 bytes (no NaN patterns), copied into every weight: cheap, real data.
-    block = torch.randint(0, 0x7E, (h * i,), dtype=torch.uint8, generator=generator).view(FP8)
+    # Random bytes (no fp8 NaN patterns), copied into every weight: cheap, real data.
+    block = torch.randint(0, 0x7E, (h * i,), dtype=torch.uint8, generator=generator)
     # Shards of 32 experts (1.4 GB at DeepSeek-V3's sizes), as releases shard by size.
     groups = [
         (layer, first) for layer in range(shape.layers) for first in range(0, shape.experts, 32)
@@ -81,7 +165,7 @@ def generate_fp8(path: str, shape: Fp8Shape) -> bool:
     weight_map = {}
     bar = tqdm(
         total=shape.total_bytes,
-        desc="writing the fp8 checkpoint",
+        desc=f"writing the {shape.scheme} checkpoint",
         unit="B",
         unit_scale=True,
         disable=None,  # only on a terminal
@@ -93,9 +177,8 @@ def generate_fp8(path: str, shape: Fp8Shape) -> bool:
             for module in MODULES:
                 rows, cols = (h, i) if module == "down_proj" else (i, h)
                 name = f"{shape.prefix(layer)}.{e}.{module}"
-                tensors[f"{name}.weight"] = block.view(rows, cols).clone()
-                grid = (math.ceil(rows / BLOCK), math.ceil(cols / BLOCK))
-                tensors[f"{name}.weight_scale_inv"] = torch.rand(grid, generator=generator)
+                for suffix, t in module_tensors(shape.scheme, rows, cols, block, generator).items():
+                    tensors[f"{name}.{suffix}"] = t
         save_file(tensors, os.path.join(path, file))
         weight_map.update(dict.fromkeys(tensors, file))
         bar.update(sum(t.nbytes for t in tensors.values()))
@@ -107,16 +190,11 @@ def generate_fp8(path: str, shape: Fp8Shape) -> bool:
         "hidden_size": h,
         "moe_intermediate_size": i,
         "n_routed_experts": shape.experts,
-        "quantization_config": {
-            "quant_method": "fp8",
-            "activation_scheme": "dynamic",
-            "fmt": "e4m3",
-            "weight_block_size": [BLOCK, BLOCK],
-        },
+        "quantization_config": QUANTIZATION_CONFIGS[shape.scheme],
     }
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f)
-    finish(path, "fp8", asdict(shape))
+    finish(path, shape.scheme, asdict(shape))
     return False
 
 
@@ -125,22 +203,47 @@ Destinations = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
 
 
 class Fp8Bench(Bench):
-    """The plain bench's timing and table over fp8 destinations."""
+    """The plain bench's timing and table over quantized destinations."""
 
     shape: Fp8Shape  # type: ignore[assignment]
 
     def destinations(self, case: Case, touched: bool) -> list[Destinations]:  # type: ignore[override]
         s = self.shape
-        n, shard = len(case.experts(s.experts)), s.intermediate // case.tp_size
+        n, shard, h = len(case.experts(s.experts)), s.intermediate // case.tp_size, s.hidden
         out = []
+
+        def empty(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            return torch.empty(shape, dtype=dtype, device=self.device)
+
         for _ in range(s.layers):
-            rows, cols = math.ceil(shard / BLOCK), math.ceil(s.hidden / BLOCK)
-            w13 = torch.empty(n, 2 * shard, s.hidden, dtype=FP8, device=self.device)
-            w2 = torch.empty(n, s.hidden, shard, dtype=FP8, device=self.device)
-            scales = {
-                "w13_weight_scale_inv": torch.empty(n, 2 * rows, cols, device=self.device),
-                "w2_weight_scale_inv": torch.empty(n, cols, rows, device=self.device),
-            }
+            if s.scheme == "nvfp4":  # `ModelOptNvFp4FusedMoE.create_weights`
+                w13 = empty(n, 2 * shard, h // 2, dtype=torch.uint8)
+                w2 = empty(n, h, shard // 2, dtype=torch.uint8)
+                scales = {
+                    "w13_weight_scale": empty(n, 2 * shard, h // FP4_GROUP, dtype=FP8),
+                    "w2_weight_scale": empty(n, h, shard // FP4_GROUP, dtype=FP8),
+                    "w13_weight_scale_2": empty(n, 2),
+                    "w2_weight_scale_2": empty(n),
+                    "w13_input_scale": empty(n, 2),
+                    "w2_input_scale": empty(n),
+                }
+            elif s.scheme == "int4":  # `CompressedTensorsWNA16MoEMethod.create_weights`
+                bf16 = torch.bfloat16
+                w13 = empty(n, 2 * shard, h // 8, dtype=torch.int32)
+                w2 = empty(n, h, shard // 8, dtype=torch.int32)
+                scales = {
+                    "w13_weight_scale": empty(n, 2 * shard, h // INT4_GROUP, dtype=bf16),
+                    "w2_weight_scale": empty(n, h, shard // INT4_GROUP, dtype=bf16),
+                    "w13_weight_shape": empty(n, 2, dtype=torch.int32),
+                    "w2_weight_shape": empty(n, 2, dtype=torch.int32),
+                }
+            else:  # `Fp8MoEMethod.create_weights`, block scales
+                rows, cols = math.ceil(shard / BLOCK), math.ceil(h / BLOCK)
+                w13, w2 = empty(n, 2 * shard, h, dtype=FP8), empty(n, h, shard, dtype=FP8)
+                scales = {
+                    "w13_weight_scale_inv": empty(n, 2 * rows, cols),
+                    "w2_weight_scale_inv": empty(n, cols, rows),
+                }
             if touched:
                 for t in (w13, w2, *scales.values()):
                     t.view(torch.uint8).zero_()
@@ -154,11 +257,12 @@ def default_shape(
     experts: int | None = None,
     hidden: int | None = None,
     intermediate: int | None = None,
+    scheme: str = "fp8",
 ) -> Fp8Shape:
-    """DeepSeek-V3's sizes unless given: one full layer (11.3 GB) on a GPU machine; on a
-    CPU, as many experts as fit an eighth of the memory, so that the checkpoint stays in the
-    page cache."""
-    base = Fp8Shape(layers=layers or 1)
+    """DeepSeek-V3's sizes unless given: one full layer (11.3 GB in fp8, 6 GB in nvfp4 or
+    int4) on a GPU machine; on a CPU, as many experts as fit an eighth of the memory, so that
+    the checkpoint stays in the page cache."""
+    base = Fp8Shape(layers=layers or 1, scheme=scheme)
     base = replace(
         base, hidden=hidden or base.hidden, intermediate=intermediate or base.intermediate
     )
@@ -169,19 +273,19 @@ def default_shape(
     return replace(base, experts=max(8, min(256, ram // 8 // one.layer_bytes)))
 
 
-def _check_root(root: str) -> None:
-    """`root` holds the two checkpoints in `fp8/` and `bf16/`: it must be new, empty or hold
-    only those, each one a bench generated."""
+def _check_root(root: str, scheme: str) -> None:
+    """`root` holds the two checkpoints in `{scheme}/` and `bf16/`: it must be new, empty or
+    hold only those, each one a bench generated."""
     if os.path.lexists(root) and not os.path.isdir(root):
         raise RequestError(f"{root}: exists and is not a directory; give --dir a directory")
-    others = sorted(set(os.listdir(root)) - {"fp8", "bf16"}) if os.path.isdir(root) else []
+    others = sorted(set(os.listdir(root)) - {scheme, "bf16"}) if os.path.isdir(root) else []
     if others:
         raise RequestError(
-            f"{root}: the directory is not empty and holds more than the fp8/ and bf16/ "
+            f"{root}: the directory is not empty and holds more than the {scheme}/ and bf16/ "
             f"checkpoints bench --quant generates ({', '.join(others[:3])}); nothing in it is "
             "overwritten: give --dir a new or empty directory"
         )
-    for name in ("fp8", "bf16"):
+    for name in (scheme, "bf16"):
         check_dir(os.path.join(root, name))
 
 
@@ -195,12 +299,19 @@ def main(
     experts: int | None = None,
     hidden: int | None = None,
     intermediate: int | None = None,
+    scheme: str = "fp8",
 ) -> list[Row]:
-    """Generates the fp8 checkpoint (see `default_shape`) and a bf16 fused one of about the
-    same size in `directory`/fp8 and `directory`/bf16 (default: `default_dir`, reused while
-    the shapes match; removed afterwards with `clean`), and prints the table."""
+    """Generates the `scheme` checkpoint (see `default_shape`) and a bf16 fused one of about
+    the same size in `directory`/`scheme` and `directory`/bf16 (default: `default_dir`,
+    reused while the shapes match; removed afterwards with `clean`), and prints the table."""
     dev = torch.device(device)
-    shape = default_shape(dev, layers, experts, hidden, intermediate)
+    shape = default_shape(dev, layers, experts, hidden, intermediate, scheme)
+    group = {"fp8": 1, "nvfp4": FP4_GROUP, "int4": INT4_GROUP}[scheme]
+    if shape.hidden % group or shape.intermediate % group:
+        raise RequestError(
+            f"{scheme} scales groups of {group} values: --hidden and --intermediate must be "
+            f"multiples of {group} (got {shape.hidden} and {shape.intermediate})"
+        )
     one = Shape(layers=1)
     one = replace(
         one,
@@ -209,15 +320,14 @@ def main(
         intermediate=intermediate or one.intermediate,
     )
     bf16_shape = replace(one, layers=layers_for(shape.total_bytes, one))
-    root = directory or default_dir("fastmoe_bench_fp8")
-    path, bf16_path = os.path.join(root, "fp8"), os.path.join(root, "bf16")
-    _check_root(root)
+    root = directory or default_dir(f"fastmoe_bench_{scheme}")
+    path, bf16_path = os.path.join(root, scheme), os.path.join(root, "bf16")
+    _check_root(root, scheme)
     announce(
         path,
         f"{shape.layers} layer(s) of {shape.experts} experts, H={shape.hidden}, "
-        f"I={shape.intermediate}, fp8 e4m3 per expert with float32 128x128 weight_scale_inv, "
-        f"{shape.total_bytes / 1e9:.3g} GB",
-        generated(path, "fp8", asdict(shape)),
+        f"I={shape.intermediate}, {STORED[scheme]}, {shape.total_bytes / 1e9:.3g} GB",
+        generated(path, scheme, asdict(shape)),
         clean,
     )
     announce(
@@ -242,13 +352,13 @@ def main(
         if ep > 1:
             cases.append(Case(f"EP={ep} rank 1", ep_rank=1, ep_size=ep))
         for case in cases:
-            # bf16 first, so that the fp8 rows print with their ratio to it.
+            # bf16 first, so that the quantized rows print with their ratio to it.
             bf16.compare(case, {"fastmoe_load bf16 fused": bf16.fastmoe(case)})
             fp8.compare(
                 case,
                 {
-                    "fastmoe_load fp8 + scales": fp8.fastmoe(case),
-                    "seed: vLLM per-expert loop, fp8 + scales": fp8.seed(case),
+                    f"fastmoe_load {scheme} + scales": fp8.fastmoe(case),
+                    f"seed: vLLM per-expert loop, {scheme} + scales": fp8.seed(case),
                 },
             )
         print()

@@ -63,12 +63,15 @@ class SeedLoader:
         self, scale: torch.Tensor, companion: Companion, shard_id: str, expert_id: int
     ) -> None:
         """vLLM's scale branches: per-tensor values by index, input scales one per expert,
-        block and channel scales narrowed like weights (down's channel scales whole)."""
+        block, group and channel scales narrowed like weights (down's channel scales whole),
+        `weight_shape` whole per expert."""
         param = self.scales.get(f"{'w2' if shard_id == 'w2' else 'w13'}_{companion.kind}")
         if param is None:
             return
         for slot in self.slots.get(expert_id, ()):
-            if companion.merged_w13 or (shard_id == "w2" and companion.scheme == "tensor"):
+            if companion.scheme == "whole":  # `weight_shape`: the up projection's in w13
+                param[slot].copy_(scale)
+            elif companion.merged_w13 or (shard_id == "w2" and companion.scheme == "tensor"):
                 param[slot] = scale.reshape(())
             elif companion.scheme == "tensor":  # w13: [E, 2]
                 param[slot][0 if shard_id == "w1" else 1] = scale.reshape(())

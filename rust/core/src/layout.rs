@@ -48,10 +48,21 @@ pub struct PerExpertTensors {
     pub biases: Option<[Vec<String>; 3]>,
 }
 
+/// Each matrix of all experts stacked in one 2-D tensor `[E·I, H]`, expert after expert
+/// (DBRX's `ffn.experts.mlp.w1 / v1 / w2`): gate and up as `[I, H]` per expert, down
+/// transposed, `[I, H]` per expert for its `[H, I]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StackedTensors {
+    pub gate: String,
+    pub up: String,
+    pub down: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExpertTensors {
     Fused(FusedTensors),
     PerExpert(PerExpertTensors),
+    Stacked(StackedTensors),
 }
 
 /// A per-expert naming scheme: the module names of gate, up and down.
@@ -99,6 +110,18 @@ const FUSED_NAMES: [FusedNames; 2] = [
         down: "output_linear.weight",
         biases: None,
     },
+];
+
+/// Suffixes of the experts prefix naming stacked gate, up and down tensors.
+const STACKED_NAMES: [[&str; 3]; 1] = [["mlp.w1", "mlp.v1", "mlp.w2"]];
+
+/// `config.json` keys (dotted paths) that give the number of routed experts, which the
+/// shape of a stacked tensor `[E·I, H]` does not tell.
+const NUM_EXPERTS_KEYS: [&str; 4] = [
+    "ffn_config.moe_num_experts",
+    "num_local_experts",
+    "num_experts",
+    "n_routed_experts",
 ];
 
 /// `model_type`s whose fused gate/up tensor interleaves gate and up.
@@ -162,17 +185,22 @@ pub struct MoeLayer {
     pub intermediate_size: usize,
     pub dtype: Dtype,
     pub bias_dtype: Option<Dtype>,
+    /// Values one stored weight element holds along the input dimension: 1, or 2 for NVFP4
+    /// (two e2m1 values a byte). `hidden_size` and `intermediate_size` count values; the
+    /// views of [`MoeLayer::matrix`] count stored elements (`[I, H/pack]`, `[H, I/pack]`).
+    pub pack: usize,
     pub tensors: ExpertTensors,
     /// Scales beside quantized (fp8) weights; `None` for unquantized experts.
     pub quantization: Option<Quantization>,
 }
 
 impl MoeLayer {
-    /// `fused`, `fused_transposed`, `fused_interleaved`, `fused_transposed_interleaved` or
-    /// `per_expert`.
+    /// `fused`, `fused_transposed`, `fused_interleaved`, `fused_transposed_interleaved`,
+    /// `per_expert` or `stacked`.
     pub fn format(&self) -> &'static str {
         match &self.tensors {
             ExpertTensors::PerExpert(_) => "per_expert",
+            ExpertTensors::Stacked(_) => "stacked",
             ExpertTensors::Fused(f) => match (f.transposed, f.interleaved) {
                 (false, false) => "fused",
                 (true, false) => "fused_transposed",
@@ -207,6 +235,7 @@ impl MoeLayer {
                 .flatten()
                 .map(String::as_str)
                 .collect(),
+            ExpertTensors::Stacked(t) => vec![&t.gate, &t.up, &t.down],
         };
         names.extend(companions.flat_map(|c| c.tensor_names()));
         names
@@ -231,7 +260,7 @@ impl MoeLayer {
             CompanionTensors::PerExpert(tensors) => (&tensors[slot][expert], 0),
             CompanionTensors::Fused { gate_up, down } => match slot {
                 2 => (down, expert * rows * cols),
-                _ if companion.kind.merged_w13 => (gate_up, expert),
+                _ if companion.merged_w13 => (gate_up, expert),
                 _ => (gate_up, (expert * 2 * rows + slot * rows) * cols),
             },
         };
@@ -264,6 +293,11 @@ impl MoeLayer {
                     .map(move |s| (s, name))
             })
             .collect();
+        let weight_name = self.tensor_names()[0].to_string();
+        let mut steps = steps;
+        if self.pack > 1 {
+            steps.push((self.pack, &weight_name));
+        }
         let fits = |tp: usize| {
             tp == 1
                 || (inter.is_multiple_of(tp)
@@ -283,7 +317,7 @@ impl MoeLayer {
             .collect();
         Err(format!(
             "tp_size={tp_size} gives each rank {} of the intermediate size {inter}, which cuts the \
-             {step}-entry scale blocks of `{name}`; tp_size that fit: {}",
+             {step}-value blocks (scales or packs) of `{name}`; tp_size that fit: {}",
             inter / tp_size,
             working.join(", ")
         ))
@@ -305,11 +339,21 @@ impl MoeLayer {
             col_stride,
         };
         match &self.tensors {
+            ExpertTensors::Stacked(t) => {
+                let offset = expert * i * h;
+                match part {
+                    Part::Gate => Some(view(&t.gate, offset, i, h, h, 1)),
+                    Part::Up => Some(view(&t.up, offset, i, h, h, 1)),
+                    Part::Down => Some(view(&t.down, offset, h, i, 1, h)),
+                    Part::GateBias | Part::UpBias | Part::DownBias => None,
+                }
+            }
             ExpertTensors::PerExpert(p) => {
+                let pack = self.pack;
                 let (tensors, rows, cols) = match part {
-                    Part::Gate => (&p.weights[0], i, h),
-                    Part::Up => (&p.weights[1], i, h),
-                    Part::Down => (&p.weights[2], h, i),
+                    Part::Gate => (&p.weights[0], i, h / pack),
+                    Part::Up => (&p.weights[1], i, h / pack),
+                    Part::Down => (&p.weights[2], h, i / pack),
                     Part::GateBias => (&p.biases.as_ref()?[0], 1, i),
                     Part::UpBias => (&p.biases.as_ref()?[1], 1, i),
                     Part::DownBias => (&p.biases.as_ref()?[2], 1, h),
@@ -355,6 +399,9 @@ pub fn detect(ckpt: &Checkpoint, interleaved: Option<bool>) -> Result<Vec<MoeLay
     let mut layers = Vec::new();
     for (name, gate_up) in ckpt.entries() {
         if let Some(layer) = fused_group(ckpt, name, gate_up, interleaved)? {
+            layers.push(layer);
+        }
+        if let Some(layer) = stacked_group(ckpt, name, gate_up)? {
             layers.push(layer);
         }
     }
@@ -495,6 +542,7 @@ fn fused_group(
         hidden: h,
         inter: i,
         dtype,
+        pack: 1,
     };
     let quantization = quant::fused(
         ckpt,
@@ -510,6 +558,7 @@ fn fused_group(
         intermediate_size: i,
         dtype,
         bias_dtype,
+        pack: 1,
         quantization,
         tensors: ExpertTensors::Fused(FusedTensors {
             gate_up: name.to_string(),
@@ -518,6 +567,86 @@ fn fused_group(
             down_bias,
             transposed,
             interleaved,
+        }),
+    }))
+}
+
+/// The number of routed experts `config.json` declares, if it does.
+fn config_num_experts(ckpt: &Checkpoint) -> Option<usize> {
+    let config = ckpt.config()?;
+    let scopes = [Some(config), config.get("text_config")];
+    scopes.into_iter().flatten().find_map(|scope| {
+        NUM_EXPERTS_KEYS.iter().find_map(|key| {
+            key.split('.')
+                .try_fold(scope, |v, k| v.get(k))?
+                .as_u64()
+                .map(|n| n as usize)
+        })
+    })
+}
+
+/// The stacked group whose gate tensor is `name`, if `name` is one (DBRX).
+fn stacked_group(ckpt: &Checkpoint, name: &str, gate: &TensorEntry) -> Result<Option<MoeLayer>> {
+    let Some((prefix, [_, up_suffix, down_suffix])) = STACKED_NAMES.iter().find_map(|names| {
+        let prefix = name.strip_suffix(names[0])?.strip_suffix('.')?;
+        Some((prefix, *names))
+    }) else {
+        return Ok(None);
+    };
+    let err = |reason: String| layout_error(ckpt, prefix, reason);
+    let (up_name, down_name) = (
+        format!("{prefix}.{up_suffix}"),
+        format!("{prefix}.{down_suffix}"),
+    );
+    let (Some(up), Some(down)) = (entry(ckpt, &up_name), entry(ckpt, &down_name)) else {
+        return Err(err(format!(
+            "`{name}` needs `{up_name}` and `{down_name}` beside it (experts stacked as [E·I, H])"
+        )));
+    };
+    if gate.shape.len() != 2 || up.shape != gate.shape || down.shape != gate.shape {
+        return Err(err(format!(
+            "`{name}` {:?}, `{up_name}` {:?} and `{down_name}` {:?} should all be [E·I, H]",
+            gate.shape, up.shape, down.shape
+        )));
+    }
+    let num_experts = config_num_experts(ckpt).ok_or_else(|| {
+        err(format!(
+            "`{name}` {:?} stacks all experts' rows; config.json must say how many experts              there are (one of {})",
+            gate.shape,
+            NUM_EXPERTS_KEYS.join(", ")
+        ))
+    })?;
+    let (rows, h) = (gate.shape[0], gate.shape[1]);
+    if num_experts == 0 || rows == 0 || h == 0 || !rows.is_multiple_of(num_experts) {
+        return Err(err(format!(
+            "`{name}` {:?} does not hold {num_experts} experts (config.json) of equal size",
+            gate.shape
+        )));
+    }
+    let dtype = same_dtype(ckpt, prefix, &[gate, up, down])?;
+    let i = rows / num_experts;
+    let weights = Weights {
+        prefix,
+        hidden: h,
+        inter: i,
+        dtype,
+        pack: 1,
+    };
+    // No companions are known for this layout: fp8 weights fail here for want of scales.
+    let quantization = quant::per_expert(ckpt, &weights, ["w1", "v1", "w2"], Default::default())?;
+    Ok(Some(MoeLayer {
+        prefix: prefix.to_string(),
+        num_experts,
+        hidden_size: h,
+        intermediate_size: i,
+        dtype,
+        bias_dtype: None,
+        pack: 1,
+        quantization,
+        tensors: ExpertTensors::Stacked(StackedTensors {
+            gate: name.to_string(),
+            up: up_name,
+            down: down_name,
         }),
     }))
 }
@@ -549,12 +678,19 @@ struct ExpertEntries<'c> {
     tensors: [Option<Found<'c>>; 6],
     /// Companions by kind, `[gate, up, down]`.
     companions: BTreeMap<&'static str, [Option<Found<'c>>; 3]>,
+    /// A tensor of a gate/up/down module that is neither weight, bias nor a known companion
+    /// (`weight_scale_2`, `weight_zero_point`, `qweight`, ...): a scheme the loader does
+    /// not know.
+    foreign: bool,
 }
 
 type ExpertNames<'c> = BTreeMap<usize, ExpertEntries<'c>>;
 
 /// Groups `P.{e}.{gate|up|down}.{weight|bias}` names by prefix and naming scheme.
 fn per_expert_candidates(ckpt: &Checkpoint) -> Vec<(String, &'static Naming, ExpertNames<'_>)> {
+    let unloaded_config = quant::QuantConfig::unsupported(ckpt.config());
+    let config = quant::QuantConfig::from_config(ckpt.config());
+    let int_bits = config.and_then(|c| c.int_bits);
     let mut groups: BTreeMap<(String, usize), ExpertNames> = BTreeMap::new();
     for (name, entry) in ckpt.entries() {
         let mut parts = name.rsplitn(4, '.');
@@ -564,14 +700,12 @@ fn per_expert_candidates(ckpt: &Checkpoint) -> Vec<(String, &'static Naming, Exp
             continue;
         };
         let kind = match kind_name {
-            "weight" => Some(0),
+            // compressed-tensors names its packed integer weights `weight_packed`.
+            "weight" | "weight_packed" => Some(0),
             "bias" => Some(3),
             _ => None,
         };
         let companion = quant::companion_kind(kind_name);
-        if kind.is_none() && companion.is_none() {
-            continue;
-        }
         let Ok(expert) = expert.parse::<usize>() else {
             continue;
         };
@@ -594,7 +728,7 @@ fn per_expert_candidates(ckpt: &Checkpoint) -> Vec<(String, &'static Naming, Exp
                     (None, Some(c)) => {
                         found.companions.entry(c.name).or_default()[slot] = Some((name, entry))
                     }
-                    (None, None) => {}
+                    (None, None) => found.foreign = true,
                 }
             }
         }
@@ -604,6 +738,28 @@ fn per_expert_candidates(ckpt: &Checkpoint) -> Vec<(String, &'static Naming, Exp
         // A group must have at least one gate weight; a lone `0.linear.weight` elsewhere in a
         // model is not an expert group.
         .filter(|(_, experts)| experts.values().any(|e| e.tensors[0].is_some()))
+        // Unknown tensors beside the weights, or integer weights (packed values), belong to
+        // a quantization the loader does not know: `unsupported_groups` names them.
+        // Scales under a quantization_config the loader does not load mean something else.
+        .filter(|(_, experts)| {
+            unloaded_config.is_none() || experts.values().all(|e| e.companions.is_empty())
+        })
+        .filter(|(_, experts)| {
+            let packed = experts
+                .values()
+                .any(|e| e.companions.contains_key("weight_scale_2"));
+            // Integer weights with scales beside them (or named `weight_packed`) pack values
+            // as only a known scheme says; alone, they are plain data, loaded as stored.
+            let scaled = experts.values().any(|e| !e.companions.is_empty());
+            !experts.values().any(|e| {
+                e.foreign
+                    || e.tensors[..3].iter().flatten().any(|(name, t)| {
+                        let named = name.ends_with(".weight_packed");
+                        let bits = named.then_some(int_bits).flatten();
+                        (scaled || named) && quant::packing(t.dtype, packed, bits).is_none()
+                    })
+            })
+        })
         .map(|((prefix, n), experts)| (prefix, &NAMINGS[n], experts))
         .collect()
 }
@@ -648,14 +804,35 @@ fn per_expert_group(
             first.shape
         )));
     }
-    let (i, h) = (first.shape[0], first.shape[1]);
+    let packed = experts
+        .values()
+        .any(|e| e.companions.contains_key("weight_scale_2"));
+    let int_bits = first_name
+        .ends_with(".weight_packed")
+        .then(|| quant::QuantConfig::from_config(ckpt.config())?.int_bits)
+        .flatten();
+    let pack = quant::packing(first.dtype, packed, int_bits).unwrap_or(1);
+    let (i, stored_h) = (first.shape[0], first.shape[1]);
+    let h = stored_h * pack;
     if i == 0 || h == 0 {
         return Err(err(format!(
             "`{first_name}` has shape {:?}: an expert cannot be empty",
             first.shape
         )));
     }
-    let expected: [&[usize]; 6] = [&[i, h], &[i, h], &[h, i], &[i], &[i], &[h]];
+    if !i.is_multiple_of(pack) {
+        return Err(err(format!(
+            "`{first_name}` has {i} rows, which do not pack {pack} values a byte in down's rows"
+        )));
+    }
+    let expected: [&[usize]; 6] = [
+        &[i, stored_h],
+        &[i, stored_h],
+        &[h, i / pack],
+        &[i],
+        &[i],
+        &[h],
+    ];
     for k in 0..kinds {
         if let Some((name, e)) = found[k].iter().find(|(_, e)| e.shape != expected[k]) {
             return Err(err(format!(
@@ -694,6 +871,7 @@ fn per_expert_group(
         hidden: h,
         inter: i,
         dtype,
+        pack,
     };
     let quantization = quant::per_expert(ckpt, &weights, modules, companions)?;
     Ok(MoeLayer {
@@ -702,6 +880,7 @@ fn per_expert_group(
         intermediate_size: i,
         dtype,
         bias_dtype,
+        pack,
         quantization,
         tensors: ExpertTensors::PerExpert(PerExpertTensors {
             naming,
@@ -713,7 +892,7 @@ fn per_expert_group(
 }
 
 /// Orders `layers.2` before `layers.10`.
-fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+pub(crate) fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
     let key = |s: &str| -> Vec<(String, u64)> {
         s.split('.')
             .map(|part| match part.parse::<u64>() {

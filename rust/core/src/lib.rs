@@ -10,6 +10,7 @@ pub mod layout;
 pub mod plan;
 pub mod quant;
 pub mod shard;
+pub mod unsupported;
 
 pub use checkpoint::Checkpoint;
 pub use error::{Error, Result};
@@ -19,3 +20,4 @@ pub use plan::{CopyOp, CopyPlan, LoadRequest, Target};
 pub use quant::{Companion, CompanionKind, Grid, Quantization};
 pub use safetensors::tensor::Dtype;
 pub use shard::{Shard, TensorEntry};
+pub use unsupported::{unsupported_groups, UnsupportedGroup};

@@ -206,7 +206,7 @@ impl CopyPlan {
         let shard = inter / tp_size;
         let first = tp_rank * shard;
         let parts: &[(Part, Split)] = match target {
-            Target::W13Companion(_) if companion.is_some_and(|c| c.kind.merged_w13) => {
+            Target::W13Companion(_) if companion.is_some_and(|c| c.merged_w13) => {
                 &[(Part::Up, Split::Rows)]
             }
             Target::W13 | Target::W13Companion(_) => {
@@ -226,6 +226,8 @@ impl CopyPlan {
                 .ok_or_else(|| err(format!("no {part:?} for expert {expert}")))?;
                 // A companion value spans `step` entries of the weight (or all of them).
                 let step = match (companion, split) {
+                    // Packed weights split their stored columns (the input dimension) by packs.
+                    (None, Split::Cols) if part == Part::Down => Some(layer.pack),
                     (None, _) => Some(1),
                     (Some(c), Split::Rows) => c.grid.step(true),
                     (Some(c), _) => c.grid.step(false),

@@ -29,6 +29,8 @@ pub enum Grid {
     Row,
     /// One value for the whole matrix (per-tensor `weight_scale`, `input_scale`).
     Tensor,
+    /// `n` values that describe the whole matrix (compressed-tensors' `weight_shape [2]`).
+    Whole(usize),
 }
 
 impl Grid {
@@ -38,6 +40,7 @@ impl Grid {
             Grid::Block { rows: bn, cols: bk } => (rows.div_ceil(bn), cols.div_ceil(bk)),
             Grid::Row => (rows, 1),
             Grid::Tensor => (1, 1),
+            Grid::Whole(n) => (1, n),
         }
     }
 
@@ -48,16 +51,19 @@ impl Grid {
             (Grid::Block { rows, .. }, true) => Some(rows),
             (Grid::Block { cols, .. }, false) => Some(cols),
             (Grid::Row, true) => Some(1),
-            (Grid::Row, false) | (Grid::Tensor, _) => None,
+            (Grid::Row, false) | (Grid::Tensor | Grid::Whole(_), _) => None,
         }
     }
 
-    /// `block`, `channel` or `tensor`: the names compressed-tensors gives these strategies.
+    /// `block`, `group` (a block of one row), `channel` or `tensor`: the names
+    /// compressed-tensors gives these strategies.
     pub fn scheme(&self) -> &'static str {
         match self {
+            Grid::Block { rows: 1, .. } => "group",
             Grid::Block { .. } => "block",
             Grid::Row => "channel",
             Grid::Tensor => "tensor",
+            Grid::Whole(_) => "whole",
         }
     }
 
@@ -107,7 +113,7 @@ pub struct CompanionKind {
     pub merged_w13: bool,
 }
 
-pub const COMPANION_KINDS: [CompanionKind; 3] = [
+pub const COMPANION_KINDS: [CompanionKind; 5] = [
     CompanionKind {
         name: "weight_scale_inv",
         fused_suffix: Some("_scale_inv"),
@@ -126,14 +132,50 @@ pub const COMPANION_KINDS: [CompanionKind; 3] = [
         weight_scale: false,
         merged_w13: true,
     },
+    // NVFP4's global (per-tensor) scale beside its 16-value block scales `weight_scale`.
+    CompanionKind {
+        name: "weight_scale_2",
+        fused_suffix: None,
+        weight_scale: false,
+        merged_w13: false,
+    },
+    // compressed-tensors' `[rows, cols]` of a packed weight, as int32; vLLM keeps one per
+    // expert for gate and up (`w13_weight_shape [E, 2]`, the up projection's).
+    CompanionKind {
+        name: "weight_shape",
+        fused_suffix: None,
+        weight_scale: false,
+        merged_w13: true,
+    },
 ];
 
 pub fn companion_kind(name: &str) -> Option<&'static CompanionKind> {
     COMPANION_KINDS.iter().find(|k| k.name == name)
 }
 
-/// Dtypes a scale may be stored in: converted exactly to vLLM's float32 parameters.
-pub const SCALE_DTYPES: [Dtype; 4] = [Dtype::F32, Dtype::BF16, Dtype::F16, Dtype::F8_E8M0];
+/// Dtypes a scale may be stored in: converted exactly to vLLM's float32 parameters, or kept
+/// (NVFP4's float8 e4m3 block scales, which vLLM keeps as they are).
+pub const SCALE_DTYPES: [Dtype; 5] = [
+    Dtype::F32,
+    Dtype::BF16,
+    Dtype::F16,
+    Dtype::F8_E8M0,
+    Dtype::F8_E4M3,
+];
+
+/// Values one stored weight element holds along the input dimension, by what the group is:
+/// 1 for float weights, 2 for NVFP4 (two e2m1 values a byte, recognised by its
+/// `weight_scale_2` beside `uint8` weights), `32 / bits` for compressed-tensors'
+/// `weight_packed` int32 (`int_bits`: the bits of its values, where the group's weights are
+/// so named); `None` for integer weights of a scheme the loader does not know.
+pub fn packing(weight: Dtype, has_weight_scale_2: bool, int_bits: Option<usize>) -> Option<usize> {
+    match (weight, int_bits) {
+        (d, _) if is_float(d) => Some(1),
+        (Dtype::U8, _) if has_weight_scale_2 => Some(2),
+        (Dtype::I32, Some(bits)) if bits > 0 && 32 % bits == 0 && bits < 32 => Some(32 / bits),
+        _ => None,
+    }
+}
 
 /// Weight dtypes that need a weight scale to mean anything.
 pub fn is_quantized_weight(dtype: Dtype) -> bool {
@@ -143,6 +185,12 @@ pub fn is_quantized_weight(dtype: Dtype) -> bool {
     )
 }
 
+/// Floating-point dtypes: what a weight is unless it packs quantized values into integers.
+pub fn is_float(dtype: Dtype) -> bool {
+    matches!(dtype, Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64)
+        || is_quantized_weight(dtype)
+}
+
 /// What `quantization_config` in `config.json` (also under `text_config`) declares.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QuantConfig {
@@ -150,16 +198,64 @@ pub struct QuantConfig {
     pub method: String,
     /// `weight_block_size` (fp8) or `block_structure` (compressed-tensors), when block-scaled.
     pub block: Option<(usize, usize)>,
-    /// The weight scale's strategy the config states (`block`, `channel`, `tensor`), if any.
+    /// The weight scale's strategy the config states (`block`, `group`, `channel`,
+    /// `tensor`), if any.
     pub scheme: Option<&'static str>,
+    /// `num_bits` of compressed-tensors' integer (`pack-quantized`) weights.
+    pub int_bits: Option<usize>,
 }
 
 impl QuantConfig {
+    /// The scheme `config.json` declares when fastmoe_load does not load it (`mxfp4`,
+    /// `modelopt NVFP4`, `compressed-tensors int4 pack-quantized`, ...), by name; `None` for
+    /// the fp8 schemes it loads.
+    pub fn unsupported(config: Option<&Value>) -> Option<String> {
+        let q = quantization_config(config?)?;
+        let method = q.get("quant_method")?.as_str()?;
+        let text = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_string);
+        match method {
+            "fp8" | "fbgemm_fp8" => None,
+            "modelopt" => {
+                let algo = text(
+                    q.get("quant_algo")
+                        .or_else(|| q.get("quantization")?.get("quant_algo")),
+                );
+                match algo.as_deref() {
+                    Some("FP8" | "NVFP4") => None,
+                    Some(algo) => Some(format!("modelopt {algo}")),
+                    None => Some("modelopt without quant_algo".into()),
+                }
+            }
+            "compressed-tensors" => {
+                let weights: Vec<&Value> = q
+                    .get("config_groups")
+                    .and_then(Value::as_object)
+                    .into_iter()
+                    .flat_map(|groups| groups.values())
+                    .filter_map(|g| g.get("weights"))
+                    .collect();
+                let packed_symmetric = |w: &&&Value| {
+                    q.get("format").and_then(Value::as_str) == Some("pack-quantized")
+                        && w.get("type").and_then(Value::as_str) == Some("int")
+                        && w.get("symmetric").and_then(Value::as_bool) == Some(true)
+                };
+                let other = weights.iter().find(|w| {
+                    w.get("type").and_then(Value::as_str) != Some("float") && !packed_symmetric(w)
+                })?;
+                let bits = other.get("num_bits").and_then(Value::as_u64);
+                let kind = text(other.get("type")).unwrap_or_else(|| "untyped".into());
+                let format = text(q.get("format")).unwrap_or_else(|| "unnamed format".into());
+                Some(match bits {
+                    Some(bits) => format!("compressed-tensors {kind}{bits} {format}"),
+                    None => format!("compressed-tensors {kind} {format}"),
+                })
+            }
+            other => Some(other.to_string()),
+        }
+    }
+
     pub fn from_config(config: Option<&Value>) -> Option<QuantConfig> {
-        let config = config?;
-        let q = config
-            .get("quantization_config")
-            .or_else(|| config.get("text_config")?.get("quantization_config"))?;
+        let q = quantization_config(config?)?;
         let method = q.get("quant_method")?.as_str()?.to_string();
         let pair = |v: &Value| -> Option<(usize, usize)> {
             match v.as_array()?.as_slice() {
@@ -167,6 +263,7 @@ impl QuantConfig {
                 _ => None,
             }
         };
+        let mut int_bits = None;
         let (block, scheme) = match method.as_str() {
             "fp8" => match q.get("weight_block_size").and_then(pair) {
                 Some(block) => (Some(block), Some("block")),
@@ -174,34 +271,41 @@ impl QuantConfig {
             },
             "fbgemm_fp8" => (None, Some("channel")),
             "compressed-tensors" => {
-                // The weights of the first float group; experts are `Linear` targets.
+                // The weights of the first float or int group; experts are `Linear` targets.
                 let weights = q
                     .get("config_groups")
                     .and_then(Value::as_object)
                     .into_iter()
                     .flat_map(|groups| groups.values())
                     .filter_map(|g| g.get("weights"))
-                    .find(|w| w.get("type").and_then(Value::as_str) == Some("float"));
-                let strategy = weights
-                    .and_then(|w| w.get("strategy"))
-                    .and_then(Value::as_str);
-                let scheme = match strategy {
-                    Some("block") => Some("block"),
-                    Some("channel") => Some("channel"),
-                    Some("tensor") => Some("tensor"),
-                    _ => None,
-                };
-                let block = weights
-                    .and_then(|w| w.get("block_structure"))
-                    .and_then(pair);
-                (block, scheme)
+                    .find(|w| {
+                        matches!(w.get("type").and_then(Value::as_str), Some("float" | "int"))
+                    });
+                let field = |k: &str| weights.and_then(|w| w.get(k));
+                if field("type").and_then(Value::as_str) == Some("int") {
+                    int_bits = field("num_bits")
+                        .and_then(Value::as_u64)
+                        .map(|b| b as usize);
+                }
+                let group = field("group_size").and_then(Value::as_u64);
+                match field("strategy").and_then(Value::as_str) {
+                    Some("block") => (field("block_structure").and_then(pair), Some("block")),
+                    Some("group") => (group.map(|g| (1, g as usize)), Some("group")),
+                    Some("channel") => (None, Some("channel")),
+                    Some("tensor") => (None, Some("tensor")),
+                    _ => (None, None),
+                }
             }
             "modelopt" => {
-                let algo = q
-                    .get("quant_algo")
-                    .or_else(|| q.get("quantization")?.get("quant_algo"))
-                    .and_then(Value::as_str);
-                (None, (algo == Some("FP8")).then_some("tensor"))
+                let field = |k: &str| q.get(k).or_else(|| q.get("quantization")?.get(k));
+                match field("quant_algo").and_then(Value::as_str) {
+                    Some("FP8") => (None, Some("tensor")),
+                    Some("NVFP4") => {
+                        let group = field("group_size").and_then(Value::as_u64).unwrap_or(16);
+                        (Some((1, group as usize)), Some("group"))
+                    }
+                    _ => (None, None),
+                }
             }
             _ => (None, None),
         };
@@ -209,8 +313,16 @@ impl QuantConfig {
             method,
             block,
             scheme,
+            int_bits,
         })
     }
+}
+
+/// `quantization_config` of `config.json`, also where it sits under `text_config`.
+fn quantization_config(config: &Value) -> Option<&Value> {
+    config
+        .get("quantization_config")
+        .or_else(|| config.get("text_config")?.get("quantization_config"))
 }
 
 /// The companions of one expert group: `quant_method` and one [`Companion`] per kind.
@@ -238,6 +350,9 @@ impl Quantization {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Companion {
     pub kind: &'static CompanionKind,
+    /// vLLM keeps one value per expert for gate and up (the kind's rule, except where the
+    /// method keeps both: NVFP4's `w13_input_scale [E, 2]`).
+    pub merged_w13: bool,
     pub grid: Grid,
     pub dtype: Dtype,
     pub tensors: CompanionTensors,
@@ -281,6 +396,8 @@ pub(crate) struct Weights<'a> {
     pub hidden: usize,
     pub inter: usize,
     pub dtype: Dtype,
+    /// Values per stored element along the input dimension (see [`packing`]).
+    pub pack: usize,
 }
 
 impl Weights<'_> {
@@ -304,7 +421,9 @@ fn grid_of(
     shape: &[usize],
     (rows, cols): (usize, usize),
 ) -> Result<Grid> {
-    let block = config.and_then(|c| c.block).unwrap_or(DEFAULT_BLOCK);
+    // NVFP4 scales a group of 16 values of a row, whether or not config.json says so.
+    let default = if w.pack == 2 { (1, 16) } else { DEFAULT_BLOCK };
+    let block = config.and_then(|c| c.block).unwrap_or(default);
     let scheme = config.and_then(|c| c.scheme);
     Grid::of_shape(shape, rows, cols, block, scheme).ok_or_else(|| {
         let (br, bc) = Grid::Block {
@@ -352,8 +471,22 @@ pub(crate) fn per_expert(
                     ));
                 };
                 let dims = w.dims(slot);
-                let this = grid_of(ckpt, w, config.as_ref(), name, &entry.shape, dims)?;
-                if kind.merged_w13 && this != Grid::Tensor {
+                let this = if kind.name == "weight_shape" {
+                    if entry.shape != [2] || entry.dtype != Dtype::I32 {
+                        return Err(layout_error(
+                            ckpt,
+                            w.prefix,
+                            format!(
+                                "`{name}` is {} {:?}; a weight_shape is I32 [2]",
+                                entry.dtype, entry.shape
+                            ),
+                        ));
+                    }
+                    Grid::Whole(2)
+                } else {
+                    grid_of(ckpt, w, config.as_ref(), name, &entry.shape, dims)?
+                };
+                if kind.name == "input_scale" && this != Grid::Tensor {
                     return Err(layout_error(
                         ckpt,
                         w.prefix,
@@ -385,8 +518,10 @@ pub(crate) fn per_expert(
         }
         companions.push(Companion {
             kind,
+            // vLLM's NVFP4 method keeps gate's and up's input scales (`[E, 2]`).
+            merged_w13: kind.merged_w13 && !(kind.name == "input_scale" && w.pack == 2),
             grid: grid.unwrap_or(Grid::Tensor),
-            dtype: one_dtype(ckpt, w.prefix, &dtypes)?,
+            dtype: one_dtype(ckpt, w.prefix, &dtypes, kind)?,
             tensors: CompanionTensors::PerExpert(names),
         });
     }
@@ -470,8 +605,14 @@ pub(crate) fn fused(
         };
         companions.push(Companion {
             kind,
+            merged_w13: kind.merged_w13,
             grid,
-            dtype: one_dtype(ckpt, w.prefix, &[(&names.0, g.dtype), (&names.1, d.dtype)])?,
+            dtype: one_dtype(
+                ckpt,
+                w.prefix,
+                &[(&names.0, g.dtype), (&names.1, d.dtype)],
+                kind,
+            )?,
             tensors: CompanionTensors::Fused {
                 gate_up: names.0,
                 down: names.1,
@@ -481,7 +622,12 @@ pub(crate) fn fused(
     finish(ckpt, w, config, companions)
 }
 
-fn one_dtype(ckpt: &Checkpoint, prefix: &str, dtypes: &[(&str, Dtype)]) -> Result<Dtype> {
+fn one_dtype(
+    ckpt: &Checkpoint,
+    prefix: &str,
+    dtypes: &[(&str, Dtype)],
+    kind: &CompanionKind,
+) -> Result<Dtype> {
     let (first_name, first) = dtypes[0];
     if let Some((name, other)) = dtypes.iter().find(|(_, d)| *d != first) {
         return Err(layout_error(
@@ -490,7 +636,7 @@ fn one_dtype(ckpt: &Checkpoint, prefix: &str, dtypes: &[(&str, Dtype)]) -> Resul
             format!("`{first_name}` is {first} but `{name}` is {other}"),
         ));
     }
-    if !SCALE_DTYPES.contains(&first) {
+    if kind.name != "weight_shape" && !SCALE_DTYPES.contains(&first) {
         return Err(layout_error(
             ckpt,
             prefix,
@@ -510,8 +656,9 @@ fn finish(
     let err = |reason: String| layout_error(ckpt, w.prefix, reason);
     let weight_scales: Vec<&Companion> =
         companions.iter().filter(|c| c.kind.weight_scale).collect();
+    let quantized = is_quantized_weight(w.dtype) || w.pack > 1;
     if companions.is_empty() {
-        return if is_quantized_weight(w.dtype) {
+        return if quantized {
             Err(err(format!(
                 "the experts' weights are {} but have no scales beside them (`weight_scale_inv` \
                  or `weight_scale`); without them the values mean nothing",
@@ -522,9 +669,10 @@ fn finish(
         };
     }
     let first = companions[0].tensor_names()[0];
-    if !is_quantized_weight(w.dtype) {
+    if !quantized {
         return Err(err(format!(
-            "the experts have scales (`{first}`) but their weights are {}, not float8",
+            "the experts have scales (`{first}`) but their weights are {}, not float8 or packed \
+             fp4",
             w.dtype
         )));
     }
@@ -554,7 +702,17 @@ fn finish(
         }
     }
     Ok(Some(Quantization {
-        method: config.map_or_else(|| "fp8".to_string(), |c| c.method),
+        method: config.map_or_else(
+            || {
+                match w.pack {
+                    1 => "fp8",
+                    2 => "modelopt",
+                    _ => "compressed-tensors",
+                }
+                .to_string()
+            },
+            |c| c.method,
+        ),
         companions,
     }))
 }

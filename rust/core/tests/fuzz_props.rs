@@ -955,6 +955,12 @@ fn definition<'a>(
         Ok(())
     };
     Ok(match &layer.tensors {
+        ExpertTensors::Stacked(_) => {
+            return Err(TestCaseError::fail(format!(
+                "{}: detected as stacked, a layout the generator never writes",
+                layer.prefix
+            )))
+        }
         ExpertTensors::Fused(f) => {
             let (gate_up, down) = (stored(&f.gate_up), stored(&f.down));
             let (g, d): (&[u128], &[u128]) = if f.transposed {

@@ -5,9 +5,10 @@ use std::ffi::c_int;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock, RwLock};
 
-use fastmoe_load_core::quant::{companion_kind, Grid};
+use fastmoe_load_core::quant::{companion_kind, Grid, QuantConfig};
 use fastmoe_load_core::{
-    detect, Checkpoint, CopyPlan, Executor, LoadRequest, MoeLayer, Part, ReadMode, Shard, Target,
+    detect, unsupported_groups, Checkpoint, CopyPlan, Executor, LoadRequest, MoeLayer, Part,
+    ReadMode, Shard, Target,
 };
 use pyo3::exceptions::PyValueError;
 use pyo3::ffi;
@@ -256,6 +257,23 @@ impl PyCheckpoint {
             .collect())
     }
 
+    /// Groups that look like routed experts but cannot be loaded:
+    /// `[(prefix, tensor names, reason)]`.
+    fn unsupported_groups(&self) -> PyResult<Vec<(String, Vec<String>, String)>> {
+        let state = self.state()?;
+        Ok(unsupported_groups(&state.ckpt, state.layers()?)
+            .into_iter()
+            .map(|g| (g.prefix, g.tensors, g.reason))
+            .collect())
+    }
+
+    /// The quantization scheme `config.json` declares, by name, where fastmoe_load does not
+    /// load it (`mxfp4`, `modelopt NVFP4`, ...).
+    #[getter]
+    fn unsupported_quantization(&self) -> PyResult<Option<String>> {
+        Ok(QuantConfig::unsupported(self.state()?.ckpt.config()))
+    }
+
     fn layer(&self, prefix: &str) -> PyResult<MoeLayerInfo> {
         Ok(MoeLayerInfo::from(self.state()?.layer(prefix)?))
     }
@@ -405,6 +423,8 @@ pub struct MoeLayerInfo {
     tensor_names: Vec<String>,
     /// `quant_method`, or None for unquantized experts.
     quant_method: Option<String>,
+    /// Values per stored weight element along the input dimension (2 for NVFP4).
+    pack: usize,
     companions: Vec<CompanionInfo>,
 }
 
@@ -414,9 +434,10 @@ pub struct MoeLayerInfo {
 pub struct CompanionInfo {
     /// `weight_scale_inv`, `weight_scale` or `input_scale`.
     kind: &'static str,
-    /// `block`, `channel` or `tensor`.
+    /// `block`, `group`, `channel`, `tensor` or `whole`.
     scheme: &'static str,
-    /// `(rows, cols)` of weight entries per value, for block scales.
+    /// `(rows, cols)` of weight entries per value, for block and group scales; `(1, n)` for
+    /// `n` values describing the whole matrix.
     block: Option<(usize, usize)>,
     dtype: String,
     /// vLLM keeps one value per expert for gate and up together.
@@ -438,6 +459,7 @@ impl From<&MoeLayer> for MoeLayerInfo {
             bias_dtype: layer.bias_dtype.map(|d| d.to_string()),
             tensor_names: layer.tensor_names().into_iter().map(String::from).collect(),
             quant_method: layer.quantization.as_ref().map(|q| q.method.clone()),
+            pack: layer.pack,
             companions: layer
                 .quantization
                 .iter()
@@ -447,10 +469,11 @@ impl From<&MoeLayer> for MoeLayerInfo {
                     scheme: c.grid.scheme(),
                     block: match c.grid {
                         Grid::Block { rows, cols } => Some((rows, cols)),
+                        Grid::Whole(n) => Some((1, n)),
                         Grid::Row | Grid::Tensor => None,
                     },
                     dtype: c.dtype.to_string(),
-                    merged_w13: c.kind.merged_w13,
+                    merged_w13: c.merged_w13,
                     fused_suffix: c.kind.fused_suffix,
                 })
                 .collect(),

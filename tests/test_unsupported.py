@@ -1,0 +1,189 @@
+"""Nothing unrecognised goes unnamed: groups that look like routed experts but cannot be loaded
+are listed by `Checkpoint.unsupported_groups()` and by `inspect` with the reason, and a
+`quantization_config` the loader does not load is said at `open`, once, by name. Checkpoints
+with the names, dtypes and shapes of gpt-oss (mxfp4) and compressed-tensors int4
+`pack-quantized` (asymmetric) releases, and of one with an unknown modelopt algorithm."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import fastmoe_load as fml
+import pytest
+import torch
+from fastmoe_load.cli import main
+from test_quant import save
+
+E, H, INTER = 4, 128, 64
+LAYERS = 2
+
+
+def u8(*shape: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+
+
+def mxfp4_gpt_oss(path: Path, config: bool = True) -> Path:
+    """gpt-oss: `gate_up_proj_blocks [E, 2I, H/32, 16]` u8 (two e2m1 values a byte),
+    `gate_up_proj_scales [E, 2I, H/32]` u8 (e8m0), bf16 biases, router beside."""
+    gen = torch.Generator().manual_seed(0)
+    tensors = {}
+    for layer in range(LAYERS):
+        p = f"model.layers.{layer}.mlp"
+        tensors |= {
+            f"{p}.experts.gate_up_proj_blocks": u8(E, 2 * INTER, H // 32, 16, gen=gen),
+            f"{p}.experts.gate_up_proj_scales": u8(E, 2 * INTER, H // 32, gen=gen),
+            f"{p}.experts.gate_up_proj_bias": torch.randn(E, 2 * INTER).bfloat16(),
+            f"{p}.experts.down_proj_blocks": u8(E, H, INTER // 32, 16, gen=gen),
+            f"{p}.experts.down_proj_scales": u8(E, H, INTER // 32, gen=gen),
+            f"{p}.experts.down_proj_bias": torch.randn(E, H).bfloat16(),
+            f"{p}.router.weight": torch.randn(E, H).bfloat16(),
+            f"{p}.router.bias": torch.randn(E).bfloat16(),
+        }
+    quant = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    return save(path, tensors, "gpt_oss", quant if config else None)
+
+
+def int4_asymmetric(path: Path) -> Path:
+    """compressed-tensors int4 `pack-quantized` with zero points (asymmetric)."""
+    from test_int4 import int4_pack_quantized
+
+    return int4_pack_quantized(path, symmetric=False)
+
+
+def open_quietly(path: Path) -> fml.Checkpoint:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fml.UnsupportedWarning)
+        return fml.open(path)
+
+
+@pytest.mark.parametrize(
+    ("make", "scheme"),
+    [
+        (mxfp4_gpt_oss, "mxfp4"),
+        (int4_asymmetric, "compressed-tensors int4 pack-quantized"),
+    ],
+)
+def test_unsupported_quantization_named_at_open_once_and_per_group(tmp_path, make, scheme):
+    path = make(tmp_path / "ckpt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ckpt = fml.open(path)
+    opened = [w for w in caught if issubclass(w.category, fml.UnsupportedWarning)]
+    assert len(opened) == 1, [str(w.message) for w in caught]
+    assert f"declares {scheme} quantization" in str(opened[0].message)
+    with ckpt, pytest.warns(fml.UnsupportedWarning, match="cannot be loaded"):
+        assert ckpt.moe_layers() == []
+    with open_quietly(path) as ckpt:
+        with pytest.warns(fml.UnsupportedWarning):
+            ckpt.moe_layers()
+        groups = ckpt.unsupported_groups()
+        assert [g.prefix for g in groups] == [
+            f"model.layers.{n}.mlp.experts" for n in range(LAYERS)
+        ]
+        for group in groups:
+            assert group.reason.startswith("unknown quantization:"), group.reason
+            assert scheme in group.reason
+            # Every tensor of the experts, and nothing of the router beside them.
+            expected = sorted(n for n in ckpt.keys() if n.startswith(group.prefix + "."))
+            assert sorted(group.tensor_names) == expected
+        with pytest.raises(
+            fml.LayoutError, match=f"cannot be loaded: unknown quantization.*{scheme}"
+        ):
+            ckpt.experts(groups[0].prefix)
+
+
+def test_unknown_modelopt_algorithm_is_named(tmp_path):
+    """NVFP4 files under a config that names another ModelOpt algorithm: said at open."""
+    from test_nvfp4 import nvfp4_modelopt
+
+    path = nvfp4_modelopt(tmp_path / "ckpt", quant_algo="W4A8_AWQ")
+    with pytest.warns(fml.UnsupportedWarning, match="declares modelopt W4A8_AWQ quantization"):
+        fml.open(path).close()
+
+
+def test_without_config_the_tensor_names_give_the_reason(tmp_path):
+    path = mxfp4_gpt_oss(tmp_path / "ckpt", config=False)
+    (path / "config.json").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fml.UnsupportedWarning)
+        ckpt = fml.open(path)  # nothing declared: nothing to say at open
+    with ckpt:
+        groups = ckpt.unsupported_groups()
+    assert len(groups) == LAYERS
+    reason = groups[0].reason
+    # The first foreign tensor in file order (safetensors sorts names).
+    assert reason.startswith("unknown quantization: `model.layers.0.mlp.experts.down_proj_blocks")
+    assert "(U8 [4, 128, 2, 16]) belongs to no quantization scheme" in reason
+
+
+def test_unknown_naming_beside_a_loadable_group(tmp_path):
+    """A loadable bf16 layer and a layer whose experts have no gate (a non-gated MLP, as in
+    Nemotron-H): the first loads, the second is named, with the naming the loader knows."""
+    gen = torch.Generator().manual_seed(3)
+    tensors = {
+        "model.layers.0.mlp.experts.gate_up_proj": torch.randn(E, 2 * INTER, H, generator=gen),
+        "model.layers.0.mlp.experts.down_proj": torch.randn(E, H, INTER, generator=gen),
+        "model.layers.0.mlp.gate.weight": torch.randn(E, H, generator=gen),
+        "model.layers.0.mlp.shared_experts.up_proj.weight": torch.randn(INTER, H, generator=gen),
+    }
+    for e in range(E):
+        tensors[f"model.layers.1.mixer.experts.{e}.up_proj.weight"] = torch.randn(INTER, H)
+        tensors[f"model.layers.1.mixer.experts.{e}.down_proj.weight"] = torch.randn(H, INTER)
+    path = save(tmp_path / "ckpt", tensors, "mixed", None)
+    with fml.open(path) as ckpt:
+        with pytest.warns(fml.UnsupportedWarning, match="model.layers.1.mixer.experts"):
+            layers = ckpt.moe_layers()
+        assert [layer.prefix for layer in layers] == ["model.layers.0.mlp.experts"]
+        (group,) = ckpt.unsupported_groups()
+    assert group.prefix == "model.layers.1.mixer.experts"
+    assert group.reason.startswith("unknown naming: `model.layers.1.mixer.experts.0.down_proj")
+    assert "gate_proj/up_proj/down_proj" in group.reason
+    assert len(group.tensor_names) == 2 * E
+
+
+def test_unread_tensor_beside_a_loaded_group(tmp_path):
+    tensors = {
+        "model.layers.0.mlp.experts.gate_up_proj": torch.randn(E, 2 * INTER, H),
+        "model.layers.0.mlp.experts.down_proj": torch.randn(E, H, INTER),
+        "model.layers.0.mlp.experts.gate_up_proj_lora_A": torch.randn(E, 8, H),
+    }
+    path = save(tmp_path / "ckpt", tensors, "qwen3_moe", None)
+    with fml.open(path) as ckpt, pytest.warns(fml.UnsupportedWarning):
+        assert len(ckpt.moe_layers()) == 1
+        (group,) = ckpt.unsupported_groups()
+    assert group.reason.startswith(
+        "unread tensors: `model.layers.0.mlp.experts.gate_up_proj_lora_A"
+    )
+
+
+def test_loadable_checkpoints_name_nothing(tmp_path):
+    """Routers, correction biases and shared experts are not routed experts: a DeepSeek-V3
+    fp8 checkpoint has nothing unsupported, and neither open nor moe_layers warns."""
+    import test_quant
+
+    path = test_quant.per_expert_block(tmp_path / "ds", torch.float32, "deepseek_v3")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with fml.open(path) as ckpt:
+            assert len(ckpt.moe_layers()) == 1
+            assert ckpt.unsupported_groups() == []
+
+
+def test_inspect_lists_unsupported_groups(tmp_path, capsys):
+    path = mxfp4_gpt_oss(tmp_path / "ckpt")
+    main(["inspect", str(path)])
+    out, err = capsys.readouterr()
+    assert err == ""  # the report says it all
+    assert "quantized   mxfp4: not loaded by fastmoe_load" in out
+    assert "2 groups of expert tensors cannot be loaded:" in out
+    assert "model.layers.1.mlp.experts (6 tensors): unknown quantization:" in out
+    assert out.rstrip().endswith("no routed-expert groups found")
+    main(["inspect", "--json", str(path)])
+    report = json.loads(capsys.readouterr().out)
+    assert report["quantization_config"] == "mxfp4"
+    assert [g["prefix"] for g in report["unsupported"]] == [
+        f"model.layers.{n}.mlp.experts" for n in range(LAYERS)
+    ]
+    assert all(g["reason"].startswith("unknown quantization") for g in report["unsupported"])
