@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import operator
+from collections.abc import Mapping
+from typing import Any
 
 from ._fastmoe_load import RequestError
 
@@ -19,3 +21,22 @@ def as_index(value: object, what: str, where: str = "", minimum: int = 0) -> int
     if index < minimum:
         raise RequestError(f"{where}{what} must be at least {minimum}, got {index}")
     return index
+
+
+# What an engine's `model_loader_extra_config` may carry: options of `fastmoe_load.open`.
+OPEN_OPTIONS = ("num_threads", "io", "prefetch")
+# What an engine loader downloads of a Hub checkpoint: the weights, their index, config.json.
+CHECKPOINT_FILES = ["*.safetensors", "*.json"]
+
+
+def open_options(extra_config: Mapping[str, Any] | None, loader: str) -> dict[str, Any]:
+    """The `fastmoe_load.open` options in an engine's `model_loader_extra_config`; anything
+    else is refused, naming `loader` and what it takes."""
+    options = dict(extra_config or {})
+    unknown = sorted(set(options) - set(OPEN_OPTIONS))
+    if unknown:
+        raise RequestError(
+            f"model_loader_extra_config for {loader} takes {', '.join(OPEN_OPTIONS)}; "
+            f"not {', '.join(unknown)}"
+        )
+    return options

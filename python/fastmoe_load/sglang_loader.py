@@ -41,14 +41,11 @@ from sglang.srt.model_loader.utils import set_default_torch_dtype
 from sglang.srt.model_loader.weight_utils import download_weights_from_hf
 
 from ._fastmoe_load import RequestError
+from ._validate import CHECKPOINT_FILES, open_options
 from .checkpoint import open as open_checkpoint
 from .sglang import fill_expert_layers
 
 logger = logging.getLogger("fastmoe_load")
-
-OPEN_OPTIONS = ("num_threads", "io", "prefetch")
-# What a checkpoint directory needs: the weights, their index and config.json.
-CHECKPOINT_FILES = ["*.safetensors", "*.json"]
 
 
 class FastMoeModelLoader(DefaultModelLoader):
@@ -58,14 +55,9 @@ class FastMoeModelLoader(DefaultModelLoader):
     def __init__(self, load_config: LoadConfig) -> None:
         # DefaultModelLoader.__init__ checks the extra config against its own options.
         self.load_config = load_config
-        options = dict(load_config.model_loader_extra_config or {})
-        unknown = sorted(set(options) - set(OPEN_OPTIONS))
-        if unknown:
-            raise RequestError(
-                f"model_loader_extra_config for {type(self).__name__} takes "
-                f"{', '.join(OPEN_OPTIONS)}; not {', '.join(unknown)}"
-            )
-        self.open_options: dict[str, Any] = options
+        self.open_options: dict[str, Any] = open_options(
+            load_config.model_loader_extra_config, type(self).__name__
+        )
 
     def checkpoint_dir(self, model_config: ModelConfig) -> str:
         """The local checkpoint directory, downloaded first for a Hub model id."""

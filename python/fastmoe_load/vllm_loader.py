@@ -69,6 +69,7 @@ from vllm.model_executor.model_loader import (
 from vllm.model_executor.model_loader.weight_utils import download_weights_from_hf
 
 from ._fastmoe_load import LayoutError, RequestError, TensorNotFoundError
+from ._validate import CHECKPOINT_FILES, open_options
 from .checkpoint import Checkpoint, MoeLayer
 from .checkpoint import open as open_checkpoint
 from .vllm import load_fused_moe_layer, scale_parameters, weight_parameters
@@ -76,10 +77,6 @@ from .vllm import load_fused_moe_layer, scale_parameters, weight_parameters
 logger = logging.getLogger("fastmoe_load")
 
 LOAD_FORMAT = "fastmoe"
-OPEN_OPTIONS = ("num_threads", "io", "prefetch")
-# What a checkpoint directory needs: the weights, their index and config.json (gpt-oss's
-# interleaved gate/up is read from its model_type).
-CHECKPOINT_FILES = ["*.safetensors", "*.json"]
 _registered = False
 
 
@@ -98,14 +95,9 @@ class FastMoeModelLoader(BaseModelLoader):
 
     def __init__(self, load_config: LoadConfig) -> None:
         super().__init__(load_config)
-        options = dict(load_config.model_loader_extra_config or {})
-        unknown = sorted(set(options) - set(OPEN_OPTIONS))
-        if unknown:
-            raise RequestError(
-                f"model_loader_extra_config for load_format={LOAD_FORMAT!r} takes "
-                f"{', '.join(OPEN_OPTIONS)}; not {', '.join(unknown)}"
-            )
-        self.open_options: dict[str, Any] = options
+        self.open_options: dict[str, Any] = open_options(
+            load_config.model_loader_extra_config, f"load_format={LOAD_FORMAT!r}"
+        )
 
     def checkpoint_dir(self, model_config: ModelConfig) -> str:
         """The local checkpoint directory, downloaded first for a Hub model id."""
