@@ -240,6 +240,33 @@ def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, what: str
     assert torch.equal(bits(actual.cpu()), bits(expected.cpu())), f"{what}: values differ"
 
 
+def seed_filled(
+    path, prefix: str, want: dict[str, torch.Tensor], tp_rank: int, tp_size: int, local: list[int]
+) -> dict[str, torch.Tensor]:
+    """What the bench's pure-Python vLLM loop writes into poisoned (0xA5) tensors shaped as
+    `want`: `w13`, `w2`, and the scales by vLLM parameter name."""
+    import fastmoe_load as fml
+    from fastmoe_load.bench.seed import seed_load
+
+    got = {}
+    for name, tensor in want.items():
+        got[name] = torch.empty_like(tensor)
+        got[name].view(torch.uint8).fill_(0xA5)
+    with fml.open(path) as ckpt:
+        layer = ckpt.experts(prefix)
+    seed_load(
+        str(path),
+        layer,
+        got["w13"],
+        got["w2"],
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+        local_experts=local,
+        scales={k: v for k, v in got.items() if k not in ("w13", "w2")},
+    )
+    return got
+
+
 def poisoned(
     shape: tuple[int, ...], dtype: torch.dtype = torch.bfloat16, device: str = "cpu"
 ) -> torch.Tensor:

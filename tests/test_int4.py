@@ -12,7 +12,7 @@ from pathlib import Path
 import fastmoe_load as fml
 import pytest
 import torch
-from conftest import assert_bitwise_equal
+from conftest import assert_bitwise_equal, seed_filled
 from fastmoe_load.cli import main
 from safetensors.torch import load_file
 from test_quant import save
@@ -196,26 +196,9 @@ def test_inspect_names_the_scheme(checkpoint, capsys):
 @pytest.mark.parametrize(("tp_rank", "tp", "experts"), [(1, 2, None), (0, 2, [3, 1, 3])])
 def test_seed_path_matches_hand_slices(checkpoint, tp_rank, tp, experts):
     """The pure-Python vLLM loop of the bench fills the same parameters the same way."""
-    from fastmoe_load.bench.seed import seed_load
-
     local = list(range(E)) if experts is None else experts
     want = expected(checkpoint, tp_rank, tp, local)
-    got = {}
-    for name, tensor in want.items():
-        got[name] = torch.empty_like(tensor)
-        got[name].view(torch.uint8).fill_(0xA5)  # poison
-    with fml.open(checkpoint) as ckpt:
-        layer = ckpt.experts(prefix())
-    seed_load(
-        str(checkpoint),
-        layer,
-        got["w13"],
-        got["w2"],
-        tp_rank=tp_rank,
-        tp_size=tp,
-        local_experts=local,
-        scales={k: v for k, v in got.items() if k not in ("w13", "w2")},
-    )
+    got = seed_filled(checkpoint, prefix(), want, tp_rank, tp, local)
     for name, tensor in want.items():
         assert_bitwise_equal(got[name], tensor, name)
 
