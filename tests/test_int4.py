@@ -3,7 +3,11 @@ ships it): per expert `weight_packed` int32 `[out, in/8]` (eight int4 values alo
 dimension), `weight_scale` bfloat16 `[out, in/32]`, `weight_shape` int32 `[2]`; loaded into
 the parameters vLLM's `CompressedTensorsWNA16MoEMethod` creates (`w13_weight_packed`,
 `w13_weight_scale`, `w13_weight_shape`, ...) and compared bit for bit with slices taken by hand
-(vLLM's own loader: test_vllm_real.py)."""
+(vLLM's own loader: test_vllm_real.py). Asymmetric weights (llm-compressor's `W4A16_ASYM`,
+`symmetric: false`) carry `weight_zero_point` int32 `[out/8, in/group]` beside them: eight
+4-bit zero points of consecutive rows in each int32 (`pack_to_int32(..., packed_dim=0)`),
+vLLM's `w13_weight_zero_point [E, 2I/tp/8, H/group]`, `w2_weight_zero_point [E, H/8,
+I/tp/group]`."""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import pytest
 import torch
 from conftest import assert_bitwise_equal, seed_filled
 from fastmoe_load.cli import main
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from test_quant import save
 
 E, H, INTER = 4, 128, 64
@@ -27,32 +31,37 @@ def prefix(layer: int = 1) -> str:
     return f"model.layers.{layer}.mlp.experts"
 
 
-def int4_pack_quantized(path: Path, symmetric: bool = True) -> Path:
-    """Kimi-K2-Thinking's experts, scaled down, with a bf16 router beside them."""
+def int32(*shape: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randint(-(2**31), 2**31 - 1, shape, dtype=torch.int32, generator=gen)
+
+
+def int4_pack_quantized(
+    path: Path, symmetric: bool = True, group: int = GROUP, zero_points: bool | None = None
+) -> Path:
+    """Kimi-K2-Thinking's experts, scaled down, with a bf16 router beside them; asymmetric
+    (`symmetric=False`) with zero points beside each weight unless `zero_points` says
+    otherwise."""
     gen = torch.Generator().manual_seed(2)
+    zero_points = not symmetric if zero_points is None else zero_points
     tensors = {}
     for layer in range(LAYERS):
         for e in range(E):
             for module, (rows, cols) in MODULES.items():
                 name = f"{prefix(layer)}.{e}.{module}"
-                tensors[f"{name}.weight_packed"] = torch.randint(
-                    -(2**31), 2**31 - 1, (rows, cols // 8), dtype=torch.int32, generator=gen
-                )
+                tensors[f"{name}.weight_packed"] = int32(rows, cols // 8, gen=gen)
                 tensors[f"{name}.weight_scale"] = torch.rand(
-                    rows, cols // GROUP, generator=gen
+                    rows, cols // group, generator=gen
                 ).bfloat16()
                 tensors[f"{name}.weight_shape"] = torch.tensor([rows, cols], dtype=torch.int32)
-                if not symmetric:
-                    tensors[f"{name}.weight_zero_point"] = torch.randint(
-                        0, 2**31 - 1, (rows // 8, cols // GROUP), dtype=torch.int32
-                    )
+                if zero_points:
+                    tensors[f"{name}.weight_zero_point"] = int32(rows // 8, cols // group, gen=gen)
         tensors[f"model.layers.{layer}.mlp.gate.weight"] = torch.randn(E, H).bfloat16()
     weights = {
         "num_bits": 4,
         "type": "int",
         "symmetric": symmetric,
         "strategy": "group",
-        "group_size": GROUP,
+        "group_size": group,
         "dynamic": False,
         "actorder": None,
     }
@@ -71,9 +80,15 @@ def checkpoint(tmp_path_factory) -> Path:
     return int4_pack_quantized(tmp_path_factory.mktemp("int4"))
 
 
+@pytest.fixture(scope="module")
+def asymmetric(tmp_path_factory) -> Path:
+    return int4_pack_quantized(tmp_path_factory.mktemp("int4-asymmetric"), symmetric=False)
+
+
 def expected(path: Path, tp_rank: int, tp: int, experts: list[int]) -> dict[str, torch.Tensor]:
     """vLLM's WNA16 parameters sliced by hand, in the checkpoint's dtypes (vLLM's
-    `w13_weight_shape` is float32: converted by the caller)."""
+    `w13_weight_shape` is float32: converted by the caller), with the zero points where the
+    checkpoint has them (rows of gate and up in packs of 8, down's columns by group)."""
     tensors = load_file(path / "model.safetensors")
     shard = INTER // tp
     rows = slice(tp_rank * shard, (tp_rank + 1) * shard)
@@ -84,7 +99,7 @@ def expected(path: Path, tp_rank: int, tp: int, experts: list[int]) -> dict[str,
     def t(e: int, module: str, kind: str) -> torch.Tensor:
         return tensors[f"{prefix()}.{e}.{module}.{kind}"]
 
-    def w13(kind: str) -> torch.Tensor:
+    def w13(kind: str, rows: slice = rows) -> torch.Tensor:
         return torch.stack(
             [
                 torch.cat([t(e, "gate_proj", kind)[rows], t(e, "up_proj", kind)[rows]])
@@ -92,7 +107,16 @@ def expected(path: Path, tp_rank: int, tp: int, experts: list[int]) -> dict[str,
             ]
         )
 
-    return {
+    zero_points = {}
+    if f"{prefix()}.0.gate_proj.weight_zero_point" in tensors:
+        packs = slice(rows.start // 8, rows.stop // 8)
+        zero_points = {
+            "w13_weight_zero_point": w13("weight_zero_point", packs),
+            "w2_weight_zero_point": torch.stack(
+                [t(e, "down_proj", "weight_zero_point")[:, cols(GROUP)] for e in experts]
+            ),
+        }
+    return zero_points | {
         "w13": w13("weight_packed"),
         "w2": torch.stack([t(e, "down_proj", "weight_packed")[:, cols(8)] for e in experts]),
         "w13_weight_scale": w13("weight_scale"),
@@ -129,10 +153,12 @@ def test_detected_with_packing_and_companions(checkpoint):
                 )
 
 
+@pytest.mark.parametrize("files", ["checkpoint", "asymmetric"])
 @pytest.mark.parametrize(
-    ("tp_rank", "tp", "experts"), [(0, 1, None), (1, 2, None), (0, 2, [3, 1, 3])]
+    ("tp_rank", "tp", "experts"), [(0, 1, None), (1, 2, None), (0, 2, [3, 1, 3]), (0, 1, [2, 3])]
 )
-def test_load_fused_moe_matches_hand_slices(checkpoint, tp_rank, tp, experts):
+def test_load_fused_moe_matches_hand_slices(request, files, tp_rank, tp, experts):
+    checkpoint = request.getfixturevalue(files)
     local = list(range(E)) if experts is None else experts
     want = expected(checkpoint, tp_rank, tp, local)
     got = {}
@@ -168,6 +194,83 @@ def test_split_that_cuts_a_scale_group_names_the_sizes_that_fit(checkpoint):
     assert "tp_size that fit: 1, 2" in str(error.value)
 
 
+def test_asymmetric_zero_points_detected_with_views(asymmetric):
+    with fml.open(asymmetric) as ckpt:
+        assert ckpt.unsupported_groups() == []
+        layer = ckpt.experts(prefix())
+        assert (layer.dtype, layer.pack) == (torch.int32, 8)
+        assert str(layer.quantization) == (
+            "compressed-tensors int4, 32-value group scales in bfloat16 "
+            "(weight_scale, weight_shape, weight_zero_point)"
+        )
+        zero_point = layer.quantization.companion("weight_zero_point")
+        assert (zero_point.scheme, zero_point.block, zero_point.dtype) == (
+            "block",
+            (8, GROUP),
+            torch.int32,
+        )
+        tensors = load_file(asymmetric / "model.safetensors")
+        for e in (0, 3):
+            for matrix, module in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+                rows, cols = MODULES[module]
+                view = layer.companion("weight_zero_point", matrix, e)
+                assert tuple(view.shape) == (rows // 8, cols // GROUP)
+                stored = tensors[f"{prefix()}.{e}.{module}.weight_zero_point"]
+                assert_bitwise_equal(view, stored)
+
+
+def test_split_that_cuts_a_zero_point_pack_names_the_sizes_that_fit(tmp_path):
+    """With 4-value groups, I=64 at tp=16 gives 4 rows a rank: half of an int32 of eight
+    packed zero points (and of a `weight_packed` int32 of down)."""
+    path = int4_pack_quantized(tmp_path / "ckpt", symmetric=False, group=4)
+    shard = INTER // 16
+    poisoned = torch.full((E, 2 * shard, H // 8), 0x5A5A5A5A, dtype=torch.int32)
+    with fml.open(path) as ckpt, pytest.raises(fml.RequestError) as error:
+        fml.load_fused_moe(
+            ckpt,
+            prefix(),
+            poisoned,
+            torch.empty(E, H, 1, dtype=torch.int32),
+            tp_size=16,
+            tp_rank=1,
+        )
+    message = str(error.value)
+    assert f"tp_size=16 gives each rank {shard} of the intermediate size {INTER}" in message
+    zero_point = f"`{prefix()}.0.gate_proj.weight_zero_point`"
+    assert f"8-value blocks (scales or packs) of {zero_point}" in message
+    assert message.endswith("tp_size that fit: 1, 2, 4, 8")
+    assert (poisoned == 0x5A5A5A5A).all()
+
+
+@pytest.mark.parametrize(
+    ("symmetric", "zero_points", "error"),
+    [
+        (False, False, "declares asymmetric integer weights, but `.*` has no `weight_zero_point`"),
+        (True, True, "weight_zero_point` holds zero points, but config.json declares symmetric"),
+    ],
+)
+def test_zero_points_must_match_the_config(tmp_path, symmetric, zero_points, error):
+    path = int4_pack_quantized(tmp_path / "ckpt", symmetric=symmetric, zero_points=zero_points)
+    with fml.open(path) as ckpt, pytest.raises(fml.LayoutError, match=error):
+        ckpt.experts(prefix())
+
+
+def test_zero_points_of_another_shape_are_named(tmp_path):
+    """Zero points unpacked (one int32 a row) do not fit the packed grid: said with the shape
+    they should have."""
+    path = int4_pack_quantized(tmp_path / "ckpt", symmetric=False)
+    tensors = load_file(path / "model.safetensors")
+    name = f"{prefix(0)}.2.up_proj.weight_zero_point"
+    tensors[name] = torch.zeros(INTER, H // GROUP, dtype=torch.int32)
+    save_file(tensors, path / "model.safetensors")
+    with fml.open(path) as ckpt, pytest.raises(fml.LayoutError) as error:
+        ckpt.experts(prefix(0))
+    assert f"`{name}` is I32 [{INTER}, {H // GROUP}]; the zero points of a [{INTER}, {H}]" in str(
+        error.value
+    )
+    assert f"I32 [{INTER // 8}, {H // GROUP}] (8 rows packed in each int32" in str(error.value)
+
+
 def test_without_config_the_bits_are_unknown(tmp_path):
     """Packed int32 weights say nothing of their bits: without config.json they are named."""
     path = int4_pack_quantized(tmp_path / "ckpt")
@@ -188,14 +291,18 @@ def test_convert_refuses_to_fuse(checkpoint, tmp_path):
     assert not (tmp_path / "fused").exists()
 
 
-def test_inspect_names_the_scheme(checkpoint, capsys):
+def test_inspect_names_the_scheme(checkpoint, asymmetric, capsys):
     main(["inspect", str(checkpoint)])
     assert "quantized   compressed-tensors int4, 32-value group" in capsys.readouterr().out
+    main(["inspect", str(asymmetric)])
+    assert "(weight_scale, weight_shape, weight_zero_point)" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("files", ["checkpoint", "asymmetric"])
 @pytest.mark.parametrize(("tp_rank", "tp", "experts"), [(1, 2, None), (0, 2, [3, 1, 3])])
-def test_seed_path_matches_hand_slices(checkpoint, tp_rank, tp, experts):
+def test_seed_path_matches_hand_slices(request, files, tp_rank, tp, experts):
     """The pure-Python vLLM loop of the bench fills the same parameters the same way."""
+    checkpoint = request.getfixturevalue(files)
     local = list(range(E)) if experts is None else experts
     want = expected(checkpoint, tp_rank, tp, local)
     got = seed_filled(checkpoint, prefix(), want, tp_rank, tp, local)

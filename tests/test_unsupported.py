@@ -1,8 +1,8 @@
 """Nothing unrecognised goes unnamed: groups that look like routed experts but cannot be loaded
 are listed by `Checkpoint.unsupported_groups()` and by `inspect` with the reason, and a
 `quantization_config` the loader does not load is said at `open`, once, by name. Checkpoints
-with the names, dtypes and shapes of gpt-oss (mxfp4) and compressed-tensors int4
-`pack-quantized` (asymmetric) releases, and of one with an unknown modelopt algorithm."""
+with the names, dtypes and shapes of gpt-oss (mxfp4) and compressed-tensors int8 W8A8
+(`int-quantized`) releases, and of one with an unknown modelopt algorithm."""
 
 from __future__ import annotations
 
@@ -45,11 +45,39 @@ def mxfp4_gpt_oss(path: Path, config: bool = True) -> Path:
     return save(path, tensors, "gpt_oss", quant if config else None)
 
 
-def int4_asymmetric(path: Path) -> Path:
-    """compressed-tensors int4 `pack-quantized` with zero points (asymmetric)."""
-    from test_int4 import int4_pack_quantized
-
-    return int4_pack_quantized(path, symmetric=False)
+def int8_w8a8(path: Path) -> Path:
+    """compressed-tensors' `INT8_W8A8` preset (`int-quantized`): per expert `weight` int8
+    `[out, in]` with per-channel `weight_scale [out, 1]`, dynamic int8 activations."""
+    gen = torch.Generator().manual_seed(3)
+    tensors = {}
+    for layer in range(LAYERS):
+        p = f"model.layers.{layer}.mlp"
+        for e in range(E):
+            for module, (rows, cols) in {
+                "gate_proj": (INTER, H),
+                "up_proj": (INTER, H),
+                "down_proj": (H, INTER),
+            }.items():
+                stem = f"{p}.experts.{e}.{module}"
+                tensors[f"{stem}.weight"] = torch.randint(
+                    -128, 128, (rows, cols), dtype=torch.int8, generator=gen
+                )
+                tensors[f"{stem}.weight_scale"] = torch.rand(rows, 1, generator=gen).bfloat16()
+        tensors[f"{p}.gate.weight"] = torch.randn(E, H, generator=gen).bfloat16()
+    int8 = {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": False}
+    quant = {
+        "quant_method": "compressed-tensors",
+        "format": "int-quantized",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": {**int8, "strategy": "channel"},
+                "input_activations": {**int8, "strategy": "token", "dynamic": True},
+            }
+        },
+        "ignore": ["lm_head", "re:.*mlp.gate$"],
+    }
+    return save(path, tensors, "qwen3_moe", quant)
 
 
 def open_quietly(path: Path) -> fml.Checkpoint:
@@ -62,7 +90,7 @@ def open_quietly(path: Path) -> fml.Checkpoint:
     ("make", "scheme"),
     [
         (mxfp4_gpt_oss, "mxfp4"),
-        (int4_asymmetric, "compressed-tensors int4 pack-quantized"),
+        (int8_w8a8, "compressed-tensors int8 int-quantized"),
     ],
 )
 def test_unsupported_quantization_named_at_open_once_and_per_group(tmp_path, make, scheme):

@@ -5,6 +5,7 @@ installed (it is not a test dependency: it pins its own torch)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 
@@ -291,13 +292,19 @@ def nvfp4_expert(stem: str, rows: int, cols: int, gen: torch.Generator) -> dict:
     }
 
 
-def int4_expert(stem: str, rows: int, cols: int, gen: torch.Generator) -> dict:
-    packed = torch.randint(-(2**31), 2**31 - 1, (rows, cols // 8), dtype=torch.int32, generator=gen)
-    return {
-        f"{stem}.weight_packed": packed,
+def int4_expert(
+    stem: str, rows: int, cols: int, gen: torch.Generator, zero_points: bool = False
+) -> dict:
+    from test_int4 import int32
+
+    tensors = {
+        f"{stem}.weight_packed": int32(rows, cols // 8, gen=gen),
         f"{stem}.weight_scale": torch.rand(rows, cols // 32, generator=gen).bfloat16(),
         f"{stem}.weight_shape": torch.tensor([rows, cols], dtype=torch.int32),
     }
+    if zero_points:  # eight 4-bit zero points of consecutive rows an int32
+        tensors[f"{stem}.weight_zero_point"] = int32(rows // 8, cols // 32, gen=gen)
+    return tensors
 
 
 @pytest.fixture(scope="module")
@@ -313,14 +320,16 @@ def nvfp4_checkpoint(tmp_path_factory):
     return quantized_experts_checkpoint(tmp_path_factory.mktemp("nvfp4"), nvfp4_expert, config)
 
 
-@pytest.fixture(scope="module")
-def int4_checkpoint(tmp_path_factory):
-    """Experts in compressed-tensors int4 `pack-quantized` (W4A16, group 32), the rest in
+@pytest.fixture(scope="module", params=["symmetric", "asymmetric"])
+def int4_checkpoint(tmp_path_factory, request):
+    """Experts in compressed-tensors int4 `pack-quantized` (W4A16, group 32; asymmetric ones
+    with `weight_zero_point`, as llm-compressor's `W4A16_ASYM` writes them), the rest in
     `ignore` as llm-compressor lists it."""
+    symmetric = request.param == "symmetric"
     weights = {
         "num_bits": 4,
         "type": "int",
-        "symmetric": True,
+        "symmetric": symmetric,
         "strategy": "group",
         "group_size": 32,
         "dynamic": False,
@@ -332,7 +341,9 @@ def int4_checkpoint(tmp_path_factory):
         "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}},
         "ignore": ["lm_head", "re:.*self_attn.*", "re:.*mlp[.]gate$"],
     }
-    return quantized_experts_checkpoint(tmp_path_factory.mktemp("int4"), int4_expert, config)
+    quantize = functools.partial(int4_expert, zero_points=not symmetric)
+    path = tmp_path_factory.mktemp(f"int4-{request.param}")
+    return quantized_experts_checkpoint(path, quantize, config)
 
 
 def test_nvfp4_model_matches_default_loader(distributed, nvfp4_checkpoint, monkeypatch):
@@ -372,8 +383,14 @@ def test_int4_model_matches_default_loader(distributed, int4_checkpoint, monkeyp
     theirs, _ = load(int4_checkpoint, "safetensors")
     ours, received = load(int4_checkpoint, "fastmoe")
     assert_same_state(ours, theirs)
+    layers = FAMILIES["qwen3_moe"]["num_hidden_layers"]
     packed = [n for n, _ in ours.named_parameters() if n.endswith("w13_weight_packed")]
-    assert len(packed) == FAMILIES["qwen3_moe"]["num_hidden_layers"]
+    assert len(packed) == layers
+    zero_points = [n for n, _ in ours.named_parameters() if n.endswith("w2_weight_zero_point")]
+    with fml.open(int4_checkpoint) as ckpt:
+        asymmetric = any(n.endswith(".weight_zero_point") for n in ckpt.keys())
+    assert len(zero_points) == (layers if asymmetric else 0)
+    assert all(ours.get_parameter(n).any() for n in zero_points)  # random, not left at zero
     with fml.open(int4_checkpoint) as ckpt:
         groups = ckpt.moe_layers()
         assert all(g.pack == 8 for g in groups)

@@ -260,17 +260,19 @@ def test_nvfp4_layers_match_vllm_load_weights(
         assert torch.equal(actual.view(torch.uint8), expected.data.view(torch.uint8)), param
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("backend", ["MARLIN", "TRITON"])
 @pytest.mark.parametrize(("tp_size", "rank", "ep"), [(1, 0, False), (2, 1, False), (2, 1, True)])
 def test_int4_layers_match_vllm_load_weights(
-    vllm_process_groups, tmp_path, tp_size, rank, ep, backend
+    vllm_process_groups, tmp_path, tp_size, rank, ep, backend, symmetric
 ):
     """compressed-tensors int4 `pack-quantized` (W4A16, group 32) into vLLM's
     `CompressedTensorsWNA16MoEMethod` parameters (`w13_weight_packed [E, 2I/tp, H/8]` int32,
-    bfloat16 group scales, float32 `weight_shape`): every parameter equal to vLLM's own
-    loading. vLLM has no WNA16 MoE kernel on the CPU, so the backend the method would pick
-    on a GPU is named here: every backend loads the checkpoint's N-first layout and
-    transposes later, in `process_weights_after_loading`."""
+    bfloat16 group scales, float32 `weight_shape`; asymmetric: `w13_weight_zero_point
+    [E, 2I/tp/8, H/32]` int32, eight zero points of consecutive rows an int32): every
+    parameter equal to vLLM's own loading. vLLM has no WNA16 MoE kernel on the CPU, so the
+    backend the method would pick on a GPU is named here: every backend loads the
+    checkpoint's N-first layout and transposes later, in `process_weights_after_loading`."""
     from unittest import mock
 
     import test_int4
@@ -279,7 +281,7 @@ def test_int4_layers_match_vllm_load_weights(
         compressed_tensors_moe_wna16 as wna16,
     )
 
-    path = test_int4.int4_pack_quantized(tmp_path / "int4")
+    path = test_int4.int4_pack_quantized(tmp_path / "int4", symmetric=symmetric)
     prefix = test_int4.prefix()
     sizes = (test_int4.E, test_int4.H, test_int4.INTER)
     name = prefix.removesuffix(".experts")
@@ -294,7 +296,10 @@ def test_int4_layers_match_vllm_load_weights(
         consumed = load_fused_moe_layer(ours, ckpt, prefix)
     assert sorted(consumed) == sorted(names)
     params = dict(theirs.routed_experts.named_parameters())
-    assert {"w13_weight_packed", "w13_weight_scale", "w2_weight_shape"} <= set(params), params
+    expected_params = {"w13_weight_packed", "w13_weight_scale", "w2_weight_shape"}
+    if not symmetric:
+        expected_params |= {"w13_weight_zero_point", "w2_weight_zero_point"}
+    assert expected_params <= set(params), params
     for param, expected in params.items():
         actual = getattr(ours.routed_experts, param).data
         if expected.is_floating_point():

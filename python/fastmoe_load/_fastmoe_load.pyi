@@ -42,7 +42,12 @@ class CompanionInfo:
     def kind(
         self,
     ) -> Literal[
-        "weight_scale_inv", "weight_scale", "input_scale", "weight_scale_2", "weight_shape"
+        "weight_scale_inv",
+        "weight_scale",
+        "input_scale",
+        "weight_scale_2",
+        "weight_shape",
+        "weight_zero_point",
     ]: ...
     @property
     def scheme(self) -> Literal["block", "group", "channel", "tensor", "whole"]: ...

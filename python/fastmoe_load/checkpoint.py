@@ -63,7 +63,10 @@ class Companion:
     `weight_scale_inv` (fp8 block scales, DeepSeek-V3 and transformers' FP8 layout),
     `weight_scale` (compressed-tensors, ModelOpt, fbgemm; NVFP4's float8 block scales),
     `weight_scale_2` (NVFP4's per-tensor global scale), `input_scale` (static activation
-    scales) or `weight_shape` (compressed-tensors' int32 `[rows, cols]` of a packed weight).
+    scales), `weight_shape` (compressed-tensors' int32 `[rows, cols]` of a packed weight) or
+    `weight_zero_point` (compressed-tensors' zero points of asymmetric integer weights, int32
+    `[rows/8, cols/group]` for int4: eight points of consecutive rows an int32, a `block`
+    grid of `(8, group)`).
     `scheme` says how one value maps onto the weight: `block` (one per `block[0] x block[1]`
     values), `group` (a block of one row: `block` is `(1, 16)` for NVFP4), `channel` (one per
     output row), `tensor` (one per matrix) or `whole` (`block[1]` values that describe the

@@ -252,8 +252,12 @@ def load_fused_moe(
     `[E_local, 2*I/tp, H/2]` and `w2 [E_local, H, I/tp/2]` uint8 (two values a byte),
     `w13_weight_scale [E_local, 2*I/tp, H/16]` and `w2_weight_scale [E_local, H, I/tp/16]`
     float8_e4m3fn, `w13_weight_scale_2` and `w13_input_scale [E_local, 2]` (gate's, up's),
-    `w2_weight_scale_2` and `w2_input_scale [E_local]` float32. A TP split must fall on the
-    scale blocks and packs (vLLM's rule):
+    `w2_weight_scale_2` and `w2_input_scale [E_local]` float32. int4 (compressed-tensors,
+    vLLM's `CompressedTensorsWNA16MoEMethod`): `w13 [E_local, 2*I/tp, H/8]`, `w2 [E_local, H,
+    I/tp/8]` int32, `w13_weight_scale`/`w2_weight_scale` group scales, `w13_weight_shape`/
+    `w2_weight_shape [E_local, 2]`, and for asymmetric weights `w13_weight_zero_point
+    [E_local, 2*I/tp/8, H/group]`, `w2_weight_zero_point [E_local, H/8, I/tp/group]` int32.
+    A TP split must fall on the scale blocks and packs (vLLM's rule):
     `RequestError` names the tp sizes that do.
 
     Dtypes must match the checkpoint's unless `allow_cast=True`: then a destination of

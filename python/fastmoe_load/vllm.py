@@ -17,6 +17,8 @@ attributes of the experts module:
   `w2_weight_scale` (per channel or tensor; NVFP4's 16-value groups),
   `w13_weight_scale_2`/`w2_weight_scale_2` (NVFP4's global scales), `w13_weight_shape`/
   `w2_weight_shape` (compressed-tensors' `[rows, cols]`, float32, the up projection's),
+  `w13_weight_zero_point`/`w2_weight_zero_point` (asymmetric int4's int32 zero points,
+  `[E_local, 2*I/tp/8, H/group]` and `[E_local, H/8, I/tp/group]`),
   `w13_input_scale`/`w2_input_scale`; float32 parameters take bfloat16 or UE8M0 scales
   converted exactly, as vLLM's `copy_` does. NVFP4 methods whose kernels quantize with the
   scales of all experts (FlashInfer's, `use_global_sf`) keep input scales for every global

@@ -64,7 +64,8 @@ class SeedLoader:
     ) -> None:
         """vLLM's scale branches: per-tensor values by index, input scales one per expert,
         block, group and channel scales narrowed like weights (down's channel scales whole),
-        `weight_shape` whole per expert."""
+        `weight_shape` whole per expert; zero points (packed along the rows, a `block` grid)
+        like block scales."""
         param = self.scales.get(f"{'w2' if shard_id == 'w2' else 'w13'}_{companion.kind}")
         if param is None:
             return

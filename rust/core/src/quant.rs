@@ -23,7 +23,8 @@ pub const DEFAULT_BLOCK: (usize, usize) = (128, 128);
 /// How the values of a companion map onto the entries of its `rows × cols` weight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Grid {
-    /// One value per `rows × cols` block (fp8 `weight_scale_inv`, `[ceil(out/128), ceil(in/128)]`).
+    /// One value per `rows × cols` block (fp8 `weight_scale_inv`, `[ceil(out/128), ceil(in/128)]`;
+    /// compressed-tensors' int4 zero points, `[out/8, in/group]`, eight rows' points an int32).
     Block { rows: usize, cols: usize },
     /// One value per weight row (per-channel `weight_scale [out, 1]`).
     Row,
@@ -113,7 +114,7 @@ pub struct CompanionKind {
     pub merged_w13: bool,
 }
 
-pub const COMPANION_KINDS: [CompanionKind; 5] = [
+pub const COMPANION_KINDS: [CompanionKind; 6] = [
     CompanionKind {
         name: "weight_scale_inv",
         fused_suffix: Some("_scale_inv"),
@@ -146,6 +147,14 @@ pub const COMPANION_KINDS: [CompanionKind; 5] = [
         fused_suffix: None,
         weight_scale: false,
         merged_w13: true,
+    },
+    // compressed-tensors' zero points of asymmetric integer weights, int32 packed along the
+    // weight's rows (see [`Grid::Block`] of `zero_point_grid`).
+    CompanionKind {
+        name: "weight_zero_point",
+        fused_suffix: None,
+        weight_scale: false,
+        merged_w13: false,
     },
 ];
 
@@ -203,6 +212,8 @@ pub struct QuantConfig {
     pub scheme: Option<&'static str>,
     /// `num_bits` of compressed-tensors' integer (`pack-quantized`) weights.
     pub int_bits: Option<usize>,
+    /// `symmetric` of those integer weights: asymmetric ones carry `weight_zero_point`.
+    pub symmetric: Option<bool>,
 }
 
 impl QuantConfig {
@@ -234,13 +245,20 @@ impl QuantConfig {
                     .flat_map(|groups| groups.values())
                     .filter_map(|g| g.get("weights"))
                     .collect();
-                let packed_symmetric = |w: &&&Value| {
+                // Zero points are loaded where they are packed per group of columns.
+                let packed = |w: &&&Value| {
                     q.get("format").and_then(Value::as_str) == Some("pack-quantized")
                         && w.get("type").and_then(Value::as_str) == Some("int")
-                        && w.get("symmetric").and_then(Value::as_bool) == Some(true)
+                        && match w.get("symmetric").and_then(Value::as_bool) {
+                            Some(true) => true,
+                            Some(false) => {
+                                w.get("strategy").and_then(Value::as_str) == Some("group")
+                            }
+                            None => false,
+                        }
                 };
                 let other = weights.iter().find(|w| {
-                    w.get("type").and_then(Value::as_str) != Some("float") && !packed_symmetric(w)
+                    w.get("type").and_then(Value::as_str) != Some("float") && !packed(w)
                 })?;
                 let bits = other.get("num_bits").and_then(Value::as_u64);
                 let kind = text(other.get("type")).unwrap_or_else(|| "untyped".into());
@@ -263,7 +281,7 @@ impl QuantConfig {
                 _ => None,
             }
         };
-        let mut int_bits = None;
+        let (mut int_bits, mut symmetric) = (None, None);
         let (block, scheme) = match method.as_str() {
             "fp8" => match q.get("weight_block_size").and_then(pair) {
                 Some(block) => (Some(block), Some("block")),
@@ -286,6 +304,7 @@ impl QuantConfig {
                     int_bits = field("num_bits")
                         .and_then(Value::as_u64)
                         .map(|b| b as usize);
+                    symmetric = field("symmetric").and_then(Value::as_bool);
                 }
                 let group = field("group_size").and_then(Value::as_u64);
                 match field("strategy").and_then(Value::as_str) {
@@ -314,6 +333,7 @@ impl QuantConfig {
             block,
             scheme,
             int_bits,
+            symmetric,
         })
     }
 }
@@ -444,6 +464,53 @@ fn grid_of(
     })
 }
 
+/// The grid of compressed-tensors' zero points `name` over a `rows × cols` packed integer
+/// weight. `pack_to_int32(zero_point, bits, packed_dim=0)` packs `32 / bits` points of
+/// consecutive rows into each int32, one per group of columns: `[rows/pack, cols/group]`, so
+/// that one stored value spans `pack` rows and `group` columns, and a TP split of the rows
+/// must fall on whole packs (vLLM's `w13_weight_zero_point [E, 2·I/tp/pack, H/group]`).
+fn zero_point_grid(
+    ckpt: &Checkpoint,
+    w: &Weights,
+    config: Option<&QuantConfig>,
+    name: &str,
+    entry: &TensorEntry,
+    (rows, cols): (usize, usize),
+) -> Result<Grid> {
+    let group = config
+        .filter(|c| c.scheme == Some("group"))
+        .and_then(|c| c.block)
+        .map(|(_, group)| group)
+        .filter(|_| w.pack > 1)
+        .ok_or_else(|| {
+            layout_error(
+                ckpt,
+                w.prefix,
+                format!(
+                    "`{name}`: zero points are loaded beside packed integer weights with group \
+                     scales (compressed-tensors `pack-quantized`, `strategy: group`) only"
+                ),
+            )
+        })?;
+    let grid = Grid::Block {
+        rows: w.pack,
+        cols: group,
+    };
+    let (r, c) = grid.shape(rows, cols);
+    if entry.dtype != Dtype::I32 || entry.shape != [r, c] {
+        return Err(layout_error(
+            ckpt,
+            w.prefix,
+            format!(
+                "`{name}` is {} {:?}; the zero points of a [{rows}, {cols}] weight are I32 \
+                 [{r}, {c}] ({} rows packed in each int32, one per {group}-value group)",
+                entry.dtype, entry.shape, w.pack
+            ),
+        ));
+    }
+    Ok(grid)
+}
+
 /// The quantization of a per-expert group from the companions found beside its weights.
 pub(crate) fn per_expert(
     ckpt: &Checkpoint,
@@ -483,6 +550,8 @@ pub(crate) fn per_expert(
                         ));
                     }
                     Grid::Whole(2)
+                } else if kind.name == "weight_zero_point" {
+                    zero_point_grid(ckpt, w, config.as_ref(), name, entry, dims)?
                 } else {
                     grid_of(ckpt, w, config.as_ref(), name, &entry.shape, dims)?
                 };
@@ -636,7 +705,8 @@ fn one_dtype(
             format!("`{first_name}` is {first} but `{name}` is {other}"),
         ));
     }
-    if kind.name != "weight_shape" && !SCALE_DTYPES.contains(&first) {
+    if !matches!(kind.name, "weight_shape" | "weight_zero_point") && !SCALE_DTYPES.contains(&first)
+    {
         return Err(layout_error(
             ckpt,
             prefix,
@@ -699,6 +769,33 @@ fn finish(
                 scale.tensor_names()[0],
                 scale.grid.scheme()
             )));
+        }
+    }
+    if let Some(QuantConfig {
+        symmetric: Some(symmetric),
+        ..
+    }) = &config
+    {
+        match (
+            symmetric,
+            companions
+                .iter()
+                .find(|c| c.kind.name == "weight_zero_point"),
+        ) {
+            (false, None) => {
+                return Err(err(format!(
+                    "config.json declares asymmetric integer weights, but `{}` has no \
+                     `weight_zero_point` beside it",
+                    w.prefix
+                )))
+            }
+            (true, Some(zp)) => {
+                return Err(err(format!(
+                    "`{}` holds zero points, but config.json declares symmetric integer weights",
+                    zp.tensor_names()[0]
+                )))
+            }
+            _ => {}
         }
     }
     Ok(Some(Quantization {

@@ -432,7 +432,8 @@ pub struct MoeLayerInfo {
 #[pyclass(module = "fastmoe_load._fastmoe_load", frozen, get_all)]
 #[derive(Clone)]
 pub struct CompanionInfo {
-    /// `weight_scale_inv`, `weight_scale` or `input_scale`.
+    /// `weight_scale_inv`, `weight_scale`, `input_scale`, `weight_scale_2`, `weight_shape` or
+    /// `weight_zero_point`.
     kind: &'static str,
     /// `block`, `group`, `channel`, `tensor` or `whole`.
     scheme: &'static str,
