@@ -7,6 +7,7 @@ by hand; against vLLM's own DBRX loader in test_vllm_real.py."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import fastmoe_load as fml
@@ -150,3 +151,90 @@ def test_convert_refuses_stacked_experts(checkpoint, tmp_path, to):
     with pytest.raises(fml.RequestError, match="stacked as DBRX stores them"):
         convert(path, dst, to=to)
     assert not dst.exists()
+
+
+def dbrx_model(dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> torch.nn.Module:
+    """transformers' `DbrxForCausalLM`, scaled down, of random weights: it keeps the experts
+    stacked as the checkpoint does (`ffn.experts.mlp.w1 / v1 / w2 [E·I, H]`)."""
+    import transformers
+
+    config = transformers.DbrxConfig(
+        d_model=H,
+        n_heads=4,
+        n_layers=BLOCKS,
+        max_seq_len=64,
+        vocab_size=64,
+        attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},  # as released
+        ffn_config={"ffn_hidden_size": INTER, "moe_num_experts": E, "moe_top_k": 2},
+    )
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("dbrx-model")
+    dbrx_model().save_pretrained(path, max_shard_size="40KB")
+    return path
+
+
+def stacked(model: torch.nn.Module, block: int) -> tuple[torch.Tensor, ...]:
+    """The model's `w1`, `v1`, `w2` of `block` as `[E, I, H]`."""
+    mlp = model.transformer.blocks[block].ffn.experts.mlp
+    return tuple(getattr(mlp, n).detach().view(-1, INTER, H) for n in ("w1", "v1", "w2"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_load_model_equals_from_pretrained(saved_model, dtype):
+    """A meta `DbrxForCausalLM` filled by `load_model` equals `from_pretrained`, weights,
+    buffers and logits; in float32 the bfloat16 experts are widened exactly, as transformers
+    widens them."""
+    from test_model import assert_same_model, from_pretrained, meta_model, no_load_warning
+
+    expected = from_pretrained(saved_model, dtype)
+    model = meta_model(saved_model, dtype)
+    report = no_load_warning(fml.load_model, model, saved_model, device="cpu", strict=True)
+    assert (report.missing, report.unexpected, report.mismatched) == ([], [], {})
+    assert report.loaded == sorted(model.state_dict())
+    assert report.expert_groups == BLOCKS
+    experts = {f"{prefix(b)}.mlp.{n}" for b in range(BLOCKS) for n in ("w1", "v1", "w2")}
+    widened = experts if dtype == torch.float32 else set()
+    assert experts.issubset(report.cast) if widened else not report.cast
+    assert_same_model(model.eval(), expected)
+
+
+def test_load_model_rank_holds_its_experts_shard(saved_model):
+    """A rank's model whose stacked expert weights hold its experts (EP rank 1 of 2) and its
+    TP shard (rank 1 of 2) of each, `[E_local·I/2, H]`: sliced per expert, not as one
+    tensor; a model not sized for the rank is refused before anything is written."""
+    full = dbrx_model()
+    local = fml.expert_placement(E, 2, 1)
+    inter = slice(INTER // 2, INTER)
+    model = dbrx_model(seed=3)
+    for block in model.transformer.blocks:
+        mlp = block.ffn.experts.mlp
+        for name in ("w1", "v1", "w2"):
+            shape = (len(local) * INTER // 2, H)
+            setattr(mlp, name, torch.nn.Parameter(poisoned(shape)))
+    options = dict(ep_rank=1, ep_size=2, expert_tp_rank=1, expert_tp_size=2, strict=True)
+    report = fml.load_model(model, saved_model, **options)
+    assert report.mismatched == {}
+    assert report.expert_groups == BLOCKS
+    for b, block in enumerate(model.transformer.blocks):
+        mlp = block.ffn.experts.mlp
+        for name, reference in zip(("w1", "v1", "w2"), stacked(full, b), strict=True):
+            want = reference[local][:, inter].reshape(-1, H)
+            assert_bitwise_equal(getattr(mlp, name), want, f"block {b} {name}")
+    before = dbrx_model(seed=4)
+    unsized = dbrx_model(seed=4)
+    message = f"{(E * INTER, H)} in the model, this rank's experts (TP rank 1 of 2, EP rank 1 of 2)"
+    with pytest.raises(fml.RequestError, match=re.escape(message)):
+        fml.load_model(unsized, saved_model, **options)
+    for ours, theirs in zip(
+        unsized.state_dict().values(), before.state_dict().values(), strict=True
+    ):
+        assert torch.equal(ours, theirs)  # untouched

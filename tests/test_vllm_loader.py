@@ -69,9 +69,11 @@ def vllm_config(path, load_format: str, dtype: str = "bfloat16"):
     )
 
 
-def load(path, load_format: str, dtype: str = "bfloat16") -> tuple[torch.nn.Module, list[str]]:
+def load(
+    path, load_format: str, dtype: str = "bfloat16", rename=lambda name: name
+) -> tuple[torch.nn.Module, list[str]]:
     """A vLLM model built with NaN parameters and loaded by the `load_format` loader; with
-    the checkpoint names that reached the model's own `load_weights`."""
+    the checkpoint names that reached the model's own `load_weights` (given it `rename`d)."""
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.model_loader import get_model_loader
     from vllm.model_executor.model_loader.utils import initialize_model
@@ -91,7 +93,9 @@ def load(path, load_format: str, dtype: str = "bfloat16") -> tuple[torch.nn.Modu
         model_load_weights = model.load_weights
 
         def recording_load_weights(weights):
-            return model_load_weights((received.append(name) or (name, t) for name, t in weights))
+            return model_load_weights(
+                (received.append(name) or (rename(name), t) for name, t in weights)
+            )
 
         model.load_weights = recording_load_weights
         loader = get_model_loader(config.load_config)
@@ -394,5 +398,35 @@ def test_int4_model_matches_default_loader(distributed, int4_checkpoint, monkeyp
     with fml.open(int4_checkpoint) as ckpt:
         groups = ckpt.moe_layers()
         assert all(g.pack == 8 for g in groups)
+        expert_names = {name for group in groups for name in group.tensor_names}
+        assert set(received) == set(ckpt.keys()) - expert_names
+
+
+def test_dbrx_model_matches_default_loader(distributed, tmp_path):
+    """DBRX (`transformer.blocks.N.ffn.experts.mlp.w1 / v1 / w2`, experts stacked `[E·I, H]`,
+    saved by transformers' `DbrxForCausalLM`): every parameter equal to vLLM's own loading
+    (its `DbrxExperts.weight_loader`), and no expert tensor through the model's loader.
+
+    vLLM 0.33's own DBRX loading fails: `DbrxModel.load_weights` looks the experts up as
+    `ffn.experts.w13_weight`, where `FusedMoEFactory` has put them under
+    `ffn.experts.routed_experts` (a KeyError). The reference feeds it the names where its
+    lookup finds them; its `DbrxExperts.weight_loader` then does the loading."""
+    from test_dbrx import BLOCKS, dbrx_model
+
+    dbrx_model().save_pretrained(tmp_path, max_shard_size="40KB")
+    with pytest.raises(KeyError, match=r"ffn\.experts\.w13_weight"):
+        load(tmp_path, "safetensors")
+
+    def routed(name: str) -> str:
+        return name.replace(".ffn.experts.mlp.", ".ffn.experts.routed_experts.mlp.")
+
+    theirs, _ = load(tmp_path, "safetensors", rename=routed)
+    ours, received = load(tmp_path, "fastmoe")
+    assert_same_state(ours, theirs)
+    for name, param in ours.named_parameters():
+        assert not param.isnan().any(), f"{name} was not loaded"
+    with fml.open(tmp_path) as ckpt:
+        groups = ckpt.moe_layers()
+        assert [g.format for g in groups] == ["stacked"] * BLOCKS
         expert_names = {name for group in groups for name in group.tensor_names}
         assert set(received) == set(ckpt.keys()) - expert_names

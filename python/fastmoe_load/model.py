@@ -120,6 +120,9 @@ class _Experts:
     interleaved: bool
     # The module holds the experts wider than the checkpoint stores them.
     cast: bool = False
+    # The module's gate, up and down weights where it keeps each stacked over all experts,
+    # `[E·I, H]` as the checkpoint does (transformers' DBRX: `mlp.w1`, `mlp.v1`, `mlp.w2`).
+    stacked: tuple[str, str, str] | None = None
 
 
 @dataclass
@@ -165,7 +168,8 @@ def load_model(
     materialised there first), and returns a `ModelLoadReport`.
 
     Routed experts are matched to the model's expert modules in any checkpoint layout and
-    written in the model's own layout. With `tp_size > 1` or `ep_size > 1` the model is
+    written in the model's own layout (fused `gate_up_proj`/`down_proj`, or DBRX's `w1`,
+    `v1`, `w2` stacked `[E·I, H]`). With `tp_size > 1` or `ep_size > 1` the model is
     expected to hold this rank's shards (expert modules sized for the rank's experts, and
     dense weights sliced along the one dimension where their shape differs from the
     checkpoint's). The experts are sliced by `expert_tp_rank` of `expert_tp_size` (default:
@@ -271,9 +275,9 @@ def _load(
 
     # Groups the model keeps in vLLM's layout and dtype are planned straight into their
     # weights and go through the pipeline with the dense tensors; the others (transposed,
-    # interleaved, widened) are loaded one by one through scratch tensors and rearranged
+    # interleaved, stacked, widened) are loaded one by one through scratch tensors and rearranged
     # on the device. Dense tensors to widen land in scratch memory first too.
-    native = [g for g in groups if not (g.transposed or g.interleaved or g.cast)]
+    native = [g for g in groups if not (g.transposed or g.interleaved or g.cast or g.stacked)]
     direct = [Destination(d.name, weights[d.name].detach(), d.plan) for d in dense if not d.cast]
     direct += [d for g in native for d in _plan_experts(ckpt, g, *expert_tp)]
     rearranged = [g for g in groups if g not in native]
@@ -360,14 +364,18 @@ def _match_experts(
     the rank's expected shapes and dtypes."""
     groups, consumed = [], set()
     for layer in ckpt.moe_layers():
-        path, module = _experts_module(model, rename(layer.tensor_names[0]))
+        stacked = _stacked_module(model, layer, rename)
+        if stacked is not None:
+            path, module, weights = stacked
+        else:
+            path, module = _experts_module(model, rename(layer.tensor_names[0]))
         if module is None:
-            report.unexpected.extend(layer.tensor_names)
-            continue
+            continue  # left to the dense tensors: a weight of the same name, or unexpected
         consumed.update(layer.tensor_names)
         experts = expert_placement(layer.num_experts, ep[1], ep[0], placement)
-        transposed, interleaved = _module_layout(module, layer)
+        transposed, interleaved = (False, False) if stacked else _module_layout(module, layer)
         group = _Experts(layer, module, path, experts, transposed, interleaved)
+        group.stacked = weights if stacked else None
         if not _check_experts(group, tp_size, scope, report):
             continue
         groups.append(group)
@@ -393,6 +401,8 @@ def _check_experts(
         "gate_up_proj": ((n, h, 2 * shard) if t else (n, 2 * shard, h), layer.dtype),
         "down_proj": ((n, shard, h) if t else (n, h, shard), layer.dtype),
     }
+    if group.stacked:  # each the rank's experts, one after the other: [E_local·I/tp, H]
+        expected = {name: ((n * shard, h), layer.dtype) for name in group.stacked}
     if layer.has_bias and hasattr(group.module, "gate_up_proj_bias"):
         expected["gate_up_proj_bias"] = ((n, 2 * shard), layer.bias_dtype)
         expected["down_proj_bias"] = ((n, h), layer.bias_dtype)
@@ -469,6 +479,29 @@ def _experts_module(model: torch.nn.Module, key: str) -> tuple[str, torch.nn.Mod
     return key, None
 
 
+def _stacked_module(
+    model: torch.nn.Module, layer: MoeLayer, rename: Callable[[str], str]
+) -> tuple[str, torch.nn.Module, tuple[str, str, str]] | None:
+    """For a stacked group (DBRX), the model module that holds its gate, up and down as 2-D
+    weights of one module (transformers' `DbrxExpertGLU`), its path, and the weights' names
+    in it."""
+    if layer.format != "stacked":
+        return None
+    paths = [rename(name).rpartition(".") for name in layer.tensor_names]
+    if len({path for path, _, _ in paths}) != 1:
+        return None
+    path = paths[0][0]
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        return None
+    gate, up, down = (name for _, _, name in paths)
+    weights = [getattr(module, name, None) for name in (gate, up, down)]
+    if not all(isinstance(w, torch.Tensor) and w.dim() == 2 for w in weights):
+        return None
+    return path, module, (gate, up, down)
+
+
 def _module_layout(module: torch.nn.Module, layer: MoeLayer) -> tuple[bool, bool]:
     """(transposed, interleaved) of a model's fused expert module: `gate_up_proj [E, H, 2I]`
     or `[E, 2I, H]`, gate/up halves or alternating rows. transformers states it on its expert
@@ -487,6 +520,8 @@ def _module_layout(module: torch.nn.Module, layer: MoeLayer) -> tuple[bool, bool
 
 
 def _expert_weight_names(group: _Experts) -> list[str]:
+    if group.stacked:
+        return [f"{group.path}.{n}" for n in group.stacked]
     names = ["gate_up_proj", "down_proj"]
     if group.layer.has_bias:
         names += ["gate_up_proj_bias", "down_proj_bias"]
@@ -817,10 +852,16 @@ def _rearrange(
     b2: torch.Tensor | None,
     shard: int,
 ) -> None:
-    """Writes vLLM-layout experts into a transposed and/or interleaved module, on the device
-    (in stream order after the load)."""
+    """Writes vLLM-layout experts into a transposed, interleaved or stacked module, on the
+    device (in stream order after the load)."""
     m = group.module
     gate, up = w13[:, :shard], w13[:, shard:]
+    if group.stacked:  # [E·I, H] each; down stored as its transpose, `[I, H]` an expert
+        w1, v1, down = (getattr(m, name) for name in group.stacked)
+        w1.view(gate.shape).copy_(gate)
+        v1.view(up.shape).copy_(up)
+        down.view(w2.shape[0], shard, -1).copy_(w2.transpose(1, 2))
+        return
     if group.transposed:
         gate, up = gate.transpose(1, 2), up.transpose(1, 2)  # [E, H, I]
         m.down_proj.copy_(w2.transpose(1, 2))
