@@ -3,10 +3,8 @@
 
 mod common;
 
-use common::{write, TempDir, Tensor};
-use fastmoe_load_core::{
-    detect, Checkpoint, CopyPlan, Dtype, Executor, Grid, LoadRequest, MoeLayer, ReadMode, Target,
-};
+use common::{execute, layer, open, tensor, Tensor};
+use fastmoe_load_core::{detect, Checkpoint, CopyPlan, Dtype, Grid, LoadRequest, MoeLayer, Target};
 
 const PREFIX: &str = "model.layers.3.mlp.experts";
 const DEEPSEEK_CONFIG: &str = r#"{"model_type": "deepseek_v3", "quantization_config":
@@ -21,15 +19,6 @@ fn byte(part: usize, e: usize, r: usize, c: usize) -> u8 {
 
 fn scale(part: usize, e: usize, r: usize, c: usize) -> f32 {
     (part * 1_000_000 + e * 10_000 + r * 100 + c) as f32
-}
-
-fn tensor(name: String, dtype: Dtype, shape: &[usize], data: Vec<u8>) -> Tensor {
-    Tensor {
-        name,
-        dtype,
-        shape: shape.to_vec(),
-        data,
-    }
 }
 
 /// `(rows, cols)` of gate/up (`part` 0, 1) or down (2).
@@ -115,38 +104,6 @@ fn fused(experts: usize, hidden: usize, inter: usize) -> Vec<Tensor> {
             ds,
         ),
     ]
-}
-
-fn open(tensors: &[Tensor], config: Option<&str>) -> (TempDir, Checkpoint) {
-    let dir = TempDir::new("quant");
-    write(&dir.path().join("model.safetensors"), tensors);
-    if let Some(config) = config {
-        std::fs::write(dir.path().join("config.json"), config).unwrap();
-    }
-    let ckpt = Checkpoint::open(dir.path()).unwrap();
-    (dir, ckpt)
-}
-
-fn layer(ckpt: &Checkpoint) -> MoeLayer {
-    let mut layers = detect(ckpt, None).unwrap();
-    assert_eq!(layers.len(), 1);
-    layers.remove(0)
-}
-
-fn execute(ckpt: &Checkpoint, plan: &CopyPlan) -> Vec<u8> {
-    let mut out = vec![0xAAu8; plan.len()];
-    // SAFETY: `out` is exactly the plan's length and ours for the call.
-    unsafe {
-        Executor::new(2, ReadMode::Map).run(
-            ckpt.shards(),
-            plan.ops(),
-            out.as_mut_ptr(),
-            0,
-            out.len(),
-        )
-    }
-    .unwrap();
-    out
 }
 
 /// What vLLM's `weight_loader` leaves in `w13_weight`/`w2_weight` and the block scales.

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use fastmoe_load_core::{detect, Checkpoint, CopyPlan, Executor, MoeLayer, ReadMode};
 use safetensors::tensor::{Dtype, TensorView};
 
 /// A scratch directory removed when dropped.
@@ -47,6 +48,50 @@ pub fn tensor_u16(name: &str, shape: &[usize], values: impl Iterator<Item = u16>
         shape: shape.to_vec(),
         data,
     }
+}
+
+pub fn tensor(name: String, dtype: Dtype, shape: &[usize], data: Vec<u8>) -> Tensor {
+    Tensor {
+        name,
+        dtype,
+        shape: shape.to_vec(),
+        data,
+    }
+}
+
+/// A checkpoint of `tensors` in one file, with `config` as its config.json.
+pub fn open(tensors: &[Tensor], config: Option<&str>) -> (TempDir, Checkpoint) {
+    let dir = TempDir::new("quant");
+    write(&dir.path().join("model.safetensors"), tensors);
+    if let Some(config) = config {
+        std::fs::write(dir.path().join("config.json"), config).unwrap();
+    }
+    let ckpt = Checkpoint::open(dir.path()).unwrap();
+    (dir, ckpt)
+}
+
+/// The checkpoint's one routed-expert group.
+pub fn layer(ckpt: &Checkpoint) -> MoeLayer {
+    let mut layers = detect(ckpt, None).unwrap();
+    assert_eq!(layers.len(), 1);
+    layers.remove(0)
+}
+
+/// The bytes `plan` writes into memory poisoned with 0xAA first.
+pub fn execute(ckpt: &Checkpoint, plan: &CopyPlan) -> Vec<u8> {
+    let mut out = vec![0xAAu8; plan.len()];
+    // SAFETY: `out` is exactly the plan's length and ours for the call.
+    unsafe {
+        Executor::new(2, ReadMode::Map).run(
+            ckpt.shards(),
+            plan.ops(),
+            out.as_mut_ptr(),
+            0,
+            out.len(),
+        )
+    }
+    .unwrap();
+    out
 }
 
 pub fn write(path: &Path, tensors: &[Tensor]) {
