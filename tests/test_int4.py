@@ -283,12 +283,29 @@ def test_without_config_the_bits_are_unknown(tmp_path):
     assert "weight_packed" in groups[0].reason
 
 
-def test_convert_refuses_to_fuse(checkpoint, tmp_path):
+def test_convert_refuses_to_fuse(checkpoint, asymmetric, tmp_path):
     from fastmoe_load.convert import convert
 
     with pytest.raises(fml.RequestError, match="weight_scale, weight_shape scales"):
         convert(checkpoint, tmp_path / "fused", to="fused")
     assert not (tmp_path / "fused").exists()
+    with pytest.raises(fml.RequestError, match="weight_shape, weight_zero_point scales"):
+        convert(asymmetric, tmp_path / "fused", to="fused")
+    assert not (tmp_path / "fused").exists()
+
+
+def test_convert_per_expert_carries_zero_points(asymmetric, tmp_path):
+    """Rewritten per expert, every tensor comes back as stored, zero points included."""
+    from fastmoe_load.convert import convert
+
+    convert(asymmetric, tmp_path / "out", to="per_expert")
+    before = load_file(asymmetric / "model.safetensors")
+    with fml.open(tmp_path / "out") as ckpt:
+        assert sorted(ckpt.keys()) == sorted(before)
+        for name, tensor in before.items():
+            assert_bitwise_equal(ckpt.tensor(name), tensor, name)
+        zero_point = ckpt.experts(prefix()).quantization.companion("weight_zero_point")
+        assert zero_point is not None
 
 
 def test_inspect_names_the_scheme(checkpoint, asymmetric, capsys):
