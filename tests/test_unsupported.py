@@ -1,7 +1,7 @@
 """Nothing unrecognised goes unnamed: groups that look like routed experts but cannot be loaded
 are listed by `Checkpoint.unsupported_groups()` and by `inspect` with the reason, and a
 `quantization_config` the loader does not load is said at `open`, once, by name. Checkpoints
-with the names, dtypes and shapes of gpt-oss (mxfp4) and compressed-tensors int8 W8A8
+with the names, dtypes and shapes of GPTQ int4 and compressed-tensors int8 W8A8
 (`int-quantized`) releases, and of one with an unknown modelopt algorithm."""
 
 from __future__ import annotations
@@ -24,25 +24,31 @@ def u8(*shape: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
 
 
-def mxfp4_gpt_oss(path: Path, config: bool = True) -> Path:
-    """gpt-oss: `gate_up_proj_blocks [E, 2I, H/32, 16]` u8 (two e2m1 values a byte),
-    `gate_up_proj_scales [E, 2I, H/32]` u8 (e8m0), bf16 biases, router beside."""
+def gptq_qwen3(path: Path, config: bool = True) -> Path:
+    """Qwen3-MoE GPTQ int4 (as AutoGPTQ/GPTQModel write it): per expert and module
+    `qweight` int32 `[in/8, out]`, `qzeros` int32 `[in/group, out/8]`, `scales` float16
+    `[in/group, out]`, `g_idx` int32 `[in]`; the router beside."""
     gen = torch.Generator().manual_seed(0)
+    group = 32
     tensors = {}
     for layer in range(LAYERS):
         p = f"model.layers.{layer}.mlp"
-        tensors |= {
-            f"{p}.experts.gate_up_proj_blocks": u8(E, 2 * INTER, H // 32, 16, gen=gen),
-            f"{p}.experts.gate_up_proj_scales": u8(E, 2 * INTER, H // 32, gen=gen),
-            f"{p}.experts.gate_up_proj_bias": torch.randn(E, 2 * INTER).bfloat16(),
-            f"{p}.experts.down_proj_blocks": u8(E, H, INTER // 32, 16, gen=gen),
-            f"{p}.experts.down_proj_scales": u8(E, H, INTER // 32, gen=gen),
-            f"{p}.experts.down_proj_bias": torch.randn(E, H).bfloat16(),
-            f"{p}.router.weight": torch.randn(E, H).bfloat16(),
-            f"{p}.router.bias": torch.randn(E).bfloat16(),
-        }
-    quant = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
-    return save(path, tensors, "gpt_oss", quant if config else None)
+        for e in range(E):
+            for module, (out, inp) in (
+                ("gate_proj", (INTER, H)),
+                ("up_proj", (INTER, H)),
+                ("down_proj", (H, INTER)),
+            ):
+                name = f"{p}.experts.{e}.{module}"
+                tensors |= {
+                    f"{name}.qweight": u8(inp // 8, out * 4, gen=gen).view(torch.int32),
+                    f"{name}.qzeros": u8(inp // group, out // 2, gen=gen).view(torch.int32),
+                    f"{name}.scales": torch.rand(inp // group, out, generator=gen).half(),
+                    f"{name}.g_idx": torch.arange(inp, dtype=torch.int32) // group,
+                }
+        tensors[f"{p}.gate.weight"] = torch.randn(E, H).bfloat16()
+    quant = {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False}
+    return save(path, tensors, "qwen3_moe", quant if config else None)
 
 
 def int8_w8a8(path: Path) -> Path:
@@ -89,7 +95,7 @@ def open_quietly(path: Path) -> fml.Checkpoint:
 @pytest.mark.parametrize(
     ("make", "scheme"),
     [
-        (mxfp4_gpt_oss, "mxfp4"),
+        (gptq_qwen3, "gptq"),
         (int8_w8a8, "compressed-tensors int8 int-quantized"),
     ],
 )
@@ -132,7 +138,7 @@ def test_unknown_modelopt_algorithm_is_named(tmp_path):
 
 
 def test_without_config_the_tensor_names_give_the_reason(tmp_path):
-    path = mxfp4_gpt_oss(tmp_path / "ckpt", config=False)
+    path = gptq_qwen3(tmp_path / "ckpt", config=False)
     (path / "config.json").unlink()
     with warnings.catch_warnings():
         warnings.simplefilter("error", fml.UnsupportedWarning)
@@ -142,8 +148,8 @@ def test_without_config_the_tensor_names_give_the_reason(tmp_path):
     assert len(groups) == LAYERS
     reason = groups[0].reason
     # The first foreign tensor in file order (safetensors sorts names).
-    assert reason.startswith("unknown quantization: `model.layers.0.mlp.experts.down_proj_blocks")
-    assert "(U8 [4, 128, 2, 16]) belongs to no quantization scheme" in reason
+    assert reason.startswith("unknown quantization: `model.layers.0.mlp.experts.0.down_proj.g_idx")
+    assert "(I32 [64]) belongs to no quantization scheme" in reason
 
 
 def test_unknown_naming_beside_a_loadable_group(tmp_path):
@@ -200,17 +206,17 @@ def test_loadable_checkpoints_name_nothing(tmp_path):
 
 
 def test_inspect_lists_unsupported_groups(tmp_path, capsys):
-    path = mxfp4_gpt_oss(tmp_path / "ckpt")
+    path = gptq_qwen3(tmp_path / "ckpt")
     main(["inspect", str(path)])
     out, err = capsys.readouterr()
     assert err == ""  # the report says it all
-    assert "quantized   mxfp4: not loaded by fastmoe_load" in out
+    assert "quantized   gptq: not loaded by fastmoe_load" in out
     assert "2 groups of expert tensors cannot be loaded:" in out
-    assert "model.layers.1.mlp.experts (6 tensors): unknown quantization:" in out
+    assert f"model.layers.1.mlp.experts ({E * 3 * 4} tensors): unknown quantization:" in out
     assert out.rstrip().endswith("no routed-expert groups found")
     main(["inspect", "--json", str(path)])
     report = json.loads(capsys.readouterr().out)
-    assert report["quantization_config"] == "mxfp4"
+    assert report["quantization_config"] == "gptq"
     assert [g["prefix"] for g in report["unsupported"]] == [
         f"model.layers.{n}.mlp.experts" for n in range(LAYERS)
     ]

@@ -430,3 +430,39 @@ def test_dbrx_model_matches_default_loader(distributed, tmp_path):
         assert [g.format for g in groups] == ["stacked"] * BLOCKS
         expert_names = {name for group in groups for name in group.tensor_names}
         assert set(received) == set(ckpt.keys()) - expert_names
+
+
+@pytest.fixture(scope="module")
+def mxfp4_checkpoint(tmp_path_factory):
+    from test_mxfp4 import gpt_oss_release
+
+    return gpt_oss_release(tmp_path_factory.mktemp("mxfp4"), **WIDER, **WIDER_FAMILY["gpt_oss"])
+
+
+@pytest.mark.parametrize("backend", ["EMULATION", "MARLIN"])
+def test_mxfp4_model_matches_default_loader(distributed, mxfp4_checkpoint, monkeypatch, backend):
+    """A whole gpt-oss mxfp4 model (`GptOssMxfp4MoEMethod` experts, loaded by vLLM through
+    the gpt-oss model's own mxfp4 branch): every parameter equal to vLLM's own loading, gate
+    and up interleaved, and no expert tensor through the model's loader. vLLM has no mxfp4
+    MoE kernel on this CPU: the method is given a backend by name. Marlin's rounds the sizes
+    up (I to 128, H to 256), so its parameters are padded and take the values in their
+    corner, as vLLM's gpt-oss loading leaves them."""
+    from vllm.model_executor.layers.fused_moe.oracle.mxfp4 import Mxfp4MoeBackend
+    from vllm.model_executor.layers.quantization import mxfp4
+
+    chosen = (Mxfp4MoeBackend[backend], None)
+    monkeypatch.setattr(mxfp4, "select_mxfp4_moe_backend", lambda *_, **__: chosen)
+    theirs, _ = load(mxfp4_checkpoint, "safetensors")
+    ours, received = load(mxfp4_checkpoint, "fastmoe")
+    # Both start poisoned: padding neither loader writes stays poison in both.
+    assert_same_state(ours, theirs)
+    with fml.open(mxfp4_checkpoint) as ckpt:
+        groups = ckpt.moe_layers()
+        assert all(g.quantization.weights == "mxfp4" for g in groups)
+        group = groups[0]
+        expert_names = {name for group in groups for name in group.tensor_names}
+        assert set(received) == set(ckpt.keys()) - expert_names
+    w13 = ours.get_parameter(f"{group.prefix}.routed_experts.w13_weight")
+    padded = backend == "MARLIN"
+    assert w13.dtype == torch.uint8
+    assert (w13.shape[1] > 2 * group.intermediate_size) == padded

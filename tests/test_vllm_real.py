@@ -308,3 +308,90 @@ def test_int4_layers_match_vllm_load_weights(
             assert not (expected.data.view(torch.uint8) == 0xA5).all(), f"{param} unloaded"
         assert actual.dtype == expected.dtype, param
         assert torch.equal(actual.view(torch.uint8), expected.data.view(torch.uint8)), param
+
+
+@pytest.mark.parametrize("backend", ["EMULATION", "MARLIN"])
+@pytest.mark.parametrize(("tp_size", "rank", "ep"), [(1, 0, False), (2, 1, False), (2, 1, True)])
+def test_mxfp4_layers_match_vllm_gpt_oss_loading(
+    vllm_process_groups, tmp_path, tp_size, rank, ep, backend
+):
+    """gpt-oss mxfp4 experts (`gate_up_proj_blocks`, `_scales`, `_bias`, gate and up
+    interleaved) into the layer vLLM's gpt-oss builds (`GptOssRoutedExperts` with
+    `GptOssMxfp4MoEMethod`), loaded by vLLM's own gpt-oss code (`GptOssModel.
+    _load_weights_mxfp4`, the checkpoint names mapped as `GptOssForCausalLM` maps them) and by
+    the adapter: every parameter bit for bit. vLLM has no mxfp4 MoE kernel on this CPU, so a
+    backend is named: Marlin's pads the parameters (I/tp to 128, H to 256), which take the
+    values in their corner."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    import test_mxfp4
+    from vllm.model_executor.layers.fused_moe.oracle.mxfp4 import Mxfp4MoeBackend
+    from vllm.model_executor.layers.quantization import mxfp4
+    from vllm.model_executor.models import gpt_oss
+
+    path = test_mxfp4.gpt_oss_mxfp4(tmp_path / "mxfp4")
+    prefix = test_mxfp4.prefix()
+    e, hidden, inter = test_mxfp4.E, test_mxfp4.H, test_mxfp4.INTER
+    chosen = (Mxfp4MoeBackend[backend], None)
+
+    def gpt_oss_layer(label: str):
+        from vllm.config import ParallelConfig, VllmConfig, set_current_vllm_config
+        from vllm.model_executor.layers.fused_moe import FusedMoEFactory
+
+        config = VllmConfig(parallel_config=ParallelConfig(enable_expert_parallel=ep))
+        with (
+            mock.patch.object(mxfp4, "select_mxfp4_moe_backend", lambda *_, **__: chosen),
+            as_tp_rank(rank),
+            set_current_vllm_config(config),
+        ):
+            runner = FusedMoEFactory(
+                num_experts=e,
+                top_k=TOP_K,
+                hidden_size=hidden,
+                intermediate_size=inter,
+                params_dtype=torch.bfloat16,
+                tp_size=tp_size,
+                prefix=f"{label}.experts",
+                renormalize=True,
+                quant_config=mxfp4.GptOssMxfp4Config(),
+                has_bias=True,
+                activation="swigluoai",
+                routed_experts_cls=gpt_oss.GptOssRoutedExperts,
+            )
+        for p in runner.routed_experts.parameters():
+            p.data.view(torch.uint8).fill_(0xA5)
+        return runner
+
+    theirs, ours = gpt_oss_layer("theirs"), gpt_oss_layer("ours")
+    params = dict(theirs.routed_experts.named_parameters())
+    # What `GptOssModel._load_weights_mxfp4` reads of the model it loads.
+    model = SimpleNamespace(
+        named_parameters=lambda: {f"{prefix}.{n}": p for n, p in params.items()}.items(),
+        parallel_config=SimpleNamespace(enable_expert_parallel=ep),
+        config=SimpleNamespace(num_local_experts=e, intermediate_size=inter),
+        _try_load_streamed_expert=lambda *_: False,
+    )
+    first = rank * e // tp_size if ep else 0
+    last = (rank + 1) * e // tp_size if ep else e
+    with fml.open(path) as ckpt:
+        names = [n for n in ckpt.keys() if n.startswith(prefix + ".")]
+        mapper = gpt_oss.GptOssForCausalLM.hf_to_vllm_mapper
+        weights = [(mapper.map_name(n), ckpt.tensor(n).clone()) for n in names]
+        with (
+            as_tp_rank(rank),
+            mock.patch.object(gpt_oss, "get_tensor_model_parallel_world_size", lambda: tp_size),
+            mock.patch.object(gpt_oss, "is_pp_missing_parameter", lambda *_: False),
+        ):
+            loaded = gpt_oss.GptOssModel._load_weights_mxfp4(model, last, first, weights, [])
+        assert len(loaded) == 6
+        consumed = load_fused_moe_layer(ours, ckpt, prefix)
+    assert sorted(consumed) == sorted(names)
+    padded = backend == "MARLIN"
+    shard = inter if ep else inter // tp_size  # EP ranks keep whole experts
+    assert (params["w13_weight"].shape[1] > 2 * shard) == padded
+    for param, expected in params.items():
+        actual = getattr(ours.routed_experts, param).data
+        assert not (expected.data.view(torch.uint8) == 0xA5).all(), f"{param} unloaded"
+        assert actual.dtype == expected.dtype, param
+        assert torch.equal(actual.view(torch.uint8), expected.data.view(torch.uint8)), param

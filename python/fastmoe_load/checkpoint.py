@@ -131,10 +131,11 @@ class Companion:
 class Quantization:
     """How a group's expert weights are quantized: `method` is `quant_method` from
     `config.json` (`fp8`, `compressed-tensors`, `fbgemm_fp8`, `modelopt`), or where only the
-    files say so `fp8` (float8 weights) or `modelopt` (NVFP4); `weights` is `fp8`, `nvfp4`
-    (two e2m1 values a byte along the input dimension) or `int4` (eight values an int32,
-    compressed-tensors `pack-quantized`); `companions` lists the tensors beside each
-    weight."""
+    files say so `fp8` (float8 weights), `modelopt` (NVFP4) or `mxfp4`; `weights` is `fp8`,
+    `nvfp4` (two e2m1 values a byte along the input dimension, float8 scales per 16),
+    `mxfp4` (the same with e8m0 scales per 32, stored as uint8: gpt-oss) or `int4` (eight
+    values an int32, compressed-tensors `pack-quantized`); `companions` lists the tensors
+    beside each weight."""
 
     method: str
     companions: tuple[Companion, ...]
@@ -165,8 +166,9 @@ class Quantization:
             grid = f"{cols}-value group" if scale.scheme == "group" else f"{rows}x{cols} block"
         kinds = ", ".join(c.kind for c in self.companions)
         dtype = str(scale.dtype).removeprefix("torch.")
-        # fp8 weights are what every method part of the name already implies.
-        name = self.method if self.weights == "fp8" else f"{self.method} {self.weights}"
+        # fp8 weights are what every method part of the name already implies, as mxfp4's does.
+        implied = self.weights in ("fp8", self.method)
+        name = self.method if implied else f"{self.method} {self.weights}"
         return f"{name}, {grid} scales in {dtype} ({kinds})"
 
 
@@ -232,7 +234,9 @@ class MoeLayer:
                 )
                 for c in info.companions
             )
-            weights = {1: "fp8", 2: "nvfp4"}.get(info.pack, f"int{32 // info.pack}")
+            # Two e2m1 values a byte: mxfp4 beside e8m0 scales (bytes), else NVFP4.
+            fp4 = "mxfp4" if companions[0].dtype == torch.uint8 else "nvfp4"
+            weights = {1: "fp8", 2: fp4}.get(info.pack, f"int{32 // info.pack}")
             self.quantization = Quantization(info.quant_method, companions, weights)
 
     @property
@@ -254,6 +258,16 @@ class MoeLayer:
             f"H={self.hidden_size}, I={self.intermediate_size}, dtype={self.dtype}, "
             f"bias={self.has_bias}{quantized})"
         )
+
+    def tp_split_error(self, tp_size: int) -> str | None:
+        """Why `tp_size` cannot split these experts (a TP split must give every rank the same
+        share of the intermediate size, on whole packs and scale blocks), or None where it
+        can."""
+        try:
+            self._ckpt._handle.plan(self.prefix, "w2", tp_rank=0, tp_size=tp_size, experts=[])
+        except RequestError as error:
+            return str(error)
+        return None
 
     def _view(
         self, name: str, expert: int, vector: bool = False, kind: str | None = None

@@ -185,10 +185,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--quant",
-        choices=["fp8", "nvfp4", "int4"],
+        choices=["fp8", "nvfp4", "int4", "mxfp4"],
         help="quantized experts: a DeepSeek-V3-shaped checkpoint, fp8 with block scales "
-        "(--layers of 11.3 GB, default 1), ModelOpt nvfp4 or compressed-tensors int4 (6 GB), "
-        "beside the pure-Python path and the bf16 rows",
+        "(--layers of 11.3 GB, default 1), ModelOpt nvfp4 or compressed-tensors int4 (6 GB); "
+        "or a gpt-oss-120b-shaped mxfp4 one (--layers of 1.7 GB, default 4); beside the "
+        "pure-Python path and the bf16 rows",
     )
     return parser
 

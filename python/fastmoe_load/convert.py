@@ -30,8 +30,9 @@ static input scales `P.gate_up_proj_activation_scale [E]` / `P.down_proj_activat
 expert gets its slices. Scales without a fused transformers form (compressed-tensors'
 `weight_scale`) are refused with a `RequestError` before anything is written.
 
-DBRX's stacked experts (`mlp.w1 / v1 / w2 [E·I, H]`) are refused with a `RequestError`:
-transformers and vLLM read DBRX in no other layout. Tensors that look like experts but cannot
+DBRX's stacked experts (`mlp.w1 / v1 / w2 [E·I, H]`) and gpt-oss' mxfp4 experts
+(`gate_up_proj_blocks`, `gate_up_proj_scales`, ...) are refused with a `RequestError`:
+transformers and vLLM read them in no other layout. Tensors that look like experts but cannot
 be loaded (`Checkpoint.unsupported_groups()`) are copied unchanged, as is every other tensor,
 byte for byte. The result is written to a temporary directory
 beside `dst` and renamed into place when complete, in shards of at most `max_shard_size`
@@ -426,6 +427,17 @@ def plan_outputs(
             f"{ckpt.path}: experts at `{stacked[0]}` are stacked as DBRX stores them "
             "(`mlp.w1 / v1 / w2 [E·I, H]`), the only layout transformers' and vLLM's DBRX "
             "read: they are not converted; load them from this checkpoint"
+        )
+    mxfp4 = [
+        layer.prefix
+        for layer in converting
+        if layer.quantization is not None and layer.quantization.weights == "mxfp4"
+    ]
+    if mxfp4:
+        raise RequestError(
+            f"{ckpt.path}: experts at `{mxfp4[0]}` are mxfp4 as gpt-oss releases them "
+            "(`gate_up_proj_blocks`, `_scales`), the only layout transformers' and vLLM's "
+            "gpt-oss read: they are not converted; load them from this checkpoint"
         )
     if to == "fused":
         for layer in converting:

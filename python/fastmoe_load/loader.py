@@ -120,7 +120,7 @@ def plan_destinations(
     tp_rank, tp_size = request.index(tp_rank, "tp_rank"), request.index(tp_size, "tp_size")
     if not 0 <= tp_rank < tp_size:
         raise request.error(f"tp_rank {tp_rank} is not in [0, tp_size={tp_size})")
-    inter, hidden = layer.intermediate_size, layer.hidden_size
+    inter = layer.intermediate_size
     if inter % tp_size:
         raise request.error(
             f"intermediate size {inter} does not split into tp_size={tp_size} equal shards"
@@ -131,19 +131,16 @@ def plan_destinations(
         # A split that cuts a pack: the plan's check names the tp sizes that fit.
         ckpt._handle.plan(prefix, "w2", tp_rank=tp_rank, tp_size=tp_size, experts=[])
 
-    wanted: list[tuple[str, object, tuple[int, ...], torch.dtype]] = [
-        ("w13", w13, (n, 2 * shard, hidden // layer.pack), layer.dtype),
-        ("w2", w2, (n, hidden, shard // layer.pack), layer.dtype),
-    ]
-    for name, bias, shape in (
-        ("w13_bias", w13_bias, (n, 2 * shard)),
-        ("w2_bias", w2_bias, (n, hidden)),
-    ):
-        if bias is not None:
-            if layer.bias_dtype is None:
-                raise request.error(f"{name} given but the checkpoint has no expert biases")
-            wanted.append((name, bias, shape, layer.bias_dtype))
-    wanted += _scale_destinations(request, layer, scales, n, shard)
+    shapes = destination_shapes(layer, n, tp_size)
+    given = {"w13": w13, "w2": w2, "w13_bias": w13_bias, "w2_bias": w2_bias}
+    wanted: list[tuple[str, object, tuple[int, ...], torch.dtype]] = []
+    for name, tensor in given.items():
+        if tensor is None:
+            continue
+        if name not in shapes:
+            raise request.error(f"{name} given but the checkpoint has no expert biases")
+        wanted.append((name, tensor, *shapes[name]))
+    wanted += _scale_destinations(request, layer, scales, shapes)
     tensors = [request.destination(*w, allow_cast=allow_cast) for w in wanted]
     devices = {t.device for t in tensors}
     if len(devices) > 1:
@@ -188,24 +185,45 @@ def plan_destinations(
     return destinations
 
 
+def destination_shapes(
+    layer: MoeLayer, experts: int, tp_size: int
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The shape and checkpoint dtype of every destination `load_fused_moe` fills for
+    `experts` local experts at `tp_size`, by name: `w13`, `w2`, `w13_bias` and `w2_bias`
+    where the group has biases, and `w{13,2}_{kind}` for each companion (see
+    `Companion.destination_shape`)."""
+    n, hidden, shard, pack = (
+        experts,
+        layer.hidden_size,
+        layer.intermediate_size // tp_size,
+        layer.pack,
+    )
+    shapes = {
+        "w13": ((n, 2 * shard, hidden // pack), layer.dtype),
+        "w2": ((n, hidden, shard // pack), layer.dtype),
+    }
+    if layer.bias_dtype is not None:
+        shapes["w13_bias"] = ((n, 2 * shard), layer.bias_dtype)
+        shapes["w2_bias"] = ((n, hidden), layer.bias_dtype)
+    for companion in layer.quantization.companions if layer.quantization else ():
+        for target in ("w13", "w2"):
+            shape = companion.destination_shape(target, n, hidden, shard)
+            shapes[f"{target}_{companion.kind}"] = (shape, companion.dtype)
+    return shapes
+
+
 def _scale_destinations(
     request: _Request,
     layer: MoeLayer,
     scales: Mapping[str, torch.Tensor] | None,
-    experts: int,
-    shard: int,
+    shapes: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
 ) -> list[tuple[str, object, tuple[int, ...], torch.dtype]]:
     """`(name, tensor, shape, checkpoint dtype)` of each scale destination given."""
     if not scales:
         return []
     if not isinstance(scales, Mapping):
         raise request.error(f"scales must map parameter names to tensors, got {scales!r}")
-    quantization = layer.quantization
-    known = {}
-    for companion in quantization.companions if quantization else ():
-        for target in ("w13", "w2"):
-            shape = companion.destination_shape(target, experts, layer.hidden_size, shard)
-            known[f"{target}_{companion.kind}"] = (shape, companion.dtype)
+    known = {k: v for k, v in shapes.items() if k not in ("w13", "w2", "w13_bias", "w2_bias")}
     unknown = sorted(set(scales) - set(known))
     if unknown:
         what = (

@@ -5,6 +5,7 @@ tensors through the same threads and, on a GPU, the same pinned asynchronous pip
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 import warnings
@@ -18,7 +19,7 @@ from ._fastmoe_load import RequestError
 from ._validate import as_index
 from .checkpoint import Checkpoint, MoeLayer
 from .checkpoint import open as open_checkpoint
-from .loader import Destination, fill, load_fused_moe, plan_destinations
+from .loader import Destination, destination_shapes, fill, load_fused_moe, plan_destinations
 from .placement import Strategy, expert_placement
 from .progress import Progress
 
@@ -120,6 +121,9 @@ class _Experts:
     interleaved: bool
     # The module holds the experts wider than the checkpoint stores them.
     cast: bool = False
+    # The module holds mxfp4 experts dequantized (as transformers builds gpt-oss without
+    # its mxfp4 kernels).
+    dequantize: bool = False
     # The module's gate, up and down weights where it keeps each stacked over all experts,
     # `[E·I, H]` as the checkpoint does (transformers' DBRX: `mlp.w1`, `mlp.v1`, `mlp.w2`).
     stacked: tuple[str, str, str] | None = None
@@ -277,7 +281,11 @@ def _load(
     # weights and go through the pipeline with the dense tensors; the others (transposed,
     # interleaved, stacked, widened) are loaded one by one through scratch tensors and rearranged
     # on the device. Dense tensors to widen land in scratch memory first too.
-    native = [g for g in groups if not (g.transposed or g.interleaved or g.cast or g.stacked)]
+    native = [
+        g
+        for g in groups
+        if not (g.transposed or g.interleaved or g.cast or g.dequantize or g.stacked)
+    ]
     direct = [Destination(d.name, weights[d.name].detach(), d.plan) for d in dense if not d.cast]
     direct += [d for g in native for d in _plan_experts(ckpt, g, *expert_tp)]
     rearranged = [g for g in groups if g not in native]
@@ -397,20 +405,32 @@ def _check_experts(
         return False
     shard = inter // tp_size
     t = group.transposed
+    module_dtype = getattr(
+        group.module, group.stacked[0] if group.stacked else "gate_up_proj"
+    ).dtype
+    # transformers dequantizes gpt-oss' mxfp4 experts where it has no mxfp4 kernels (on a
+    # CPU, or without the `kernels` package): so does this loader, with transformers' own
+    # conversion.
+    group.dequantize = bool(
+        layer.quantization
+        and layer.quantization.weights == "mxfp4"
+        and module_dtype.is_floating_point
+    )
+    weights_dtype = module_dtype if group.dequantize else layer.dtype
     expected = {
-        "gate_up_proj": ((n, h, 2 * shard) if t else (n, 2 * shard, h), layer.dtype),
-        "down_proj": ((n, shard, h) if t else (n, h, shard), layer.dtype),
+        "gate_up_proj": ((n, h, 2 * shard) if t else (n, 2 * shard, h), weights_dtype),
+        "down_proj": ((n, shard, h) if t else (n, h, shard), weights_dtype),
     }
     if group.stacked:  # each the rank's experts, one after the other: [E_local·I/tp, H]
         expected = {name: ((n * shard, h), layer.dtype) for name in group.stacked}
     if layer.has_bias and hasattr(group.module, "gate_up_proj_bias"):
         expected["gate_up_proj_bias"] = ((n, 2 * shard), layer.bias_dtype)
         expected["down_proj_bias"] = ((n, h), layer.bias_dtype)
-    scales = _scale_weights(layer, n, shard)
+    scales = {} if group.dequantize else _scale_weights(layer, n, shard)
     expected |= scales
     whose = f"this rank's experts ({scope})" if scope else "the checkpoint's experts"
     problems, casts = {}, {}
-    unquantized = layer.quantization and group.module.gate_up_proj.dtype != layer.dtype
+    unquantized = layer.quantization and module_dtype != weights_dtype
     for name, (shape, dtype) in expected.items():
         weight = getattr(group.module, name, None)
         key = f"{group.path}.{name}"
@@ -773,15 +793,26 @@ def _plan_experts(
     )
 
 
+def _loaded_shapes(group: _Experts, tp_size: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """What `load_fused_moe` lands for a group loaded apart from the pipeline (see
+    `destination_shapes`): the weights, the biases where the module has them, and the
+    scales where the module holds the experts dequantized."""
+    layer = group.layer
+    with_bias = layer.has_bias and hasattr(group.module, "gate_up_proj_bias")
+    return {
+        name: value
+        for name, value in destination_shapes(layer, len(group.experts), tp_size).items()
+        if name in ("w13", "w2")
+        or ("bias" in name and with_bias)
+        or ("bias" not in name and group.dequantize)
+    }
+
+
 def _stored_bytes(group: _Experts, tp_size: int) -> int:
-    """Bytes of the checkpoint loading a group reads (and lands, before any widening)."""
-    layer, n = group.layer, len(group.experts)
-    shard, h = layer.intermediate_size // tp_size, layer.hidden_size
-    nbytes = n * 3 * shard * h * layer.dtype.itemsize
-    if layer.has_bias and hasattr(group.module, "gate_up_proj_bias"):
-        assert layer.bias_dtype is not None
-        nbytes += n * (2 * shard + h) * layer.bias_dtype.itemsize
-    return nbytes
+    """Bytes of the checkpoint loading a group apart reads (and lands, before any widening
+    or dequantizing)."""
+    shapes = _loaded_shapes(group, tp_size).values()
+    return sum(math.prod(shape) * dtype.itemsize for shape, dtype in shapes)
 
 
 def _fill_widened(
@@ -818,15 +849,14 @@ def _fill_rearranged(
     progress: Progress,
 ) -> int:
     """Loads a group into scratch tensors in vLLM's layout, then rearranges them into the
-    module's own (transposed and/or interleaved) layout on the device."""
+    module's own (transposed and/or interleaved) layout on the device, dequantizing mxfp4
+    experts there first for a module that holds them dequantized."""
     layer = group.layer
-    n, shard, h = len(group.experts), layer.intermediate_size // tp_size, layer.hidden_size
-    w13 = torch.empty(n, 2 * shard, h, dtype=layer.dtype, device=target)
-    w2 = torch.empty(n, h, shard, dtype=layer.dtype, device=target)
-    b13 = b2 = None
-    if layer.has_bias and hasattr(group.module, "gate_up_proj_bias"):
-        b13 = torch.empty(n, 2 * shard, dtype=layer.bias_dtype, device=target)
-        b2 = torch.empty(n, h, dtype=layer.bias_dtype, device=target)
+    scratch = {
+        name: torch.empty(shape, dtype=dtype, device=target)
+        for name, (shape, dtype) in _loaded_shapes(group, tp_size).items()
+    }
+    w13, w2, b13, b2 = (scratch.pop(k, None) for k in ("w13", "w2", "w13_bias", "w2_bias"))
     stats = load_fused_moe(
         ckpt,
         layer.prefix,
@@ -837,10 +867,25 @@ def _fill_rearranged(
         local_experts=group.experts,
         w13_bias=b13,
         w2_bias=b2,
+        scales=scratch,
         progress=progress,
     )
-    _rearrange(group, w13, w2, b13, b2, shard)
+    if group.dequantize:
+        dtype = group.module.gate_up_proj.dtype
+        w13 = _dequantize_mxfp4(w13, scratch["w13_weight_scale"], dtype)
+        w2 = _dequantize_mxfp4(w2, scratch["w2_weight_scale"], dtype)
+    _rearrange(group, w13, w2, b13, b2, layer.intermediate_size // tp_size)
     return stats.bytes
+
+
+def _dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype):
+    """`[E, rows, cols/2]` mxfp4 bytes with their e8m0 `[E, rows, cols/32]` scales as
+    `[E, rows, cols]` values of `dtype`, by transformers' own conversion (which returns them
+    transposed)."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    grouped = blocks.unflatten(2, (scales.shape[2], -1))  # [E, rows, cols/32, 16]
+    return convert_moe_packed_tensors(grouped, scales, dtype=dtype).transpose(1, 2)
 
 
 @torch.no_grad()

@@ -50,7 +50,7 @@ import torch
 
 from ._fastmoe_load import RequestError
 from .checkpoint import Checkpoint, MoeLayer
-from .loader import load_fused_moe
+from .loader import destination_shapes, load_fused_moe
 
 
 def weight_parameters(layer: Any) -> tuple[str, str]:
@@ -136,6 +136,51 @@ def _fill_global_input_scales(layer: Any, group: MoeLayer) -> None:
             w2[e] = group.companion("input_scale", "w2", e).reshape(())
 
 
+def tensor_parallel(layer: Any) -> tuple[int, int]:
+    """The layer's MoE tensor-parallel `(rank, size)`."""
+    layer = getattr(layer, "routed_experts", layer)
+    parallel = layer if hasattr(layer, "tp_rank") else layer.moe_config
+    return int(parallel.tp_rank), int(parallel.tp_size)
+
+
+def _rows_of_w13(name: str, group: MoeLayer) -> bool:
+    """Whether destination `name` holds one row (or value) per row of gate/up, which an
+    interleaving layer keeps as gate/up pairs: w13, its bias, and per-row or row-group
+    scales (mxfp4's)."""
+    if name in ("w13", "w13_bias"):
+        return True
+    quantization = group.quantization
+    companion = quantization and quantization.companion(name.removeprefix("w13_"))
+    return bool(
+        name.startswith("w13_")
+        and companion
+        and not companion.merged_w13
+        and (companion.scheme == "channel" or companion.scheme == "group")
+    )
+
+
+def padded(layer: Any, group: MoeLayer) -> bool:
+    """Whether the layer's parameters are larger than the checkpoint's values for its rank
+    (vLLM rounds sizes up for some kernels); raises nothing, fills nothing."""
+    layer = getattr(layer, "routed_experts", layer)
+    return any(tuple(t.shape) != shape for t, shape in destinations_of(layer, group).values())
+
+
+def destinations_of(layer: Any, group: MoeLayer) -> dict[str, tuple[torch.Tensor, tuple[int, ...]]]:
+    """The layer's parameter for each destination `load_fused_moe` fills, with the shape of
+    the values it takes there."""
+    _, tp_size = tensor_parallel(layer)
+    slots = getattr(layer, weight_parameters(layer)[0]).shape[0]
+    exact = destination_shapes(group, slots, tp_size)
+    w13, w2 = weight_parameters(layer)
+    params = {"w13": getattr(layer, w13).data, "w2": getattr(layer, w2).data}
+    b13, b2 = getattr(layer, "w13_bias", None), getattr(layer, "w2_bias", None)
+    if group.has_bias and b13 is not None and b2 is not None:
+        params |= {"w13_bias": b13.data, "w2_bias": b2.data}
+    params |= scale_parameters(layer, group)
+    return {name: (tensor, exact[name][0]) for name, tensor in params.items()}
+
+
 def load_fused_moe_layer(
     layer: Any,
     ckpt: Checkpoint,
@@ -146,44 +191,46 @@ def load_fused_moe_layer(
     """Fills a vLLM `FusedMoE` layer with the experts at `prefix` (weights, biases and
     scales) for the layer's own TP rank and expert placement; returns the checkpoint tensor
     names it consumed. Parameters of another dtype than the checkpoint's are converted as
-    vLLM's own loader converts them (`copy_`)."""
+    vLLM's own loader converts them (`copy_`). Parameters larger than the rank's values
+    (vLLM's gpt-oss layers round sizes up for some kernels) take them in their leading
+    corner, as vLLM's gpt-oss loading leaves them, the rest untouched."""
     layer = getattr(layer, "routed_experts", layer)
     group = ckpt.experts(prefix)
     experts = local_experts_of(layer, group.num_experts, logical_of_physical)
-    parallel = layer if hasattr(layer, "tp_rank") else layer.moe_config
-    tp_rank, tp_size = int(parallel.tp_rank), int(parallel.tp_size)
-    w13, w2 = (getattr(layer, name).data for name in weight_parameters(layer))
-    b13, b2 = getattr(layer, "w13_bias", None), getattr(layer, "w2_bias", None)
-    with_bias = group.has_bias and b13 is not None and b2 is not None
-    biases = {"w13_bias": b13.data, "w2_bias": b2.data} if with_bias else {}
-    # For an interleaving activation, load gate rows then up rows into scratch and
-    # interleave them on the destination's device.
+    tp_rank, tp_size = tensor_parallel(layer)
+    targets = destinations_of(layer, group)
+    # Values that land elsewhere than where the copy plans put them go through scratch on
+    # the destination's device: gate/up rows an interleaving activation keeps as pairs, and
+    # the values of a padded parameter.
     interleave = wants_interleaved(layer, group)
-    scratch = {"w13": torch.empty_like(w13)} if interleave else {}
-    if interleave and with_bias:
-        scratch["w13_bias"] = torch.empty_like(biases["w13_bias"])
+    scratch = {
+        name: torch.empty(shape, dtype=tensor.dtype, device=tensor.device)
+        for name, (tensor, shape) in targets.items()
+        if tuple(tensor.shape) != shape or (interleave and _rows_of_w13(name, group))
+    }
+    destinations = {name: scratch.get(name, tensor) for name, (tensor, _) in targets.items()}
+    biases = {k: destinations[k] for k in ("w13_bias", "w2_bias") if k in destinations}
     load_fused_moe(
         ckpt,
         prefix,
-        scratch.get("w13", w13),
-        w2,
+        destinations["w13"],
+        destinations["w2"],
         tp_rank=tp_rank,
         tp_size=tp_size,
         local_experts=experts,
-        scales=scale_parameters(layer, group),
+        scales={k: v for k, v in destinations.items() if k not in ("w13", "w2", *biases)},
         allow_cast=True,
-        **{**biases, **{k: v for k, v in scratch.items() if k != "w13"}},
+        **biases,
     )
     quantization = group.quantization
     if quantization and quantization.companion("input_scale") and _global_input_scales(layer):
         _fill_global_input_scales(layer, group)
     with torch.no_grad():
-        for name, target in (("w13", w13), ("w13_bias", biases.get("w13_bias"))):
-            if name in scratch and target is not None:
-                half = target.shape[1] // 2
-                pairs = target.unflatten(1, (half, 2))
-                pairs.select(2, 0).copy_(scratch[name][:, :half])
-                pairs.select(2, 1).copy_(scratch[name][:, half:])
-        if with_bias and tp_rank > 0:
-            b2.data.zero_()  # added once, before the all-reduce over TP ranks
+        if "w2_bias" in destinations and tp_rank > 0:
+            destinations["w2_bias"].zero_()  # added once, before the all-reduce over TP ranks
+        for name, values in scratch.items():
+            if interleave and _rows_of_w13(name, group):  # gate rows, up rows -> pairs
+                values = values.unflatten(1, (2, -1)).transpose(1, 2).flatten(1, 2)
+            target = targets[name][0]
+            target[tuple(slice(0, n) for n in values.shape)].copy_(values)
     return list(group.tensor_names)

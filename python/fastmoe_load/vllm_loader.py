@@ -72,7 +72,14 @@ from ._fastmoe_load import LayoutError, RequestError, TensorNotFoundError
 from ._validate import CHECKPOINT_FILES, open_options
 from .checkpoint import Checkpoint, MoeLayer
 from .checkpoint import open as open_checkpoint
-from .vllm import load_fused_moe_layer, scale_parameters, weight_parameters
+from .vllm import (
+    destinations_of,
+    load_fused_moe_layer,
+    padded,
+    scale_parameters,
+    tensor_parallel,
+    weight_parameters,
+)
 
 logger = logging.getLogger("fastmoe_load")
 
@@ -171,28 +178,44 @@ QUANTIZED_METHODS = (
     "CompressedTensorsW8A8Fp8MoEMethod",
     "ModelOptNvFp4FusedMoE",
     "CompressedTensorsWNA16MoEMethod",
+    "GptOssMxfp4MoEMethod",
 )
 
 
 def fillable(module: torch.nn.Module, group: MoeLayer) -> bool:
     """Whether `load_fused_moe_layer` writes what vLLM's own loading would: gate and up both
-    in w13; an unquantized layer for an unquantized group; for an fp8 group, an fp8 method
-    with a parameter for every companion on the checkpoint's own grid (no refined or padded
-    TP grid) and weights in the checkpoint's dtype."""
+    in w13; an unquantized layer for an unquantized group; for a quantized group, one of
+    `QUANTIZED_METHODS` with a parameter for every companion on the checkpoint's own grid (no
+    refined or padded TP grid) and weights in the checkpoint's dtype; a TP split that falls
+    on the group's packs and scale blocks (vLLM's gpt-oss loading also splits mxfp4 experts
+    unevenly, in whole blocks); and parameters of the rank's size, or larger only in
+    vLLM's gpt-oss layers (`GptOssRoutedExperts`), which take values in their corner."""
     method = getattr(module, "quant_method", None)
     moe_config = getattr(module, "moe_config", None)
     if not getattr(moe_config, "is_act_and_mul", True):
         return False
     if group.quantization is None:
-        return isinstance(method, UnquantizedFusedMoEMethod)
-    companions = [f"{t}_{c.kind}" for c in group.quantization.companions for t in ("w13", "w2")]
-    return (
-        type(method).__name__ in QUANTIZED_METHODS
-        and getattr(method, "weight_scale_refine", None) is None
-        and not getattr(moe_config, "tp_shard_with_padding", False)
-        and getattr(module, weight_parameters(module)[0]).dtype == group.dtype
-        and all(name in module._parameters for name in companions)
+        if not isinstance(method, UnquantizedFusedMoEMethod):
+            return False
+    else:
+        companions = [f"{t}_{c.kind}" for c in group.quantization.companions for t in ("w13", "w2")]
+        if not (
+            type(method).__name__ in QUANTIZED_METHODS
+            and getattr(method, "weight_scale_refine", None) is None
+            and not getattr(moe_config, "tp_shard_with_padding", False)
+            and getattr(module, weight_parameters(module)[0]).dtype == group.dtype
+            and all(name in module._parameters for name in companions)
+        ):
+            return False
+    if group.tp_split_error(tensor_parallel(module)[1]) is not None:
+        return False
+    if not padded(module, group):
+        return True
+    fits = all(
+        len(t.shape) == len(shape) and all(a >= b for a, b in zip(t.shape, shape, strict=True))
+        for t, shape in destinations_of(module, group).values()
     )
+    return fits and type(module).__name__ == "GptOssRoutedExperts"
 
 
 def model_path_of(group: MoeLayer, mapper: Any, layers: dict[str, Any]) -> str | None:

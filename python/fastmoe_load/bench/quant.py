@@ -1,4 +1,4 @@
-"""`python -m fastmoe_load bench --quant fp8|nvfp4|int4`: quantized experts beside the
+"""`python -m fastmoe_load bench --quant fp8|nvfp4|int4|mxfp4`: quantized experts beside the
 pure-Python path.
 
 A generated checkpoint shaped like DeepSeek-V3's routed experts (one tensor per expert and
@@ -11,9 +11,16 @@ parameters vLLM's `Fp8MoEMethod` creates (`w13_weight`, `w2_weight`, `w13_weight
 `pack-quantized` int32 `weight_packed` of eight values, bfloat16 `weight_scale` per 32 values
 and `weight_shape` (Kimi-K2-Thinking), into `CompressedTensorsWNA16MoEMethod`'s. Thousands
 of small scale tensors lie beside the weights. Loaded by fastmoe_load and by vLLM's
-per-expert `weight_loader` loop in pure Python; and, in the same run, the bf16 fused
-checkpoint of the plain bench, so that the quantized and bf16 checkpoints compare per landed
-byte.
+per-expert `weight_loader` loop in pure Python.
+
+`mxfp4` is shaped like gpt-oss-120b instead (fused, 128 experts, H=I=2880, gate and up
+interleaved): `gate_up_proj_blocks [E, 2I, H/32, 16]` uint8 with e8m0 `gate_up_proj_scales`
+per 32 values and bf16 biases, down's alike, loaded (weights and scales; the biases are 0.1%
+of the bytes) into `GptOssMxfp4MoEMethod`'s parameters, beside vLLM's gpt-oss mxfp4 loop
+(whole tensors, narrowed, one copy each).
+
+In the same run, the bf16 fused checkpoint of the plain bench is loaded too, so that the
+quantized and bf16 checkpoints compare per landed byte.
 """
 
 from __future__ import annotations
@@ -46,14 +53,17 @@ FP8 = torch.float8_e4m3fn
 BLOCK = 128
 FP4_GROUP = 16
 INT4_GROUP = 32
+MX_BLOCK = 32
 MODULES = ("gate_proj", "up_proj", "down_proj")
-SCHEMES = ("fp8", "nvfp4", "int4")
+SCHEMES = ("fp8", "nvfp4", "int4", "mxfp4")
 STORED = {
     "fp8": "fp8 e4m3 per expert with float32 128x128 weight_scale_inv",
     "nvfp4": "nvfp4 per expert (uint8, two values a byte) with float8 weight_scale per 16 "
     "values and float32 weight_scale_2 and input_scale",
     "int4": "int4 per expert (int32 weight_packed, eight values each) with bfloat16 "
     "weight_scale per 32 values and weight_shape",
+    "mxfp4": "mxfp4 fused as gpt-oss (uint8 blocks, two values a byte, gate and up "
+    "interleaved) with e8m0 scales per 32 values and bf16 biases",
 }
 QUANTIZATION_CONFIGS = {
     "fp8": {
@@ -86,6 +96,10 @@ QUANTIZATION_CONFIGS = {
         },
         "ignore": ["lm_head"],
     },
+    "mxfp4": {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router"],
+    },
 }
 
 
@@ -115,6 +129,27 @@ def module_tensors(
     }
 
 
+def mxfp4_layer(
+    prefix: str, experts: int, hidden: int, inter: int, block: torch.Tensor, gen: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """One gpt-oss mxfp4 experts layer's tensors; `block` holds `hidden * inter` random bytes,
+    each expert's gate/up blocks (and half of them its down blocks)."""
+    gate_up = block.view(1, 2 * inter, hidden // MX_BLOCK, MX_BLOCK // 2)
+    down = block[: hidden * inter // 2].view(1, hidden, inter // MX_BLOCK, MX_BLOCK // 2)
+
+    def scales(rows: int, cols: int) -> torch.Tensor:  # e8m0 exponents near 2**0
+        return torch.randint(118, 136, (experts, rows, cols // MX_BLOCK), dtype=torch.uint8)
+
+    return {
+        f"{prefix}.gate_up_proj_blocks": gate_up.expand(experts, -1, -1, -1).clone(),
+        f"{prefix}.gate_up_proj_scales": scales(2 * inter, hidden),
+        f"{prefix}.gate_up_proj_bias": torch.randn(experts, 2 * inter, generator=gen).bfloat16(),
+        f"{prefix}.down_proj_blocks": down.expand(experts, -1, -1, -1).clone(),
+        f"{prefix}.down_proj_scales": scales(hidden, inter),
+        f"{prefix}.down_proj_bias": torch.randn(experts, hidden, generator=gen).bfloat16(),
+    }
+
+
 @dataclass(frozen=True)
 class Fp8Shape:
     """The quantized checkpoint's shape, of any scheme in `SCHEMES`."""
@@ -128,6 +163,8 @@ class Fp8Shape:
     @property
     def scale_bytes(self) -> int:
         values = self.hidden * self.intermediate
+        if self.scheme == "mxfp4":  # uint8 groups, bf16 biases
+            return 3 * self.experts * (values // MX_BLOCK + 2 * self.hidden)
         if self.scheme == "nvfp4":  # float8 groups, two float32 scalars
             return 3 * self.experts * (values // FP4_GROUP + 8)
         if self.scheme == "int4":  # bfloat16 groups, the int32 shape
@@ -146,7 +183,7 @@ class Fp8Shape:
 
     def prefix(self, layer: int) -> str:
         # DeepSeek-V3's first three layers are dense; its routed experts start at layer 3.
-        return f"model.layers.{layer + 3}.mlp.experts"
+        return f"model.layers.{layer + (0 if self.scheme == 'mxfp4' else 3)}.mlp.experts"
 
 
 def generate_fp8(path: str, shape: Fp8Shape) -> bool:
@@ -158,9 +195,13 @@ def generate_fp8(path: str, shape: Fp8Shape) -> bool:
     h, i = shape.hidden, shape.intermediate
     # Random bytes (no fp8 NaN patterns), copied into every weight: cheap, real data.
     block = torch.randint(0, 0x7E, (h * i,), dtype=torch.uint8, generator=generator)
-    # Shards of 32 experts (1.4 GB at DeepSeek-V3's sizes), as releases shard by size.
+    # Shards of 32 experts (1.4 GB at DeepSeek-V3's sizes), as releases shard by size; one
+    # for each fused mxfp4 layer (1.7 GB at gpt-oss-120b's).
+    per_shard = shape.experts if shape.scheme == "mxfp4" else 32
     groups = [
-        (layer, first) for layer in range(shape.layers) for first in range(0, shape.experts, 32)
+        (layer, first)
+        for layer in range(shape.layers)
+        for first in range(0, shape.experts, per_shard)
     ]
     weight_map = {}
     bar = tqdm(
@@ -173,7 +214,9 @@ def generate_fp8(path: str, shape: Fp8Shape) -> bool:
     for k, (layer, first) in enumerate(groups):
         file = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
         tensors = {}
-        for e in range(first, min(first + 32, shape.experts)):
+        if shape.scheme == "mxfp4":
+            tensors = mxfp4_layer(shape.prefix(layer), shape.experts, h, i, block, generator)
+        for e in range(first, min(first + per_shard, shape.experts)) if not tensors else ():
             for module in MODULES:
                 rows, cols = (h, i) if module == "down_proj" else (i, h)
                 name = f"{shape.prefix(layer)}.{e}.{module}"
@@ -185,13 +228,21 @@ def generate_fp8(path: str, shape: Fp8Shape) -> bool:
     bar.close()
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": shape.total_bytes}, "weight_map": weight_map}, f)
-    config = {
-        "model_type": "deepseek_v3",
-        "hidden_size": h,
-        "moe_intermediate_size": i,
-        "n_routed_experts": shape.experts,
-        "quantization_config": QUANTIZATION_CONFIGS[shape.scheme],
-    }
+    if shape.scheme == "mxfp4":
+        config = {
+            "model_type": "gpt_oss",
+            "hidden_size": h,
+            "intermediate_size": i,
+            "num_local_experts": shape.experts,
+        }
+    else:
+        config = {
+            "model_type": "deepseek_v3",
+            "hidden_size": h,
+            "moe_intermediate_size": i,
+            "n_routed_experts": shape.experts,
+        }
+    config["quantization_config"] = QUANTIZATION_CONFIGS[shape.scheme]
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f)
     finish(path, shape.scheme, asdict(shape))
@@ -216,7 +267,14 @@ class Fp8Bench(Bench):
             return torch.empty(shape, dtype=dtype, device=self.device)
 
         for _ in range(s.layers):
-            if s.scheme == "nvfp4":  # `ModelOptNvFp4FusedMoE.create_weights`
+            if s.scheme == "mxfp4":  # `GptOssMxfp4MoEMethod.create_weights`, unpadded
+                w13 = empty(n, 2 * shard, h // 2, dtype=torch.uint8)
+                w2 = empty(n, h, shard // 2, dtype=torch.uint8)
+                scales = {
+                    "w13_weight_scale": empty(n, 2 * shard, h // MX_BLOCK, dtype=torch.uint8),
+                    "w2_weight_scale": empty(n, h, shard // MX_BLOCK, dtype=torch.uint8),
+                }
+            elif s.scheme == "nvfp4":  # `ModelOptNvFp4FusedMoE.create_weights`
                 w13 = empty(n, 2 * shard, h // 2, dtype=torch.uint8)
                 w2 = empty(n, h, shard // 2, dtype=torch.uint8)
                 scales = {
@@ -260,9 +318,13 @@ def default_shape(
     scheme: str = "fp8",
 ) -> Fp8Shape:
     """DeepSeek-V3's sizes unless given: one full layer (11.3 GB in fp8, 6 GB in nvfp4 or
-    int4) on a GPU machine; on a CPU, as many experts as fit an eighth of the memory, so that
-    the checkpoint stays in the page cache."""
-    base = Fp8Shape(layers=layers or 1, scheme=scheme)
+    int4) on a GPU machine; for mxfp4, gpt-oss-120b's, four layers (6.8 GB); on a CPU, as
+    many experts as fit an eighth of the memory, so that the checkpoint stays in the page
+    cache."""
+    if scheme == "mxfp4":
+        base = Fp8Shape(layers or 4, experts=128, hidden=2880, intermediate=2880, scheme=scheme)
+    else:
+        base = Fp8Shape(layers=layers or 1, scheme=scheme)
     base = replace(
         base, hidden=hidden or base.hidden, intermediate=intermediate or base.intermediate
     )
@@ -306,7 +368,7 @@ def main(
     reused while the shapes match; removed afterwards with `clean`), and prints the table."""
     dev = torch.device(device)
     shape = default_shape(dev, layers, experts, hidden, intermediate, scheme)
-    group = {"fp8": 1, "nvfp4": FP4_GROUP, "int4": INT4_GROUP}[scheme]
+    group = {"fp8": 1, "nvfp4": FP4_GROUP, "int4": INT4_GROUP, "mxfp4": MX_BLOCK}[scheme]
     if shape.hidden % group or shape.intermediate % group:
         raise RequestError(
             f"{scheme} scales groups of {group} values: --hidden and --intermediate must be "
@@ -351,6 +413,11 @@ def main(
         ep = min(8, shape.experts)
         if ep > 1:
             cases.append(Case(f"EP={ep} rank 1", ep_rank=1, ep_size=ep))
+        seed_label = (
+            "seed: vLLM gpt-oss mxfp4 loop + scales"
+            if scheme == "mxfp4"
+            else f"seed: vLLM per-expert loop, {scheme} + scales"
+        )
         for case in cases:
             # bf16 first, so that the quantized rows print with their ratio to it.
             bf16.compare(case, {"fastmoe_load bf16 fused": bf16.fastmoe(case)})
@@ -358,7 +425,7 @@ def main(
                 case,
                 {
                     f"fastmoe_load {scheme} + scales": fp8.fastmoe(case),
-                    f"seed: vLLM per-expert loop, {scheme} + scales": fp8.seed(case),
+                    seed_label: fp8.seed(case),
                 },
             )
         print()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from typing import Any
 
@@ -128,7 +128,8 @@ def seed_load(
     scales: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
     """Fills `w13`/`w2` (and `scales`, by vLLM parameter name) for `layer` the way vLLM does.
-    `where` maps tensor names to files (computed from `path` if not given)."""
+    `where` maps tensor names to files (computed from `path` if not given). mxfp4 groups are
+    loaded as vLLM's gpt-oss model loads them (see `_mxfp4_load`), w13 interleaved."""
     where = where if where is not None else shard_of_tensors(path)
     experts = range(layer.num_experts) if local_experts is None else local_experts
     loader = SeedLoader(w13, w2, tp_rank, experts, scales, tp_size)
@@ -142,6 +143,10 @@ def seed_load(
                 handles[file] = files.enter_context(safe_open(file, framework="pt"))
             return handles[file].get_tensor(name)
 
+        if layer.quantization is not None and layer.quantization.weights == "mxfp4":
+            params = {"w13": w13, "w2": w2, **(scales or {})}
+            _mxfp4_load(get_tensor, layer, params, tp_rank, tp_size, list(experts))
+            return
         companions = layer.quantization.companions if layer.quantization else ()
         if layer.format == "per_expert":
             n = layer.num_experts
@@ -172,3 +177,35 @@ def seed_load(
             for shard_id, stack in (("w1", halves[0]), ("w3", halves[1]), ("w2", down)):
                 for expert_id, scale in enumerate(stack.unbind()):
                     loader.scale_loader(scale, companion, shard_id, expert_id)
+
+
+def _mxfp4_load(
+    get_tensor: Callable[[str], torch.Tensor],
+    layer: MoeLayer,
+    params: Mapping[str, torch.Tensor],
+    tp_rank: int,
+    tp_size: int,
+    experts: list[int],
+) -> None:
+    """vLLM's gpt-oss mxfp4 loading (`GptOssModel._load_weights_mxfp4` with the
+    `gpt_oss_mxfp4` branch of `FusedMoE.weight_loader`): each tensor whole, the local experts
+    taken, the rank's gate/up rows (kept interleaved) or down columns narrowed, and one copy
+    into the parameter. `params` holds `w13`, `w2`, and whichever of `w13_weight_scale`,
+    `w2_weight_scale`, `w13_bias`, `w2_bias` are filled."""
+    shard = layer.intermediate_size // tp_size
+    start, end = tp_rank * shard, (tp_rank + 1) * shard
+    n, rows = layer.num_experts, 2 * layer.intermediate_size
+    gate_up, down, gate_up_bias, down_bias, gate_up_scales, down_scales = layer.tensor_names
+    index = torch.tensor(experts)
+    sources = {
+        "w13": (gate_up, lambda t: t.view(n, rows, -1)[:, 2 * start : 2 * end]),
+        "w2": (down, lambda t: t.view(n, layer.hidden_size, -1)[..., start // 2 : end // 2]),
+        "w13_weight_scale": (gate_up_scales, lambda t: t[:, 2 * start : 2 * end]),
+        "w2_weight_scale": (down_scales, lambda t: t[..., start // 32 : end // 32]),
+        "w13_bias": (gate_up_bias, lambda t: t[:, 2 * start : 2 * end]),
+        # Added once, before the all-reduce: TP ranks other than 0 hold zeros.
+        "w2_bias": (down_bias, lambda t: t if tp_rank == 0 else torch.zeros_like(t)),
+    }
+    for name, param in params.items():
+        tensor, narrow = sources[name]
+        param.copy_(narrow(get_tensor(tensor)).index_select(0, index))

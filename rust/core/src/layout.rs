@@ -11,7 +11,9 @@ use safetensors::tensor::Dtype;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::quant::{self, CompanionTensors, Found, Grid, PerExpertFound, Quantization, Weights};
+use crate::quant::{
+    self, CompanionTensors, Found, Grid, PerExpertFound, Quantization, Weights, MX_BLOCK,
+};
 use crate::shard::{elem_bytes, TensorEntry};
 
 /// One matrix of one expert. Gate and up are `[I, H]`, down is `[H, I]`; biases are a
@@ -97,18 +99,30 @@ struct FusedNames {
     gate_up: &'static str,
     down: &'static str,
     biases: Option<(&'static str, &'static str)>,
+    /// For mxfp4 weights (gpt-oss): the names of their e8m0 scales. Such weights are stored
+    /// as `[E, rows, cols/32, 16]` uint8, blocks of 32 e2m1 values two a byte, and their scales
+    /// as `[E, rows, cols/32]` uint8, one per block.
+    mx_scales: Option<(&'static str, &'static str)>,
 }
 
-const FUSED_NAMES: [FusedNames; 2] = [
+const FUSED_NAMES: [FusedNames; 3] = [
     FusedNames {
         gate_up: "gate_up_proj",
         down: "down_proj",
         biases: Some(("gate_up_proj_bias", "down_proj_bias")),
+        mx_scales: None,
+    },
+    FusedNames {
+        gate_up: "gate_up_proj_blocks",
+        down: "down_proj_blocks",
+        biases: Some(("gate_up_proj_bias", "down_proj_bias")),
+        mx_scales: Some(("gate_up_proj_scales", "down_proj_scales")),
     },
     FusedNames {
         gate_up: "input_linear.weight",
         down: "output_linear.weight",
         biases: None,
+        mx_scales: None,
     },
 ];
 
@@ -256,12 +270,15 @@ impl MoeLayer {
             Part::Down => (2, companion.grid.shape(h, i)),
             _ => return None,
         };
-        let (tensor, offset) = match &companion.tensors {
-            CompanionTensors::PerExpert(tensors) => (&tensors[slot][expert], 0),
+        // Gate and up rows alternate in an interleaved gate_up (its scales are per row then).
+        let interleaved = matches!(&self.tensors, ExpertTensors::Fused(f) if f.interleaved);
+        let (tensor, offset, row_stride) = match &companion.tensors {
+            CompanionTensors::PerExpert(tensors) => (&tensors[slot][expert], 0, cols),
             CompanionTensors::Fused { gate_up, down } => match slot {
-                2 => (down, expert * rows * cols),
-                _ if companion.merged_w13 => (gate_up, expert),
-                _ => (gate_up, (expert * 2 * rows + slot * rows) * cols),
+                2 => (down, expert * rows * cols, cols),
+                _ if companion.merged_w13 => (gate_up, expert, cols),
+                _ if interleaved => (gate_up, (expert * 2 * rows + slot) * cols, 2 * cols),
+                _ => (gate_up, (expert * 2 * rows + slot * rows) * cols, cols),
             },
         };
         Some(MatrixView {
@@ -269,7 +286,7 @@ impl MoeLayer {
             offset,
             rows,
             cols,
-            row_stride: cols,
+            row_stride,
             col_stride: 1,
         })
     }
@@ -363,11 +380,20 @@ impl MoeLayer {
             ExpertTensors::Fused(f) => {
                 // Distance between gate and up along the 2I axis, and the step within each.
                 let (up_shift, step) = if f.interleaved { (1, 2) } else { (i, 1) };
+                // Stored elements along the input dimension (packed groups are never transposed).
+                let (hs, is) = (h / self.pack, i / self.pack);
                 Some(match (part, f.transposed) {
                     // gate_up [E, 2I, H]
                     (Part::Gate | Part::Up, false) => {
                         let first = if part == Part::Up { up_shift } else { 0 };
-                        view(&f.gate_up, (expert * 2 * i + first) * h, i, h, step * h, 1)
+                        view(
+                            &f.gate_up,
+                            (expert * 2 * i + first) * hs,
+                            i,
+                            hs,
+                            step * hs,
+                            1,
+                        )
                     }
                     // gate_up [E, H, 2I]
                     (Part::Gate | Part::Up, true) => {
@@ -375,7 +401,7 @@ impl MoeLayer {
                         view(&f.gate_up, expert * h * 2 * i + first, i, h, step, 2 * i)
                     }
                     // down [E, H, I]
-                    (Part::Down, false) => view(&f.down, expert * h * i, h, i, i, 1),
+                    (Part::Down, false) => view(&f.down, expert * h * is, h, is, is, 1),
                     // down [E, I, H]
                     (Part::Down, true) => view(&f.down, expert * i * h, h, i, 1, h),
                     (Part::GateBias | Part::UpBias, _) => {
@@ -471,21 +497,22 @@ fn fused_group(
     gate_up: &TensorEntry,
     interleaved: bool,
 ) -> Result<Option<MoeLayer>> {
-    let Some((prefix, down_suffix, bias_suffixes)) = FUSED_NAMES.iter().find_map(|names| {
+    let Some((prefix, names)) = FUSED_NAMES.iter().find_map(|names| {
         let prefix = name.strip_suffix(names.gate_up)?.strip_suffix('.')?;
-        Some((prefix, names.down, names.biases))
+        Some((prefix, names))
     }) else {
         return Ok(None);
     };
-    if gate_up.shape.len() != 3 {
+    let mx = names.mx_scales.is_some();
+    if gate_up.shape.len() != if mx { 4 } else { 3 } {
         return Ok(None); // a dense (non-expert) fused MLP, e.g. Phi-3's `mlp.gate_up_proj.weight`
     }
     let err = |reason: String| layout_error(ckpt, prefix, reason);
-    let down_name = format!("{prefix}.{down_suffix}");
+    let down_name = format!("{prefix}.{}", names.down);
     let down = entry(ckpt, &down_name)
         .ok_or_else(|| err(format!("`{name}` has no companion `{down_name}`")))?;
     let (g, d) = (&gate_up.shape, &down.shape);
-    if d.len() != 3 || d[0] != g[0] {
+    if d.len() != g.len() || d[0] != g[0] {
         return Err(err(format!(
             "`{name}` {g:?} and `{down_name}` {d:?} do not describe the same experts"
         )));
@@ -496,23 +523,40 @@ fn fused_group(
             "`{name}` {g:?} and `{down_name}` {d:?} have an empty dimension"
         )));
     }
+    let dtype = same_dtype(ckpt, prefix, &[gate_up, down])?;
+    // Values one stored element holds along the input dimension, and the shapes in values.
+    let pack = if mx {
+        if dtype != Dtype::U8 || g[3] * 2 != MX_BLOCK || d[3] != g[3] {
+            return Err(err(format!(
+                "`{name}` {g:?} and `{down_name}` {d:?} are {dtype}; mxfp4 blocks are U8 \
+                 [E, rows, cols/{MX_BLOCK}, {}]",
+                MX_BLOCK / 2
+            )));
+        }
+        2
+    } else {
+        1
+    };
+    let values = |s: &[usize]| [s[0], s[1], s.iter().skip(2).product::<usize>() * pack];
+    let (g, d) = (values(g), values(d));
     let twice = |n: usize| n.checked_mul(2);
     let normal = Some(g[1]) == twice(d[2]) && g[2] == d[1];
-    let transposed = Some(g[2]) == twice(d[1]) && g[1] == d[2];
+    // Packing runs along the input dimension, which is last: packed groups are never transposed.
+    let transposed = pack == 1 && Some(g[2]) == twice(d[1]) && g[1] == d[2];
     let (hidden, inter) = match (normal, transposed) {
         (true, false) => (g[2], d[2]),
         (false, true) => (g[1], d[1]),
         _ => {
             return Err(err(format!(
-                "cannot tell the orientation of `{name}` {g:?} and `{down_name}` {d:?}: expected \
-                 [E, 2I, H] with [E, H, I], or [E, H, 2I] with [E, I, H]"
+                "cannot tell the orientation of `{name}` {:?} and `{down_name}` {:?}: expected \
+                 [E, 2I, H] with [E, H, I], or [E, H, 2I] with [E, I, H]",
+                gate_up.shape, down.shape
             )))
         }
     };
-    let dtype = same_dtype(ckpt, prefix, &[gate_up, down])?;
     let (num_experts, h, i) = (g[0], hidden, inter);
 
-    let (gate_up_bias, down_bias, bias_dtype) = match bias_suffixes {
+    let (gate_up_bias, down_bias, bias_dtype) = match names.biases {
         None => (None, None, None),
         Some((gb, db)) => {
             let (gb, db) = (format!("{prefix}.{gb}"), format!("{prefix}.{db}"));
@@ -542,14 +586,19 @@ fn fused_group(
         hidden: h,
         inter: i,
         dtype,
-        pack: 1,
+        pack,
+        mx,
     };
+    let mx_scales = names
+        .mx_scales
+        .map(|(g, d)| (format!("{prefix}.{g}"), format!("{prefix}.{d}")));
     let quantization = quant::fused(
         ckpt,
         &weights,
         (name, &down_name),
+        mx_scales,
         num_experts,
-        transposed || interleaved,
+        (transposed, interleaved),
     )?;
     Ok(Some(MoeLayer {
         prefix: prefix.to_string(),
@@ -558,7 +607,7 @@ fn fused_group(
         intermediate_size: i,
         dtype,
         bias_dtype,
-        pack: 1,
+        pack,
         quantization,
         tensors: ExpertTensors::Fused(FusedTensors {
             gate_up: name.to_string(),
@@ -631,6 +680,7 @@ fn stacked_group(ckpt: &Checkpoint, name: &str, gate: &TensorEntry) -> Result<Op
         inter: i,
         dtype,
         pack: 1,
+        mx: false,
     };
     // No companions are known for this layout: fp8 weights fail here for want of scales.
     let quantization = quant::per_expert(ckpt, &weights, ["w1", "v1", "w2"], Default::default())?;
@@ -872,6 +922,7 @@ fn per_expert_group(
         inter: i,
         dtype,
         pack,
+        mx: false,
     };
     let quantization = quant::per_expert(ckpt, &weights, modules, companions)?;
     Ok(MoeLayer {

@@ -20,6 +20,9 @@ use crate::shard::TensorEntry;
 /// MiniMax-M2) uses 128 × 128.
 pub const DEFAULT_BLOCK: (usize, usize) = (128, 128);
 
+/// Values of an mxfp4 block (the OCP MX block size), which one e8m0 scale covers.
+pub const MX_BLOCK: usize = 32;
+
 /// How the values of a companion map onto the entries of its `rows × cols` weight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Grid {
@@ -225,7 +228,7 @@ impl QuantConfig {
         let method = q.get("quant_method")?.as_str()?;
         let text = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_string);
         match method {
-            "fp8" | "fbgemm_fp8" => None,
+            "fp8" | "fbgemm_fp8" | "mxfp4" => None,
             "modelopt" => {
                 let algo = text(
                     q.get("quant_algo")
@@ -288,6 +291,8 @@ impl QuantConfig {
                 None => (None, Some("tensor")),
             },
             "fbgemm_fp8" => (None, Some("channel")),
+            // gpt-oss: one e8m0 scale per 32 values of a row.
+            "mxfp4" => (Some((1, MX_BLOCK)), Some("group")),
             "compressed-tensors" => {
                 // The weights of the first float or int group; experts are `Linear` targets.
                 let weights = q
@@ -418,6 +423,8 @@ pub(crate) struct Weights<'a> {
     pub dtype: Dtype,
     /// Values per stored element along the input dimension (see [`packing`]).
     pub pack: usize,
+    /// mxfp4 blocks: one e8m0 scale, stored as a uint8 byte, per 32 values of a row.
+    pub mx: bool,
 }
 
 impl Weights<'_> {
@@ -441,23 +448,35 @@ fn grid_of(
     shape: &[usize],
     (rows, cols): (usize, usize),
 ) -> Result<Grid> {
-    // NVFP4 scales a group of 16 values of a row, whether or not config.json says so.
-    let default = if w.pack == 2 { (1, 16) } else { DEFAULT_BLOCK };
+    // mxfp4 and NVFP4 scale a group of 32 and 16 values of a row, whether or not config.json
+    // says so.
+    let default = match (w.mx, w.pack) {
+        (true, _) => (1, MX_BLOCK),
+        (false, 2) => (1, 16),
+        _ => DEFAULT_BLOCK,
+    };
     let block = config.and_then(|c| c.block).unwrap_or(default);
     let scheme = config.and_then(|c| c.scheme);
-    Grid::of_shape(shape, rows, cols, block, scheme).ok_or_else(|| {
-        let (br, bc) = Grid::Block {
-            rows: block.0,
-            cols: block.1,
-        }
-        .shape(rows, cols);
+    let blocks = Grid::Block {
+        rows: block.0,
+        cols: block.1,
+    };
+    let grid = Grid::of_shape(shape, rows, cols, block, scheme);
+    // mxfp4 has one scale per 32 values of a row, and no other grid.
+    let grid = grid.filter(|g| !w.mx || *g == blocks);
+    grid.ok_or_else(|| {
+        let (br, bc) = blocks.shape(rows, cols);
+        let others = if w.mx {
+            ""
+        } else {
+            &format!(", [{rows}, 1] (one per row) or a scalar (one per tensor)")
+        };
         layout_error(
             ckpt,
             w.prefix,
             format!(
                 "`{name}` has shape {shape:?}, which is no scale grid of its [{rows}, {cols}] \
-                 weight: expected [{br}, {bc}] ({}×{} blocks), [{rows}, 1] (one per row) or a \
-                 scalar (one per tensor)",
+                 weight: expected [{br}, {bc}] ({}×{} blocks){others}",
                 block.0, block.1
             ),
         )
@@ -590,7 +609,7 @@ pub(crate) fn per_expert(
             // vLLM's NVFP4 method keeps gate's and up's input scales (`[E, 2]`).
             merged_w13: kind.merged_w13 && !(kind.name == "input_scale" && w.pack == 2),
             grid: grid.unwrap_or(Grid::Tensor),
-            dtype: one_dtype(ckpt, w.prefix, &dtypes, kind)?,
+            dtype: one_dtype(ckpt, w, &dtypes, kind)?,
             tensors: CompanionTensors::PerExpert(names),
         });
     }
@@ -598,21 +617,32 @@ pub(crate) fn per_expert(
 }
 
 /// The quantization of a fused group: the companions transformers v5 writes beside its
-/// `gate_up`/`down` tensors (`gate_up_proj_scale_inv [E, 2·ceil(I/128), ceil(H/128)]`, ...).
+/// `gate_up`/`down` tensors (`gate_up_proj_scale_inv [E, 2·ceil(I/128), ceil(H/128)]`, ...),
+/// and `mx_scales`, the names of mxfp4 weights' scales (gpt-oss' `gate_up_proj_scales
+/// [E, 2I, H/32]`, `down_proj_scales`), where the group is mxfp4. Scales of transposed
+/// tensors are refused, and so are those of interleaved ones unless they are per row.
 pub(crate) fn fused(
     ckpt: &Checkpoint,
     w: &Weights,
     (gate_up, down): (&str, &str),
+    mx_scales: Option<(String, String)>,
     num_experts: usize,
-    rearranged: bool,
+    (transposed, interleaved): (bool, bool),
 ) -> Result<Option<Quantization>> {
     let config = QuantConfig::from_config(ckpt.config());
+    let weight_scale = companion_kind("weight_scale").expect("a known kind");
+    let candidates = COMPANION_KINDS
+        .iter()
+        .filter_map(|kind| {
+            let suffix = kind.fused_suffix?;
+            Some((
+                kind,
+                (format!("{gate_up}{suffix}"), format!("{down}{suffix}")),
+            ))
+        })
+        .chain(mx_scales.map(|names| (weight_scale, names)));
     let mut companions = Vec::new();
-    for kind in &COMPANION_KINDS {
-        let Some(suffix) = kind.fused_suffix else {
-            continue;
-        };
-        let names = (format!("{gate_up}{suffix}"), format!("{down}{suffix}"));
+    for (kind, names) in candidates {
         let (g, d) = match (ckpt.tensor(&names.0), ckpt.tensor(&names.1)) {
             (Err(_), Err(_)) => continue,
             (Ok((_, g)), Ok((_, d))) => (g, d),
@@ -624,15 +654,19 @@ pub(crate) fn fused(
                 ))
             }
         };
-        if rearranged {
-            return Err(layout_error(
+        let unsupported = || {
+            layout_error(
                 ckpt,
                 w.prefix,
                 format!(
-                    "`{}`: scales of transposed or interleaved fused experts are not supported",
+                    "`{}`: scales of transposed fused experts, or block scales of interleaved \
+                     ones, are not supported",
                     names.0
                 ),
-            ));
+            )
+        };
+        if transposed {
+            return Err(unsupported());
         }
         let bad = |name: &str, shape: &[usize], expected: String| {
             layout_error(
@@ -670,18 +704,16 @@ pub(crate) fn fused(
                     ),
                 ));
             }
+            if interleaved && grid.step(true).is_some_and(|rows| rows > 1) {
+                return Err(unsupported());
+            }
             grid
         };
         companions.push(Companion {
             kind,
             merged_w13: kind.merged_w13,
             grid,
-            dtype: one_dtype(
-                ckpt,
-                w.prefix,
-                &[(&names.0, g.dtype), (&names.1, d.dtype)],
-                kind,
-            )?,
+            dtype: one_dtype(ckpt, w, &[(&names.0, g.dtype), (&names.1, d.dtype)], kind)?,
             tensors: CompanionTensors::Fused {
                 gate_up: names.0,
                 down: names.1,
@@ -693,7 +725,7 @@ pub(crate) fn fused(
 
 fn one_dtype(
     ckpt: &Checkpoint,
-    prefix: &str,
+    w: &Weights,
     dtypes: &[(&str, Dtype)],
     kind: &CompanionKind,
 ) -> Result<Dtype> {
@@ -701,16 +733,23 @@ fn one_dtype(
     if let Some((name, other)) = dtypes.iter().find(|(_, d)| *d != first) {
         return Err(layout_error(
             ckpt,
-            prefix,
+            w.prefix,
             format!("`{first_name}` is {first} but `{name}` is {other}"),
         ));
     }
-    if !matches!(kind.name, "weight_shape" | "weight_zero_point") && !SCALE_DTYPES.contains(&first)
-    {
+    if w.mx && first != Dtype::U8 {
         return Err(layout_error(
             ckpt,
-            prefix,
-            format!("`{first_name}` is {first}; scales are F32, BF16, F16 or F8_E8M0"),
+            w.prefix,
+            format!("`{first_name}` is {first}; mxfp4 scales are e8m0 bytes, U8"),
+        ));
+    }
+    let integer = matches!(kind.name, "weight_shape" | "weight_zero_point");
+    if !w.mx && !integer && !SCALE_DTYPES.contains(&first) {
+        return Err(layout_error(
+            ckpt,
+            w.prefix,
+            format!("`{first_name}` is {first}; scales are F32, BF16, F16, F8_E8M0 or F8_E4M3"),
         ));
     }
     Ok(first)
@@ -801,9 +840,10 @@ fn finish(
     Ok(Some(Quantization {
         method: config.map_or_else(
             || {
-                match w.pack {
-                    1 => "fp8",
-                    2 => "modelopt",
+                match (w.mx, w.pack) {
+                    (true, _) => "mxfp4",
+                    (false, 1) => "fp8",
+                    (false, 2) => "modelopt",
                     _ => "compressed-tensors",
                 }
                 .to_string()
