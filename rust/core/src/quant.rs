@@ -151,8 +151,8 @@ pub const COMPANION_KINDS: [CompanionKind; 6] = [
         weight_scale: false,
         merged_w13: true,
     },
-    // compressed-tensors' zero points of asymmetric integer weights, int32 packed along the
-    // weight's rows (see [`Grid::Block`] of `zero_point_grid`).
+    // compressed-tensors' zero points of asymmetric integer weights: int32s of `32 / bits`
+    // rows' points each, one per group of columns (a `Grid::Block`, see `zero_point_grid`).
     CompanionKind {
         name: "weight_zero_point",
         fused_suffix: None,
@@ -822,11 +822,12 @@ fn finish(
                 .find(|c| c.kind.name == "weight_zero_point"),
         ) {
             (false, None) => {
-                return Err(err(format!(
-                    "config.json declares asymmetric integer weights, but `{}` has no \
-                     `weight_zero_point` beside it",
-                    w.prefix
-                )))
+                return Err(err(
+                    "config.json declares asymmetric integer weights (`symmetric: false`), but \
+                     they have no `weight_zero_point` beside them: the checkpoint lacks its \
+                     zero points, or config.json misstates `symmetric`"
+                        .into(),
+                ))
             }
             (true, Some(zp)) => {
                 return Err(err(format!(
