@@ -26,8 +26,9 @@ def prefix(layer: int = 1) -> str:
     return f"model.layers.{layer}.mlp.experts"
 
 
-def gpt_oss_mxfp4(path: Path, config: bool = True) -> Path:
-    """gpt-oss as OpenAI released it: mxfp4 experts with bf16 biases, a bf16 router."""
+def gpt_oss_mxfp4(path: Path, config: bool = True, inter: int = INTER) -> Path:
+    """gpt-oss as OpenAI released it: mxfp4 experts with bf16 biases, a bf16 router;
+    `inter` values of intermediate size."""
     gen = torch.Generator().manual_seed(2)
 
     def blocks(rows: int, cols: int) -> torch.Tensor:
@@ -42,13 +43,13 @@ def gpt_oss_mxfp4(path: Path, config: bool = True) -> Path:
     tensors = {}
     for layer in range(LAYERS):
         experts = prefix(layer)
-        tensors[f"{experts}.gate_up_proj_blocks"] = blocks(2 * INTER, H)
-        tensors[f"{experts}.gate_up_proj_scales"] = scales(2 * INTER, H)
+        tensors[f"{experts}.gate_up_proj_blocks"] = blocks(2 * inter, H)
+        tensors[f"{experts}.gate_up_proj_scales"] = scales(2 * inter, H)
         tensors[f"{experts}.gate_up_proj_bias"] = torch.randn(
-            E, 2 * INTER, generator=gen
+            E, 2 * inter, generator=gen
         ).bfloat16()
-        tensors[f"{experts}.down_proj_blocks"] = blocks(H, INTER)
-        tensors[f"{experts}.down_proj_scales"] = scales(H, INTER)
+        tensors[f"{experts}.down_proj_blocks"] = blocks(H, inter)
+        tensors[f"{experts}.down_proj_scales"] = scales(H, inter)
         tensors[f"{experts}.down_proj_bias"] = torch.randn(E, H, generator=gen).bfloat16()
         mlp = f"model.layers.{layer}.mlp"
         tensors[f"{mlp}.router.weight"] = torch.randn(E, H, generator=gen).bfloat16()

@@ -158,4 +158,5 @@ class Checkpoint:
         tp_size: int,
         experts: list[int],
         stored_order: bool = False,
+        interleaved: bool = False,
     ) -> CopyPlan: ...
