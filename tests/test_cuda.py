@@ -116,3 +116,58 @@ def test_cpu_and_cuda_destinations_are_not_mixed(big_layer):
         with pytest.raises(fml.RequestError, match="several devices"):
             fml.load_fused_moe(ckpt, layer.prefix, w13, w2, local_experts=[0])
         assert w13.isnan().all() and w2.isnan().all()
+
+
+def _quantized(scheme: str, path):
+    """A test checkpoint of `scheme` as its releases store it, its experts' prefix, and the
+    hand-sliced reference of each destination for `(tp_rank, tp, experts)`."""
+    import test_int4
+    import test_mxfp4
+    import test_nvfp4
+
+    if scheme == "nvfp4":
+        path = test_nvfp4.nvfp4_modelopt(path)
+        tensors = test_nvfp4.stored(path)
+        return path, test_nvfp4.prefix(), lambda *request: test_nvfp4.expected(tensors, *request)
+    if scheme == "int4":
+        path = test_int4.int4_pack_quantized(path)
+        return path, test_int4.prefix(), lambda *request: test_int4.expected(path, *request)
+    path = test_mxfp4.gpt_oss_mxfp4(path)
+    tensors = test_mxfp4.stored(path)
+    return path, test_mxfp4.prefix(), lambda *request: test_mxfp4.expected(tensors, *request)
+
+
+@pytest.mark.parametrize("scheme", ["nvfp4", "int4", "mxfp4"])
+def test_quantized_layers_on_cuda(tmp_path, scheme):
+    """Packed weights, their scales (and gpt-oss' biases) through the staging pipeline into
+    CUDA destinations, equal to the hand slices the CPU tests check."""
+    path, prefix, expected = _quantized(scheme, tmp_path / scheme)
+    with fml.open(path, staging_bytes=1 << 20, staging_buffers=2) as ckpt:
+        for tp_rank, tp, experts in ((0, 1, [0, 1, 2, 3]), (1, 2, [3, 1, 3])):
+            want = expected(tp_rank, tp, experts)
+            got = {}
+            for name, tensor in want.items():
+                got[name] = torch.empty(tensor.shape, dtype=tensor.dtype, device="cuda")
+                got[name].view(torch.uint8).fill_(0xA5)
+            biases = {k: got[k] for k in ("w13_bias", "w2_bias") if k in got}
+            scales = {k: v for k, v in got.items() if k not in ("w13", "w2", *biases)}
+            if scheme == "int4":  # vLLM keeps the shapes as float32: a conversion on the GPU
+                for name in ("w13_weight_shape", "w2_weight_shape"):
+                    scales[name] = torch.full(want[name].shape, float("nan"), device="cuda")
+            fml.load_fused_moe(
+                ckpt,
+                prefix,
+                got["w13"],
+                got["w2"],
+                tp_rank=tp_rank,
+                tp_size=tp,
+                local_experts=experts,
+                scales=scales,
+                allow_cast=scheme == "int4",
+                **biases,
+            )
+            for name, tensor in want.items():
+                actual = scales.get(name, got[name])
+                if actual.dtype != tensor.dtype:
+                    tensor = tensor.to(actual.dtype)
+                assert_bitwise_equal(actual, tensor, f"{scheme} {name} tp {tp_rank}/{tp}")

@@ -26,8 +26,9 @@ def prefix(layer: int = 1) -> str:
     return f"model.layers.{layer}.mlp.experts"
 
 
-def gpt_oss_mxfp4(path: Path, config: bool = True) -> Path:
-    """gpt-oss as OpenAI released it: mxfp4 experts with bf16 biases, a bf16 router."""
+def gpt_oss_mxfp4(path: Path, config: bool = True, inter: int = INTER) -> Path:
+    """gpt-oss as OpenAI released it: mxfp4 experts with bf16 biases, a bf16 router;
+    `inter` values of intermediate size."""
     gen = torch.Generator().manual_seed(2)
 
     def blocks(rows: int, cols: int) -> torch.Tensor:
@@ -42,13 +43,13 @@ def gpt_oss_mxfp4(path: Path, config: bool = True) -> Path:
     tensors = {}
     for layer in range(LAYERS):
         experts = prefix(layer)
-        tensors[f"{experts}.gate_up_proj_blocks"] = blocks(2 * INTER, H)
-        tensors[f"{experts}.gate_up_proj_scales"] = scales(2 * INTER, H)
+        tensors[f"{experts}.gate_up_proj_blocks"] = blocks(2 * inter, H)
+        tensors[f"{experts}.gate_up_proj_scales"] = scales(2 * inter, H)
         tensors[f"{experts}.gate_up_proj_bias"] = torch.randn(
-            E, 2 * INTER, generator=gen
+            E, 2 * inter, generator=gen
         ).bfloat16()
-        tensors[f"{experts}.down_proj_blocks"] = blocks(H, INTER)
-        tensors[f"{experts}.down_proj_scales"] = scales(H, INTER)
+        tensors[f"{experts}.down_proj_blocks"] = blocks(H, inter)
+        tensors[f"{experts}.down_proj_scales"] = scales(H, inter)
         tensors[f"{experts}.down_proj_bias"] = torch.randn(E, H, generator=gen).bfloat16()
         mlp = f"model.layers.{layer}.mlp"
         tensors[f"{mlp}.router.weight"] = torch.randn(E, H, generator=gen).bfloat16()
@@ -172,12 +173,17 @@ def test_detected_with_packing_and_scales(checkpoint):
             assert_bitwise_equal(layer.b3(e), bias[1::2], "b3")
 
 
+@pytest.mark.parametrize("pairs", [False, True], ids=["gate_then_up", "interleaved"])
 @pytest.mark.parametrize(
     ("tp_rank", "tp", "experts"), [(0, 1, None), (1, 2, None), (0, 2, [3, 1, 3])]
 )
-def test_load_fused_moe_matches_hand_slices(checkpoint, tp_rank, tp, experts):
+def test_load_fused_moe_matches_hand_slices(checkpoint, tp_rank, tp, experts, pairs):
+    """Gate rows then up rows, or (`w13_interleaved`) gate/up pairs as gpt-oss stores them
+    and vLLM's gpt-oss layers keep them: weights, per-row scales and bias alike."""
     local = list(range(E)) if experts is None else experts
     want = expected(stored(checkpoint), tp_rank, tp, local)
+    if pairs:
+        want = {k: interleaved(v) if k.startswith("w13") else v for k, v in want.items()}
     got = {
         name: poisoned(tuple(t.shape), t.dtype)
         if t.is_floating_point()
@@ -196,6 +202,7 @@ def test_load_fused_moe_matches_hand_slices(checkpoint, tp_rank, tp, experts):
             w13_bias=got["w13_bias"],
             w2_bias=got["w2_bias"],
             scales={k: v for k, v in got.items() if "scale" in k},
+            w13_interleaved=pairs,
         )
     for name, tensor in want.items():
         assert_bitwise_equal(got[name], tensor, name)

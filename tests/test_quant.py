@@ -438,3 +438,56 @@ def test_cuda_destinations_equal_cpu_ones(tmp_path, name, tp_rank, tp_size, expe
             loads[device] = {"w13": w13, "w2": w2, **scales}
     for key, expected in loads["cpu"].items():
         assert_bitwise_equal(loads["cuda"][key].cpu(), expected, key)
+
+
+@pytest.mark.parametrize("layout", ["compressed_tensors_channel", "compressed_tensors_tensor"])
+def test_interleaved_w13_from_files_that_keep_gate_and_up_apart(tmp_path, layout):
+    """`w13_interleaved=True` from per-expert files: gate row r then up row r, per-row scales
+    alike, per-tensor `[gate, up]` scales as they are; equal to the gate-then-up load with
+    its rows interleaved by hand. Block scales span several rows: refused, naming that."""
+    path = CHECKPOINTS[layout](tmp_path / layout)
+    with fml.open(path) as ckpt:
+        layer = ckpt.experts(PREFIX)
+        shapes = fml.loader.destination_shapes(layer, 3, 2)
+
+        def load(pairs: bool) -> dict[str, torch.Tensor]:
+            got = {k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in shapes.items()}
+            for tensor in got.values():
+                tensor.view(torch.uint8).fill_(0xAB)
+            fml.load_fused_moe(
+                ckpt,
+                PREFIX,
+                got["w13"],
+                got["w2"],
+                tp_rank=1,
+                tp_size=2,
+                local_experts=[3, 0, 3],
+                scales={k: v for k, v in got.items() if k not in ("w13", "w2")},
+                w13_interleaved=pairs,
+            )
+            return got
+
+        apart, pairs = load(False), load(True)
+    for name, tensor in apart.items():
+        if name == "w13" or (name.startswith("w13") and tensor.dim() == 3):
+            tensor = tensor.unflatten(1, (2, -1)).transpose(1, 2).flatten(1, 2)
+        assert_bitwise_equal(pairs[name], tensor, name)
+
+
+def test_block_scales_cannot_be_interleaved(tmp_path):
+    path = CHECKPOINTS["deepseek_v3_f32_scales"](tmp_path / "ds")
+    with fml.open(path) as ckpt, pytest.raises(fml.RequestError, match="cannot be interleaved"):
+        layer = ckpt.experts(PREFIX)
+        shapes = fml.loader.destination_shapes(layer, E, 1)
+        fml.load_fused_moe(
+            ckpt,
+            PREFIX,
+            torch.empty(shapes["w13"][0], dtype=layer.dtype),
+            torch.empty(shapes["w2"][0], dtype=layer.dtype),
+            scales={
+                k: torch.empty(shape, dtype=dtype)
+                for k, (shape, dtype) in shapes.items()
+                if "scale" in k
+            },
+            w13_interleaved=True,
+        )

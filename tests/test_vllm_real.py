@@ -395,3 +395,50 @@ def test_mxfp4_layers_match_vllm_gpt_oss_loading(
         assert not (expected.data.view(torch.uint8) == 0xA5).all(), f"{param} unloaded"
         assert actual.dtype == expected.dtype, param
         assert torch.equal(actual.view(torch.uint8), expected.data.view(torch.uint8)), param
+
+
+def test_mxfp4_split_off_the_blocks_is_left_to_vllm(vllm_process_groups, tmp_path):
+    """I=96 (three 32-value blocks) over two TP ranks: vLLM's gpt-oss loading splits it
+    unevenly, in whole blocks (64 and 32 values); fastmoe_load splits evenly only, so
+    `load_format="fastmoe"` leaves such a layer to vLLM's own loader, and loading it
+    directly is a `RequestError` that names the tp sizes that fit."""
+    import json
+    from unittest import mock
+
+    import test_mxfp4
+    from fastmoe_load.vllm_loader import fillable
+    from vllm.model_executor.layers.fused_moe.oracle.mxfp4 import Mxfp4MoeBackend
+    from vllm.model_executor.layers.quantization import mxfp4
+    from vllm.model_executor.models import gpt_oss
+
+    path = test_mxfp4.gpt_oss_mxfp4(tmp_path / "mxfp4", inter=96)
+    config = json.loads((path / "config.json").read_text())
+    chosen = (Mxfp4MoeBackend.EMULATION, None)
+    from vllm.config import ParallelConfig, VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.fused_moe import FusedMoEFactory
+
+    with (
+        mock.patch.object(mxfp4, "select_mxfp4_moe_backend", lambda *_, **__: chosen),
+        as_tp_rank(1),
+        set_current_vllm_config(VllmConfig(parallel_config=ParallelConfig())),
+    ):
+        runner = FusedMoEFactory(
+            num_experts=test_mxfp4.E,
+            top_k=TOP_K,
+            hidden_size=test_mxfp4.H,
+            intermediate_size=96,
+            params_dtype=torch.bfloat16,
+            tp_size=2,
+            prefix="uneven.experts",
+            renormalize=True,
+            quant_config=mxfp4.GptOssMxfp4Config.from_config(config["quantization_config"]),
+            has_bias=True,
+            activation="swigluoai",
+            routed_experts_cls=gpt_oss.GptOssRoutedExperts,
+        )
+    with fml.open(path) as ckpt:
+        group = ckpt.experts(test_mxfp4.prefix())
+        assert group.intermediate_size == 96
+        assert not fillable(runner.routed_experts, group)
+        with pytest.raises(fml.RequestError, match="tp_size that fit: 1, 3"):
+            load_fused_moe_layer(runner, ckpt, test_mxfp4.prefix())

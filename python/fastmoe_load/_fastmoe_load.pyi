@@ -163,4 +163,5 @@ class Checkpoint:
         tp_size: int,
         experts: list[int],
         stored_order: bool = False,
+        interleaved: bool = False,
     ) -> CopyPlan: ...

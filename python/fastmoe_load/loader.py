@@ -45,6 +45,8 @@ class Destination:
     plan: native.CopyPlan
     stored: str | None = None
     cast_from: torch.dtype | None = None
+    # gate and up rows alternate in the destination (a stored-order w13 only).
+    interleaved: bool = False
 
 
 class _Request:
@@ -109,6 +111,7 @@ def plan_destinations(
     w2_bias: torch.Tensor | None = None,
     scales: Mapping[str, torch.Tensor] | None = None,
     allow_cast: bool = False,
+    w13_interleaved: bool = False,
 ) -> list[Destination]:
     """Checks a load request completely and plans it, writing nothing."""
     if not isinstance(ckpt, Checkpoint):
@@ -168,10 +171,17 @@ def plan_destinations(
                     experts=experts[k : k + step],
                     stored_order=True,
                 )
-                destinations.append(Destination(name, tensor[k : k + step], plan, stored))
+                pairs = w13_interleaved and name == "w13"
+                chunk = tensor[k : k + step]
+                destinations.append(Destination(name, chunk, plan, stored, interleaved=pairs))
         else:
             plan = ckpt._handle.plan(
-                prefix, name, tp_rank=tp_rank, tp_size=tp_size, experts=experts
+                prefix,
+                name,
+                tp_rank=tp_rank,
+                tp_size=tp_size,
+                experts=experts,
+                interleaved=w13_interleaved and name.startswith("w13"),
             )
             if plan.nbytes != tensor.numel() * dtype.itemsize:
                 # The copy threads write exactly the plan's bytes: never past the tensor.
@@ -248,6 +258,7 @@ def load_fused_moe(
     w2_bias: torch.Tensor | None = None,
     scales: Mapping[str, torch.Tensor] | None = None,
     allow_cast: bool = False,
+    w13_interleaved: bool = False,
     staging: StagingPool | None = None,
     progress: Progress | None = None,
 ) -> LoadStats:
@@ -278,6 +289,16 @@ def load_fused_moe(
     A TP split must fall on the scale blocks and packs (vLLM's rule):
     `RequestError` names the tp sizes that do.
 
+    mxfp4 (gpt-oss, vLLM's `GptOssMxfp4MoEMethod`): `w13 [E_local, 2*I/tp, H/2]` and `w2
+    [E_local, H, I/tp/2]` uint8, `w13_weight_scale [E_local, 2*I/tp, H/32]` and
+    `w2_weight_scale [E_local, H, I/tp/32]` uint8 (e8m0), biases as stored (bfloat16).
+
+    With `w13_interleaved=True`, gate and up alternate in `w13`, its bias and its per-row
+    scales (row `2r` gate's row `r`, row `2r+1` up's), as vLLM's gpt-oss layers (activation
+    `swigluoai`) keep them; from a checkpoint that interleaves them too (gpt-oss), each
+    expert's rows for the rank are read as one run. Block scales spanning several rows
+    cannot be interleaved (`RequestError`).
+
     Dtypes must match the checkpoint's unless `allow_cast=True`: then a destination of
     another dtype is filled through scratch memory on its device in the checkpoint's dtype,
     converted by torch's `copy_` as vLLM's own loader converts (exact from bfloat16,
@@ -300,6 +321,7 @@ def load_fused_moe(
         w2_bias=w2_bias,
         scales=scales,
         allow_cast=allow_cast,
+        w13_interleaved=w13_interleaved,
     )
     start = time.perf_counter()
     nbytes = fill(ckpt, destinations, staging=staging, progress=progress)
@@ -337,7 +359,7 @@ def fill(
         if d.stored is not None:
             scratch = torch.empty(d.plan.nbytes, dtype=torch.uint8, device=d.tensor.device)
             _fill_direct(ckpt, [Destination(d.name, scratch, d.plan)], staging, progress)
-            _transpose_stored(d.stored, scratch, d.tensor)  # on the caller's stream
+            _transpose_stored(d.stored, scratch, d.tensor, d.interleaved)  # caller's stream
     return sum(d.plan.nbytes for d in destinations)
 
 
@@ -360,14 +382,22 @@ def _transposes_on_device(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cuda"
 
 
-def _transpose_stored(kind: str, stored: torch.Tensor, target: torch.Tensor) -> None:
+def _transpose_stored(
+    kind: str, stored: torch.Tensor, target: torch.Tensor, interleaved: bool = False
+) -> None:
     """Writes `stored` (a stored-order plan's bytes, see `CopyPlan::stored_order` in the
-    core) into `target`, in vLLM's layout."""
+    core) into `target`, in vLLM's layout: w13 gate rows then up rows, or with `interleaved`
+    gate/up row pairs."""
     n, hidden = target.shape[0], target.shape[-2] if kind == "w2" else target.shape[-1]
     values = stored.view(target.dtype)
     if kind == "w2":  # [n, I/tp, H] -> [n, H, I/tp]
         target.copy_(values.view(n, -1, hidden).transpose(1, 2))
-    elif kind == "w13":  # [n, 2, H, I/tp] -> [n, 2, I/tp, H]: gate rows, then up rows
-        target.view(n, 2, -1, hidden).copy_(values.view(n, 2, hidden, -1).transpose(2, 3))
-    else:  # w13_pairs: [n, H, I/tp, 2] (gate/up pairs) -> [n, 2, I/tp, H]
-        target.view(n, 2, -1, hidden).copy_(values.view(n, hidden, -1, 2).permute(0, 3, 2, 1))
+        return
+    if kind == "w13":  # [n, 2, H, I/tp] as [n, 2 (gate, up), I/tp, H]
+        source = values.view(n, 2, hidden, -1).transpose(2, 3)
+    else:  # w13_pairs: [n, H, I/tp, 2] (gate/up pairs) as [n, 2, I/tp, H]
+        source = values.view(n, hidden, -1, 2).permute(0, 3, 2, 1)
+    if interleaved:  # [n, I/tp, 2, H]
+        target.view(n, -1, 2, hidden).copy_(source.transpose(1, 2))
+    else:  # [n, 2, I/tp, H]
+        target.view(n, 2, -1, hidden).copy_(source)

@@ -34,11 +34,13 @@ expert `physical % num_experts`, as vLLM places them initially, unless
 
 How gate and up are arranged in `w13_weight` is the layer's to say, not the checkpoint's:
 vLLM's gpt-oss activation (`moe_config.activation` `swigluoai`) reads them interleaved, every
-other activation gate rows then up rows. The checkpoint's own arrangement (interleaved
-gpt-oss files, or the same rewritten concatenated by `convert`, as its shards record) is
-read as it is and rearranged on the destination's device where the two differ; a layer
-that names no activation keeps the checkpoint's. vLLM adds `w2_bias` once before the
-all-reduce, so TP ranks other than 0 hold zeros there; this adapter does the same.
+other activation gate rows then up rows. The copy plans write the layer's arrangement
+whatever the checkpoint's (interleaved gpt-oss files, or the same rewritten concatenated by
+`convert`, as its shards record); a layer that names no activation keeps the checkpoint's.
+vLLM adds `w2_bias` once before the all-reduce, so TP ranks other than 0 hold zeros there;
+this adapter does the same. vLLM's gpt-oss layers may be padded (sizes rounded up for some
+kernels): their parameters take the rank's values in their leading corner, as vLLM's
+gpt-oss loading leaves them.
 """
 
 from __future__ import annotations
@@ -143,22 +145,6 @@ def tensor_parallel(layer: Any) -> tuple[int, int]:
     return int(parallel.tp_rank), int(parallel.tp_size)
 
 
-def _rows_of_w13(name: str, group: MoeLayer) -> bool:
-    """Whether destination `name` holds one row (or value) per row of gate/up, which an
-    interleaving layer keeps as gate/up pairs: w13, its bias, and per-row or row-group
-    scales (mxfp4's)."""
-    if name in ("w13", "w13_bias"):
-        return True
-    quantization = group.quantization
-    companion = quantization and quantization.companion(name.removeprefix("w13_"))
-    return bool(
-        name.startswith("w13_")
-        and companion
-        and not companion.merged_w13
-        and (companion.scheme == "channel" or companion.scheme == "group")
-    )
-
-
 def padded(layer: Any, group: MoeLayer) -> bool:
     """Whether the layer's parameters are larger than the checkpoint's values for its rank
     (vLLM rounds sizes up for some kernels); raises nothing, fills nothing."""
@@ -199,14 +185,11 @@ def load_fused_moe_layer(
     experts = local_experts_of(layer, group.num_experts, logical_of_physical)
     tp_rank, tp_size = tensor_parallel(layer)
     targets = destinations_of(layer, group)
-    # Values that land elsewhere than where the copy plans put them go through scratch on
-    # the destination's device: gate/up rows an interleaving activation keeps as pairs, and
-    # the values of a padded parameter.
-    interleave = wants_interleaved(layer, group)
+    # A padded parameter takes its values through scratch on its device, then in its corner.
     scratch = {
         name: torch.empty(shape, dtype=tensor.dtype, device=tensor.device)
         for name, (tensor, shape) in targets.items()
-        if tuple(tensor.shape) != shape or (interleave and _rows_of_w13(name, group))
+        if tuple(tensor.shape) != shape
     }
     destinations = {name: scratch.get(name, tensor) for name, (tensor, _) in targets.items()}
     biases = {k: destinations[k] for k in ("w13_bias", "w2_bias") if k in destinations}
@@ -220,6 +203,7 @@ def load_fused_moe_layer(
         local_experts=experts,
         scales={k: v for k, v in destinations.items() if k not in ("w13", "w2", *biases)},
         allow_cast=True,
+        w13_interleaved=wants_interleaved(layer, group),
         **biases,
     )
     quantization = group.quantization
@@ -229,8 +213,6 @@ def load_fused_moe_layer(
         if "w2_bias" in destinations and tp_rank > 0:
             destinations["w2_bias"].zero_()  # added once, before the all-reduce over TP ranks
         for name, values in scratch.items():
-            if interleave and _rows_of_w13(name, group):  # gate rows, up rows -> pairs
-                values = values.unflatten(1, (2, -1)).transpose(1, 2).flatten(1, 2)
             target = targets[name][0]
             target[tuple(slice(0, n) for n in values.shape)].copy_(values)
     return list(group.tensor_names)

@@ -16,8 +16,9 @@ per-expert `weight_loader` loop in pure Python.
 `mxfp4` is shaped like gpt-oss-120b instead (fused, 128 experts, H=I=2880, gate and up
 interleaved): `gate_up_proj_blocks [E, 2I, H/32, 16]` uint8 with e8m0 `gate_up_proj_scales`
 per 32 values and bf16 biases, down's alike, loaded (weights and scales; the biases are 0.1%
-of the bytes) into `GptOssMxfp4MoEMethod`'s parameters, beside vLLM's gpt-oss mxfp4 loop
-(whole tensors, narrowed, one copy each).
+of the bytes) into `GptOssMxfp4MoEMethod`'s parameters, gate and up interleaved as vLLM's
+gpt-oss layers keep them, beside vLLM's gpt-oss mxfp4 loop (whole tensors, narrowed, one
+copy each).
 
 In the same run, the bf16 fused checkpoint of the plain bench is loaded too, so that the
 quantized and bf16 checkpoints compare per landed byte.
@@ -257,6 +258,11 @@ class Fp8Bench(Bench):
     """The plain bench's timing and table over quantized destinations."""
 
     shape: Fp8Shape  # type: ignore[assignment]
+
+    @property
+    def w13_interleaved(self) -> bool:  # type: ignore[override]
+        """gpt-oss' layers keep gate and up interleaved, as its mxfp4 files do."""
+        return self.shape.scheme == "mxfp4"
 
     def destinations(self, case: Case, touched: bool) -> list[Destinations]:  # type: ignore[override]
         s = self.shape

@@ -142,6 +142,9 @@ class Bench:
     # A layer's destinations are `(w13, w2)`, or `(w13, w2, scales)` for quantized experts
     # (scales by vLLM parameter name); fastmoe_load and the seed path take both.
 
+    # Whether the destinations keep gate and up interleaved (vLLM's gpt-oss layers).
+    w13_interleaved = False
+
     def fastmoe(self, case: Case, **open_args: Any) -> Callable[[list], int]:
         open_args = {"num_threads": self.threads, **open_args}
 
@@ -158,6 +161,7 @@ class Bench:
                         tp_size=case.tp_size,
                         local_experts=case.experts(self.shape.experts),
                         scales=scales[0] if scales else None,
+                        w13_interleaved=self.w13_interleaved,
                     )
                     total += stats.bytes
             return total

@@ -171,6 +171,24 @@ impl MatrixView {
         self
     }
 
+    /// A gate view of an interleaved gate/up tensor widened to its up entries too: twice the
+    /// rows (or, for a bias, the columns), gate's and up's in turn, read in file order.
+    pub fn pairs(self, along_rows: bool) -> Self {
+        if along_rows {
+            MatrixView {
+                rows: 2 * self.rows,
+                row_stride: self.row_stride / 2,
+                ..self
+            }
+        } else {
+            MatrixView {
+                cols: 2 * self.cols,
+                col_stride: self.col_stride / 2,
+                ..self
+            }
+        }
+    }
+
     /// The same entries in the order of the transposed tensor that stores them; with
     /// `with_pairs`, each row also takes the interleaved neighbour of every entry (gate and
     /// up pairs of an interleaved `gate_up`), so that it is one contiguous run.

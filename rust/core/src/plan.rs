@@ -31,6 +31,17 @@ pub enum Target {
     W2Bias,
 }
 
+/// The order a plan lands its bytes in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Order {
+    /// vLLM's layout, gate rows then up rows.
+    Destination,
+    /// The order a transposed group stores its bytes in (see [`CopyPlan::stored_order`]).
+    Stored,
+    /// vLLM's layout with gate and up interleaved (see [`CopyPlan::interleaved`]).
+    Pairs,
+}
+
 /// How a part of an expert is narrowed to the rank's shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Split {
@@ -122,7 +133,22 @@ impl CopyPlan {
         target: Target,
         request: &LoadRequest,
     ) -> Result<CopyPlan> {
-        Self::build(ckpt, layer, target, request, false)
+        Self::build(ckpt, layer, target, request, Order::Destination)
+    }
+
+    /// The plan of [`CopyPlan::new`] with gate and up interleaved in the `W13` targets
+    /// (weights, bias, per-row scales): gate row `r` then up row `r` for every row of the
+    /// rank's shard (gate/up pairs along the bias), as vLLM's gpt-oss layers keep them. Where
+    /// the checkpoint interleaves them too, each expert's pairs are one run. Other targets
+    /// are planned as by [`CopyPlan::new`]; block scales spanning several rows cannot be
+    /// interleaved and are refused.
+    pub fn interleaved(
+        ckpt: &Checkpoint,
+        layer: &MoeLayer,
+        target: Target,
+        request: &LoadRequest,
+    ) -> Result<CopyPlan> {
+        Self::build(ckpt, layer, target, request, Order::Pairs)
     }
 
     /// The plan that reads the same bytes as [`CopyPlan::new`] for a group of transposed
@@ -137,7 +163,7 @@ impl CopyPlan {
         target: Target,
         request: &LoadRequest,
     ) -> Result<CopyPlan> {
-        Self::build(ckpt, layer, target, request, true)
+        Self::build(ckpt, layer, target, request, Order::Stored)
     }
 
     fn build(
@@ -145,8 +171,9 @@ impl CopyPlan {
         layer: &MoeLayer,
         target: Target,
         request: &LoadRequest,
-        stored_order: bool,
+        order: Order,
     ) -> Result<CopyPlan> {
+        let stored_order = order == Order::Stored;
         let err = |reason: String| Error::Request {
             path: ckpt.path().to_path_buf(),
             prefix: layer.prefix.clone(),
@@ -205,6 +232,18 @@ impl CopyPlan {
         }
         let shard = inter / tp_size;
         let first = tp_rank * shard;
+        // Gate/up pairs: where the file interleaves them too, a gate view widened to take the
+        // up entries between its own reads both in file order.
+        let pairs = order == Order::Pairs
+            && match target {
+                Target::W13 | Target::W13Bias => true,
+                // Per-tensor scales are `[gate, up]`, a pair already.
+                Target::W13Companion(_) => {
+                    companion.is_some_and(|c| !c.merged_w13 && c.grid.step(true).is_some())
+                }
+                _ => false,
+            };
+        let file_pairs = matches!(&layer.tensors, ExpertTensors::Fused(f) if f.interleaved);
         let parts: &[(Part, Split)] = match target {
             Target::W13Companion(_) if companion.is_some_and(|c| c.merged_w13) => {
                 &[(Part::Up, Split::Rows)]
@@ -218,6 +257,7 @@ impl CopyPlan {
         };
         let mut plan = CopyPlan::default();
         for &expert in experts {
+            let mut matrices = Vec::with_capacity(parts.len());
             for &(part, split) in parts {
                 let matrix = match companion {
                     None => layer.matrix(part, expert),
@@ -232,16 +272,50 @@ impl CopyPlan {
                     (Some(c), Split::Rows) => c.grid.step(true),
                     (Some(c), _) => c.grid.step(false),
                 };
+                if pairs && step != Some(1) {
+                    return Err(err(format!(
+                        "{target:?}: scales spanning several rows cannot be interleaved with \
+                         gate and up"
+                    )));
+                }
+                if pairs && file_pairs {
+                    // The pairs of the rank's shard, one view from gate's first entry.
+                    let both = matrix.pairs(split == Split::Rows);
+                    plan.push_matrix(
+                        ckpt,
+                        &match split {
+                            Split::Rows => both.select_rows(2 * first, 2 * shard),
+                            _ => both.select_cols(2 * first, 2 * shard),
+                        },
+                    )?;
+                    break;
+                }
                 let matrix = match (split, step) {
                     (Split::Whole, _) | (_, None) => matrix,
                     (Split::Rows, Some(s)) => matrix.select_rows(first / s, shard.div_ceil(s)),
                     (Split::Cols, Some(s)) => matrix.select_cols(first / s, shard.div_ceil(s)),
                 };
-                if !stored_order {
+                if pairs {
+                    matrices.push((matrix, split));
+                } else if !stored_order {
                     plan.push_matrix(ckpt, &matrix)?;
                 } else if !(interleaved && part == Part::Up) {
                     // Interleaved up entries sit between the gate's: one run holds both.
                     plan.push_matrix(ckpt, &matrix.stored(interleaved && part == Part::Gate))?;
+                }
+            }
+            if let [(gate, split), (up, _)] = matrices.as_slice() {
+                // Files that keep gate and up apart: a row (or entry) of each in turn.
+                for r in 0..shard {
+                    for m in [gate, up] {
+                        plan.push_matrix(
+                            ckpt,
+                            &match split {
+                                Split::Rows => m.clone().select_rows(r, 1),
+                                _ => m.clone().select_cols(r, 1),
+                            },
+                        )?;
+                    }
                 }
             }
         }

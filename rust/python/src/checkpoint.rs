@@ -340,8 +340,11 @@ impl PyCheckpoint {
 
     /// The plan that fills destination `target` for one TP rank and list of experts; with
     /// `stored_order`, the same bytes in the order a transposed group stores them (see
-    /// `CopyPlan::stored_order`).
-    #[pyo3(signature = (prefix, target_name, *, tp_rank, tp_size, experts, stored_order=false))]
+    /// `CopyPlan::stored_order`); with `interleaved`, gate and up interleaved in the w13
+    /// targets (see `CopyPlan::interleaved`).
+    #[pyo3(signature = (
+        prefix, target_name, *, tp_rank, tp_size, experts, stored_order=false, interleaved=false
+    ))]
     #[allow(clippy::too_many_arguments)]
     fn plan(
         &self,
@@ -352,6 +355,7 @@ impl PyCheckpoint {
         tp_size: usize,
         experts: Vec<usize>,
         stored_order: bool,
+        interleaved: bool,
     ) -> PyResult<PyCopyPlan> {
         let state = self.state()?;
         let layer = state.layer(prefix)?;
@@ -361,10 +365,15 @@ impl PyCheckpoint {
             tp_size,
             experts: &experts,
         };
-        let build = if stored_order {
-            CopyPlan::stored_order
-        } else {
-            CopyPlan::new
+        let build = match (stored_order, interleaved) {
+            (true, false) => CopyPlan::stored_order,
+            (false, true) => CopyPlan::interleaved,
+            (false, false) => CopyPlan::new,
+            (true, true) => {
+                return Err(PyValueError::new_err(
+                    "a plan is in stored order or interleaved, not both",
+                ))
+            }
         };
         let plan = py
             .detach(|| build(&state.ckpt, layer, target, &request))
