@@ -30,8 +30,10 @@ What it relies on in vLLM (0.33):
   `w13_weight_packed` and `w2_weight_packed` (`RoutedExperts`, or `FusedMoE` before 0.33),
   with `moe_config.is_act_and_mul` true and, as its `quant_method`,
   `UnquantizedFusedMoEMethod` (unquantized checkpoints) or one of the quantized methods in
-  `QUANTIZED_METHODS` (fp8, NVFP4, int4) without a refined or padded scale grid (quantized
-  checkpoints: their scales go into `w13_{kind}`/`w2_{kind}`); inside a
+  `QUANTIZED_METHODS` (fp8, NVFP4, int4, gpt-oss mxfp4) without a refined or padded scale
+  grid (quantized checkpoints: their scales go into `w13_{kind}`/`w2_{kind}`), split by TP on
+  the checkpoint's packs and scale blocks, and padded only as vLLM's gpt-oss layers are
+  (`GptOssRoutedExperts`, values in the parameters' corner); inside a
   `MoERunner` it is the runner's `routed_experts`, and checkpoint names address the runner.
   `fastmoe_load.vllm` lists what is read from the layer itself;
 - `model.hf_to_vllm_mapper` (optional), a `WeightsMapper` whose `map_name` turns a
