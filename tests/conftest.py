@@ -273,6 +273,35 @@ def poisoned(
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
+def assert_loads_as(path, prefix: str, want: dict[str, torch.Tensor], **request) -> None:
+    """`load_fused_moe` into destinations shaped as `want` (`w13`, `w2`, the biases, the
+    scales by vLLM name), poisoned first (NaN, or 0xAB bytes where they hold integers), for
+    `request` (`tp_rank`, `tp_size`, `local_experts`, ...): every destination equals `want`
+    bit for bit, and the bytes counted are theirs."""
+    import fastmoe_load as fml
+
+    got = {
+        name: poisoned(tuple(t.shape), t.dtype)
+        if t.is_floating_point()
+        else torch.full(t.shape, 0xAB, dtype=t.dtype)
+        for name, t in want.items()
+    }
+    biases = {k: got[k] for k in ("w13_bias", "w2_bias") if k in got}
+    with fml.open(path) as ckpt:
+        stats = fml.load_fused_moe(
+            ckpt,
+            prefix,
+            got["w13"],
+            got["w2"],
+            scales={k: v for k, v in got.items() if k not in ("w13", "w2", *biases)},
+            **biases,
+            **request,
+        )
+    for name, tensor in want.items():
+        assert_bitwise_equal(got[name], tensor, name)
+    assert stats.bytes == sum(t.nbytes for t in want.values())
+
+
 @pytest.fixture(scope="module")
 def vllm_process_groups():
     """vLLM's process groups for one process (gloo), as its layers expect when built; made

@@ -12,7 +12,7 @@ from pathlib import Path
 import fastmoe_load as fml
 import pytest
 import torch
-from conftest import assert_bitwise_equal, poisoned, seed_filled
+from conftest import assert_bitwise_equal, assert_loads_as, seed_filled
 from fastmoe_load.cli import main
 from safetensors.torch import load_file, save_file
 from test_quant import save
@@ -184,29 +184,15 @@ def test_load_fused_moe_matches_hand_slices(checkpoint, tp_rank, tp, experts, pa
     want = expected(stored(checkpoint), tp_rank, tp, local)
     if pairs:
         want = {k: interleaved(v) if k.startswith("w13") else v for k, v in want.items()}
-    got = {
-        name: poisoned(tuple(t.shape), t.dtype)
-        if t.is_floating_point()
-        else torch.full(t.shape, 0xAB, dtype=t.dtype)
-        for name, t in want.items()
-    }
-    with fml.open(checkpoint) as ckpt:
-        stats = fml.load_fused_moe(
-            ckpt,
-            prefix(),
-            got["w13"],
-            got["w2"],
-            tp_rank=tp_rank,
-            tp_size=tp,
-            local_experts=experts,
-            w13_bias=got["w13_bias"],
-            w2_bias=got["w2_bias"],
-            scales={k: v for k, v in got.items() if "scale" in k},
-            w13_interleaved=pairs,
-        )
-    for name, tensor in want.items():
-        assert_bitwise_equal(got[name], tensor, name)
-    assert stats.bytes == sum(t.nbytes for t in want.values())
+    assert_loads_as(
+        checkpoint,
+        prefix(),
+        want,
+        tp_rank=tp_rank,
+        tp_size=tp,
+        local_experts=experts,
+        w13_interleaved=pairs,
+    )
 
 
 def test_split_that_cuts_a_block_names_the_sizes_that_fit(checkpoint):

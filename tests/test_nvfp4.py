@@ -12,7 +12,7 @@ from pathlib import Path
 import fastmoe_load as fml
 import pytest
 import torch
-from conftest import assert_bitwise_equal, poisoned, seed_filled
+from conftest import assert_bitwise_equal, assert_loads_as, seed_filled
 from fastmoe_load.cli import main
 from test_quant import fp8, save
 
@@ -145,26 +145,7 @@ def test_detected_with_packing_and_companions(checkpoint):
 def test_load_fused_moe_matches_hand_slices(checkpoint, tp_rank, tp, experts):
     local = list(range(E)) if experts is None else experts
     want = expected(stored(checkpoint), tp_rank, tp, local)
-    got = {
-        name: poisoned(tuple(t.shape), t.dtype)
-        if t.is_floating_point()
-        else torch.full(t.shape, 0xAB, dtype=t.dtype)
-        for name, t in want.items()
-    }
-    with fml.open(checkpoint) as ckpt:
-        stats = fml.load_fused_moe(
-            ckpt,
-            prefix(),
-            got["w13"],
-            got["w2"],
-            tp_rank=tp_rank,
-            tp_size=tp,
-            local_experts=experts,
-            scales={k: v for k, v in got.items() if k not in ("w13", "w2")},
-        )
-    for name, tensor in want.items():
-        assert_bitwise_equal(got[name], tensor, name)
-    assert stats.bytes == sum(t.nbytes for t in want.values())
+    assert_loads_as(checkpoint, prefix(), want, tp_rank=tp_rank, tp_size=tp, local_experts=experts)
 
 
 def test_split_that_cuts_a_scale_group_names_the_sizes_that_fit(checkpoint):

@@ -43,9 +43,10 @@ def build(
     name: str,
     quant_config=None,
     sizes: tuple[int, int, int] = (E, H, INTER),
+    **factory_options,
 ):
     """A vLLM `MoERunner` as TP rank `rank` of `tp_size`, every parameter poisoned (NaN, or
-    0xA5 bytes where it holds integers)."""
+    0xA5 bytes where it holds integers); `factory_options` go to `FusedMoEFactory`."""
     from vllm.config import ParallelConfig, VllmConfig, set_current_vllm_config
     from vllm.model_executor.layers.fused_moe import FusedMoEFactory
 
@@ -62,6 +63,7 @@ def build(
             prefix=f"{name}.experts",
             renormalize=True,
             quant_config=quant_config,
+            **factory_options,
         )
     for p in runner.routed_experts.parameters():
         if p.is_floating_point():
@@ -69,6 +71,26 @@ def build(
         else:  # packed integer weights: a byte pattern no test writes
             p.data.view(torch.uint8).fill_(0xA5)
     return runner
+
+
+def gpt_oss_options() -> dict:
+    """What vLLM's gpt-oss (`MLPBlock`) gives `FusedMoEFactory` besides the sizes."""
+    from vllm.model_executor.models.gpt_oss import GptOssRoutedExperts
+
+    return {"has_bias": True, "activation": "swigluoai", "routed_experts_cls": GptOssRoutedExperts}
+
+
+def assert_same_parameters(ours, theirs: dict[str, torch.Tensor]) -> None:
+    """Every parameter of `ours` (a runner) equals vLLM's loading of the same one in
+    `theirs`, bit for bit, and vLLM loaded each (none left all poison)."""
+    for param, expected in theirs.items():
+        actual = getattr(ours.routed_experts, param).data
+        if expected.is_floating_point():
+            assert not expected.float().isnan().all(), f"vLLM left {param} unloaded"
+        else:
+            assert not (expected.data.view(torch.uint8) == 0xA5).all(), f"{param} unloaded"
+        assert actual.dtype == expected.dtype, param
+        assert torch.equal(actual.view(torch.uint8), expected.data.view(torch.uint8)), param
 
 
 @pytest.fixture(scope="module")
@@ -163,11 +185,7 @@ def test_fp8_layers_match_vllm_load_weights(
     assert sorted(consumed) == sorted(names)
     params = dict(theirs.routed_experts.named_parameters())
     assert any("scale" in p for p in params), params
-    for param, expected in params.items():
-        actual = getattr(ours.routed_experts, param).data
-        assert not expected.data.float().isnan().all(), f"vLLM left {param} unloaded"
-        assert actual.dtype == expected.dtype, param
-        assert torch.equal(actual.view(torch.uint8), expected.data.view(torch.uint8)), param
+    assert_same_parameters(ours, params)
 
 
 @pytest.mark.parametrize(("tp_size", "rank"), [(1, 0), (2, 1)])
@@ -250,14 +268,7 @@ def test_nvfp4_layers_match_vllm_load_weights(
     assert {"w13_weight_scale_2", "w13_input_scale", "w2_weight_scale"} <= set(params), params
     if backend == "FLASHINFER_CUTLASS":
         assert params["w13_input_scale"].shape[0] == test_nvfp4.E  # every global expert
-    for param, expected in params.items():
-        actual = getattr(ours.routed_experts, param).data
-        if expected.is_floating_point():
-            assert not expected.float().isnan().all(), f"vLLM left {param} unloaded"
-        else:
-            assert not (expected.data.view(torch.uint8) == 0xA5).all(), f"{param} unloaded"
-        assert actual.dtype == expected.dtype, param
-        assert torch.equal(actual.view(torch.uint8), expected.data.view(torch.uint8)), param
+    assert_same_parameters(ours, params)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -300,14 +311,7 @@ def test_int4_layers_match_vllm_load_weights(
     if not symmetric:
         expected_params |= {"w13_weight_zero_point", "w2_weight_zero_point"}
     assert expected_params <= set(params), params
-    for param, expected in params.items():
-        actual = getattr(ours.routed_experts, param).data
-        if expected.is_floating_point():
-            assert not expected.float().isnan().all(), f"vLLM left {param} unloaded"
-        else:
-            assert not (expected.data.view(torch.uint8) == 0xA5).all(), f"{param} unloaded"
-        assert actual.dtype == expected.dtype, param
-        assert torch.equal(actual.view(torch.uint8), expected.data.view(torch.uint8)), param
+    assert_same_parameters(ours, params)
 
 
 @pytest.mark.parametrize("backend", ["EMULATION", "MARLIN"])
@@ -336,32 +340,9 @@ def test_mxfp4_layers_match_vllm_gpt_oss_loading(
     chosen = (Mxfp4MoeBackend[backend], None)
 
     def gpt_oss_layer(label: str):
-        from vllm.config import ParallelConfig, VllmConfig, set_current_vllm_config
-        from vllm.model_executor.layers.fused_moe import FusedMoEFactory
-
-        config = VllmConfig(parallel_config=ParallelConfig(enable_expert_parallel=ep))
-        with (
-            mock.patch.object(mxfp4, "select_mxfp4_moe_backend", lambda *_, **__: chosen),
-            as_tp_rank(rank),
-            set_current_vllm_config(config),
-        ):
-            runner = FusedMoEFactory(
-                num_experts=e,
-                top_k=TOP_K,
-                hidden_size=hidden,
-                intermediate_size=inter,
-                params_dtype=torch.bfloat16,
-                tp_size=tp_size,
-                prefix=f"{label}.experts",
-                renormalize=True,
-                quant_config=mxfp4.GptOssMxfp4Config(),
-                has_bias=True,
-                activation="swigluoai",
-                routed_experts_cls=gpt_oss.GptOssRoutedExperts,
-            )
-        for p in runner.routed_experts.parameters():
-            p.data.view(torch.uint8).fill_(0xA5)
-        return runner
+        with mock.patch.object(mxfp4, "select_mxfp4_moe_backend", lambda *_, **__: chosen):
+            config, sizes = mxfp4.GptOssMxfp4Config(), (e, hidden, inter)
+            return build(tp_size, rank, ep, label, config, sizes, **gpt_oss_options())
 
     theirs, ours = gpt_oss_layer("theirs"), gpt_oss_layer("ours")
     params = dict(theirs.routed_experts.named_parameters())
@@ -390,11 +371,7 @@ def test_mxfp4_layers_match_vllm_gpt_oss_loading(
     padded = backend == "MARLIN"
     shard = inter if ep else inter // tp_size  # EP ranks keep whole experts
     assert (params["w13_weight"].shape[1] > 2 * shard) == padded
-    for param, expected in params.items():
-        actual = getattr(ours.routed_experts, param).data
-        assert not (expected.data.view(torch.uint8) == 0xA5).all(), f"{param} unloaded"
-        assert actual.dtype == expected.dtype, param
-        assert torch.equal(actual.view(torch.uint8), expected.data.view(torch.uint8)), param
+    assert_same_parameters(ours, params)
 
 
 def test_mxfp4_split_off_the_blocks_is_left_to_vllm(vllm_process_groups, tmp_path):
@@ -409,33 +386,14 @@ def test_mxfp4_split_off_the_blocks_is_left_to_vllm(vllm_process_groups, tmp_pat
     from fastmoe_load.vllm_loader import fillable
     from vllm.model_executor.layers.fused_moe.oracle.mxfp4 import Mxfp4MoeBackend
     from vllm.model_executor.layers.quantization import mxfp4
-    from vllm.model_executor.models import gpt_oss
 
     path = test_mxfp4.gpt_oss_mxfp4(tmp_path / "mxfp4", inter=96)
-    config = json.loads((path / "config.json").read_text())
+    config = json.loads((path / "config.json").read_text())["quantization_config"]
     chosen = (Mxfp4MoeBackend.EMULATION, None)
-    from vllm.config import ParallelConfig, VllmConfig, set_current_vllm_config
-    from vllm.model_executor.layers.fused_moe import FusedMoEFactory
-
-    with (
-        mock.patch.object(mxfp4, "select_mxfp4_moe_backend", lambda *_, **__: chosen),
-        as_tp_rank(1),
-        set_current_vllm_config(VllmConfig(parallel_config=ParallelConfig())),
-    ):
-        runner = FusedMoEFactory(
-            num_experts=test_mxfp4.E,
-            top_k=TOP_K,
-            hidden_size=test_mxfp4.H,
-            intermediate_size=96,
-            params_dtype=torch.bfloat16,
-            tp_size=2,
-            prefix="uneven.experts",
-            renormalize=True,
-            quant_config=mxfp4.GptOssMxfp4Config.from_config(config["quantization_config"]),
-            has_bias=True,
-            activation="swigluoai",
-            routed_experts_cls=gpt_oss.GptOssRoutedExperts,
-        )
+    sizes = (test_mxfp4.E, test_mxfp4.H, 96)
+    with mock.patch.object(mxfp4, "select_mxfp4_moe_backend", lambda *_, **__: chosen):
+        quant_config = mxfp4.GptOssMxfp4Config.from_config(config)
+        runner = build(2, 1, False, "uneven", quant_config, sizes, **gpt_oss_options())
     with fml.open(path) as ckpt:
         group = ckpt.experts(test_mxfp4.prefix())
         assert group.intermediate_size == 96

@@ -30,8 +30,10 @@ What it relies on in vLLM (0.33):
   `w13_weight_packed` and `w2_weight_packed` (`RoutedExperts`, or `FusedMoE` before 0.33),
   with `moe_config.is_act_and_mul` true and, as its `quant_method`,
   `UnquantizedFusedMoEMethod` (unquantized checkpoints) or one of the quantized methods in
-  `QUANTIZED_METHODS` (fp8, NVFP4, int4) without a refined or padded scale grid (quantized
-  checkpoints: their scales go into `w13_{kind}`/`w2_{kind}`); inside a
+  `QUANTIZED_METHODS` (fp8, NVFP4, int4, gpt-oss mxfp4) without a refined or padded scale
+  grid (quantized checkpoints: their scales go into `w13_{kind}`/`w2_{kind}`), split by TP on
+  the checkpoint's packs and scale blocks, and padded only as vLLM's gpt-oss mxfp4 layers
+  are (`GptOssRoutedExperts`, values in the parameters' corner); inside a
   `MoERunner` it is the runner's `routed_experts`, and checkpoint names address the runner.
   `fastmoe_load.vllm` lists what is read from the layer itself;
 - `model.hf_to_vllm_mapper` (optional), a `WeightsMapper` whose `map_name` turns a
@@ -189,7 +191,8 @@ def fillable(module: torch.nn.Module, group: MoeLayer) -> bool:
     refined or padded TP grid) and weights in the checkpoint's dtype; a TP split that falls
     on the group's packs and scale blocks (vLLM's gpt-oss loading also splits mxfp4 experts
     unevenly, in whole blocks); and parameters of the rank's size, or larger only in
-    vLLM's gpt-oss layers (`GptOssRoutedExperts`), which take values in their corner."""
+    vLLM's gpt-oss mxfp4 layers (`GptOssRoutedExperts` with `GptOssMxfp4MoEMethod`), which
+    take values in their corner."""
     method = getattr(module, "quant_method", None)
     moe_config = getattr(module, "moe_config", None)
     if not getattr(moe_config, "is_act_and_mul", True):
@@ -215,7 +218,10 @@ def fillable(module: torch.nn.Module, group: MoeLayer) -> bool:
         len(t.shape) == len(shape) and all(a >= b for a, b in zip(t.shape, shape, strict=True))
         for t, shape in destinations_of(module, group).values()
     )
-    return fits and type(module).__name__ == "GptOssRoutedExperts"
+    # Checked against vLLM's own gpt-oss mxfp4 loading; its bf16 path narrows padded
+    # parameters otherwise, and is left to it.
+    gpt_oss_mxfp4 = type(method).__name__ == "GptOssMxfp4MoEMethod"
+    return fits and gpt_oss_mxfp4 and type(module).__name__ == "GptOssRoutedExperts"
 
 
 def model_path_of(group: MoeLayer, mapper: Any, layers: dict[str, Any]) -> str | None:
