@@ -16,7 +16,7 @@ from pathlib import Path
 import fastmoe_load as fml
 import pytest
 import torch
-from conftest import assert_bitwise_equal, seed_filled
+from conftest import assert_bitwise_equal, assert_loads_as, seed_filled
 from fastmoe_load.cli import main
 from safetensors.torch import load_file, save_file
 from test_quant import save
@@ -36,7 +36,11 @@ def int32(*shape: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def int4_pack_quantized(
-    path: Path, symmetric: bool = True, group: int = GROUP, zero_points: bool | None = None
+    path: Path,
+    symmetric: bool = True,
+    group: int = GROUP,
+    zero_points: bool | None = None,
+    shape_dtype: torch.dtype = torch.int32,
 ) -> Path:
     """Kimi-K2-Thinking's experts, scaled down, with a bf16 router beside them; asymmetric
     (`symmetric=False`) with zero points beside each weight unless `zero_points` says
@@ -52,7 +56,7 @@ def int4_pack_quantized(
                 tensors[f"{name}.weight_scale"] = torch.rand(
                     rows, cols // group, generator=gen
                 ).bfloat16()
-                tensors[f"{name}.weight_shape"] = torch.tensor([rows, cols], dtype=torch.int32)
+                tensors[f"{name}.weight_shape"] = torch.tensor([rows, cols], dtype=shape_dtype)
                 if zero_points:
                     tensors[f"{name}.weight_zero_point"] = int32(rows // 8, cols // group, gen=gen)
         tensors[f"model.layers.{layer}.mlp.gate.weight"] = torch.randn(E, H).bfloat16()
@@ -286,10 +290,12 @@ def test_without_config_the_bits_are_unknown(tmp_path):
 def test_convert_refuses_to_fuse(checkpoint, asymmetric, tmp_path):
     from fastmoe_load.convert import convert
 
-    with pytest.raises(fml.RequestError, match="weight_scale, weight_shape scales"):
+    with pytest.raises(fml.RequestError, match="weight_scale, weight_shape beside their weights"):
         convert(checkpoint, tmp_path / "fused", to="fused")
     assert not (tmp_path / "fused").exists()
-    with pytest.raises(fml.RequestError, match="weight_shape, weight_zero_point scales"):
+    with pytest.raises(
+        fml.RequestError, match="weight_shape, weight_zero_point beside their weights"
+    ):
         convert(asymmetric, tmp_path / "fused", to="fused")
     assert not (tmp_path / "fused").exists()
 
@@ -343,3 +349,16 @@ def test_quant_bench_rows(tmp_path, capsys, scheme):
     assert not root.exists()
     assert main(["bench", *options[:-3], "--hidden", "200", "--dir", str(root)]) == 1
     assert "must be multiples of" in capsys.readouterr().err
+
+
+def test_int64_weight_shape_loads(tmp_path):
+    """compressed-tensors writes `weight_shape` as `torch.tensor(weight.shape)`, int64: it
+    loads as the int32 form does, into int64 or (cast) vLLM's float32 destinations."""
+    path = int4_pack_quantized(tmp_path / "ckpt", shape_dtype=torch.int64)
+    want = expected(path, 1, 2, [3, 1])
+    assert want["w13_weight_shape"].dtype == torch.int64
+    assert_loads_as(path, prefix(), want, tp_rank=1, tp_size=2, local_experts=[3, 1])
+    as_vllm = {k: v.float() if k.endswith("weight_shape") else v for k, v in want.items()}
+    assert_loads_as(
+        path, prefix(), as_vllm, tp_rank=1, tp_size=2, local_experts=[3, 1], allow_cast=True
+    )

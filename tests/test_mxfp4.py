@@ -214,14 +214,20 @@ def test_split_that_cuts_a_block_names_the_sizes_that_fit(checkpoint):
     assert bool((w13 == 0xAB).all())
 
 
-def test_detected_from_the_files_alone(tmp_path):
-    """Without a quantization_config the `_blocks` and `_scales` names say mxfp4."""
+@pytest.mark.parametrize("config", ["model_type only", "none"])
+def test_detected_from_the_files_alone(tmp_path, config):
+    """Without a quantization_config, or any config.json, the `_blocks` and `_scales` names
+    say mxfp4, and gate and up interleaved: only gpt-oss writes them, so."""
     path = gpt_oss_mxfp4(tmp_path / "ckpt", config=False)
+    if config == "none":
+        (path / "config.json").unlink()
     with fml.open(path) as ckpt:
         layer = ckpt.experts(prefix())
-    assert layer.quantization is not None
-    assert str(layer.quantization).startswith("mxfp4, 32-value group scales in uint8")
-    assert layer.interleaved  # from model_type gpt_oss
+        assert layer.quantization is not None
+        assert str(layer.quantization).startswith("mxfp4, 32-value group scales in uint8")
+        assert layer.interleaved
+        gate_up = stored(path)[f"{prefix()}.gate_up_proj_blocks"].flatten(2)
+        assert_bitwise_equal(layer.w1(0), gate_up[0, 0::2], "w1")
 
 
 @pytest.mark.parametrize(

@@ -205,7 +205,7 @@ def test_convert_refuses_to_fuse_and_keeps_per_expert(checkpoint, tmp_path):
     to per_expert the groups are copied unchanged, scales included, and load the same."""
     from fastmoe_load.convert import convert
 
-    with pytest.raises(fml.RequestError, match="weight_scale, weight_scale_2 scales"):
+    with pytest.raises(fml.RequestError, match="weight_scale, weight_scale_2 beside their weights"):
         convert(checkpoint, tmp_path / "fused", to="fused")
     assert not (tmp_path / "fused").exists()
     report = convert(checkpoint, tmp_path / "copy", to="per_expert")

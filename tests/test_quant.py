@@ -282,7 +282,11 @@ def test_scale_dtypes_convert_only_when_asked(tmp_path):
         for e in range(E):  # bfloat16 -> float32 is exact
             assert torch.equal(scales["w2_weight_scale_inv"][e], layer.w2_scale(e).float())
         # The file's own dtype needs no opt-in.
-        native = {"w2_weight_scale_inv": torch.empty(E, 2, 2, dtype=torch.bfloat16)}
+        # A scale filled elsewhere is named with None.
+        native = {
+            "w2_weight_scale_inv": torch.empty(E, 2, 2, dtype=torch.bfloat16),
+            "w13_weight_scale_inv": None,
+        }
         fml.load_fused_moe(ckpt, PREFIX, w13, w2, scales=native)
         assert torch.equal(native["w2_weight_scale_inv"][3], layer.w2_scale(3))
 
@@ -298,13 +302,57 @@ def test_wrong_scale_destinations_are_refused(tmp_path):
             fml.load_fused_moe(
                 ckpt, PREFIX, w13, w2, scales={"w13_weight_scale": scales["w13_weight_scale_inv"]}
             )
-        wrong = {"w13_weight_scale_inv": torch.empty(E, 2, 2)}
+        wrong = {"w13_weight_scale_inv": torch.empty(E, 2, 2), "w2_weight_scale_inv": None}
         with pytest.raises(
             fml.RequestError,
             match=r"w13_weight_scale_inv has shape \(4, 2, 2\), expected \(4, 4, 2\)",
         ):
             fml.load_fused_moe(ckpt, PREFIX, w13, w2, scales=wrong)
         assert w13.float().isnan().all()
+
+
+def test_quantized_weights_without_their_scales_are_refused(tmp_path):
+    """fp8 weights loaded with no scales, or some missing, mean nothing: refused before a
+    byte is written, naming what is missing and how to leave one out on purpose."""
+    path = per_expert_block(tmp_path / "ds", torch.float32, "deepseek_v3")
+    with fml.open(path) as ckpt:
+        layer = ckpt.experts(PREFIX)
+        w13, w2, scales = destinations(layer, 1, E)
+        for given in (None, {"w13_weight_scale_inv": scales["w13_weight_scale_inv"]}):
+            with pytest.raises(
+                fml.RequestError,
+                match=r"scales has no (w13_weight_scale_inv, )?w2_weight_scale_inv: pass",
+            ):
+                fml.load_fused_moe(ckpt, PREFIX, w13, w2, scales=given)
+        assert w13.float().isnan().all()
+        assert scales["w13_weight_scale_inv"].isnan().all()
+
+
+def test_packed_and_encoded_values_are_never_cast(tmp_path):
+    """allow_cast converts floating-point values only: packed fp4 bytes or e8m0 exponents
+    stored as bytes are refused into a float destination, which stays untouched."""
+    import test_mxfp4
+
+    path = test_mxfp4.gpt_oss_mxfp4(tmp_path / "mxfp4")
+    with fml.open(path) as ckpt:
+        layer = ckpt.experts(test_mxfp4.prefix())
+        shapes = fml.loader.destination_shapes(layer, layer.num_experts, 1)
+        for cast in ("w13", "w13_weight_scale"):
+            got = {
+                k: torch.full(shape, float("nan")) if k == cast else torch.zeros(shape, dtype=d)
+                for k, (shape, d) in shapes.items()
+            }
+            with pytest.raises(fml.RequestError, match=f"{cast} has dtype torch.float32 but"):
+                fml.load_fused_moe(
+                    ckpt,
+                    layer.prefix,
+                    got.pop("w13"),
+                    got.pop("w2"),
+                    w13_bias=got.pop("w13_bias"),
+                    w2_bias=got.pop("w2_bias"),
+                    scales=got,
+                    allow_cast=True,
+                )
 
 
 @pytest.mark.parametrize(
@@ -402,7 +450,7 @@ def test_convert_refuses_scales_without_a_fused_form(tmp_path):
 
     source = compressed_tensors(tmp_path / "ct", "tensor")
     with pytest.raises(
-        fml.RequestError, match=r"weight_scale scales .* no fused transformers form"
+        fml.RequestError, match=r"weight_scale beside their weights .* no fused transformers form"
     ):
         convert(source, tmp_path / "refused", to="fused", progress=False)
     assert not (tmp_path / "refused").exists()

@@ -292,7 +292,11 @@ def test_int4_layers_match_vllm_load_weights(
         compressed_tensors_moe_wna16 as wna16,
     )
 
-    path = test_int4.int4_pack_quantized(tmp_path / "int4", symmetric=symmetric)
+    # Both dtypes writers give `weight_shape`: int32, and compressed-tensors' own int64.
+    shape_dtype = torch.int32 if symmetric else torch.int64
+    path = test_int4.int4_pack_quantized(
+        tmp_path / "int4", symmetric=symmetric, shape_dtype=shape_dtype
+    )
     prefix = test_int4.prefix()
     sizes = (test_int4.E, test_int4.H, test_int4.INTER)
     name = prefix.removesuffix(".experts")

@@ -18,7 +18,7 @@ from ._fastmoe_load import (
     TensorNotFoundError,
 )
 from .checkpoint import Checkpoint, MoeLayer, UnsupportedGroup, UnsupportedWarning, open
-from .loader import LoadStats, load_fused_moe
+from .loader import LoadStats, destination_shapes, load_fused_moe
 from .model import LoadWarning, ModelLoadReport, load_model
 from .placement import expert_placement
 from .staging import StagingPool
@@ -39,6 +39,7 @@ __all__ = [
     "TensorNotFoundError",
     "UnsupportedGroup",
     "UnsupportedWarning",
+    "destination_shapes",
     "expert_placement",
     "load_fused_moe",
     "load_model",

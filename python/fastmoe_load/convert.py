@@ -221,9 +221,9 @@ def _check_convertible(ckpt: Checkpoint, layer: MoeLayer) -> None:
     ]
     if unknown:
         raise RequestError(
-            f"{ckpt.path}: experts at `{layer.prefix}` have {', '.join(unknown)} scales "
-            f"({layer.quantization}), which have no fused transformers form; keep this "
-            "checkpoint per expert"
+            f"{ckpt.path}: experts at `{layer.prefix}` have {', '.join(unknown)} beside "
+            f"their weights ({layer.quantization}), which have no fused transformers form; "
+            "keep this checkpoint per expert"
         )
 
 

@@ -260,7 +260,8 @@ def format_report(report: Report) -> str:
         f"files       {shards}, {format_bytes(report.file_bytes)}",
         f"model_type  {report.model_type or '-'}",
         f"tensors     {report.num_tensors}, {format_bytes(report.tensor_bytes)}; "
-        f"{len(report.layers)} routed-expert groups hold {experts} ({share})",
+        f"{len(report.layers)} routed-expert group{'s' if len(report.layers) != 1 else ''} "
+        f"hold{'s' if len(report.layers) == 1 else ''} {experts} ({share})",
         f"ranks       tp={report.tp_size} x ep={report.ep_size} "
         f"({report.placement} placement): {ranks} rank{'s' if ranks != 1 else ''}",
     ]

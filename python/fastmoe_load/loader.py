@@ -89,6 +89,16 @@ class _Request:
                 f"{name} has dtype {tensor.dtype} but the checkpoint stores {dtype}; "
                 "fastmoe_load casts only when asked to (allow_cast=True)"
             )
+        # Packed values (fp4 bytes, int4 in int32s), e8m0 exponents kept as bytes and zero
+        # points mean nothing as numbers of another type; shapes are plain integers.
+        castable = (dtype.is_floating_point and tensor.dtype.is_floating_point) or (
+            name.endswith("weight_shape")
+        )
+        if tensor.dtype != dtype and not castable:
+            raise self.error(
+                f"{name} has dtype {tensor.dtype} but the checkpoint stores {dtype}, values "
+                f"that a cast would not convert (packed or encoded): use a {dtype} destination"
+            )
         if tuple(tensor.shape) != shape:
             raise self.error(f"{name} has shape {tuple(tensor.shape)}, expected {shape}")
         if tensor.device.type not in ("cpu", "cuda"):
@@ -109,7 +119,7 @@ def plan_destinations(
     local_experts: Iterable[int] | None = None,
     w13_bias: torch.Tensor | None = None,
     w2_bias: torch.Tensor | None = None,
-    scales: Mapping[str, torch.Tensor] | None = None,
+    scales: Mapping[str, torch.Tensor | None] | None = None,
     allow_cast: bool = False,
     w13_interleaved: bool = False,
 ) -> list[Destination]:
@@ -128,11 +138,11 @@ def plan_destinations(
         raise request.error(
             f"intermediate size {inter} does not split into tp_size={tp_size} equal shards"
         )
+    split_error = layer.tp_split_error(tp_size)
+    if split_error is not None:  # names the tp sizes that fit; before any shape is checked
+        raise RequestError(split_error)
     experts = request.experts(layer, local_experts)
-    n, shard = len(experts), inter // tp_size
-    if shard % layer.pack:
-        # A split that cuts a pack: the plan's check names the tp sizes that fit.
-        ckpt._handle.plan(prefix, "w2", tp_rank=tp_rank, tp_size=tp_size, experts=[])
+    n = len(experts)
 
     shapes = destination_shapes(layer, n, tp_size)
     given = {"w13": w13, "w2": w2, "w13_bias": w13_bias, "w2_bias": w2_bias}
@@ -225,16 +235,16 @@ def destination_shapes(
 def _scale_destinations(
     request: _Request,
     layer: MoeLayer,
-    scales: Mapping[str, torch.Tensor] | None,
+    scales: Mapping[str, torch.Tensor | None] | None,
     shapes: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
 ) -> list[tuple[str, object, tuple[int, ...], torch.dtype]]:
-    """`(name, tensor, shape, checkpoint dtype)` of each scale destination given."""
-    if not scales:
-        return []
-    if not isinstance(scales, Mapping):
+    """`(name, tensor, shape, checkpoint dtype)` of each scale destination given. Every
+    companion of a quantized group needs one, or an explicit None: packed or fp8 weights
+    without their scales mean nothing."""
+    if scales is not None and not isinstance(scales, Mapping):
         raise request.error(f"scales must map parameter names to tensors, got {scales!r}")
     known = {k: v for k, v in shapes.items() if k not in ("w13", "w2", "w13_bias", "w2_bias")}
-    unknown = sorted(set(scales) - set(known))
+    unknown = sorted(set(scales or {}) - set(known))
     if unknown:
         what = (
             f"its scales fill {', '.join(sorted(known))}"
@@ -242,7 +252,14 @@ def _scale_destinations(
             else "the checkpoint's experts are not quantized"
         )
         raise request.error(f"no scales for {', '.join(map(str, unknown))}: {what}")
-    return [(name, tensor, *known[name]) for name, tensor in scales.items()]
+    missing = sorted(set(known) - set(scales or {}))
+    if missing:
+        raise request.error(
+            f"the experts are {layer.quantization}, and scales has no {', '.join(missing)}: "
+            "pass a destination for each (vLLM's parameter names), or None for one filled "
+            "elsewhere"
+        )
+    return [(name, t, *known[name]) for name, t in (scales or {}).items() if t is not None]
 
 
 def load_fused_moe(
@@ -256,7 +273,7 @@ def load_fused_moe(
     local_experts: Iterable[int] | None = None,
     w13_bias: torch.Tensor | None = None,
     w2_bias: torch.Tensor | None = None,
-    scales: Mapping[str, torch.Tensor] | None = None,
+    scales: Mapping[str, torch.Tensor | None] | None = None,
     allow_cast: bool = False,
     w13_interleaved: bool = False,
     staging: StagingPool | None = None,
@@ -293,6 +310,11 @@ def load_fused_moe(
     [E_local, H, I/tp/2]` uint8, `w13_weight_scale [E_local, 2*I/tp, H/32]` and
     `w2_weight_scale [E_local, H, I/tp/32]` uint8 (e8m0), biases as stored (bfloat16).
 
+    Every companion needs a destination in `scales` (or None, for one the caller fills
+    otherwise); a quantized group loaded without them is a `RequestError`. `w2_bias` is not
+    sharded: every TP rank gets it whole (vLLM adds it once, so its adapter zeroes it on TP
+    ranks other than 0).
+
     With `w13_interleaved=True`, gate and up alternate in `w13`, its bias and its per-row
     scales (row `2r` gate's row `r`, row `2r+1` up's), as vLLM's gpt-oss layers (activation
     `swigluoai`) keep them; from a checkpoint that interleaves them too (gpt-oss), each
@@ -303,6 +325,8 @@ def load_fused_moe(
     another dtype is filled through scratch memory on its device in the checkpoint's dtype,
     converted by torch's `copy_` as vLLM's own loader converts (exact from bfloat16,
     float16 and float8_e8m0fnu scales to float32 parameters; rounding where narrower).
+    Only floating-point values (and `weight_shape`'s integers) are cast; packed weights,
+    zero points and mxfp4's e8m0 bytes never are (`RequestError`).
 
     CUDA destinations are filled through pinned staging buffers (`staging`, default: the
     checkpoint's pool) with asynchronous copies; the caller's current stream sees the

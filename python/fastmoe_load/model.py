@@ -181,10 +181,11 @@ def load_model(
     and experts whole (`expert_tp_size=1`) while `ep_size` places them. Names are matched
     through transformers' own checkpoint conversion rules for transformers models.
 
-    The model ends as transformers' `from_pretrained` leaves it. Weights the model holds
-    wider than the checkpoint stores them (a float32 router over bfloat16, a model built in
-    float32) are widened exactly on the device after the transfer (`report.cast`); narrower
-    ones are refused (build the model in the checkpoint's dtype). Tied weights (tied
+    The model's weights and buffers end as transformers' `from_pretrained` leaves them (its
+    train/eval mode stays the caller's: `from_pretrained` also calls `eval()`). Weights the
+    model holds wider than the checkpoint stores them (a float32 router over bfloat16, a model
+    built in float32) are widened exactly on the device after the transfer (`report.cast`);
+    narrower ones are refused (build the model in the checkpoint's dtype). Tied weights (tied
     embeddings) take whichever of their names the checkpoint stores, and are loaded apart
     when it stores them with different values (`report.tied`, `report.untied`).
 

@@ -193,6 +193,15 @@ def load_fused_moe_layer(
     }
     destinations = {name: scratch.get(name, tensor) for name, (tensor, _) in targets.items()}
     biases = {k: destinations[k] for k in ("w13_bias", "w2_bias") if k in destinations}
+    scales: dict[str, torch.Tensor | None] = {
+        k: v for k, v in destinations.items() if k not in ("w13", "w2", *biases)
+    }
+    quantization = group.quantization
+    global_input_scales = bool(
+        quantization and quantization.companion("input_scale") and _global_input_scales(layer)
+    )
+    if global_input_scales:  # every global expert's, filled below
+        scales |= {"w13_input_scale": None, "w2_input_scale": None}
     load_fused_moe(
         ckpt,
         prefix,
@@ -201,13 +210,12 @@ def load_fused_moe_layer(
         tp_rank=tp_rank,
         tp_size=tp_size,
         local_experts=experts,
-        scales={k: v for k, v in destinations.items() if k not in ("w13", "w2", *biases)},
+        scales=scales,
         allow_cast=True,
         w13_interleaved=wants_interleaved(layer, group),
         **biases,
     )
-    quantization = group.quantization
-    if quantization and quantization.companion("input_scale") and _global_input_scales(layer):
+    if global_input_scales:
         _fill_global_input_scales(layer, group)
     with torch.no_grad():
         if "w2_bias" in destinations and tp_rank > 0:

@@ -436,7 +436,8 @@ impl MoeLayer {
 
 /// Every routed-expert group of the checkpoint, in natural prefix order (layer 2 before 10).
 /// `interleaved` overrides the gate/up interleaving of fused tensors, which is otherwise
-/// what the shards record ([`GATE_UP_METADATA_KEY`]), else taken from `model_type`; an
+/// what the shards record ([`GATE_UP_METADATA_KEY`]), else taken from `model_type`, else
+/// from the names (mxfp4 `_blocks` exist only in gpt-oss, which interleaves them); an
 /// override that contradicts the record is an error.
 pub fn detect(ckpt: &Checkpoint, interleaved: Option<bool>) -> Result<Vec<MoeLayer>> {
     let interleaved = gate_up_interleaved(ckpt, interleaved)?;
@@ -463,7 +464,9 @@ pub fn detect(ckpt: &Checkpoint, interleaved: Option<bool>) -> Result<Vec<MoeLay
     Ok(layers)
 }
 
-fn gate_up_interleaved(ckpt: &Checkpoint, requested: Option<bool>) -> Result<bool> {
+/// Whether fused gate/up tensors interleave gate and up, where the caller or the files say
+/// so or `model_type` implies it; `None` where nothing does (the names decide then).
+fn gate_up_interleaved(ckpt: &Checkpoint, requested: Option<bool>) -> Result<Option<bool>> {
     let recorded = match ckpt.recorded(GATE_UP_METADATA_KEY) {
         None => None,
         Some(("concatenated", file)) => Some((false, file)),
@@ -488,11 +491,12 @@ fn gate_up_interleaved(ckpt: &Checkpoint, requested: Option<bool>) -> Result<boo
                 if found { "interleaved" } else { "concatenated" }
             ),
         }),
-        (Some(wanted), _) => Ok(wanted),
-        (None, Some((found, _))) => Ok(found),
+        (Some(wanted), _) => Ok(Some(wanted)),
+        (None, Some((found, _))) => Ok(Some(found)),
         (None, None) => Ok(ckpt
             .model_type()
-            .is_some_and(|t| INTERLEAVED_MODEL_TYPES.contains(&t))),
+            .is_some_and(|t| INTERLEAVED_MODEL_TYPES.contains(&t))
+            .then_some(true)),
     }
 }
 
@@ -513,7 +517,7 @@ fn fused_group(
     ckpt: &Checkpoint,
     name: &str,
     gate_up: &TensorEntry,
-    interleaved: bool,
+    interleaved: Option<bool>,
 ) -> Result<Option<MoeLayer>> {
     let Some((prefix, names)) = FUSED_NAMES.iter().find_map(|names| {
         let prefix = name.strip_suffix(names.gate_up)?.strip_suffix('.')?;
@@ -522,6 +526,7 @@ fn fused_group(
         return Ok(None);
     };
     let mx = names.mx_scales.is_some();
+    let interleaved = interleaved.unwrap_or(mx);
     if gate_up.shape.len() != if mx { 4 } else { 3 } {
         return Ok(None); // a dense (non-expert) fused MLP, e.g. Phi-3's `mlp.gate_up_proj.weight`
     }
@@ -541,7 +546,7 @@ fn fused_group(
             "`{name}` {g:?} and `{down_name}` {d:?} have an empty dimension"
         )));
     }
-    let dtype = same_dtype(ckpt, prefix, &[gate_up, down])?;
+    let dtype = same_dtype(ckpt, prefix, &[(name, gate_up), (&down_name, down)])?;
     // Values one stored element holds along the input dimension, and the shapes in values.
     let pack = if mx {
         if dtype != Dtype::U8 || g[3] * 2 != MX_BLOCK || d[3] != g[3] {
@@ -590,7 +595,7 @@ fn fused_group(
                             2 * i
                         )));
                     }
-                    let dtype = same_dtype(ckpt, prefix, &[gbe, dbe])?;
+                    let dtype = same_dtype(ckpt, prefix, &[(&gb, gbe), (&db, dbe)])?;
                     (Some(gb), Some(db), Some(dtype))
                 }
                 (Some(_), None) | (None, Some(_)) => {
@@ -690,7 +695,11 @@ fn stacked_group(ckpt: &Checkpoint, name: &str, gate: &TensorEntry) -> Result<Op
             gate.shape
         )));
     }
-    let dtype = same_dtype(ckpt, prefix, &[gate, up, down])?;
+    let dtype = same_dtype(
+        ckpt,
+        prefix,
+        &[(name, gate), (&up_name, up), (&down_name, down)],
+    )?;
     let i = rows / num_experts;
     let weights = Weights {
         prefix,
@@ -720,13 +729,16 @@ fn stacked_group(ckpt: &Checkpoint, name: &str, gate: &TensorEntry) -> Result<Op
 }
 
 /// All entries (at least one) must share one dtype, and it must be sliceable per element.
-fn same_dtype(ckpt: &Checkpoint, prefix: &str, entries: &[&TensorEntry]) -> Result<Dtype> {
-    let first = entries[0].dtype;
-    if let Some(other) = entries.iter().find(|e| e.dtype != first) {
+fn same_dtype(ckpt: &Checkpoint, prefix: &str, entries: &[(&str, &TensorEntry)]) -> Result<Dtype> {
+    let (first_name, first) = (entries[0].0, entries[0].1.dtype);
+    if let Some((name, other)) = entries.iter().find(|(_, e)| e.dtype != first) {
         return Err(layout_error(
             ckpt,
             prefix,
-            format!("mixes dtypes {first} and {}", other.dtype),
+            format!(
+                "mixes dtypes: `{first_name}` is {first}, `{name}` is {}",
+                other.dtype
+            ),
         ));
     }
     if elem_bytes(first).is_none() {
@@ -909,8 +921,8 @@ fn per_expert_group(
             )));
         }
     }
-    fn entries<'c>(kinds: &[Vec<(&str, &'c TensorEntry)>]) -> Vec<&'c TensorEntry> {
-        kinds.iter().flatten().map(|&(_, e)| e).collect()
+    fn entries<'c>(kinds: &[Vec<(&'c str, &'c TensorEntry)>]) -> Vec<(&'c str, &'c TensorEntry)> {
+        kinds.iter().flatten().copied().collect()
     }
     let dtype = same_dtype(ckpt, &prefix, &entries(&found[..3]))?;
     let bias_dtype = has_bias

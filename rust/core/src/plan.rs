@@ -272,10 +272,11 @@ impl CopyPlan {
                     (Some(c), Split::Rows) => c.grid.step(true),
                     (Some(c), _) => c.grid.step(false),
                 };
-                if pairs && step != Some(1) {
+                if let (true, Some(c)) = (pairs && step != Some(1), companion) {
                     return Err(err(format!(
-                        "{target:?}: scales spanning several rows cannot be interleaved with \
-                         gate and up"
+                        "`{}`: its scales span several rows of gate and up, which cannot be \
+                         interleaved",
+                        c.tensor_names()[0]
                     )));
                 }
                 if pairs && file_pairs {

@@ -558,12 +558,13 @@ pub(crate) fn per_expert(
                 };
                 let dims = w.dims(slot);
                 let this = if kind.name == "weight_shape" {
-                    if entry.shape != [2] || entry.dtype != Dtype::I32 {
+                    // compressed-tensors writes `torch.tensor(weight.shape)`: int64 today.
+                    if entry.shape != [2] || !matches!(entry.dtype, Dtype::I32 | Dtype::I64) {
                         return Err(layout_error(
                             ckpt,
                             w.prefix,
                             format!(
-                                "`{name}` is {} {:?}; a weight_shape is I32 [2]",
+                                "`{name}` is {} {:?}; a weight_shape is I64 or I32 [2]",
                                 entry.dtype, entry.shape
                             ),
                         ));

@@ -6,7 +6,7 @@
 mod common;
 
 use common::{execute, layer, open, Tensor};
-use fastmoe_load_core::{CopyPlan, Dtype, Grid, LoadRequest, Target};
+use fastmoe_load_core::{detect, CopyPlan, Dtype, Grid, LoadRequest, Target};
 
 const PREFIX: &str = "model.layers.0.mlp.experts";
 const CONFIG: &str = r#"{"model_type": "gpt_oss", "quantization_config":
@@ -138,10 +138,13 @@ fn interleaved_plans_from_concatenated_files_alternate_rows() {
         }
         t.data = data;
     }
-    // No model_type: nothing says the fused rows are interleaved.
-    let (_dir, concatenated) = open(&tensors, Some("{}"));
-    let (_dir2, interleaved) = open(&gpt_oss(), Some(CONFIG));
-    let (from_apart, from_pairs) = (layer(&concatenated), layer(&interleaved));
+    // mxfp4 names mean interleaved unless told otherwise (the record `convert` writes, or
+    // the caller); without config.json too.
+    let (_dir, concatenated) = open(&tensors, None);
+    let (_dir2, interleaved) = open(&gpt_oss(), None);
+    let from_pairs = layer(&interleaved);
+    assert_eq!(from_pairs.format(), "fused_interleaved");
+    let from_apart = detect(&concatenated, Some(false)).unwrap().remove(0);
     assert_eq!(from_apart.format(), "fused");
     for (tp_rank, tp_size) in [(0, 1), (1, 2)] {
         let request = LoadRequest {
