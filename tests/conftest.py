@@ -273,21 +273,28 @@ def poisoned(
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
-def assert_loads_as(path, prefix: str, want: dict[str, torch.Tensor], **request) -> None:
-    """`load_fused_moe` into destinations shaped as `want` (`w13`, `w2`, the biases, the
-    scales by vLLM name), poisoned first (NaN, or 0xAB bytes where they hold integers), for
-    `request` (`tp_rank`, `tp_size`, `local_experts`, ...): every destination equals `want`
-    bit for bit, and the bytes counted are theirs (where nothing is cast)."""
+def assert_loads_as(
+    path,
+    prefix: str,
+    want: dict[str, torch.Tensor],
+    device: str = "cpu",
+    open_options: dict | None = None,
+    **request,
+) -> None:
+    """`load_fused_moe` into destinations on `device` shaped as `want` (`w13`, `w2`, the
+    biases, the scales by vLLM name), poisoned first (NaN, or 0xAB bytes where they hold
+    integers), for `request` (`tp_rank`, `tp_size`, `local_experts`, ...): every destination
+    equals `want` bit for bit, and the bytes counted are theirs (where nothing is cast)."""
     import fastmoe_load as fml
 
     got = {
-        name: poisoned(tuple(t.shape), t.dtype)
+        name: poisoned(tuple(t.shape), t.dtype, device)
         if t.is_floating_point()
-        else torch.full(t.shape, 0xAB, dtype=t.dtype)
+        else torch.full(t.shape, 0xAB, dtype=t.dtype, device=device)
         for name, t in want.items()
     }
     biases = {k: got[k] for k in ("w13_bias", "w2_bias") if k in got}
-    with fml.open(path) as ckpt:
+    with fml.open(path, **(open_options or {})) as ckpt:
         stats = fml.load_fused_moe(
             ckpt,
             prefix,
