@@ -362,3 +362,18 @@ def test_int64_weight_shape_loads(tmp_path):
     assert_loads_as(
         path, prefix(), as_vllm, tp_rank=1, tp_size=2, local_experts=[3, 1], allow_cast=True
     )
+
+
+def test_a_weight_shape_that_contradicts_its_weight_is_named(tmp_path):
+    """`weight_shape` says how many values a packed weight holds; one that disagrees with
+    the stored weight is a `LayoutError` naming it, at detection, before any load."""
+    path = int4_pack_quantized(tmp_path / "ckpt")
+    tensors = load_file(path / "model.safetensors")
+    name = f"{prefix()}.2.up_proj.weight_shape"
+    tensors[name] = torch.tensor([INTER, 2 * H], dtype=torch.int32)
+    save_file(tensors, path / "model.safetensors")
+    with fml.open(path) as ckpt, pytest.raises(fml.LayoutError) as error:
+        ckpt.moe_layers()
+    message = str(error.value)
+    assert f"`{name}` records the weight as [{INTER}, {2 * H}]" in message
+    assert f"holds [{INTER}, {H}] values" in message

@@ -530,6 +530,41 @@ fn zero_point_grid(
     Ok(grid)
 }
 
+/// A `weight_shape` must record the `[rows, cols]` (in values) of the weight it rides with:
+/// a packed weight's own shape counts stored elements, so this is what says how many values
+/// it holds.
+fn check_weight_shape(
+    ckpt: &Checkpoint,
+    w: &Weights,
+    name: &str,
+    entry: &TensorEntry,
+    (rows, cols): (usize, usize),
+) -> Result<()> {
+    let (shard, _) = ckpt.tensor(name)?;
+    let mut bytes = vec![0u8; entry.end - entry.start];
+    ckpt.shards()[shard].read_at(entry.start, &mut bytes)?;
+    let width = bytes.len() / 2;
+    let recorded: Vec<i64> = bytes
+        .chunks_exact(width)
+        .map(|b| match *b {
+            [a, b, c, d] => i64::from(i32::from_le_bytes([a, b, c, d])),
+            _ => i64::from_le_bytes(b.try_into().expect("8 bytes of an I64")),
+        })
+        .collect();
+    let expected = [rows as i64, cols as i64];
+    if recorded != expected {
+        return Err(layout_error(
+            ckpt,
+            w.prefix,
+            format!(
+                "`{name}` records the weight as {recorded:?}, but its weight holds {expected:?} \
+                 values"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The quantization of a per-expert group from the companions found beside its weights.
 pub(crate) fn per_expert(
     ckpt: &Checkpoint,
@@ -569,6 +604,7 @@ pub(crate) fn per_expert(
                             ),
                         ));
                     }
+                    check_weight_shape(ckpt, w, name, entry, dims)?;
                     Grid::Whole(2)
                 } else if kind.name == "weight_zero_point" {
                     zero_point_grid(ckpt, w, config.as_ref(), name, entry, dims)?
