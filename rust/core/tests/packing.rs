@@ -110,8 +110,8 @@ const NVFP4: [Kind; 4] = [
 const NVFP4_CONFIG: &str = r#"{"quantization_config": {"quant_method": "modelopt",
     "quant_algo": "NVFP4", "group_size": 16, "exclude_modules": ["lm_head"]}}"#;
 
-/// compressed-tensors int4 of `group`-value groups; `weight_shape` is `[rows, cols]` in the
-/// files, but any distinct int32 pair checks the slicing as well.
+/// compressed-tensors int4 of `group`-value groups; `weight_shape` is written as the
+/// weight's `[rows, cols]` by `int4_files`.
 fn int4(group: usize, zero_points: bool) -> Vec<Kind> {
     let scale_shape: fn(usize, usize) -> Option<(usize, usize)> = match group {
         32 => |r, c| Some((r, c / 32)),
@@ -154,14 +154,28 @@ fn int4(group: usize, zero_points: bool) -> Vec<Kind> {
 
 fn int4_files(group: usize, zero_points: bool) -> Vec<Tensor> {
     let mut tensors = per_expert(&int4(group, zero_points));
-    // `weight_shape` is one-dimensional in the files.
+    // `weight_shape` is one-dimensional in the files, and records the weight's values.
     for t in tensors
         .iter_mut()
         .filter(|t| t.name.ends_with(".weight_shape"))
     {
         t.shape = vec![2];
+        t.data = weight_shape(t.name.contains(".down_proj."));
     }
     tensors
+}
+
+/// The bytes of the int32 `[rows, cols]` of gate/up or (`down`) down.
+fn weight_shape(down: bool) -> Vec<u8> {
+    let (rows, cols) = if down {
+        (HIDDEN, INTER)
+    } else {
+        (INTER, HIDDEN)
+    };
+    [rows as i32, cols as i32]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect()
 }
 
 fn int4_config(group: usize, symmetric: bool) -> String {
@@ -334,12 +348,14 @@ fn int4_weights_hold_eight_values_an_int32() {
         w2(1, h, rank * shard / 32..(rank + 1) * shard / 32, 2)
     );
     // vLLM keeps one `weight_shape` per expert for gate and up: the up projection's.
-    let up_shapes: Vec<u8> = LOCAL
-        .iter()
-        .flat_map(|&e| rect(2, 1, e, 0..1, 0..2, 4))
-        .collect();
-    assert_eq!(load(Target::W13Companion("weight_shape")), up_shapes);
-    assert_eq!(load(Target::W2Companion("weight_shape")), w2(2, 1, 0..2, 4));
+    let shapes = |down| {
+        LOCAL
+            .iter()
+            .flat_map(|_| weight_shape(down))
+            .collect::<Vec<u8>>()
+    };
+    assert_eq!(load(Target::W13Companion("weight_shape")), shapes(false));
+    assert_eq!(load(Target::W2Companion("weight_shape")), shapes(true));
 }
 
 #[test]
