@@ -80,6 +80,19 @@ def gpt_oss_options() -> dict:
     return {"has_bias": True, "activation": "swigluoai", "routed_experts_cls": GptOssRoutedExperts}
 
 
+def load_both(theirs, ours, path, prefix: str) -> dict[str, torch.Tensor]:
+    """Loads the experts at `prefix` into `theirs` by vLLM's own `load_weights` and into
+    `ours` by the adapter, which consumes exactly the group's tensors; returns vLLM's
+    parameters by name."""
+    with fml.open(path) as ckpt:
+        names = [n for n in ckpt.keys() if n.startswith(prefix + ".")]
+        weights = ((n[len(prefix) + 1 :], ckpt.tensor(n)) for n in names)
+        assert set(theirs.load_weights(weights))
+        consumed = load_fused_moe_layer(ours, ckpt, prefix)
+    assert sorted(consumed) == sorted(names)
+    return dict(theirs.routed_experts.named_parameters())
+
+
 def assert_same_parameters(ours, theirs: dict[str, torch.Tensor]) -> None:
     """Every parameter of `ours` (a runner) equals vLLM's loading of the same one in
     `theirs`, bit for bit, and vLLM loaded each (none left all poison)."""
@@ -177,13 +190,7 @@ def test_fp8_layers_match_vllm_load_weights(
     name = prefix.removesuffix(".experts")
     theirs = build(tp_size, rank, ep, name, quant_config_of(path), sizes)
     ours = build(tp_size, rank, ep, name, quant_config_of(path), sizes)
-    with fml.open(path) as ckpt:
-        names = [n for n in ckpt.keys() if n.startswith(prefix + ".")]
-        weights = ((n[len(prefix) + 1 :], ckpt.tensor(n)) for n in names)
-        assert set(theirs.load_weights(weights))
-        consumed = load_fused_moe_layer(ours, ckpt, prefix)
-    assert sorted(consumed) == sorted(names)
-    params = dict(theirs.routed_experts.named_parameters())
+    params = load_both(theirs, ours, path, prefix)
     assert any("scale" in p for p in params), params
     assert_same_parameters(ours, params)
 
@@ -258,13 +265,7 @@ def test_nvfp4_layers_match_vllm_load_weights(
     with mock.patch.object(modelopt, "select_nvfp4_moe_backend", lambda **_: chosen):
         theirs = build(tp_size, rank, ep, name, config, sizes)
         ours = build(tp_size, rank, ep, name, config, sizes)
-    with fml.open(path) as ckpt:
-        names = [n for n in ckpt.keys() if n.startswith(prefix + ".")]
-        weights = ((n[len(prefix) + 1 :], ckpt.tensor(n)) for n in names)
-        assert set(theirs.load_weights(weights))
-        consumed = load_fused_moe_layer(ours, ckpt, prefix)
-    assert sorted(consumed) == sorted(names)
-    params = dict(theirs.routed_experts.named_parameters())
+    params = load_both(theirs, ours, path, prefix)
     assert {"w13_weight_scale_2", "w13_input_scale", "w2_weight_scale"} <= set(params), params
     if backend == "FLASHINFER_CUTLASS":
         assert params["w13_input_scale"].shape[0] == test_nvfp4.E  # every global expert
@@ -304,13 +305,7 @@ def test_int4_layers_match_vllm_load_weights(
     with mock.patch.object(wna16, "select_wna16_moe_backend", lambda **_: chosen):
         theirs = build(tp_size, rank, ep, name, quant_config_of(path), sizes)
         ours = build(tp_size, rank, ep, name, quant_config_of(path), sizes)
-    with fml.open(path) as ckpt:
-        names = [n for n in ckpt.keys() if n.startswith(prefix + ".")]
-        weights = ((n[len(prefix) + 1 :], ckpt.tensor(n)) for n in names)
-        assert set(theirs.load_weights(weights))
-        consumed = load_fused_moe_layer(ours, ckpt, prefix)
-    assert sorted(consumed) == sorted(names)
-    params = dict(theirs.routed_experts.named_parameters())
+    params = load_both(theirs, ours, path, prefix)
     expected_params = {"w13_weight_packed", "w13_weight_scale", "w2_weight_shape"}
     if not symmetric:
         expected_params |= {"w13_weight_zero_point", "w2_weight_zero_point"}

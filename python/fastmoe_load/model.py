@@ -879,7 +879,9 @@ def _fill_rearranged(
     return stats.bytes
 
 
-def _dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype):
+def _dequantize_mxfp4(
+    blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
     """`[E, rows, cols/2]` mxfp4 bytes with their e8m0 `[E, rows, cols/32]` scales as
     `[E, rows, cols]` values of `dtype`, by transformers' own conversion (which returns them
     transposed)."""

@@ -145,13 +145,6 @@ def tensor_parallel(layer: Any) -> tuple[int, int]:
     return int(parallel.tp_rank), int(parallel.tp_size)
 
 
-def padded(layer: Any, group: MoeLayer) -> bool:
-    """Whether the layer's parameters are larger than the checkpoint's values for its rank
-    (vLLM rounds sizes up for some kernels); raises nothing, fills nothing."""
-    layer = getattr(layer, "routed_experts", layer)
-    return any(tuple(t.shape) != shape for t, shape in destinations_of(layer, group).values())
-
-
 def destinations_of(layer: Any, group: MoeLayer) -> dict[str, tuple[torch.Tensor, tuple[int, ...]]]:
     """The layer's parameter for each destination `load_fused_moe` fills, with the shape of
     the values it takes there."""

@@ -77,7 +77,6 @@ from .checkpoint import open as open_checkpoint
 from .vllm import (
     destinations_of,
     load_fused_moe_layer,
-    padded,
     scale_parameters,
     tensor_parallel,
     weight_parameters,
@@ -212,11 +211,12 @@ def fillable(module: torch.nn.Module, group: MoeLayer) -> bool:
             return False
     if group.tp_split_error(tensor_parallel(module)[1]) is not None:
         return False
-    if not padded(module, group):
+    targets = destinations_of(module, group).values()
+    if all(tuple(t.shape) == shape for t, shape in targets):
         return True
     fits = all(
         len(t.shape) == len(shape) and all(a >= b for a, b in zip(t.shape, shape, strict=True))
-        for t, shape in destinations_of(module, group).values()
+        for t, shape in targets
     )
     # Checked against vLLM's own gpt-oss mxfp4 loading; its bf16 path narrows padded
     # parameters otherwise, and is left to it.
