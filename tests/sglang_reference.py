@@ -1,7 +1,7 @@
-"""SGLang 0.5.23's expert loading, re-implemented for the tests of `fastmoe_load.sglang`
+"""SGLang 0.5.23's expert loading, re-implemented for the tests of `fastmoe_load.engines.sglang`
 where SGLang's own layers cannot be built (see `test_sglang.py`).
 
-`ReferenceFusedMoE` keeps the attributes `fastmoe_load.sglang` reads, named and set as
+`ReferenceFusedMoE` keeps the attributes `fastmoe_load.engines.sglang` reads, named and set as
 `sglang.srt.layers.moe.fused_moe_triton.layer.FusedMoE.__init__` sets them, and copies the
 code path that fills unquantized weights on a GPU (not padded, not pre-sharded, no
 triton-kernels or FlashInfer TRT-LLM layouts): `weight_loader` (expert placement through
@@ -22,7 +22,7 @@ import torch
 
 
 class UnquantizedFusedMoEMethod:
-    """Stands for SGLang's class of that name (`fastmoe_load.sglang` checks the name)."""
+    """Stands for SGLang's class of that name (`fastmoe_load.engines.sglang` checks the name)."""
 
 
 class ExpertLocation:

@@ -25,7 +25,7 @@ import pytest
 import torch
 from conftest import assert_bitwise_equal, build_model, reference_experts
 from fastmoe_load.cli import main
-from fastmoe_load.inspect import describe_experts
+from fastmoe_load.cli.inspect import describe_experts
 from safetensors import safe_open
 
 transformers = pytest.importorskip("transformers")

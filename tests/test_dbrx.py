@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import assert_bitwise_equal, poisoned
 from fastmoe_load.cli import main
-from fastmoe_load.convert import convert
+from fastmoe_load.cli.convert import convert
 from safetensors.torch import save_file
 
 E, H, INTER = 4, 128, 64

@@ -272,7 +272,7 @@ def test_without_config_the_bits_are_unknown(tmp_path):
 
 
 def test_convert_refuses_to_fuse(checkpoint, asymmetric, tmp_path):
-    from fastmoe_load.convert import convert
+    from fastmoe_load.cli.convert import convert
 
     with pytest.raises(fml.RequestError, match="weight_scale, weight_shape beside their weights"):
         convert(checkpoint, tmp_path / "fused", to="fused")
@@ -286,7 +286,7 @@ def test_convert_refuses_to_fuse(checkpoint, asymmetric, tmp_path):
 
 def test_convert_per_expert_carries_zero_points(asymmetric, tmp_path):
     """Rewritten per expert, every tensor comes back as stored, zero points included."""
-    from fastmoe_load.convert import convert
+    from fastmoe_load.cli.convert import convert
 
     convert(asymmetric, tmp_path / "out", to="per_expert")
     before = load_file(asymmetric / "model.safetensors")

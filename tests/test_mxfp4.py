@@ -272,7 +272,7 @@ def test_inspect_names_the_scheme(checkpoint, capsys):
 def test_convert_refuses_mxfp4_before_writing(checkpoint, tmp_path):
     """transformers keeps gpt-oss' mxfp4 experts as released: there is nothing to convert
     them to, and the refusal comes before anything is written."""
-    from fastmoe_load.convert import convert
+    from fastmoe_load.cli.convert import convert
 
     for to in ("per_expert", "fused"):
         with pytest.raises(fml.RequestError, match="mxfp4"):

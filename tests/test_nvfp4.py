@@ -203,7 +203,7 @@ def test_inspect_names_the_scheme(checkpoint, capsys):
 def test_convert_refuses_to_fuse_and_keeps_per_expert(checkpoint, tmp_path):
     """transformers has no fused NVFP4 experts: fusing is refused before anything is written;
     to per_expert the groups are copied unchanged, scales included, and load the same."""
-    from fastmoe_load.convert import convert
+    from fastmoe_load.cli.convert import convert
 
     with pytest.raises(fml.RequestError, match="weight_scale, weight_scale_2 beside their weights"):
         convert(checkpoint, tmp_path / "fused", to="fused")

@@ -16,8 +16,8 @@ PACKAGE = ROOT / "python" / "fastmoe_load"
 # Imported only where they are used, and only by the parts that need them.
 OPTIONAL = {
     "transformers": "load_model's checkpoint name rules, bench --model",
-    "vllm": "fastmoe_load.vllm and the load_format='fastmoe' model loader",
-    "sglang": "fastmoe_load.sglang_loader, the SGLang model loader",
+    "vllm": "fastmoe_load.engines.vllm_loader, the load_format='fastmoe' model loader",
+    "sglang": "fastmoe_load.engines.sglang_loader, the SGLang model loader",
     **dict.fromkeys(
         ["instanttensor", "fastsafetensors", "runai_model_streamer"],
         "the peers bench compares on a GPU, where installed",

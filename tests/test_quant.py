@@ -419,7 +419,7 @@ def test_inspect_names_the_scheme_and_counts_scale_bytes(tmp_path):
 
 
 def test_convert_carries_block_scales_both_ways(tmp_path):
-    from fastmoe_load.convert import convert
+    from fastmoe_load.cli.convert import convert
 
     source = per_expert_block(tmp_path / "ds", torch.float32, "deepseek_v3")
     convert(source, tmp_path / "fused", to="fused", progress=False)
@@ -446,7 +446,7 @@ def test_convert_carries_block_scales_both_ways(tmp_path):
 
 
 def test_convert_refuses_scales_without_a_fused_form(tmp_path):
-    from fastmoe_load.convert import convert
+    from fastmoe_load.cli.convert import convert
 
     source = compressed_tensors(tmp_path / "ct", "tensor")
     with pytest.raises(

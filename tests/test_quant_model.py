@@ -135,7 +135,7 @@ def test_transformers_fused_fp8_save_loads_the_same(deepseek_fp8, tmp_path):
 
 
 def test_convert_output_loads_in_transformers(deepseek_fp8, tmp_path):
-    from fastmoe_load.convert import convert
+    from fastmoe_load.cli.convert import convert
 
     convert(deepseek_fp8, tmp_path / "fused", to="fused", progress=False)
     assert_same_state(from_pretrained(tmp_path / "fused"), from_pretrained(deepseek_fp8))

@@ -1,4 +1,4 @@
-"""The SGLang adapter (`fastmoe_load.sglang`) against SGLang 0.5.23's own expert loading,
+"""The SGLang adapter (`fastmoe_load.engines.sglang`) against SGLang 0.5.23's own expert loading,
 bit for bit: TP ranks, EP ranks, redundant experts placed by expert-location metadata,
 fused shared-expert slots, per-expert and fused checkpoints (Qwen3-MoE, Mixtral, DeepSeek-V3,
 gpt-oss with its interleaved rows and float32 biases).
@@ -27,7 +27,7 @@ import fastmoe_load as fml
 import pytest
 import torch
 from conftest import bits
-from fastmoe_load.sglang import fill_expert_layer, fill_expert_layers, logical_experts
+from fastmoe_load.engines.sglang import fill_expert_layer, fill_expert_layers, logical_experts
 from sglang_reference import ExpertLocation, ReferenceFusedMoE, load_like_sglang
 
 E = 5  # conftest's families have 5 routed experts
@@ -267,7 +267,7 @@ def test_sglang_model_loader(saved_models, tmp_path) -> None:
     experts (SGLang's own FusedMoE layers) and hands every other tensor, and only those, to
     the model's `load_weights`, then SGLang's post-load processing."""
     pytest.importorskip("sglang.srt.layers.moe.fused_moe_triton.layer")
-    from fastmoe_load.sglang_loader import FastMoeModelLoader
+    from fastmoe_load.engines.sglang_loader import FastMoeModelLoader
     from sglang.srt.configs.load_config import LoadConfig
     from sglang.srt.model_loader.loader import get_model_loader
 

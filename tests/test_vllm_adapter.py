@@ -1,6 +1,7 @@
-"""`fastmoe_load.vllm.load_fused_moe_layer` against re-implementations of vLLM's own loading:
-`FusedMoE.weight_loader` (through the seed path) for concatenated layouts, with expert maps
-and EPLB replicas, and vLLM's gpt-oss loader for interleaved experts with biases."""
+"""`fastmoe_load.engines.vllm.load_fused_moe_layer` against re-implementations of vLLM's
+own loading: `FusedMoE.weight_loader` (through the seed path) for concatenated layouts, with
+expert maps and EPLB replicas, and vLLM's gpt-oss loader for interleaved experts with
+biases."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 from conftest import assert_bitwise_equal, poisoned
 from fastmoe_load.bench.seed import seed_load
-from fastmoe_load.vllm import load_fused_moe_layer, local_experts_of
+from fastmoe_load.engines.vllm import load_fused_moe_layer, local_experts_of
 from safetensors import safe_open
 
 
@@ -101,7 +102,7 @@ def test_interleaving_is_the_layers_whatever_the_files_hold(saved_models, tmp_pa
     """gpt-oss rewritten with gate and up concatenated (recorded in its shards) fills a
     `swigluoai` layer exactly as the original interleaved files do; a layer whose activation
     wants gate rows then up rows gets them from either."""
-    from fastmoe_load.convert import convert
+    from fastmoe_load.cli.convert import convert
 
     tp_rank, tp_size = tp
     saved = saved_models["gpt_oss", False]

@@ -18,7 +18,7 @@ vllm = pytest.importorskip("vllm")
 
 import fastmoe_load as fml  # noqa: E402
 from conftest import FAMILIES, bits, build_model  # noqa: E402
-from fastmoe_load import vllm_loader  # noqa: E402
+from fastmoe_load.engines import vllm_loader  # noqa: E402
 
 # vLLM's CPU MoE kernels want hidden and intermediate sizes that are multiples of 32, and do
 # not pad gpt-oss's intermediate size, so these models are wider than conftest's.

@@ -1,6 +1,6 @@
 """The vLLM adapter against vLLM itself: a `FusedMoE` layer (vLLM >= 0.33, built on the CPU)
-filled by its own `load_weights` and by `fastmoe_load.vllm.load_fused_moe_layer` from the same
-checkpoint, bit for bit, for TP=1, TP rank 1 of 2 and EP rank 1 of 2, per-expert and fused
+filled by its own `load_weights` and by `fastmoe_load.engines.vllm.load_fused_moe_layer` from
+the same checkpoint, bit for bit, for TP=1, TP rank 1 of 2 and EP rank 1 of 2, per-expert and fused
 checkpoints. Skipped where vLLM is not installed (it is not a test dependency: it pins its
 own torch)."""
 
@@ -17,7 +17,7 @@ os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 vllm = pytest.importorskip("vllm")
 
 import fastmoe_load as fml  # noqa: E402
-from fastmoe_load.vllm import load_fused_moe_layer  # noqa: E402
+from fastmoe_load.engines.vllm import load_fused_moe_layer  # noqa: E402
 
 E, TOP_K, H, INTER = 8, 2, 64, 32
 PREFIX = "model.layers.0.mlp.experts"
@@ -382,7 +382,7 @@ def test_mxfp4_split_off_the_blocks_is_left_to_vllm(vllm_process_groups, tmp_pat
     from unittest import mock
 
     import test_mxfp4
-    from fastmoe_load.vllm_loader import fillable
+    from fastmoe_load.engines.vllm import describe
     from vllm.model_executor.layers.fused_moe.oracle.mxfp4 import Mxfp4MoeBackend
     from vllm.model_executor.layers.quantization import mxfp4
 
@@ -396,6 +396,6 @@ def test_mxfp4_split_off_the_blocks_is_left_to_vllm(vllm_process_groups, tmp_pat
     with fml.open(path) as ckpt:
         group = ckpt.experts(test_mxfp4.prefix())
         assert group.intermediate_size == 96
-        assert not fillable(runner.routed_experts, group)
+        assert describe(runner, ckpt, group.prefix).unfillable() is not None
         with pytest.raises(fml.RequestError, match="tp_size that fit: 1, 3"):
             load_fused_moe_layer(runner, ckpt, test_mxfp4.prefix())

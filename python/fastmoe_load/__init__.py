@@ -19,9 +19,9 @@ from ._fastmoe_load import (
 )
 from .checkpoint import Checkpoint, MoeLayer, UnsupportedGroup, UnsupportedWarning, open
 from .loader import LoadStats, destination_shapes, load_fused_moe
-from .model import LoadWarning, ModelLoadReport, load_model
 from .placement import expert_placement
 from .staging import StagingPool
+from .transformers import LoadWarning, ModelLoadReport, load_model
 
 __all__ = [
     "Checkpoint",

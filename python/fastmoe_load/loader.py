@@ -8,12 +8,11 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _fastmoe_load as native
 from ._fastmoe_load import RequestError
 from ._validate import as_index
 from .checkpoint import Checkpoint, MoeLayer
 from .progress import Progress, execute_with_progress
-from .staging import StagingPool
+from .staging import Destination, StagingPool
 
 
 @dataclass(frozen=True)
@@ -31,22 +30,6 @@ class LoadStats:
 
 # GPU scratch for transposed expert tensors: bytes of stored rows transposed at a time.
 TRANSPOSE_SCRATCH_BYTES = 128 << 20
-
-
-@dataclass(frozen=True)
-class Destination:
-    """One parameter to fill and the plan that fills it. A plan in the stored order of a
-    transposed group (`stored` = "w13", "w13_pairs" or "w2", see `_transpose_stored`)
-    lands in scratch memory on the destination's device and is transposed there; so does a
-    plan whose bytes are of another dtype (`cast_from`, the checkpoint's), converted there."""
-
-    name: str
-    tensor: torch.Tensor
-    plan: native.CopyPlan
-    stored: str | None = None
-    cast_from: torch.dtype | None = None
-    # gate and up rows alternate in the destination (a stored-order w13 only).
-    interleaved: bool = False
 
 
 class _Request:

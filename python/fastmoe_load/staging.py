@@ -12,15 +12,13 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from . import _fastmoe_load as native
 from ._fastmoe_load import RequestError
-
-if TYPE_CHECKING:
-    from .loader import Destination
-    from .progress import Progress
+from .progress import Progress
 
 # Plans cut their work into operations of at most 1 MiB; a window holds at least one.
 MIN_BUFFER_BYTES = 1 << 20
@@ -30,6 +28,22 @@ DEFAULT_BUFFER_COUNT = 6
 
 # Windows that share a buffer start on this boundary, which transfers prefer.
 _ALIGN = 512
+
+
+@dataclass(frozen=True)
+class Destination:
+    """One parameter to fill and the plan that fills it. A plan in the stored order of a
+    transposed group (`stored` = "w13", "w13_pairs" or "w2", see `loader._transpose_stored`)
+    lands in scratch memory on the destination's device and is transposed there; so does a
+    plan whose bytes are of another dtype (`cast_from`, the checkpoint's), converted there."""
+
+    name: str
+    tensor: torch.Tensor
+    plan: native.CopyPlan
+    stored: str | None = None
+    cast_from: torch.dtype | None = None
+    # gate and up rows alternate in the destination (a stored-order w13 only).
+    interleaved: bool = False
 
 
 @dataclass

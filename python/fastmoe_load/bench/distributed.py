@@ -45,10 +45,10 @@ from safetensors import safe_open
 import fastmoe_load as fml
 from fastmoe_load import FastMoeLoadError
 
-from ..cli import OneLineParser, check_device, positive_int
+from .._command_line import OneLineParser, check_device, positive_int
 from .generate import Shape, check_dir, default_dir, generate
+from .harness import drop_page_cache
 from .model_run import save_random_model
-from .run import drop_page_cache
 
 
 def _read_bytes() -> int:

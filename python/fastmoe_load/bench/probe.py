@@ -4,16 +4,14 @@ alone, beside the whole pipeline (`bench --explore`)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 
 import fastmoe_load as fml
-from fastmoe_load.loader import plan_destinations
-from fastmoe_load.staging import DEFAULT_BUFFER_BYTES, DEFAULT_BUFFER_COUNT
 
-if TYPE_CHECKING:
-    from .run import Bench, Case
+from ..loader import plan_destinations
+from ..staging import DEFAULT_BUFFER_BYTES, DEFAULT_BUFFER_COUNT
+from .harness import Bench, Case
 
 Load = Callable[[list[tuple[torch.Tensor, torch.Tensor]]], int]
 

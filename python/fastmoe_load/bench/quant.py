@@ -48,7 +48,7 @@ from .generate import (
     prepare,
     remove,
 )
-from .run import Bench, Case, Row, describe_machine, legend
+from .harness import Bench, Case, Row, describe_machine, legend
 
 FP8 = torch.float8_e4m3fn
 BLOCK = 128

@@ -14,36 +14,11 @@ import os
 import sys
 import warnings
 from collections.abc import Iterator
-from typing import NoReturn
 
-from ._fastmoe_load import FastMoeLoadError, RequestError
+from .._fastmoe_load import FastMoeLoadError, RequestError
+from .._command_line import OneLineParser, check_device, device_choice, positive_int
 
 PROG = "python -m fastmoe_load"
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An argument parser whose mistakes end in one `error: ...` line."""
-
-    def error(self, message: str) -> NoReturn:
-        # One line, like every other user mistake, instead of argparse's usage block.
-        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
-
-
-def _device(text: str) -> str:
-    kind, _, index = text.partition(":")
-    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
-        raise argparse.ArgumentTypeError(f"use cpu or cuda[:N], not {text!r}")
-    return text
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
-    return value
 
 
 def _size(text: str) -> int:
@@ -133,7 +108,9 @@ def _parser() -> argparse.ArgumentParser:
         "checkpoint is kept under $TMPDIR (else /tmp) for later runs, which reuse it while "
         "the shape matches; --clean removes it after the run.",
     )
-    bench.add_argument("--device", default="cpu", type=_device, help="cpu (default) or cuda[:N]")
+    bench.add_argument(
+        "--device", default="cpu", type=device_choice, help="cpu (default) or cuda[:N]"
+    )
     bench.add_argument(
         "--layers",
         type=positive_int,
@@ -223,8 +200,8 @@ def _logging_to_stderr(verbose: bool) -> Iterator[None]:
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    from .checkpoint import UnsupportedWarning
-    from .checkpoint import open as open_checkpoint
+    from ..checkpoint import UnsupportedWarning
+    from ..checkpoint import open as open_checkpoint
     from .inspect import format_report, inspect_checkpoint
 
     with (
@@ -281,7 +258,7 @@ def _bench(args: argparse.Namespace) -> None:
             raise RequestError(
                 "bench --model needs transformers: pip install 'transformers>=5'"
             ) from None
-        from .bench.model_run import main as bench_model
+        from ..bench.model_run import main as bench_model
 
         bench_model(args.device, args.layers or 2, args.dir, args.repeats, args.clean)
         return
@@ -289,7 +266,7 @@ def _bench(args: argparse.Namespace) -> None:
         given = [f"--{name}" for name in ("explore", "cold", "transposed") if getattr(args, name)]
         if given:
             raise RequestError(f"{', '.join(given)} do not apply to bench --quant")
-        from .bench.quant import main as bench_quant
+        from ..bench.quant import main as bench_quant
 
         bench_quant(
             args.device,
@@ -304,7 +281,7 @@ def _bench(args: argparse.Namespace) -> None:
             args.quant,
         )
         return
-    from .bench.run import main as bench
+    from ..bench.run import main as bench
 
     bench(
         args.device,
@@ -320,24 +297,6 @@ def _bench(args: argparse.Namespace) -> None:
         args.hidden,
         args.intermediate,
     )
-
-
-def check_device(device: str) -> None:
-    """Raises `RequestError` for a CUDA device (`cuda[:N]`) this machine does not have."""
-    if not device.startswith("cuda"):
-        return
-    import torch
-
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    index = int(device.partition(":")[2] or 0)
-    if count == 0:
-        why = "torch was built without CUDA" if torch.version.cuda is None else "no GPU is visible"
-        raise RequestError(f"--device {device}: no CUDA device here ({why}); use --device cpu")
-    if index >= count:
-        raise RequestError(
-            f"--device {device}: there {'is' if count == 1 else 'are'} only {count} CUDA "
-            f"device{'s' if count > 1 else ''} (cuda:0 to cuda:{count - 1})"
-        )
 
 
 def main(argv: list[str] | None = None) -> int:

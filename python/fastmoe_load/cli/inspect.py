@@ -13,9 +13,9 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .checkpoint import Checkpoint, MoeLayer, UnsupportedWarning
-from .placement import Strategy, expert_placement
-from .progress import format_bytes
+from ..checkpoint import Checkpoint, MoeLayer, UnsupportedWarning
+from ..placement import Strategy, expert_placement
+from ..progress import format_bytes
 
 logger = logging.getLogger(__name__)
 

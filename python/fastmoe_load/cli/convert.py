@@ -58,12 +58,12 @@ from typing import Literal
 
 import torch
 
-from . import _fastmoe_load as native
-from ._fastmoe_load import RequestError
-from .checkpoint import _DTYPES, Checkpoint, MoeLayer
-from .checkpoint import open as open_checkpoint
-from .loader import load_fused_moe
-from .progress import Progress, format_bytes
+from .. import _fastmoe_load as native
+from .._fastmoe_load import RequestError
+from ..checkpoint import _DTYPES, Checkpoint, MoeLayer
+from ..checkpoint import open as open_checkpoint
+from ..loader import load_fused_moe
+from ..progress import Progress, format_bytes
 
 logger = logging.getLogger(__name__)
 

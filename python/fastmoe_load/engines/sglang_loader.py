@@ -1,0 +1,109 @@
+"""An SGLang model loader: routed experts go straight from the checkpoint into SGLang's
+`FusedMoE` parameters (each rank reads only its TP slice and its own experts, fused or
+per-expert files alike); every other tensor goes through the model's own `load_weights`, as
+with SGLang's default loader.
+
+Turning it on. SGLang takes a loader class as `load_format` (its `get_model_loader` builds
+`load_format(load_config)` for any class it is given); the class pickles by name, so it
+reaches SGLang's scheduler processes too:
+
+    import sglang
+    from fastmoe_load.engines.sglang_loader import FastMoeModelLoader
+    engine = sglang.Engine(model_path="path/or/repo", load_format=FastMoeModelLoader)
+
+(`--load-format` on SGLang's command line takes only its own names.)
+`model_loader_extra_config` may carry `num_threads`, `io` and `prefetch`, passed to
+`fastmoe_load.open`.
+
+What it relies on in SGLang (0.5.23): `DefaultModelLoader.initialize_model_for_startup`
+(builds the model on the target device) and `load_weights_and_postprocess` (the model's
+`load_weights`, then each quantization method's `process_weights_after_loading`);
+`get_global_expert_location_metadata()`; `weight_utils.download_weights_from_hf`;
+`model_config.model_path`, `.revision`, `.dtype`; `load_config.download_dir`,
+`.ignore_patterns`, `.model_loader_extra_config`; and, for the expert layers, what
+`fastmoe_load.engines.sglang` lists.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import torch
+from sglang.srt.configs.device_config import DeviceConfig
+from sglang.srt.configs.load_config import LoadConfig
+from sglang.srt.configs.model_config import ModelConfig
+from sglang.srt.eplb.expert_location import get_global_expert_location_metadata
+from sglang.srt.model_loader.loader import DefaultModelLoader
+from sglang.srt.model_loader.utils import set_default_torch_dtype
+from sglang.srt.model_loader.weight_utils import download_weights_from_hf
+
+from .._fastmoe_load import RequestError
+from .._validate import CHECKPOINT_FILES, open_options
+from ..checkpoint import open as open_checkpoint
+from .sglang import fill_expert_layers
+
+logger = logging.getLogger("fastmoe_load")
+
+
+class FastMoeModelLoader(DefaultModelLoader):
+    """Loads a safetensors checkpoint: routed experts through `fastmoe_load`, the rest
+    through the model's own `load_weights`."""
+
+    def __init__(self, load_config: LoadConfig) -> None:
+        # DefaultModelLoader.__init__ checks the extra config against its own options.
+        self.load_config = load_config
+        self.open_options: dict[str, Any] = open_options(
+            load_config.model_loader_extra_config, type(self).__name__
+        )
+
+    def checkpoint_dir(self, model_config: ModelConfig) -> str:
+        """The local checkpoint directory, downloaded first for a Hub model id."""
+        if os.path.isdir(model_config.model_path):
+            return model_config.model_path
+        return download_weights_from_hf(
+            model_config.model_path,
+            self.load_config.download_dir,
+            CHECKPOINT_FILES,
+            model_config.revision,
+            ignore_patterns=self.load_config.ignore_patterns,
+        )
+
+    def download_model(self, model_config: ModelConfig) -> None:
+        self.checkpoint_dir(model_config)
+
+    def load_model(
+        self, *, model_config: ModelConfig, device_config: DeviceConfig
+    ) -> torch.nn.Module:
+        path = self.checkpoint_dir(model_config)
+        model = self.initialize_model_for_startup(
+            model_config=model_config, device_config=device_config
+        )
+        if getattr(model, "secondary_weights", ()):
+            raise RequestError(
+                f"{type(model).__name__} loads weights from several sources "
+                f"(secondary_weights); {type(self).__name__} reads one checkpoint"
+            )
+        with open_checkpoint(path, **self.open_options) as ckpt:
+            start = time.perf_counter()
+            consumed = fill_expert_layers(model, ckpt, get_global_expert_location_metadata())
+            experts_done = time.perf_counter()
+            remaining = [name for name in ckpt.keys() if name not in consumed]
+            with set_default_torch_dtype(model_config.dtype):
+                self.load_weights_and_postprocess(
+                    model,
+                    ((name, ckpt.tensor(name)) for name in remaining),
+                    torch.device(device_config.device),
+                )
+        self.counter_after_loading_weights = time.perf_counter()
+        logger.info(
+            "%s: experts filled in %.2f s, %d other tensors loaded by %s in %.2f s",
+            path,
+            experts_done - start,
+            len(remaining),
+            type(model).__name__,
+            self.counter_after_loading_weights - experts_done,
+        )
+        return model.eval()

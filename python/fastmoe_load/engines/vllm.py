@@ -1,0 +1,230 @@
+"""vLLM's `FusedMoE` layers as `ExpertLayerSpec`s (`engines.spec`), and filling them.
+
+`describe(layer, ckpt, prefix)` reads what a vLLM `FusedMoE` layer knows about itself;
+`load_fused_moe_layer(layer, ckpt, prefix)` fills its parameters through the shared filler,
+so that an engine's own `load_weights` only handles the names this returns. The layer is
+vLLM's `FusedMoE`, or, from vLLM 0.33 on, the `MoERunner` that `FusedMoEFactory` builds
+(whose experts are its `routed_experts`). It relies on these attributes of the experts
+module:
+
+- `w13_weight [E_local, 2*I/tp, H]`, `w2_weight [E_local, H, I/tp]` (named
+  `w13_weight_packed`, `w2_weight_packed` by compressed-tensors' `WNA16` method, int32 of
+  eight int4 values along the input dimension: `[E_local, 2*I/tp, H/8]`), and for gpt-oss
+  `w13_bias [E_local, 2*I/tp]`, `w2_bias [E_local, H]`;
+- for quantized checkpoints, the scale parameters vLLM's fp8 and NVFP4 MoE methods
+  (`Fp8MoEMethod`, `CompressedTensorsW8A8Fp8MoEMethod`, `ModelOptNvFp4FusedMoE`) create,
+  named `w13_{kind}` and `w2_{kind}` after the checkpoint's companions:
+  `w13_weight_scale_inv`/`w2_weight_scale_inv` (block scales), `w13_weight_scale`/
+  `w2_weight_scale` (per channel or tensor; NVFP4's 16-value groups),
+  `w13_weight_scale_2`/`w2_weight_scale_2` (NVFP4's global scales), `w13_weight_shape`/
+  `w2_weight_shape` (compressed-tensors' `[rows, cols]`, float32, the up projection's),
+  `w13_weight_zero_point`/`w2_weight_zero_point` (asymmetric int4's int32 zero points,
+  `[E_local, 2*I/tp/8, H/group]` and `[E_local, H/8, I/tp/group]`),
+  `w13_input_scale`/`w2_input_scale`; float32 parameters take bfloat16 or UE8M0 scales
+  converted exactly, as vLLM's `copy_` does. NVFP4 methods whose kernels quantize with the
+  scales of all experts (FlashInfer's, `use_global_sf`) keep input scales for every global
+  expert (`[E, 2]`, `[E]`) on every EP rank: those are filled for every expert;
+- `tp_rank`, `tp_size` (or `moe_config.tp_rank`, `moe_config.tp_size`): the layer's MoE
+  tensor-parallel rank and size;
+- `expert_map` (optional): a tensor of one entry per physical (global) expert, holding its
+  local slot or -1; absent or None without expert parallelism;
+- `moe_config.activation`, `moe_config.is_act_and_mul`, `moe_config.tp_shard_with_padding`
+  and the `quant_method`'s class name, `use_global_sf` and `weight_scale_refine`: what
+  decides whether vLLM's own loading writes what fastmoe_load writes (`QUANTIZED_METHODS`).
+
+Physical experts beyond the checkpoint's (EPLB redundant experts) are replicas of logical
+expert `physical % num_experts`, as vLLM places them initially, unless
+`logical_of_physical` says otherwise.
+
+How gate and up are arranged in `w13_weight` is the layer's to say, not the checkpoint's:
+vLLM's gpt-oss activation (`moe_config.activation` `swigluoai`) reads them interleaved, every
+other activation gate rows then up rows. The copy plans write the layer's arrangement
+whatever the checkpoint's (interleaved gpt-oss files, or the same rewritten concatenated by
+`convert`, as its shards record); a layer that names no activation keeps the checkpoint's.
+vLLM adds `w2_bias` once before the all-reduce, so TP ranks other than 0 hold zeros there;
+this adapter does the same. vLLM's gpt-oss layers may be padded (sizes rounded up for some
+kernels): their parameters take the rank's values in their leading corner, as vLLM's
+gpt-oss loading leaves them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .._fastmoe_load import RequestError
+from ..checkpoint import Checkpoint, MoeLayer
+from .spec import BIASES, ExpertLayerSpec, fill_layer
+
+# vLLM's quantized MoE methods whose weights and scales fastmoe_load fills as their
+# weight_loader does (checked against vLLM's own loading in its environment).
+QUANTIZED_METHODS = (
+    "Fp8MoEMethod",
+    "CompressedTensorsW8A8Fp8MoEMethod",
+    "ModelOptNvFp4FusedMoE",
+    "CompressedTensorsWNA16MoEMethod",
+    "GptOssMxfp4MoEMethod",
+)
+
+
+def experts_module(layer: Any) -> Any:
+    """The module holding the expert parameters: a `MoERunner`'s `routed_experts`, or the
+    layer itself."""
+    return getattr(layer, "routed_experts", layer)
+
+
+def weight_parameters(layer: Any) -> tuple[str, str]:
+    """The names of the layer's gate/up and down weights: `w13_weight`, `w2_weight`, or
+    `w13_weight_packed`, `w2_weight_packed` (compressed-tensors' packed integer weights)."""
+    layer = experts_module(layer)
+    names = ("w13_weight", "w2_weight")
+    if not all(isinstance(getattr(layer, n, None), torch.Tensor) for n in names):
+        names = ("w13_weight_packed", "w2_weight_packed")
+    return names
+
+
+def local_experts_of(
+    layer: Any, num_experts: int, logical_of_physical: Sequence[int] | None = None
+) -> list[int]:
+    """The checkpoint (logical) expert of each local slot of `layer`."""
+    layer = experts_module(layer)
+    slots = getattr(layer, weight_parameters(layer)[0]).shape[0]
+    expert_map = getattr(layer, "expert_map", None)
+    if expert_map is None:
+        physical = list(range(slots))
+    else:
+        physical = [-1] * slots
+        for expert, slot in enumerate(torch.as_tensor(expert_map).tolist()):
+            if 0 <= slot < slots:
+                physical[slot] = expert
+        if -1 in physical:
+            raise RequestError(f"expert_map leaves local slot {physical.index(-1)} empty")
+    if logical_of_physical is None:
+        return [p % num_experts for p in physical]
+    return [int(logical_of_physical[p]) for p in physical]
+
+
+def wants_interleaved(layer: Any, group: MoeLayer) -> bool:
+    """Whether `layer` keeps gate and up interleaved in `w13_weight` (vLLM's `swigluoai`)."""
+    layer = experts_module(layer)
+    config = getattr(layer, "moe_config", None)
+    activation = getattr(layer, "activation", None) or getattr(config, "activation", None)
+    if activation is None:
+        return group.interleaved
+    return getattr(activation, "value", activation) == "swigluoai"
+
+
+def tensor_parallel(layer: Any) -> tuple[int, int]:
+    """The layer's MoE tensor-parallel `(rank, size)`."""
+    layer = experts_module(layer)
+    parallel = layer if hasattr(layer, "tp_rank") else layer.moe_config
+    return int(parallel.tp_rank), int(parallel.tp_size)
+
+
+def _method_name(layer: Any) -> str:
+    return type(getattr(layer, "quant_method", None)).__name__
+
+
+def _unquantized(layer: Any) -> bool:
+    """`UnquantizedFusedMoEMethod` or a subclass (named, so that vLLM need not be imported)."""
+    method = type(getattr(layer, "quant_method", None))
+    return any(cls.__name__ == "UnquantizedFusedMoEMethod" for cls in method.__mro__)
+
+
+def _global_input_scales(layer: Any, group: MoeLayer) -> bool:
+    """NVFP4 methods whose kernels quantize with the scales of all experts (FlashInfer's,
+    `use_global_sf`) keep input scales for every global expert on every EP rank."""
+    method = getattr(layer, "quant_method", None)
+    quantization = group.quantization
+    return bool(
+        getattr(method, "use_global_sf", False)
+        and quantization is not None
+        and quantization.companion("input_scale") is not None
+    )
+
+
+def _unverified(layer: Any, group: MoeLayer) -> str | None:
+    """Why vLLM's own loading may write something else into `layer` than fastmoe_load."""
+    moe_config = getattr(layer, "moe_config", None)
+    method = _method_name(layer)
+    if not getattr(moe_config, "is_act_and_mul", True):
+        return "gate and up are not both in w13 (is_act_and_mul is false)"
+    if group.quantization is None:
+        if not _unquantized(layer):
+            return f"unquantized experts in a layer of {method}"
+        return None
+    if method not in QUANTIZED_METHODS:
+        return (
+            f"{group.quantization} experts in a layer of {method}, not a method fastmoe_load fills"
+        )
+    if getattr(getattr(layer, "quant_method", None), "weight_scale_refine", None) is not None:
+        return f"{method} refines the checkpoint's scale grid for this TP size"
+    if getattr(moe_config, "tp_shard_with_padding", False):
+        return f"{method} pads each TP shard to whole scale blocks"
+    return None
+
+
+def describe(
+    layer: Any,
+    ckpt: Checkpoint,
+    prefix: str,
+    *,
+    logical_of_physical: Sequence[int] | None = None,
+) -> ExpertLayerSpec:
+    """The `ExpertLayerSpec` of a vLLM `FusedMoE` layer (or `MoERunner`) for the checkpoint's
+    experts at `prefix`, from the attributes listed in this module's docstring."""
+    layer = experts_module(layer)
+    group = ckpt.experts(prefix)
+    w13, w2 = weight_parameters(layer)
+    names = {"w13": w13, "w2": w2}
+    if group.has_bias and all(isinstance(getattr(layer, b, None), torch.Tensor) for b in BIASES):
+        names |= {b: b for b in BIASES}
+    global_experts: tuple[str, ...] = ()
+    if group.quantization is not None:
+        for companion in group.quantization.companions:
+            for target in ("w13", "w2"):
+                names[f"{target}_{companion.kind}"] = f"{target}_{companion.kind}"
+        if _global_input_scales(layer, group):
+            global_experts = ("w13_input_scale", "w2_input_scale")
+    parameters = {
+        dest: getattr(layer, name).data
+        for dest, name in names.items()
+        if isinstance(getattr(layer, name, None), torch.Tensor)
+    }
+    tp_rank, tp_size = tensor_parallel(layer)
+    # vLLM's gpt-oss mxfp4 layers round sizes up for some kernels and take the values in the
+    # parameters' corner (checked against its own loading); its bf16 path narrows otherwise.
+    padded = (
+        _method_name(layer) == "GptOssMxfp4MoEMethod"
+        and type(layer).__name__ == "GptOssRoutedExperts"
+    )
+    return ExpertLayerSpec(
+        group=group,
+        parameters=parameters,
+        names=names,
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+        experts=local_experts_of(layer, group.num_experts, logical_of_physical),
+        interleaved=wants_interleaved(layer, group),
+        padded=padded,
+        global_experts=global_experts,
+        w2_bias_first_rank=True,
+        unverified=_unverified(layer, group),
+    )
+
+
+def load_fused_moe_layer(
+    layer: Any,
+    ckpt: Checkpoint,
+    prefix: str,
+    *,
+    logical_of_physical: Sequence[int] | None = None,
+) -> list[str]:
+    """Fills a vLLM `FusedMoE` layer with the experts at `prefix` (weights, biases and
+    scales) for the layer's own TP rank and expert placement (see `describe`); returns the
+    checkpoint tensor names it consumed. The whole layer is checked before the first byte
+    is written (`RequestError`). Parameters of another dtype than the checkpoint's are
+    converted as vLLM's own loader converts them (`copy_`)."""
+    return fill_layer(ckpt, describe(layer, ckpt, prefix, logical_of_physical=logical_of_physical))

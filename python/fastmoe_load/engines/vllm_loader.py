@@ -1,0 +1,236 @@
+"""A vLLM model loader, `load_format="fastmoe"`: routed experts go straight from the
+checkpoint into vLLM's expert parameters (each rank reads only its TP slice and its own
+experts, fused or per-expert files alike); every other tensor goes through the model's own
+`load_weights`, as with vLLM's default loader.
+
+Turning it on. In the process that builds the model:
+
+    from fastmoe_load.engines.vllm_loader import register
+    register()
+    llm = vllm.LLM(model="path/or/repo", load_format="fastmoe")
+
+vLLM loads the model in its engine-core and worker processes, which may be started fresh
+(spawned) and then know nothing of a `register()` call made in the parent. vLLM runs the
+functions of the `vllm.general_plugins` entry-point group in every one of its processes, so
+an installed package declares, in `pyproject.toml`:
+
+    [project.entry-points."vllm.general_plugins"]
+    fastmoe_load = "fastmoe_load.engines.vllm_loader:register"
+
+after which `--load-format fastmoe` works from the command line too (`VLLM_PLUGINS`, if set,
+must name `fastmoe_load`). `model_loader_extra_config` may carry `num_threads`, `io` and
+`prefetch`, passed to `fastmoe_load.open`.
+
+What it relies on in vLLM (0.33):
+
+- `register_model_loader(load_format)` and `BaseModelLoader`, whose `load_model` builds the
+  model on the target device, calls `load_weights(model, model_config)`, then runs
+  `process_weights_after_loading`;
+- an expert layer is a module whose own parameters include `w13_weight` and `w2_weight`, or
+  `w13_weight_packed` and `w2_weight_packed` (`RoutedExperts`, or `FusedMoE` before 0.33),
+  with `moe_config.is_act_and_mul` true and, as its `quant_method`,
+  `UnquantizedFusedMoEMethod` (unquantized checkpoints) or one of the quantized methods in
+  `engines.vllm.QUANTIZED_METHODS` (fp8, NVFP4, int4, gpt-oss mxfp4) without a refined or
+  padded scale grid (quantized checkpoints: their scales go into `w13_{kind}`/`w2_{kind}`),
+  split by TP on the checkpoint's packs and scale blocks, and padded only as vLLM's gpt-oss
+  mxfp4 layers are (`GptOssRoutedExperts`, values in the parameters' corner); inside a
+  `MoERunner` it is the runner's `routed_experts`, and checkpoint names address the runner.
+  `fastmoe_load.engines.vllm` lists what is read from the layer itself, and
+  `ExpertLayerSpec.unfillable` decides, saying why in the log for each layer left to vLLM;
+- `model.hf_to_vllm_mapper` (optional), a `WeightsMapper` whose `map_name` turns a
+  checkpoint name into the model's name, or None for a dropped weight;
+- `model.load_weights(iterable of (name, tensor))`, returning the names of the parameters
+  it loaded, or None where the model does not track them;
+- `DefaultModelLoader.track_weights_loading(model, loaded, quantized)`: the completeness
+  check, reused as is so that this loader accepts exactly the models vLLM's does;
+- `model_config.model`, `.revision`, `.quantization`; `load_config.download_dir`,
+  `.ignore_patterns`, `.model_loader_extra_config`; `weight_utils.download_weights_from_hf`.
+
+Parameters of another dtype than the checkpoint's (a float32 model from a bfloat16
+checkpoint, float32 scales from bfloat16 ones) are converted as vLLM's loader converts them.
+Expert layers this loader does not fill (other quantization methods) and checkpoint expert
+groups that map to no layer are left to the model's `load_weights`, so they load exactly as
+vLLM loads them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import torch
+from vllm.config import ModelConfig
+from vllm.config.load import LoadConfig
+from vllm.model_executor.model_loader import (
+    BaseModelLoader,
+    DefaultModelLoader,
+    register_model_loader,
+)
+from vllm.model_executor.model_loader.weight_utils import download_weights_from_hf
+
+from .._fastmoe_load import LayoutError, RequestError, TensorNotFoundError
+from .._validate import CHECKPOINT_FILES, open_options
+from ..checkpoint import Checkpoint, MoeLayer
+from ..checkpoint import open as open_checkpoint
+from .spec import fill_layer
+from .vllm import describe
+
+logger = logging.getLogger("fastmoe_load")
+
+LOAD_FORMAT = "fastmoe"
+_registered = False
+
+
+def register() -> None:
+    """Makes `load_format="fastmoe"` available to vLLM in this process; vLLM may call it
+    more than once per process, which is harmless."""
+    global _registered
+    if not _registered:
+        register_model_loader(LOAD_FORMAT)(FastMoeModelLoader)
+        _registered = True
+
+
+class FastMoeModelLoader(BaseModelLoader):
+    """Loads a safetensors checkpoint: routed experts through `fastmoe_load`, the rest
+    through the model's own `load_weights`."""
+
+    def __init__(self, load_config: LoadConfig) -> None:
+        super().__init__(load_config)
+        self.open_options: dict[str, Any] = open_options(
+            load_config.model_loader_extra_config, f"load_format={LOAD_FORMAT!r}"
+        )
+
+    def checkpoint_dir(self, model_config: ModelConfig) -> str:
+        """The local checkpoint directory, downloaded first for a Hub model id."""
+        if os.path.isdir(model_config.model):
+            return model_config.model
+        return download_weights_from_hf(
+            model_config.model,
+            self.load_config.download_dir,
+            CHECKPOINT_FILES,
+            model_config.revision,
+            ignore_patterns=self.load_config.ignore_patterns,
+        )
+
+    def download_model(self, model_config: ModelConfig) -> None:
+        self.checkpoint_dir(model_config)
+
+    def load_weights(self, model: torch.nn.Module, model_config: ModelConfig) -> None:
+        if getattr(model, "secondary_weights", ()):
+            raise RequestError(
+                f"{type(model).__name__} loads weights from several sources "
+                f"(secondary_weights); load_format={LOAD_FORMAT!r} reads one checkpoint"
+            )
+        path = self.checkpoint_dir(model_config)
+        with open_checkpoint(path, **self.open_options) as ckpt:
+            start = time.perf_counter()
+            filled, consumed = fill_expert_layers(model, ckpt)
+            layers = sum(name.endswith((".w13_weight", ".w13_weight_packed")) for name in filled)
+            experts_done = time.perf_counter()
+            remaining = [name for name in ckpt.keys() if name not in consumed]
+            loaded = model.load_weights((name, ckpt.tensor(name)) for name in remaining)
+        # Through vLLM's logger, which vLLM shows by default (it configures no other), worded
+        # like its own loader's line, so that it is found where vLLM users look.
+        expert_bytes = sum(model.get_parameter(name).nbytes for name in filled)
+        logging.getLogger("vllm.fastmoe_load").info(
+            "Loading weights took %.2f seconds (%s): fastmoe_load filled %d expert layers, "
+            "%.3f GB in %.2f s (%.2f GB/s); %s.load_weights loaded %d other tensors in %.2f s",
+            time.perf_counter() - start,
+            path,
+            layers,
+            expert_bytes / 1e9,
+            experts_done - start,
+            expert_bytes / 1e9 / max(experts_done - start, 1e-9),
+            type(model).__name__,
+            len(remaining),
+            time.perf_counter() - experts_done,
+        )
+        # Tracked by default where vLLM's own loader tracks: unquantized models that report.
+        if model_config.quantization is None and loaded is not None:
+            check_all_loaded(model, set(loaded) | filled, path)
+
+
+def expert_layers(model: torch.nn.Module) -> dict[str, tuple[str, torch.nn.Module]]:
+    """Expert layers by the model path their checkpoint names map under, with the path of
+    the module that holds their parameters."""
+    layers = {}
+    for name, module in model.named_modules():
+        params = module._parameters.keys()
+        if {"w13_weight", "w2_weight"} <= params or {
+            "w13_weight_packed",
+            "w2_weight_packed",
+        } <= params:
+            addressed = name.removesuffix(".routed_experts")
+            layers[addressed] = (name, module)
+    return layers
+
+
+def model_path_of(group: MoeLayer, mapper: Any, layers: dict[str, Any]) -> str | None:
+    """The expert layer path every tensor of `group` maps under, if there is one."""
+    mapped = [name if mapper is None else mapper.map_name(name) for name in group.tensor_names]
+    if not mapped or None in mapped:
+        return None
+    parts = mapped[0].split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        candidate = ".".join(parts[:end])
+        if candidate in layers:
+            inside = candidate + "."
+            return candidate if all(name.startswith(inside) for name in mapped) else None
+    return None
+
+
+def fill_expert_layers(model: torch.nn.Module, ckpt: Checkpoint) -> tuple[set[str], set[str]]:
+    """Fills every expert layer that a checkpoint group maps to and that fastmoe_load fills
+    exactly as vLLM would (`ExpertLayerSpec.unfillable`); returns the parameter names
+    filled and the checkpoint tensor names consumed. The others are logged, each with why,
+    and left to the model's `load_weights`."""
+    layers = expert_layers(model)
+    mapper = getattr(model, "hf_to_vllm_mapper", None)
+    claimed: dict[str, str] = {}
+    filled: set[str] = set()
+    consumed: set[str] = set()
+    left_to_model: list[str] = []
+    for group in ckpt.moe_layers():
+        path = model_path_of(group, mapper, layers)
+        if path is None:
+            left_to_model.append(f"`{group.prefix}`: maps to no expert layer of this rank")
+            continue
+        if path in claimed:
+            raise LayoutError(
+                f"{ckpt.path}: experts at `{claimed[path]}` and at `{group.prefix}` both "
+                f"map to {type(model).__name__}'s `{path}`"
+            )
+        claimed[path] = group.prefix
+        module_path, module = layers[path]
+        spec = describe(module, ckpt, group.prefix)
+        reason = spec.unfillable()
+        if reason is not None:
+            left_to_model.append(f"`{group.prefix}`: {reason}")
+            continue
+        consumed.update(fill_layer(ckpt, spec))
+        filled.update(f"{module_path}.{name}" for name in spec.filled)
+    if left_to_model:
+        logger.info(
+            "%s: %d expert group(s) left to %s.load_weights:\n  %s",
+            ckpt.path,
+            len(left_to_model),
+            type(model).__name__,
+            "\n  ".join(left_to_model),
+        )
+    return filled, consumed
+
+
+def check_all_loaded(model: torch.nn.Module, loaded: set[str], path: str) -> None:
+    """Raises `TensorNotFoundError` naming every parameter that vLLM's default loader would
+    also refuse to leave uninitialised."""
+    covered = set(loaded)  # vLLM adds the parameters it exempts from the check
+    try:
+        DefaultModelLoader(LoadConfig()).track_weights_loading(model, covered)
+    except ValueError:
+        missing = sorted(name for name, _ in model.named_parameters() if name not in covered)
+        raise TensorNotFoundError(
+            f"{path}: the checkpoint initialises no value for {len(missing)} parameter(s) "
+            f"of {type(model).__name__}: {', '.join(missing)}"
+        ) from None
