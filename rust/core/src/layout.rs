@@ -12,7 +12,7 @@ use safetensors::tensor::Dtype;
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::quant::{
-    self, CompanionTensors, Found, Grid, PerExpertFound, Quantization, Weights, MX_BLOCK,
+    self, CompanionTensors, Found, Grid, Packing, PerExpertFound, Quantization, Weights, MX_BLOCK,
 };
 use crate::shard::{elem_bytes, TensorEntry};
 
@@ -610,7 +610,7 @@ fn fused_group(
         inter: i,
         dtype,
         pack,
-        mx,
+        packing: Packing::find(mx, pack),
     };
     let mx_scales = names
         .mx_scales
@@ -707,7 +707,7 @@ fn stacked_group(ckpt: &Checkpoint, name: &str, gate: &TensorEntry) -> Result<Op
         inter: i,
         dtype,
         pack: 1,
-        mx: false,
+        packing: Packing::find(false, 1),
     };
     // No companions are known for this layout: fp8 weights fail here for want of scales.
     let quantization = quant::per_expert(ckpt, &weights, ["w1", "v1", "w2"], Default::default())?;
@@ -952,7 +952,7 @@ fn per_expert_group(
         inter: i,
         dtype,
         pack,
-        mx: false,
+        packing: Packing::find(false, pack),
     };
     let quantization = quant::per_expert(ckpt, &weights, modules, companions)?;
     Ok(MoeLayer {
