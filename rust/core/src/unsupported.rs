@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashSet};
 
 use crate::checkpoint::Checkpoint;
-use crate::layout::MoeLayer;
+use crate::layout::{naming, MoeLayer};
 use crate::quant::{self, QuantConfig};
 use crate::shard::TensorEntry;
 
@@ -133,9 +133,8 @@ fn reason(
         );
     }
     format!(
-        "unknown naming: {} fits no routed-expert layout (per expert \
-         gate_proj/up_proj/down_proj, w1/w3/w2 or linear/linear_v/linear_1; fused \
-         gate_up_proj/down_proj or input_linear/output_linear)",
-        describe(&tensors[0])
+        "unknown naming: {} fits no routed-expert layout ({})",
+        describe(&tensors[0]),
+        naming::described()
     )
 }
