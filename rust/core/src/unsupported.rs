@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use crate::checkpoint::Checkpoint;
 use crate::layout::{naming, MoeLayer};
-use crate::quant::{self, QuantConfig};
+use crate::quant::{self, QuantConfig, FOREIGN_QUANT_SUFFIXES};
 use crate::shard::TensorEntry;
 
 /// A group of expert-like tensors under `prefix` that no loadable layout covers.
@@ -24,23 +24,6 @@ pub struct UnsupportedGroup {
     /// group that loads) or `unknown naming: …`.
     pub reason: String,
 }
-
-/// Names (last components, or suffixes of a fused tensor's name) that only quantization
-/// schemes the loader does not know write beside their weights.
-const FOREIGN_QUANT_SUFFIXES: [&str; 12] = [
-    "weight_packed",
-    "weight_scale_2",
-    "weight_shape",
-    "weight_zero_point",
-    "weight_g_idx",
-    "qweight",
-    "qzeros",
-    "g_idx",
-    "_blocks",
-    "_scales",
-    "absmax",
-    "quant_state",
-];
 
 /// The experts prefix `name` would belong to, if it looks like part of a routed expert.
 fn expert_prefix(name: &str, entry: &TensorEntry) -> Option<String> {

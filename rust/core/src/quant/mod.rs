@@ -21,5 +21,5 @@ pub(crate) use detect::{fused, per_expert, Found, PerExpertFound, Weights};
 pub use grid::Grid;
 pub use scheme::{
     companion_kind, is_float, is_quantized_weight, packing, CompanionKind, Packing,
-    COMPANION_KINDS, DEFAULT_BLOCK, MX_BLOCK, SCALE_DTYPES,
+    COMPANION_KINDS, DEFAULT_BLOCK, FOREIGN_QUANT_SUFFIXES, MX_BLOCK, SCALE_DTYPES,
 };

@@ -1,7 +1,8 @@
 //! The quantization schemes fastmoe_load loads, as tables: the companion tensors they write
 //! ([`COMPANION_KINDS`]), how their weights pack values ([`PACKINGS`]), and what their
-//! `quantization_config` declares ([`METHODS`]). A new scheme is new rows here; the code
-//! that matches companions against weights (`quant::detect`) reads only these rows.
+//! `quantization_config` declares ([`METHODS`]), and the names only schemes it does not load
+//! write ([`FOREIGN_QUANT_SUFFIXES`]). A new scheme is new rows here; the code that matches
+//! companions against weights (`quant::detect`) reads only these rows.
 
 use safetensors::tensor::Dtype;
 use serde_json::Value;
@@ -148,6 +149,23 @@ pub fn is_float(dtype: Dtype) -> bool {
     matches!(dtype, Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64)
         || is_quantized_weight(dtype)
 }
+
+/// Names (last components, or suffixes of a fused tensor's name) that only quantization
+/// schemes the loader does not know write beside their weights.
+pub const FOREIGN_QUANT_SUFFIXES: [&str; 12] = [
+    "weight_packed",
+    "weight_scale_2",
+    "weight_shape",
+    "weight_zero_point",
+    "weight_g_idx",
+    "qweight",
+    "qzeros",
+    "g_idx",
+    "_blocks",
+    "_scales",
+    "absmax",
+    "quant_state",
+];
 
 /// How a group's stored weights hold their values, and what follows for their companions.
 #[derive(Debug, PartialEq, Eq)]
