@@ -10,8 +10,8 @@
 use std::collections::{BTreeMap, HashSet};
 
 use crate::checkpoint::Checkpoint;
-use crate::layout::MoeLayer;
-use crate::quant::{self, QuantConfig};
+use crate::layout::{naming, MoeLayer};
+use crate::quant::{self, QuantConfig, FOREIGN_QUANT_SUFFIXES};
 use crate::shard::TensorEntry;
 
 /// A group of expert-like tensors under `prefix` that no loadable layout covers.
@@ -24,23 +24,6 @@ pub struct UnsupportedGroup {
     /// group that loads) or `unknown naming: …`.
     pub reason: String,
 }
-
-/// Names (last components, or suffixes of a fused tensor's name) that only quantization
-/// schemes the loader does not know write beside their weights.
-const FOREIGN_QUANT_SUFFIXES: [&str; 12] = [
-    "weight_packed",
-    "weight_scale_2",
-    "weight_shape",
-    "weight_zero_point",
-    "weight_g_idx",
-    "qweight",
-    "qzeros",
-    "g_idx",
-    "_blocks",
-    "_scales",
-    "absmax",
-    "quant_state",
-];
 
 /// The experts prefix `name` would belong to, if it looks like part of a routed expert.
 fn expert_prefix(name: &str, entry: &TensorEntry) -> Option<String> {
@@ -133,9 +116,8 @@ fn reason(
         );
     }
     format!(
-        "unknown naming: {} fits no routed-expert layout (per expert \
-         gate_proj/up_proj/down_proj, w1/w3/w2 or linear/linear_v/linear_1; fused \
-         gate_up_proj/down_proj or input_linear/output_linear)",
-        describe(&tensors[0])
+        "unknown naming: {} fits no routed-expert layout ({})",
+        describe(&tensors[0]),
+        naming::described()
     )
 }

@@ -3,57 +3,24 @@
 
 use std::ffi::c_int;
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, RwLock};
 
 use fastmoe_load_core::quant::{companion_kind, Grid, QuantConfig};
 use fastmoe_load_core::{
-    detect, unsupported_groups, Checkpoint, CopyPlan, Executor, LoadRequest, MoeLayer, Part,
-    ReadMode, Shard, Target,
+    unsupported_groups, Checkpoint, CopyPlan, Executor, LoadRequest, MoeLayer, Part, ReadMode,
+    Shard, Target,
 };
 use pyo3::exceptions::PyValueError;
 use pyo3::ffi;
 use pyo3::prelude::*;
 
-use crate::errors::{to_py, CheckpointError, RequestError, TensorNotFoundError};
+use crate::errors::{to_py, CheckpointError, RequestError};
 use crate::plan::PyCopyPlan;
+use crate::state::State;
 
 /// Copy threads used when the caller does not choose: beyond 16, threads mostly contend for
 /// memory bandwidth.
 const MAX_DEFAULT_THREADS: usize = 16;
-
-/// Everything an open checkpoint owns; shared with the plans made from it, so a plan stays
-/// usable (and its files mapped) after `close()`.
-pub struct State {
-    pub ckpt: Checkpoint,
-    pub executor: Executor,
-    interleaved: Option<bool>,
-    layers: OnceLock<Vec<MoeLayer>>,
-}
-
-impl State {
-    /// The routed-expert groups, detected on first use.
-    fn layers(&self) -> PyResult<&[MoeLayer]> {
-        if let Some(layers) = self.layers.get() {
-            return Ok(layers);
-        }
-        let layers = detect(&self.ckpt, self.interleaved).map_err(to_py)?;
-        Ok(self.layers.get_or_init(|| layers))
-    }
-
-    fn layer(&self, prefix: &str) -> PyResult<&MoeLayer> {
-        let layers = self.layers()?;
-        layers.iter().find(|l| l.prefix == prefix).ok_or_else(|| {
-            let known: Vec<&str> = layers.iter().map(|l| l.prefix.as_str()).take(4).collect();
-            TensorNotFoundError::new_err(format!(
-                "{}: no routed-expert group at `{prefix}` (the checkpoint has {} groups{}{})",
-                self.ckpt.path().display(),
-                layers.len(),
-                if known.is_empty() { "" } else { ", e.g. " },
-                known.join(", ")
-            ))
-        })
-    }
-}
 
 #[pyclass(name = "Checkpoint", module = "fastmoe_load._fastmoe_load", frozen)]
 pub struct PyCheckpoint {
@@ -138,12 +105,8 @@ impl PyCheckpoint {
                 .map_or(1, usize::from)
                 .min(MAX_DEFAULT_THREADS)
         });
-        let state = State {
-            ckpt,
-            executor: Executor::new(threads, mode).with_prefetch(prefetch),
-            interleaved,
-            layers: OnceLock::new(),
-        };
+        let executor = Executor::new(threads, mode).with_prefetch(prefetch);
+        let state = State::new(ckpt, executor, interleaved);
         Ok(PyCheckpoint {
             path,
             state: RwLock::new(Some(Arc::new(state))),

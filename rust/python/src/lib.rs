@@ -5,6 +5,7 @@
 mod checkpoint;
 mod errors;
 mod plan;
+mod state;
 
 use pyo3::prelude::*;
 

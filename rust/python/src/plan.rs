@@ -7,8 +7,8 @@ use fastmoe_load_core::{CopyOp, CopyPlan, Ticket};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use crate::checkpoint::State;
 use crate::errors::to_py;
+use crate::state::State;
 
 #[pyclass(name = "CopyPlan", module = "fastmoe_load._fastmoe_load", frozen)]
 pub struct PyCopyPlan {

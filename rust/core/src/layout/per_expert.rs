@@ -1,0 +1,233 @@
+//! Per-expert groups: one tensor per expert and matrix, found by grouping names by prefix
+//! and naming scheme.
+
+use std::collections::BTreeMap;
+
+use super::check::{layout_error, same_dtype};
+use super::layer::{ExpertTensors, MoeLayer, PerExpertTensors};
+use super::naming::{is_packed_weight, Naming, BIAS, NAMINGS, PACKED_WEIGHT, WEIGHT};
+use crate::checkpoint::Checkpoint;
+use crate::error::Result;
+use crate::quant::{self, Found, Packing, PerExpertFound, Weights};
+use crate::shard::TensorEntry;
+
+/// What one expert of a per-expert candidate group holds.
+#[derive(Default)]
+pub(super) struct ExpertEntries<'c> {
+    /// Weights `[0..3]` and biases `[3..6]`, in [`Part`] order.
+    tensors: [Option<Found<'c>>; 6],
+    /// Companions by kind, `[gate, up, down]`.
+    companions: BTreeMap<&'static str, [Option<Found<'c>>; 3]>,
+    /// A tensor of a gate/up/down module that is neither weight, bias nor a known companion
+    /// (`weight_scale_2`, `weight_zero_point`, `qweight`, ...): a scheme the loader does
+    /// not know.
+    foreign: bool,
+}
+
+pub(super) type ExpertNames<'c> = BTreeMap<usize, ExpertEntries<'c>>;
+
+/// Groups `P.{e}.{gate|up|down}.{weight|bias}` names by prefix and naming scheme.
+pub(super) fn per_expert_candidates(
+    ckpt: &Checkpoint,
+) -> Vec<(String, &'static Naming, ExpertNames<'_>)> {
+    let unloaded_config = quant::QuantConfig::unsupported(ckpt.config());
+    let config = quant::QuantConfig::from_config(ckpt.config());
+    let int_bits = config.and_then(|c| c.int_bits);
+    let mut groups: BTreeMap<(String, usize), ExpertNames> = BTreeMap::new();
+    for (name, entry) in ckpt.entries() {
+        let mut parts = name.rsplitn(4, '.');
+        let (Some(kind_name), Some(module), Some(expert), Some(prefix)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let kind = match kind_name {
+            WEIGHT | PACKED_WEIGHT => Some(0),
+            BIAS => Some(3),
+            _ => None,
+        };
+        let companion = quant::companion_kind(kind_name);
+        let Ok(expert) = expert.parse::<usize>() else {
+            continue;
+        };
+        if prefix
+            .rsplit('.')
+            .next()
+            .is_some_and(|last| last.contains("shared"))
+        {
+            continue; // shared experts are dense weights, not routed experts
+        }
+        for (n, naming) in NAMINGS.iter().enumerate() {
+            let slot = [naming.gate, naming.up, naming.down]
+                .iter()
+                .position(|m| *m == module);
+            if let Some(slot) = slot {
+                let experts = groups.entry((prefix.to_string(), n)).or_default();
+                let found = experts.entry(expert).or_default();
+                match (kind, companion) {
+                    (Some(kind), _) => found.tensors[kind + slot] = Some((name, entry)),
+                    (None, Some(c)) => {
+                        found.companions.entry(c.name).or_default()[slot] = Some((name, entry))
+                    }
+                    (None, None) => found.foreign = true,
+                }
+            }
+        }
+    }
+    groups
+        .into_iter()
+        // A group must have at least one gate weight; a lone `0.linear.weight` elsewhere in a
+        // model is not an expert group.
+        .filter(|(_, experts)| experts.values().any(|e| e.tensors[0].is_some()))
+        // Unknown tensors beside the weights, or integer weights (packed values), belong to
+        // a quantization the loader does not know: `unsupported_groups` names them.
+        // Scales under a quantization_config the loader does not load mean something else.
+        .filter(|(_, experts)| {
+            unloaded_config.is_none() || experts.values().all(|e| e.companions.is_empty())
+        })
+        .filter(|(_, experts)| {
+            let packed = experts
+                .values()
+                .any(|e| e.companions.contains_key("weight_scale_2"));
+            // Integer weights with scales beside them (or named `weight_packed`) pack values
+            // as only a known scheme says; alone, they are plain data, loaded as stored.
+            let scaled = experts.values().any(|e| !e.companions.is_empty());
+            !experts.values().any(|e| {
+                e.foreign
+                    || e.tensors[..3].iter().flatten().any(|(name, t)| {
+                        let named = is_packed_weight(name);
+                        let bits = named.then_some(int_bits).flatten();
+                        (scaled || named) && quant::packing(t.dtype, packed, bits).is_none()
+                    })
+            })
+        })
+        .map(|((prefix, n), experts)| (prefix, &NAMINGS[n], experts))
+        .collect()
+}
+
+pub(super) fn per_expert_group(
+    ckpt: &Checkpoint,
+    prefix: String,
+    naming: &'static Naming,
+    experts: ExpertNames<'_>,
+) -> Result<MoeLayer> {
+    let err = |reason: String| layout_error(ckpt, &prefix, reason);
+    let num_experts = experts.len();
+    if let Some(missing) = (0..num_experts).find(|e| !experts.contains_key(e)) {
+        let last = experts.keys().next_back().copied().unwrap_or(0);
+        return Err(err(format!(
+            "expert {missing} is missing (found {num_experts} experts numbered up to {last})"
+        )));
+    }
+    let modules = [naming.gate, naming.up, naming.down];
+    let has_bias = experts
+        .values()
+        .any(|e| e.tensors[3..].iter().any(Option::is_some));
+    let kinds = if has_bias { 6 } else { 3 };
+    // found[kind][expert], kinds in `Part` order
+    let mut found: [Vec<(&str, &TensorEntry)>; 6] = Default::default();
+    for (e, tensors) in &experts {
+        for k in 0..kinds {
+            let kind = if k < 3 { WEIGHT } else { BIAS };
+            let tensor = tensors.tensors[k].ok_or_else(|| {
+                err(format!(
+                    "`{prefix}.{e}.{}.{kind}` is missing",
+                    modules[k % 3]
+                ))
+            })?;
+            found[k].push(tensor);
+        }
+    }
+    let (first_name, first) = found[0][0];
+    if first.shape.len() != 2 {
+        return Err(err(format!(
+            "`{first_name}` has shape {:?}; expected [I, H]",
+            first.shape
+        )));
+    }
+    let packed = experts
+        .values()
+        .any(|e| e.companions.contains_key("weight_scale_2"));
+    let int_bits = is_packed_weight(first_name)
+        .then(|| quant::QuantConfig::from_config(ckpt.config())?.int_bits)
+        .flatten();
+    let pack = quant::packing(first.dtype, packed, int_bits).unwrap_or(1);
+    let (i, stored_h) = (first.shape[0], first.shape[1]);
+    let h = stored_h * pack;
+    if i == 0 || h == 0 {
+        return Err(err(format!(
+            "`{first_name}` has shape {:?}: an expert cannot be empty",
+            first.shape
+        )));
+    }
+    if !i.is_multiple_of(pack) {
+        return Err(err(format!(
+            "`{first_name}` has {i} rows, which do not pack {pack} values a byte in down's rows"
+        )));
+    }
+    let expected: [&[usize]; 6] = [
+        &[i, stored_h],
+        &[i, stored_h],
+        &[h, i / pack],
+        &[i],
+        &[i],
+        &[h],
+    ];
+    for k in 0..kinds {
+        if let Some((name, e)) = found[k].iter().find(|(_, e)| e.shape != expected[k]) {
+            return Err(err(format!(
+                "`{name}` has shape {:?}; expected {:?} like `{first_name}`",
+                e.shape, expected[k]
+            )));
+        }
+    }
+    fn entries<'c>(kinds: &[Vec<(&'c str, &'c TensorEntry)>]) -> Vec<(&'c str, &'c TensorEntry)> {
+        kinds.iter().flatten().copied().collect()
+    }
+    let dtype = same_dtype(ckpt, &prefix, &entries(&found[..3]))?;
+    let bias_dtype = has_bias
+        .then(|| same_dtype(ckpt, &prefix, &entries(&found[3..])))
+        .transpose()?;
+    let names = found.map(|tensors| {
+        tensors
+            .iter()
+            .map(|(n, _)| n.to_string())
+            .collect::<Vec<_>>()
+    });
+    let [g, u, d, gb, ub, db] = names;
+    let mut companions = PerExpertFound::new();
+    for (e, found) in experts.into_values().enumerate() {
+        for (kind, slots) in found.companions {
+            let kind_experts = companions.entry(kind).or_default();
+            kind_experts.resize(e, [None; 3]); // experts before `e` lack this kind
+            kind_experts.push(slots);
+        }
+    }
+    for kind_experts in companions.values_mut() {
+        kind_experts.resize(num_experts, [None; 3]);
+    }
+    let weights = Weights {
+        prefix: &prefix,
+        hidden: h,
+        inter: i,
+        dtype,
+        pack,
+        packing: Packing::find(false, pack),
+    };
+    let quantization = quant::per_expert(ckpt, &weights, modules, companions)?;
+    Ok(MoeLayer {
+        num_experts,
+        hidden_size: h,
+        intermediate_size: i,
+        dtype,
+        bias_dtype,
+        pack,
+        quantization,
+        tensors: ExpertTensors::PerExpert(PerExpertTensors {
+            naming,
+            weights: [g, u, d],
+            biases: has_bias.then_some([gb, ub, db]),
+        }),
+        prefix,
+    })
+}

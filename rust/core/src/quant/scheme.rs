@@ -1,0 +1,408 @@
+//! The quantization schemes fastmoe_load loads, as tables: the companion tensors they write
+//! ([`COMPANION_KINDS`]), how their weights pack values ([`PACKINGS`]), and what their
+//! `quantization_config` declares ([`METHODS`]), and the names only schemes it does not load
+//! write ([`FOREIGN_QUANT_SUFFIXES`]). A new scheme is new rows here; the code that matches
+//! companions against weights (`quant::detect`) reads only these rows.
+
+use safetensors::tensor::Dtype;
+use serde_json::Value;
+
+/// The block of weight entries one block scale covers when neither `config.json` nor the
+/// file says otherwise: every block-scaled fp8 release (DeepSeek-V3/R1, Kimi-K2, Qwen3-FP8,
+/// MiniMax-M2) uses 128 × 128.
+pub const DEFAULT_BLOCK: (usize, usize) = (128, 128);
+
+/// Values of an mxfp4 block (the OCP MX block size), which one e8m0 scale covers.
+pub const MX_BLOCK: usize = 32;
+
+/// Values of a row one NVFP4 block scale covers, unless `config.json` says otherwise.
+const NVFP4_GROUP: usize = 16;
+
+/// What a companion kind's values are: this decides how they lie over the weight and what
+/// they may be stored as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Values {
+    /// Scales, on whichever grid their shape fits.
+    Scales,
+    /// Scales of the activations, which have no rows or columns to follow: one per matrix.
+    ActivationScale,
+    /// compressed-tensors' `[rows, cols]` of a packed weight, integers read back and checked
+    /// against the weight (a `Grid::Whole(2)`).
+    WeightShape,
+    /// Integer zero points, `32 / bits` rows' points to an int32 (see `zero_point_grid`).
+    ZeroPoints,
+}
+
+impl Values {
+    /// Integers rather than scales: no scale dtype applies to them.
+    pub fn integer(self) -> bool {
+        matches!(self, Values::WeightShape | Values::ZeroPoints)
+    }
+}
+
+/// A kind of companion tensor, by the name it has in checkpoints (the suffix after a
+/// per-expert weight's module, `….gate_proj.weight_scale_inv`) and in vLLM (`w13_{kind}`).
+#[derive(Debug, PartialEq, Eq)]
+pub struct CompanionKind {
+    pub name: &'static str,
+    /// The suffix of the fused form transformers v5 writes after `gate_up_proj`/`down_proj`.
+    pub fused_suffix: Option<&'static str>,
+    /// The weight's own scale (as opposed to an activation scale): required by fp8 weights.
+    pub weight_scale: bool,
+    /// vLLM keeps one value per expert for gate and up together (`w13_input_scale [E]`):
+    /// both projections read the same activations. It keeps the up projection's, the last
+    /// of the two its loader sees in name order.
+    pub merged_w13: bool,
+    pub values: Values,
+}
+
+pub const COMPANION_KINDS: [CompanionKind; 6] = [
+    CompanionKind {
+        name: "weight_scale_inv",
+        fused_suffix: Some("_scale_inv"),
+        weight_scale: true,
+        merged_w13: false,
+        values: Values::Scales,
+    },
+    CompanionKind {
+        name: "weight_scale",
+        fused_suffix: None,
+        weight_scale: true,
+        merged_w13: false,
+        values: Values::Scales,
+    },
+    CompanionKind {
+        name: "input_scale",
+        fused_suffix: Some("_activation_scale"),
+        weight_scale: false,
+        merged_w13: true,
+        values: Values::ActivationScale,
+    },
+    // NVFP4's global (per-tensor) scale beside its 16-value block scales `weight_scale`.
+    CompanionKind {
+        name: "weight_scale_2",
+        fused_suffix: None,
+        weight_scale: false,
+        merged_w13: false,
+        values: Values::Scales,
+    },
+    // compressed-tensors' `[rows, cols]` of a packed weight, as int32; vLLM keeps one per
+    // expert for gate and up (`w13_weight_shape [E, 2]`, the up projection's).
+    CompanionKind {
+        name: "weight_shape",
+        fused_suffix: None,
+        weight_scale: false,
+        merged_w13: true,
+        values: Values::WeightShape,
+    },
+    // compressed-tensors' zero points of asymmetric integer weights: int32s of `32 / bits`
+    // rows' points each, one per group of columns (a `Grid::Block`, see `zero_point_grid`).
+    CompanionKind {
+        name: "weight_zero_point",
+        fused_suffix: None,
+        weight_scale: false,
+        merged_w13: false,
+        values: Values::ZeroPoints,
+    },
+];
+
+pub fn companion_kind(name: &str) -> Option<&'static CompanionKind> {
+    COMPANION_KINDS.iter().find(|k| k.name == name)
+}
+
+/// Dtypes a scale may be stored in: converted exactly to vLLM's float32 parameters, or kept
+/// (NVFP4's float8 e4m3 block scales, which vLLM keeps as they are).
+pub const SCALE_DTYPES: [Dtype; 5] = [
+    Dtype::F32,
+    Dtype::BF16,
+    Dtype::F16,
+    Dtype::F8_E8M0,
+    Dtype::F8_E4M3,
+];
+
+const SCALE_DTYPES_TEXT: &str = "scales are F32, BF16, F16, F8_E8M0 or F8_E4M3";
+
+/// Values one stored weight element holds along the input dimension, by what the group is:
+/// 1 for float weights, 2 for NVFP4 (two e2m1 values a byte, recognised by its
+/// `weight_scale_2` beside `uint8` weights), `32 / bits` for compressed-tensors'
+/// `weight_packed` int32 (`int_bits`: the bits of its values, where the group's weights are
+/// so named); `None` for integer weights of a scheme the loader does not know.
+pub fn packing(weight: Dtype, has_weight_scale_2: bool, int_bits: Option<usize>) -> Option<usize> {
+    match (weight, int_bits) {
+        (d, _) if is_float(d) => Some(1),
+        (Dtype::U8, _) if has_weight_scale_2 => Some(2),
+        (Dtype::I32, Some(bits)) if bits > 0 && 32 % bits == 0 && bits < 32 => Some(32 / bits),
+        _ => None,
+    }
+}
+
+/// Weight dtypes that need a weight scale to mean anything.
+pub fn is_quantized_weight(dtype: Dtype) -> bool {
+    matches!(
+        dtype,
+        Dtype::F8_E4M3 | Dtype::F8_E5M2 | Dtype::F8_E4M3FNUZ | Dtype::F8_E5M2FNUZ
+    )
+}
+
+/// Floating-point dtypes: what a weight is unless it packs quantized values into integers.
+pub fn is_float(dtype: Dtype) -> bool {
+    matches!(dtype, Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64)
+        || is_quantized_weight(dtype)
+}
+
+/// Names (last components, or suffixes of a fused tensor's name) that only quantization
+/// schemes the loader does not know write beside their weights.
+pub const FOREIGN_QUANT_SUFFIXES: [&str; 12] = [
+    "weight_packed",
+    "weight_scale_2",
+    "weight_shape",
+    "weight_zero_point",
+    "weight_g_idx",
+    "qweight",
+    "qzeros",
+    "g_idx",
+    "_blocks",
+    "_scales",
+    "absmax",
+    "quant_state",
+];
+
+/// How a group's stored weights hold their values, and what follows for their companions.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Packing {
+    /// Values per stored element along the input dimension (see [`packing`]); `None` where
+    /// the bits of the values decide it.
+    pub pack: Option<usize>,
+    /// Told apart by the names of the tensors (mxfp4's `_blocks`), not by their dtype.
+    pub by_names: bool,
+    /// `quant_method` of such a group where `config.json` names none.
+    pub method: &'static str,
+    /// The scale block where neither `config.json` nor the file says otherwise.
+    pub default_block: (usize, usize),
+    /// Its scales form that block grid and no other (no per-row or per-tensor scales).
+    pub block_scales_only: bool,
+    /// Dtypes its scales may be stored in, and how an error says so.
+    pub scale_dtypes: &'static [Dtype],
+    pub scale_dtypes_text: &'static str,
+    /// vLLM keeps gate's and up's input scales apart (`w13_input_scale [E, 2]`), against
+    /// the kind's `merged_w13`.
+    pub separate_w13_input_scales: bool,
+}
+
+/// In the order [`Packing::find`] tries them.
+pub const PACKINGS: [Packing; 4] = [
+    // Float weights, fp8 ones with scales beside them.
+    Packing {
+        pack: Some(1),
+        by_names: false,
+        method: "fp8",
+        default_block: DEFAULT_BLOCK,
+        block_scales_only: false,
+        scale_dtypes: &SCALE_DTYPES,
+        scale_dtypes_text: SCALE_DTYPES_TEXT,
+        separate_w13_input_scales: false,
+    },
+    // gpt-oss' mxfp4: blocks of 32 e2m1 values two a byte, one e8m0 byte scale per block.
+    Packing {
+        pack: Some(2),
+        by_names: true,
+        method: "mxfp4",
+        default_block: (1, MX_BLOCK),
+        block_scales_only: true,
+        scale_dtypes: &[Dtype::U8],
+        scale_dtypes_text: "mxfp4 scales are e8m0 bytes, U8",
+        separate_w13_input_scales: false,
+    },
+    // NVFP4: e2m1 values two a byte, float8 scales per 16 values of a row.
+    Packing {
+        pack: Some(2),
+        by_names: false,
+        method: "modelopt",
+        default_block: (1, NVFP4_GROUP),
+        block_scales_only: false,
+        scale_dtypes: &SCALE_DTYPES,
+        scale_dtypes_text: SCALE_DTYPES_TEXT,
+        separate_w13_input_scales: true,
+    },
+    // compressed-tensors' `pack-quantized` integers, `32 / bits` to an int32.
+    Packing {
+        pack: None,
+        by_names: false,
+        method: "compressed-tensors",
+        default_block: DEFAULT_BLOCK,
+        block_scales_only: false,
+        scale_dtypes: &SCALE_DTYPES,
+        scale_dtypes_text: SCALE_DTYPES_TEXT,
+        separate_w13_input_scales: false,
+    },
+];
+
+impl Packing {
+    /// The packing of weights holding `pack` values an element, `by_names` where their
+    /// names said what they are.
+    pub fn find(by_names: bool, pack: usize) -> &'static Packing {
+        let fits = |p: &&Packing| p.by_names == by_names && p.pack.is_none_or(|n| n == pack);
+        PACKINGS
+            .iter()
+            .find(fits)
+            .unwrap_or(&PACKINGS[PACKINGS.len() - 1])
+    }
+}
+
+/// What a method's `quantization_config` declares about the weights' scales.
+#[derive(Debug, Default)]
+pub struct Declared {
+    /// The scale block, when block- or group-scaled.
+    pub block: Option<(usize, usize)>,
+    /// The weight scale's strategy (`block`, `group`, `channel`, `tensor`), if stated.
+    pub scheme: Option<&'static str>,
+    /// `num_bits` of integer weights packed into int32s.
+    pub int_bits: Option<usize>,
+    /// `symmetric` of those integer weights: asymmetric ones carry zero points.
+    pub symmetric: Option<bool>,
+    /// The variant it declares, by name, where fastmoe_load does not load it.
+    pub unsupported: Option<String>,
+}
+
+/// A `quant_method` of `config.json`, and how to read the rest of its `quantization_config`.
+pub struct Method {
+    pub name: &'static str,
+    pub read: fn(&Value) -> Declared,
+}
+
+/// The `quant_method`s fastmoe_load knows; any other is declared and not loaded.
+pub const METHODS: [Method; 5] = [
+    Method {
+        name: "fp8",
+        read: fp8,
+    },
+    Method {
+        name: "fbgemm_fp8",
+        read: |_| Declared {
+            scheme: Some("channel"),
+            ..Declared::default()
+        },
+    },
+    // gpt-oss: one e8m0 scale per 32 values of a row.
+    Method {
+        name: "mxfp4",
+        read: |_| Declared {
+            block: Some((1, MX_BLOCK)),
+            scheme: Some("group"),
+            ..Declared::default()
+        },
+    },
+    Method {
+        name: "modelopt",
+        read: modelopt,
+    },
+    Method {
+        name: "compressed-tensors",
+        read: compressed_tensors,
+    },
+];
+
+fn pair(v: &Value) -> Option<(usize, usize)> {
+    match v.as_array()?.as_slice() {
+        [r, c] => Some((r.as_u64()? as usize, c.as_u64()? as usize)),
+        _ => None,
+    }
+}
+
+fn text(v: Option<&Value>) -> Option<String> {
+    v.and_then(Value::as_str).map(str::to_string)
+}
+
+fn fp8(q: &Value) -> Declared {
+    let block = q.get("weight_block_size").and_then(pair);
+    Declared {
+        block,
+        scheme: Some(if block.is_some() { "block" } else { "tensor" }),
+        ..Declared::default()
+    }
+}
+
+fn modelopt(q: &Value) -> Declared {
+    let field = |k: &str| q.get(k).or_else(|| q.get("quantization")?.get(k));
+    match field("quant_algo").and_then(Value::as_str) {
+        Some("FP8") => Declared {
+            scheme: Some("tensor"),
+            ..Declared::default()
+        },
+        Some("NVFP4") => {
+            let group = field("group_size")
+                .and_then(Value::as_u64)
+                .map_or(NVFP4_GROUP, |g| g as usize);
+            Declared {
+                block: Some((1, group)),
+                scheme: Some("group"),
+                ..Declared::default()
+            }
+        }
+        Some(algo) => Declared {
+            unsupported: Some(format!("modelopt {algo}")),
+            ..Declared::default()
+        },
+        None => Declared {
+            unsupported: Some("modelopt without quant_algo".into()),
+            ..Declared::default()
+        },
+    }
+}
+
+fn compressed_tensors(q: &Value) -> Declared {
+    let weights = || {
+        q.get("config_groups")
+            .and_then(Value::as_object)
+            .into_iter()
+            .flat_map(|groups| groups.values())
+            .filter_map(|g| g.get("weights"))
+    };
+    // Zero points are loaded where they are packed per group of columns.
+    let packed = |w: &Value| {
+        q.get("format").and_then(Value::as_str) == Some("pack-quantized")
+            && w.get("type").and_then(Value::as_str) == Some("int")
+            && match w.get("symmetric").and_then(Value::as_bool) {
+                Some(true) => true,
+                Some(false) => w.get("strategy").and_then(Value::as_str) == Some("group"),
+                None => false,
+            }
+    };
+    let unsupported = weights()
+        .find(|w| w.get("type").and_then(Value::as_str) != Some("float") && !packed(w))
+        .map(|other| {
+            let bits = other.get("num_bits").and_then(Value::as_u64);
+            let kind = text(other.get("type")).unwrap_or_else(|| "untyped".into());
+            let format = text(q.get("format")).unwrap_or_else(|| "unnamed format".into());
+            match bits {
+                Some(bits) => format!("compressed-tensors {kind}{bits} {format}"),
+                None => format!("compressed-tensors {kind} {format}"),
+            }
+        });
+    // The weights of the first float or int group; experts are `Linear` targets.
+    let first =
+        weights().find(|w| matches!(w.get("type").and_then(Value::as_str), Some("float" | "int")));
+    let field = |k: &str| first.and_then(|w| w.get(k));
+    let (mut int_bits, mut symmetric) = (None, None);
+    if field("type").and_then(Value::as_str) == Some("int") {
+        int_bits = field("num_bits")
+            .and_then(Value::as_u64)
+            .map(|b| b as usize);
+        symmetric = field("symmetric").and_then(Value::as_bool);
+    }
+    let group = field("group_size").and_then(Value::as_u64);
+    let (block, scheme) = match field("strategy").and_then(Value::as_str) {
+        Some("block") => (field("block_structure").and_then(pair), Some("block")),
+        Some("group") => (group.map(|g| (1, g as usize)), Some("group")),
+        Some("channel") => (None, Some("channel")),
+        Some("tensor") => (None, Some("tensor")),
+        _ => (None, None),
+    };
+    Declared {
+        block,
+        scheme,
+        int_bits,
+        symmetric,
+        unsupported,
+    }
+}
