@@ -272,6 +272,51 @@ def test_nvfp4_layers_match_vllm_load_weights(
     assert_same_parameters(ours, params)
 
 
+def test_nvfp4_global_input_scales_under_eplb_match_vllm(vllm_process_groups, tmp_path):
+    """FlashInfer's NVFP4 layers keep input scales for every physical expert: with 2 EPLB
+    replicas over the checkpoint's experts the tables hold E + 2 rows, each from the logical
+    expert vLLM's initial placement gives it (`physical % E`). Every parameter equals vLLM's
+    own loading; and a table of a shape vLLM would not allocate is refused before any
+    parameter of the layer is written."""
+    import json
+    from unittest import mock
+
+    import test_nvfp4
+    from vllm.model_executor.layers.fused_moe.oracle.nvfp4 import NvFp4MoeBackend
+    from vllm.model_executor.layers.quantization import modelopt
+    from vllm.model_executor.layers.quantization.modelopt import ModelOptNvFp4Config
+
+    chosen = (NvFp4MoeBackend.FLASHINFER_CUTLASS, None)
+    path = test_nvfp4.nvfp4_modelopt(tmp_path / "nvfp4")
+    config = ModelOptNvFp4Config.from_config(
+        json.loads((path / "config.json").read_text())["quantization_config"]
+    )
+    prefix = test_nvfp4.prefix()
+    sizes = (test_nvfp4.E, test_nvfp4.H, test_nvfp4.INTER)
+    name = prefix.removesuffix(".experts")
+    eplb = {"enable_eplb": True, "num_redundant_experts": 2}
+    with mock.patch.object(modelopt, "select_nvfp4_moe_backend", lambda **_: chosen):
+        theirs = build(2, 1, True, name, config, sizes, **eplb)
+        ours = build(2, 1, True, name, config, sizes, **eplb)
+        short = build(2, 1, True, name, config, sizes, **eplb)
+
+    params = load_both(theirs, ours, path, prefix)
+    assert params["w13_input_scale"].shape == (test_nvfp4.E + 2, 2)
+    assert_same_parameters(ours, params)
+
+    experts = short.routed_experts
+    experts.w13_input_scale = torch.nn.Parameter(
+        torch.full((test_nvfp4.E, 2), float("nan")), requires_grad=False
+    )
+    with fml.open(path) as ckpt, pytest.raises(fml.RequestError, match="w13_input_scale"):
+        load_fused_moe_layer(short, ckpt, prefix)
+    for param, tensor in experts.named_parameters():
+        if tensor.is_floating_point():
+            assert tensor.isnan().all(), f"{param} written before the error"
+        else:
+            assert (tensor.view(torch.uint8) == 0xA5).all(), f"{param} written before the error"
+
+
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("backend", ["MARLIN", "TRITON"])
 @pytest.mark.parametrize(("tp_size", "rank", "ep"), [(1, 0, False), (2, 1, False), (2, 1, True)])

@@ -15,8 +15,8 @@ import sys
 import warnings
 from collections.abc import Iterator
 
-from .._fastmoe_load import FastMoeLoadError, RequestError
 from .._command_line import OneLineParser, check_device, device_choice, positive_int
+from .._fastmoe_load import FastMoeLoadError, RequestError
 
 PROG = "python -m fastmoe_load"
 

@@ -44,9 +44,10 @@ class ExpertLayerSpec:
     - `interleaved`: gate and up rows alternate in `w13` (vLLM's gpt-oss `swigluoai`).
     - `padded`: the parameters may be larger than the rank's values (kernels that round
       sizes up), and take them in their leading corner, the rest untouched.
-    - `global_experts`: destinations held for every logical expert on every rank (one
-      scalar per expert and matrix: `w13_input_scale [E, 2]`, `w2_input_scale [E]`), as
-      kernels that quantize with every expert's scales keep them.
+    - `global_experts`: destinations held for every physical expert on every rank (one
+      scalar per expert and matrix: `w13_input_scale [P, 2]`, `w2_input_scale [P]`), as
+      kernels that quantize with every expert's scales keep them; `global_rows` holds the
+      checkpoint (logical) expert of each of their rows (EPLB replicas repeat one).
     - `w2_bias_first_rank`: `w2_bias` is added once before the all-reduce over TP ranks, so
       ranks other than 0 hold zeros.
     - `unverified`: why the engine's own loading may write something else into this layer
@@ -63,6 +64,7 @@ class ExpertLayerSpec:
     interleaved: bool
     padded: bool = False
     global_experts: tuple[str, ...] = ()
+    global_rows: Sequence[int] = ()
     w2_bias_first_rank: bool = False
     unverified: str | None = field(default=None, compare=False)
 
@@ -79,10 +81,9 @@ class ExpertLayerSpec:
                 group, len(self.experts), self.tp_size
             ).items()
         }
+        rows = len(self.global_rows)
         for name in self.global_experts:
-            shapes[name] = (
-                (group.num_experts, 2) if name.startswith("w13") else (group.num_experts,)
-            )
+            shapes[name] = (rows, 2) if name.startswith("w13") else (rows,)
         return shapes
 
     def problem(self) -> str | None:
@@ -97,6 +98,11 @@ class ExpertLayerSpec:
         split_error = group.tp_split_error(self.tp_size)
         if split_error is not None:
             return split_error
+        bad = sorted(
+            {e for e in (*self.experts, *self.global_rows) if not 0 <= e < group.num_experts}
+        )
+        if bad:
+            return f"{self.where}: the layer places experts {bad[:5]} the checkpoint does not have"
         expected = self.expected_shapes()
         companions = [name for name in expected if name not in (*WEIGHTS, *BIASES)]
         missing = [n for n in (*WEIGHTS, *companions) if n not in self.parameters]
@@ -180,7 +186,7 @@ def fill_layer(ckpt: Checkpoint, spec: ExpertLayerSpec) -> list[str]:
     )
     with torch.no_grad():
         for name in spec.global_experts:
-            _fill_global_experts(spec.group, name, spec.parameters[name])
+            _fill_global_experts(spec.group, name, spec.parameters[name], spec.global_rows)
         if "w2_bias" in destinations and spec.w2_bias_first_rank and spec.tp_rank > 0:
             destinations["w2_bias"].zero_()
         for name, values in scratch.items():
@@ -189,13 +195,16 @@ def fill_layer(ckpt: Checkpoint, spec: ExpertLayerSpec) -> list[str]:
     return spec.consumed
 
 
-def _fill_global_experts(group: MoeLayer, name: str, target: torch.Tensor) -> None:
-    """A companion of scalars for every logical expert: `w13_* [E, 2]` (gate's, up's) or
-    `w2_* [E]`, copied from the zero-copy views (shapes checked by `problem`)."""
+def _fill_global_experts(
+    group: MoeLayer, name: str, target: torch.Tensor, rows: Sequence[int]
+) -> None:
+    """A companion of scalars for every physical expert: `w13_* [P, 2]` (gate's, up's) or
+    `w2_* [P]`, row `p` from logical expert `rows[p]`, copied from the zero-copy views
+    (shapes and expert ids checked before)."""
     kind = name.split("_", 1)[1]
-    for e in range(group.num_experts):
+    for row, e in enumerate(rows):
         if name.startswith("w13"):
             for column, matrix in enumerate(("w1", "w3")):
-                target[e, column] = group.companion(kind, matrix, e).reshape(())
+                target[row, column] = group.companion(kind, matrix, e).reshape(())
         else:
-            target[e] = group.companion(kind, "w2", e).reshape(())
+            target[row] = group.companion(kind, "w2", e).reshape(())

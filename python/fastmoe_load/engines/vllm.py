@@ -22,8 +22,9 @@ module:
   `[E_local, 2*I/tp/8, H/group]` and `[E_local, H/8, I/tp/group]`),
   `w13_input_scale`/`w2_input_scale`; float32 parameters take bfloat16 or UE8M0 scales
   converted exactly, as vLLM's `copy_` does. NVFP4 methods whose kernels quantize with the
-  scales of all experts (FlashInfer's, `use_global_sf`) keep input scales for every global
-  expert (`[E, 2]`, `[E]`) on every EP rank: those are filled for every expert;
+  scales of all experts (FlashInfer's, `use_global_sf`) keep input scales for every
+  physical expert, redundant (EPLB) ones included (`[P, 2]`, `[P]`), on every EP rank:
+  those are filled for every physical expert, from its logical expert;
 - `tp_rank`, `tp_size` (or `moe_config.tp_rank`, `moe_config.tp_size`): the layer's MoE
   tensor-parallel rank and size;
 - `expert_map` (optional): a tensor of one entry per physical (global) expert, holding its
@@ -85,6 +86,15 @@ def weight_parameters(layer: Any) -> tuple[str, str]:
     return names
 
 
+def _logical(num_experts: int, logical_of_physical: Sequence[int] | None) -> Any:
+    """The checkpoint (logical) expert of a physical expert: vLLM's initial placement
+    (redundant experts replicate `physical % num_experts`) unless `logical_of_physical`
+    says otherwise."""
+    if logical_of_physical is None:
+        return lambda p: p % num_experts
+    return lambda p: int(logical_of_physical[p])
+
+
 def local_experts_of(
     layer: Any, num_experts: int, logical_of_physical: Sequence[int] | None = None
 ) -> list[int]:
@@ -101,9 +111,24 @@ def local_experts_of(
                 physical[slot] = expert
         if -1 in physical:
             raise RequestError(f"expert_map leaves local slot {physical.index(-1)} empty")
-    if logical_of_physical is None:
-        return [p % num_experts for p in physical]
-    return [int(logical_of_physical[p]) for p in physical]
+    logical = _logical(num_experts, logical_of_physical)
+    return [logical(p) for p in physical]
+
+
+def global_experts_of(
+    layer: Any, num_experts: int, logical_of_physical: Sequence[int] | None = None
+) -> list[int]:
+    """The checkpoint (logical) expert of every physical (global) expert of `layer`'s MoE
+    layer, redundant (EPLB) experts included: the rows of tables vLLM keeps for all
+    experts on every rank."""
+    layer = experts_module(layer)
+    expert_map = getattr(layer, "expert_map", None)
+    if expert_map is None:
+        physical = getattr(layer, weight_parameters(layer)[0]).shape[0]
+    else:
+        physical = len(expert_map)
+    logical = _logical(num_experts, logical_of_physical)
+    return [logical(p) for p in range(physical)]
 
 
 def wants_interleaved(layer: Any, group: MoeLayer) -> bool:
@@ -182,12 +207,14 @@ def describe(
     if group.has_bias and all(isinstance(getattr(layer, b, None), torch.Tensor) for b in BIASES):
         names |= {b: b for b in BIASES}
     global_experts: tuple[str, ...] = ()
+    global_rows: list[int] = []
     if group.quantization is not None:
         for companion in group.quantization.companions:
             for target in ("w13", "w2"):
                 names[f"{target}_{companion.kind}"] = f"{target}_{companion.kind}"
         if _global_input_scales(layer, group):
             global_experts = ("w13_input_scale", "w2_input_scale")
+            global_rows = global_experts_of(layer, group.num_experts, logical_of_physical)
     parameters = {
         dest: getattr(layer, name).data
         for dest, name in names.items()
@@ -210,6 +237,7 @@ def describe(
         interleaved=wants_interleaved(layer, group),
         padded=padded,
         global_experts=global_experts,
+        global_rows=global_rows,
         w2_bias_first_rank=True,
         unverified=_unverified(layer, group),
     )
