@@ -93,10 +93,13 @@ def fused_block(path: Path) -> Path:
     return save(path, tensors, "qwen3_moe", BLOCK_CONFIG)
 
 
-def compressed_tensors(path: Path, strategy: str) -> Path:
+def compressed_tensors(
+    path: Path, strategy: str, input_scales: tuple[float, float] | None = None
+) -> Path:
     """compressed-tensors FP8 (`float-quantized`) as llm-compressor writes its two schemes
     that vLLM serves: FP8_DYNAMIC, `weight_scale [out, 1]` per channel with dynamic per-token
-    activations; FP8 static, `weight_scale [1]` per tensor with `input_scale [1]`."""
+    activations; FP8 static, `weight_scale [1]` per tensor with `input_scale [1]`, gate's
+    and up's the same unless `input_scales` gives every expert's (gate's, up's)."""
     gen = torch.Generator().manual_seed(3)
     tensors = {}
     for e in range(E):
@@ -106,7 +109,10 @@ def compressed_tensors(path: Path, strategy: str) -> Path:
             tensors[f"{name}.weight"] = fp8(rows, cols, gen=gen)
             shape = (rows, 1) if strategy == "channel" else (1,)
             tensors[f"{name}.weight_scale"] = scale(*shape, dtype=torch.float32, gen=gen)
-            if strategy == "tensor":  # gate and up read the same activations
+            if strategy == "tensor" and input_scales is not None and module != "down_proj":
+                value = input_scales[module == "up_proj"]
+                tensors[f"{name}.input_scale"] = torch.tensor([value], dtype=torch.float32)
+            elif strategy == "tensor":  # gate and up read the same activations
                 reuse = module == "up_proj"
                 tensors[f"{name}.input_scale"] = (
                     tensors[f"{PREFIX}.{e}.gate_proj.input_scale"].clone()

@@ -138,3 +138,50 @@ def test_expert_map_with_an_empty_slot_is_refused(saved_models):
         with pytest.raises(fml.RequestError, match="local slot 2 empty"):
             load_fused_moe_layer(layer, ckpt, group.prefix)
         assert layer.w13_weight.isnan().all()
+
+
+def fp8_tensor_layer(method: str, experts: int, inter: int, hidden: int):
+    """The parameters a vLLM fp8 per-tensor MoE method creates (weights, `w13_weight_scale
+    [E, 2]`, `w2_weight_scale [E]`, input scales `[E]`), poisoned, under `method`'s name."""
+    layer = SimpleNamespace(
+        w13_weight=torch.nn.Parameter(
+            torch.full((experts, 2 * inter, hidden), 0x7F, dtype=torch.uint8).view(
+                torch.float8_e4m3fn
+            ),
+            False,
+        ),
+        w2_weight=torch.nn.Parameter(
+            torch.full((experts, hidden, inter), 0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn),
+            False,
+        ),
+        w13_weight_scale=torch.nn.Parameter(poisoned((experts, 2), torch.float32), False),
+        w2_weight_scale=torch.nn.Parameter(poisoned((experts,), torch.float32), False),
+        w13_input_scale=torch.nn.Parameter(poisoned((experts,), torch.float32), False),
+        w2_input_scale=torch.nn.Parameter(poisoned((experts,), torch.float32), False),
+        tp_rank=0,
+        tp_size=1,
+        expert_map=None,
+        quant_method=type(method, (), {})(),
+    )
+    return layer
+
+
+def test_gate_and_up_input_scales_follow_each_methods_rule(tmp_path):
+    """compressed-tensors static fp8 whose gate and up input scales differ: vLLM refuses it
+    for its compressed-tensors method ("input_scales of w1 and w3 of a layer must be
+    equal"), so the adapter refuses it too, before writing; its fp8 and ModelOpt methods keep
+    the up projection's, and so does the adapter."""
+    import test_quant
+
+    path = test_quant.compressed_tensors(tmp_path / "ct", "tensor", input_scales=(0.1833, 0.55))
+    e, inter, hidden = test_quant.E, test_quant.INTER, test_quant.H
+    with fml.open(path) as ckpt:
+        refused = fp8_tensor_layer("CompressedTensorsW8A8Fp8MoEMethod", e, inter, hidden)
+        with pytest.raises(fml.RequestError, match=r"gate input_scale 0\.1833 and up input_sc"):
+            load_fused_moe_layer(refused, ckpt, test_quant.PREFIX)
+        assert refused.w13_input_scale.isnan().all() and refused.w13_weight_scale.isnan().all()
+        assert (refused.w13_weight.data.view(torch.uint8) == 0x7F).all()
+        for method in ("Fp8MoEMethod", "ModelOptFp8MoEMethod"):
+            kept = fp8_tensor_layer(method, e, inter, hidden)
+            load_fused_moe_layer(kept, ckpt, test_quant.PREFIX)
+            assert kept.w13_input_scale.data.tolist() == [0.550000011920929] * e

@@ -195,6 +195,29 @@ def test_fp8_layers_match_vllm_load_weights(
     assert_same_parameters(ours, params)
 
 
+def test_differing_gate_and_up_input_scales_are_refused_as_vllm_does(vllm_process_groups, tmp_path):
+    """compressed-tensors static fp8 whose gate and up input scales differ: vLLM's own
+    loading raises, and the adapter raises too, writing nothing."""
+    import test_quant
+
+    path = test_quant.compressed_tensors(tmp_path / "ct", "tensor", input_scales=(0.1833, 0.55))
+    prefix = test_quant.PREFIX
+    sizes = (test_quant.E, test_quant.H, test_quant.INTER)
+    name = prefix.removesuffix(".experts")
+    theirs = build(1, 0, False, name, quant_config_of(path), sizes)
+    ours = build(1, 0, False, name, quant_config_of(path), sizes)
+    with fml.open(path) as ckpt:
+        names = [n for n in ckpt.keys() if n.startswith(prefix + ".")]
+        weights = ((n[len(prefix) + 1 :], ckpt.tensor(n)) for n in names)
+        with pytest.raises(ValueError, match="input_scales of w1 and w3 of a layer must be equal"):
+            list(theirs.load_weights(weights))
+        with pytest.raises(fml.RequestError, match="gate input_scale 0.1833 and up"):
+            load_fused_moe_layer(ours, ckpt, prefix)
+    for param, tensor in ours.routed_experts.named_parameters():
+        if tensor.is_floating_point():
+            assert tensor.float().isnan().all(), f"{param} written before the error"
+
+
 @pytest.mark.parametrize(("tp_size", "rank"), [(1, 0), (2, 1)])
 def test_dbrx_matches_vllm_dbrx_loader(vllm_process_groups, tmp_path, tp_size, rank):
     """DBRX's stacked `ffn.experts.mlp.w1 / v1 / w2 [E·I, H]`, loaded by vLLM's own

@@ -25,6 +25,9 @@ from ..loader import destination_shapes, load_fused_moe
 # / `w2_{kind}` (see `load_fused_moe`).
 WEIGHTS = ("w13", "w2")
 BIASES = ("w13_bias", "w2_bias")
+# How far gate's and up's value of a merged companion may differ where they must agree:
+# vLLM's own tolerance for compressed-tensors input scales.
+MERGED_TOLERANCE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,10 @@ class ExpertLayerSpec:
       checkpoint (logical) expert of each of their rows (EPLB replicas repeat one).
     - `w2_bias_first_rank`: `w2_bias` is added once before the all-reduce over TP ranks, so
       ranks other than 0 hold zeros.
+    - `merged_must_agree`: a companion the engine keeps once for gate and up together
+      (`w13_input_scale [E_local]`) is refused where gate's and up's differ by more than
+      `MERGED_TOLERANCE` (compressed-tensors in vLLM); otherwise the layer keeps up's, as
+      vLLM's fp8 and ModelOpt loading leaves it.
     - `unverified`: why the engine's own loading may write something else into this layer
       (another quantization method, a refined scale grid, ...), or None: such a layer is
       left to the engine's loader, never filled by `load_format="fastmoe"`.
@@ -66,6 +73,7 @@ class ExpertLayerSpec:
     global_experts: tuple[str, ...] = ()
     global_rows: Sequence[int] = ()
     w2_bias_first_rank: bool = False
+    merged_must_agree: bool = False
     unverified: str | None = field(default=None, compare=False)
 
     @property
@@ -112,6 +120,9 @@ class ExpertLayerSpec:
                 f"{', '.join(self.names.get(n, n) for n in missing)}: build it with the "
                 "checkpoint's quantization config"
             )
+        disagreeing = self._disagreeing_merged()
+        if disagreeing is not None:
+            return disagreeing
         for name, tensor in self.parameters.items():
             want, have = expected[name], tuple(tensor.shape)
             if have == want:
@@ -121,6 +132,28 @@ class ExpertLayerSpec:
                 return (
                     f"{self.where}: {self.names.get(name, name)} has shape {have}, expected {want}"
                 )
+        return None
+
+    def _disagreeing_merged(self) -> str | None:
+        """Where gate and up hold different values of a companion the layer keeps once for
+        both, and the engine refuses that: which expert, and the two values."""
+        quantization = self.group.quantization
+        if not self.merged_must_agree or quantization is None:
+            return None
+        for companion in quantization.companions:
+            if not companion.merged_w13:
+                continue
+            for e in sorted(set(self.experts)):
+                gate = self.group.companion(companion.kind, "w1", e).float().reshape(())
+                up = self.group.companion(companion.kind, "w3", e).float().reshape(())
+                if (gate - up).abs() > MERGED_TOLERANCE:
+                    return (
+                        f"{self.where}: expert {e} has gate {companion.kind} {gate.item():g} "
+                        f"and up {companion.kind} {up.item():g}, which the layer keeps as one "
+                        f"value ({self.names.get('w13_' + companion.kind)}); its engine "
+                        "refuses them unless they are equal: re-export the checkpoint with "
+                        "one activation scale per expert for gate and up"
+                    )
         return None
 
     def unfillable(self) -> str | None:

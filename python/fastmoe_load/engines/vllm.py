@@ -239,6 +239,8 @@ def describe(
         global_experts=global_experts,
         global_rows=global_rows,
         w2_bias_first_rank=True,
+        # vLLM refuses compressed-tensors input scales that differ between gate and up.
+        merged_must_agree=_method_name(layer).startswith("CompressedTensors"),
         unverified=_unverified(layer, group),
     )
 
