@@ -211,7 +211,7 @@ def test_differing_gate_and_up_input_scales_are_refused_as_vllm_does(vllm_proces
         weights = ((n[len(prefix) + 1 :], ckpt.tensor(n)) for n in names)
         with pytest.raises(ValueError, match="input_scales of w1 and w3 of a layer must be equal"):
             list(theirs.load_weights(weights))
-        with pytest.raises(fml.RequestError, match="gate input_scale 0.1833 and up"):
+        with pytest.raises(fml.RequestError, match=r"gate input_scale 0\.1833 and up"):
             load_fused_moe_layer(ours, ckpt, prefix)
     for param, tensor in ours.routed_experts.named_parameters():
         if tensor.is_floating_point():

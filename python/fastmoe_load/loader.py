@@ -278,8 +278,9 @@ def load_fused_moe(
     1]` / `[E_local]` per channel / per tensor (compressed-tensors, ModelOpt); `w13_input_scale`
     and `w2_input_scale [E_local]` (static activation scales; w13 takes the up projection's,
     as vLLM's fp8 and ModelOpt loading leaves it; for compressed-tensors vLLM refuses gate
-    and up scales that differ, and so does `fastmoe_load.engines.vllm`). NVFP4 (ModelOpt, vLLM's `ModelOptNvFp4FusedMoE`): `w13`
-    `[E_local, 2*I/tp, H/2]` and `w2 [E_local, H, I/tp/2]` uint8 (two values a byte),
+    and up scales that differ, and so does `fastmoe_load.engines.vllm`). NVFP4 (ModelOpt,
+    vLLM's `ModelOptNvFp4FusedMoE`): `w13 [E_local, 2*I/tp, H/2]` and `w2 [E_local, H,
+    I/tp/2]` uint8 (two values a byte),
     `w13_weight_scale [E_local, 2*I/tp, H/16]` and `w2_weight_scale [E_local, H, I/tp/16]`
     float8_e4m3fn, `w13_weight_scale_2` and `w13_input_scale [E_local, 2]` (gate's, up's),
     `w2_weight_scale_2` and `w2_input_scale [E_local]` float32. int4 (compressed-tensors,
