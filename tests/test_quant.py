@@ -545,3 +545,22 @@ def test_block_scales_cannot_be_interleaved(tmp_path):
             },
             w13_interleaved=True,
         )
+
+
+def test_quantized_weights_are_never_cast_without_their_scales(tmp_path):
+    """allow_cast=True with bfloat16 destinations for fp8 experts would copy e4m3 values
+    without their scales: refused, naming the dtypes, every destination untouched."""
+    path = per_expert_block(tmp_path / "ds", torch.float32, "deepseek_v3")
+    with fml.open(path) as ckpt:
+        layer = ckpt.experts(PREFIX)
+        _, _, scales = destinations(layer, 1, E)
+        w13 = poisoned((E, 2 * INTER, H))
+        w2 = poisoned((E, H, INTER))
+        with pytest.raises(
+            fml.RequestError,
+            match=r"w13 has dtype torch.bfloat16 but the checkpoint stores quantized "
+            r"torch.float8_e4m3fn weights.*a cast would drop the scales",
+        ):
+            fml.load_fused_moe(ckpt, PREFIX, w13, w2, scales=scales, allow_cast=True)
+        assert w13.isnan().all() and w2.isnan().all()
+        assert all(s.isnan().all() for s in scales.values())

@@ -64,7 +64,11 @@ class _Request:
         shape: tuple[int, ...],
         dtype: torch.dtype,
         allow_cast: bool = False,
+        quantized: bool = False,
     ) -> torch.Tensor:
+        """`tensor` checked as the destination `name` of values of `shape` and `dtype`;
+        `quantized`: it takes quantized weights, which mean something only with their
+        scales."""
         if not isinstance(tensor, torch.Tensor):
             raise self.error(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
         if tensor.dtype != dtype and not allow_cast:
@@ -77,6 +81,13 @@ class _Request:
         castable = (dtype.is_floating_point and tensor.dtype.is_floating_point) or (
             name.endswith("weight_shape")
         )
+        if tensor.dtype != dtype and quantized:
+            raise self.error(
+                f"{name} has dtype {tensor.dtype} but the checkpoint stores quantized "
+                f"{dtype} weights, which mean something only with their scales: a cast "
+                f"would drop the scales. Use a {dtype} destination and load the scales beside "
+                "it (fastmoe_load dequantizes only gpt-oss mxfp4 experts, in load_model)"
+            )
         if tensor.dtype != dtype and not castable:
             raise self.error(
                 f"{name} has dtype {tensor.dtype} but the checkpoint stores {dtype}, values "
@@ -137,7 +148,13 @@ def plan_destinations(
             raise request.error(f"{name} given but the checkpoint has no expert biases")
         wanted.append((name, tensor, *shapes[name]))
     wanted += _scale_destinations(request, layer, scales, shapes)
-    tensors = [request.destination(*w, allow_cast=allow_cast) for w in wanted]
+    quantized = layer.quantization is not None
+    tensors = [
+        request.destination(
+            *w, allow_cast=allow_cast, quantized=quantized and w[0] in ("w13", "w2")
+        )
+        for w in wanted
+    ]
     devices = {t.device for t in tensors}
     if len(devices) > 1:
         raise request.error(f"destinations are on several devices: {sorted(map(str, devices))}")
