@@ -364,3 +364,20 @@ def vllm_process_groups():
     yield
     destroy_model_parallel()
     destroy_distributed_environment()
+
+
+def group_error(ckpt) -> str:
+    """The message of the first expert group of `ckpt` that cannot be loaded, which never
+    blocks the rest: `moe_layers()` leaves it out, with an `UnsupportedWarning`;
+    `unsupported_groups()` lists it with the reason; using it raises `LayoutError`."""
+    import fastmoe_load as fml
+
+    with pytest.warns(fml.UnsupportedWarning):
+        loadable = {layer.prefix for layer in ckpt.moe_layers()}
+    group = ckpt.unsupported_groups()[0]
+    assert group.prefix not in loadable and group.tensor_names
+    with pytest.raises(fml.LayoutError) as raised:
+        ckpt.experts(group.prefix)
+    message = str(raised.value)
+    assert group.reason in message
+    return message

@@ -19,6 +19,7 @@ import struct
 import subprocess
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,7 +165,19 @@ def opens(name: str = MODEL) -> Callable[[Ctx], object]:
 
 
 def layers(name: str = MODEL) -> Callable[[Ctx], object]:
-    return lambda ctx: ctx.open(name).moe_layers()
+    """Lists the groups, then uses each one that cannot be loaded: a group that fails never
+    blocks the others (moe_layers() lists the rest and warns), and raises when used."""
+
+    def run(ctx: Ctx) -> object:
+        ckpt = ctx.open(name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", fml.UnsupportedWarning)
+            found = ckpt.moe_layers()
+        for group in ckpt.unsupported_groups():
+            ckpt.experts(group.prefix)
+        return found
+
+    return run
 
 
 def load(

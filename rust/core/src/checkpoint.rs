@@ -18,6 +18,9 @@ pub struct Checkpoint {
     /// name -> (shard, position in that shard's tensor list)
     index: HashMap<String, (usize, usize)>,
     config: Option<serde_json::Value>,
+    /// Opened as one file of a sharded checkpoint: the tensors its directory's index
+    /// places in the other files, by name (empty otherwise).
+    elsewhere: BTreeMap<String, String>,
 }
 
 #[derive(serde::Deserialize)]
@@ -28,12 +31,18 @@ struct IndexFile {
 impl Checkpoint {
     pub fn open(path: &Path) -> Result<Checkpoint> {
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, "open", e))?;
-        let (shard_paths, expected, config_path) = if meta.is_dir() {
+        let (shard_paths, expected, config_path, elsewhere) = if meta.is_dir() {
             let (shards, expected) = shard_paths_of_dir(path)?;
-            (shards, expected, path.join(CONFIG_FILE))
+            (shards, expected, path.join(CONFIG_FILE), BTreeMap::new())
         } else {
             let dir = path.parent().unwrap_or(Path::new("."));
-            (vec![path.to_path_buf()], None, dir.join(CONFIG_FILE))
+            let elsewhere = stored_beside(path, dir);
+            (
+                vec![path.to_path_buf()],
+                None,
+                dir.join(CONFIG_FILE),
+                elsewhere,
+            )
         };
         let shards = shard_paths
             .iter()
@@ -64,6 +73,7 @@ impl Checkpoint {
             shards,
             index,
             config,
+            elsewhere,
         })
     }
 
@@ -116,6 +126,17 @@ impl Checkpoint {
             .find_map(|s| Some((s.metadata().get(key)?.as_str(), s.path())))
     }
 
+    /// The other files of its checkpoint that hold tensors under `prefix.`, where this is
+    /// one file of a sharded checkpoint (its directory's index says so); empty otherwise.
+    pub fn shards_elsewhere(&self, prefix: &str) -> BTreeSet<&str> {
+        let inside = format!("{prefix}.");
+        self.elsewhere
+            .range(inside.clone()..)
+            .take_while(|(name, _)| name.starts_with(&inside))
+            .map(|(_, file)| file.as_str())
+            .collect()
+    }
+
     /// Fails if any of the given shards changed on disk since open.
     pub fn check_intact(&self, shards: impl IntoIterator<Item = usize>) -> Result<()> {
         shards
@@ -125,6 +146,26 @@ impl Checkpoint {
 }
 
 type ShardList = (Vec<PathBuf>, Option<BTreeMap<String, String>>);
+
+/// The tensors that the index beside `file` places in other files, where that index lists
+/// `file` as one of its shards: opened alone, such a file holds part of a checkpoint. An
+/// index that cannot be read says nothing about `file`, which opens as the file it is.
+fn stored_beside(file: &Path, dir: &Path) -> BTreeMap<String, String> {
+    let Some(name) = file.file_name().and_then(|n| n.to_str()) else {
+        return BTreeMap::new();
+    };
+    let index = std::fs::read(dir.join(INDEX_FILE))
+        .ok()
+        .and_then(|text| serde_json::from_slice::<IndexFile>(&text).ok());
+    match index {
+        Some(index) if index.weight_map.values().any(|f| f == name) => index
+            .weight_map
+            .into_iter()
+            .filter(|(_, f)| f != name)
+            .collect(),
+        _ => BTreeMap::new(),
+    }
+}
 
 /// The shards of a directory: those the index names, else every `*.safetensors` file.
 fn shard_paths_of_dir(dir: &Path) -> Result<ShardList> {

@@ -15,7 +15,7 @@ pub mod unsupported;
 pub use checkpoint::Checkpoint;
 pub use error::{Error, Result};
 pub use exec::{Executor, ReadMode, Ticket};
-pub use layout::{detect, MatrixView, MoeLayer, Part};
+pub use layout::{detect, detect_groups, Detected, FailedGroup, MatrixView, MoeLayer, Part};
 pub use plan::{CopyOp, CopyPlan, LoadRequest, Target};
 pub use quant::{Companion, CompanionKind, Grid, Quantization};
 pub use safetensors::tensor::Dtype;

@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashSet};
 
 use crate::checkpoint::Checkpoint;
-use crate::layout::{naming, MoeLayer};
+use crate::layout::{naming, Detected, MoeLayer};
 use crate::quant::{self, QuantConfig, FOREIGN_QUANT_SUFFIXES};
 use crate::shard::TensorEntry;
 
@@ -48,16 +48,33 @@ fn expert_prefix(name: &str, entry: &TensorEntry) -> Option<String> {
     (at + 1 < parts.len()).then(|| parts[..=at].join("."))
 }
 
-/// Every group of expert-like tensors that `layers` (what `detect` found) leaves unread, by
-/// prefix in natural order, each with the reason it cannot be loaded.
-pub fn unsupported_groups(ckpt: &Checkpoint, layers: &[MoeLayer]) -> Vec<UnsupportedGroup> {
+/// Every group of expert-like tensors that detection leaves unread, by prefix in natural
+/// order, each with the reason it cannot be loaded: the groups that failed detection (every
+/// tensor under their prefix, with the failure's reason), then the rest.
+pub fn unsupported_groups(ckpt: &Checkpoint, detected: &Detected) -> Vec<UnsupportedGroup> {
+    let layers = &detected.layers;
     let claimed: HashSet<&str> = layers.iter().flat_map(|l| l.tensor_names()).collect();
+    let mut failed: Vec<UnsupportedGroup> = detected
+        .failed
+        .iter()
+        .map(|f| UnsupportedGroup {
+            prefix: f.prefix.clone(),
+            tensors: Vec::new(),
+            reason: f.reason.clone(),
+        })
+        .collect();
     let mut groups: BTreeMap<String, Vec<(&str, &TensorEntry)>> = BTreeMap::new();
     for (name, entry) in ckpt.entries() {
         if claimed.contains(name) {
             continue;
         }
-        if let Some(prefix) = expert_prefix(name, entry) {
+        let under = |g: &&mut UnsupportedGroup| {
+            name.strip_prefix(g.prefix.as_str())
+                .is_some_and(|rest| rest.starts_with('.'))
+        };
+        if let Some(group) = failed.iter_mut().find(under) {
+            group.tensors.push(name.to_string());
+        } else if let Some(prefix) = expert_prefix(name, entry) {
             groups.entry(prefix).or_default().push((name, entry));
         }
     }
@@ -73,6 +90,7 @@ pub fn unsupported_groups(ckpt: &Checkpoint, layers: &[MoeLayer]) -> Vec<Unsuppo
             }
         })
         .collect();
+    found.extend(failed);
     found.sort_by(|a, b| crate::layout::natural_cmp(&a.prefix, &b.prefix));
     found
 }

@@ -224,7 +224,7 @@ impl PyCheckpoint {
     /// `[(prefix, tensor names, reason)]`.
     fn unsupported_groups(&self) -> PyResult<Vec<(String, Vec<String>, String)>> {
         let state = self.state()?;
-        Ok(unsupported_groups(&state.ckpt, state.layers()?)
+        Ok(unsupported_groups(&state.ckpt, state.detected()?)
             .into_iter()
             .map(|g| (g.prefix, g.tensors, g.reason))
             .collect())

@@ -4,7 +4,7 @@
 
 use std::sync::OnceLock;
 
-use fastmoe_load_core::{detect, Checkpoint, Executor, MoeLayer};
+use fastmoe_load_core::{detect_groups, Checkpoint, Detected, Executor, MoeLayer};
 use pyo3::prelude::*;
 
 use crate::errors::{to_py, TensorNotFoundError};
@@ -15,7 +15,7 @@ pub struct State {
     pub ckpt: Checkpoint,
     pub executor: Executor,
     interleaved: Option<bool>,
-    layers: OnceLock<Vec<MoeLayer>>,
+    detected: OnceLock<Detected>,
 }
 
 impl State {
@@ -24,21 +24,32 @@ impl State {
             ckpt,
             executor,
             interleaved,
-            layers: OnceLock::new(),
+            detected: OnceLock::new(),
         }
     }
 
-    /// The routed-expert groups, detected on first use.
+    /// The routed-expert groups, those that load and those that cannot, detected on first
+    /// use.
+    pub fn detected(&self) -> PyResult<&Detected> {
+        if let Some(detected) = self.detected.get() {
+            return Ok(detected);
+        }
+        let detected = detect_groups(&self.ckpt, self.interleaved).map_err(to_py)?;
+        Ok(self.detected.get_or_init(|| detected))
+    }
+
+    /// The routed-expert groups that load.
     pub fn layers(&self) -> PyResult<&[MoeLayer]> {
-        if let Some(layers) = self.layers.get() {
-            return Ok(layers);
-        }
-        let layers = detect(&self.ckpt, self.interleaved).map_err(to_py)?;
-        Ok(self.layers.get_or_init(|| layers))
+        Ok(&self.detected()?.layers)
     }
 
+    /// The group at `prefix`; for a group that cannot be loaded, the `LayoutError` saying why.
     pub fn layer(&self, prefix: &str) -> PyResult<&MoeLayer> {
-        let layers = self.layers()?;
+        let detected = self.detected()?;
+        if let Some(error) = detected.error(&self.ckpt, prefix) {
+            return Err(to_py(error));
+        }
+        let layers = &detected.layers;
         layers.iter().find(|l| l.prefix == prefix).ok_or_else(|| {
             let known: Vec<&str> = layers.iter().map(|l| l.prefix.as_str()).take(4).collect();
             TensorNotFoundError::new_err(format!(

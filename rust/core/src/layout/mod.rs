@@ -17,8 +17,8 @@ mod per_expert;
 mod stacked;
 mod view;
 
-pub use detect::detect;
 pub(crate) use detect::natural_cmp;
+pub use detect::{detect, detect_groups, Detected, FailedGroup};
 pub use layer::{ExpertTensors, FusedTensors, MoeLayer, Part, PerExpertTensors, StackedTensors};
 pub use naming::{Naming, GATE_UP_METADATA_KEY, NAMINGS};
 pub use view::MatrixView;
