@@ -62,9 +62,12 @@ def vllm_config(path, load_format: str, dtype: str = "bfloat16"):
     model_config = ModelConfig(
         model=str(path), dtype=dtype, skip_tokenizer_init=True, enforce_eager=True
     )
+    # Every model fastmoe_load loads here proves that each parameter was written exactly
+    # once, by fastmoe_load or by the model's own load_weights, quantized ones included.
+    extra = {"enable_weights_track": True} if load_format == "fastmoe" else {}
     return VllmConfig(
         model_config=model_config,
-        load_config=LoadConfig(load_format=load_format),
+        load_config=LoadConfig(load_format=load_format, model_loader_extra_config=extra),
         device_config=DeviceConfig(device="cpu"),
     )
 
@@ -241,6 +244,20 @@ def test_missing_weight_is_named(distributed, checkpoints, tmp_path):
         load(tmp_path, "safetensors")
     with pytest.raises(fml.TensorNotFoundError, match=r"1 parameter\(s\).*: model\.norm\.weight$"):
         load(tmp_path, "fastmoe")
+
+
+def test_a_parameter_written_twice_is_named(distributed, checkpoints, monkeypatch):
+    """Expert tensors that reach the model's own load_weights after fastmoe_load filled their
+    layer (a consumed-names bug) are caught by the accounting, which names the parameters."""
+    original = vllm_loader.fill_expert_layers
+
+    def fills_but_consumes_nothing(model, ckpt):
+        filled, _ = original(model, ckpt)
+        return filled, set()
+
+    monkeypatch.setattr(vllm_loader, "fill_expert_layers", fills_but_consumes_nothing)
+    with pytest.raises(fml.LayoutError, match=r"written both by fastmoe_load and by .*w13_weight"):
+        load(checkpoints["qwen3_moe", False], "fastmoe")
 
 
 def test_unknown_extra_config_is_refused(distributed):

@@ -29,14 +29,18 @@ OPEN_OPTIONS = ("num_threads", "io", "prefetch")
 CHECKPOINT_FILES = ["*.safetensors", "*.json"]
 
 
-def open_options(extra_config: Mapping[str, Any] | None, loader: str) -> dict[str, Any]:
-    """The `fastmoe_load.open` options in an engine's `model_loader_extra_config`; anything
-    else is refused, naming `loader` and what it takes."""
+def open_options(
+    extra_config: Mapping[str, Any] | None, loader: str, also: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """The `fastmoe_load.open` options in an engine's `model_loader_extra_config`, and the
+    loader's own ones named in `also`; anything else is refused, naming `loader` and what it
+    takes."""
     options = dict(extra_config or {})
-    unknown = sorted(set(options) - set(OPEN_OPTIONS))
+    known = (*OPEN_OPTIONS, *also)
+    unknown = sorted(set(options) - set(known))
     if unknown:
         raise RequestError(
-            f"model_loader_extra_config for {loader} takes {', '.join(OPEN_OPTIONS)}; "
+            f"model_loader_extra_config for {loader} takes {', '.join(known)}; "
             f"not {', '.join(unknown)}"
         )
     return options

@@ -144,15 +144,18 @@ class ExpertLayerSpec:
             if not companion.merged_w13:
                 continue
             for e in sorted(set(self.experts)):
-                gate = self.group.companion(companion.kind, "w1", e).float().reshape(())
-                up = self.group.companion(companion.kind, "w3", e).float().reshape(())
-                if (gate - up).abs() > MERGED_TOLERANCE:
+                gate = self.group.companion(companion.kind, "w1", e).float().flatten()
+                up = self.group.companion(companion.kind, "w3", e).float().flatten()
+                if (gate - up).abs().max() > MERGED_TOLERANCE:
+                    shown = [f"{v:g}" for v in (*gate.tolist(), *up.tolist())]
+                    half = len(shown) // 2
                     return (
-                        f"{self.where}: expert {e} has gate {companion.kind} {gate.item():g} "
-                        f"and up {companion.kind} {up.item():g}, which the layer keeps as one "
-                        f"value ({self.names.get('w13_' + companion.kind)}); its engine "
-                        "refuses them unless they are equal: re-export the checkpoint with "
-                        "one activation scale per expert for gate and up"
+                        f"{self.where}: expert {e} has gate {companion.kind} "
+                        f"{', '.join(shown[:half])} and up {companion.kind} "
+                        f"{', '.join(shown[half:])}, which the layer keeps as one "
+                        f"({self.names.get('w13_' + companion.kind)}); its engine refuses them "
+                        "unless they are equal: re-export the checkpoint with one value per "
+                        "expert for gate and up"
                     )
         return None
 

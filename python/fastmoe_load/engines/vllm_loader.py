@@ -19,7 +19,10 @@ an installed package declares, in `pyproject.toml`:
 
 after which `--load-format fastmoe` works from the command line too (`VLLM_PLUGINS`, if set,
 must name `fastmoe_load`). `model_loader_extra_config` may carry `num_threads`, `io` and
-`prefetch`, passed to `fastmoe_load.open`.
+`prefetch`, passed to `fastmoe_load.open`, and vLLM's own `enable_weights_track`: true proves
+after the load that every parameter of the rank was written exactly once, by fastmoe_load or
+by the model's `load_weights` (quantized models too; vLLM checks only unquantized ones by
+default, and so does this loader), naming anything written twice or left as allocated.
 
 What it relies on in vLLM (0.33):
 
@@ -80,6 +83,10 @@ from .vllm import describe
 logger = logging.getLogger("fastmoe_load")
 
 LOAD_FORMAT = "fastmoe"
+# vLLM's own switch of its completeness check in `model_loader_extra_config`, honoured the
+# same way: on, every parameter must be written exactly once, by fastmoe_load or by the
+# model's `load_weights`; off, never checked; unset, checked where vLLM's loader checks.
+TRACK_OPTION = "enable_weights_track"
 _registered = False
 
 
@@ -98,9 +105,16 @@ class FastMoeModelLoader(BaseModelLoader):
 
     def __init__(self, load_config: LoadConfig) -> None:
         super().__init__(load_config)
-        self.open_options: dict[str, Any] = open_options(
-            load_config.model_loader_extra_config, f"load_format={LOAD_FORMAT!r}"
+        options = open_options(
+            load_config.model_loader_extra_config, f"load_format={LOAD_FORMAT!r}", (TRACK_OPTION,)
         )
+        self.enable_weights_track: bool | None = options.pop(TRACK_OPTION, None)
+        if self.enable_weights_track not in (None, True, False):
+            raise RequestError(
+                f"model_loader_extra_config {TRACK_OPTION} must be true or false, "
+                f"not {self.enable_weights_track!r}"
+            )
+        self.open_options: dict[str, Any] = options
 
     def checkpoint_dir(self, model_config: ModelConfig) -> str:
         """The local checkpoint directory, downloaded first for a Hub model id."""
@@ -147,9 +161,17 @@ class FastMoeModelLoader(BaseModelLoader):
             len(remaining),
             time.perf_counter() - experts_done,
         )
-        # Tracked by default where vLLM's own loader tracks: unquantized models that report.
-        if model_config.quantization is None and loaded is not None:
-            check_all_loaded(model, set(loaded) | filled, path)
+        quantized = model_config.quantization is not None
+        track = self.enable_weights_track
+        if track is None:  # by default where vLLM's own loader tracks
+            track = not quantized and loaded is not None
+        if track:
+            if loaded is None:
+                raise RequestError(
+                    f"{TRACK_OPTION}: {type(model).__name__}.load_weights does not report what "
+                    "it loaded, so nothing can prove that every parameter was written"
+                )
+            check_all_loaded(model, set(loaded), filled, path, quantized)
 
 
 def expert_layers(model: torch.nn.Module) -> dict[str, tuple[str, torch.nn.Module]]:
@@ -222,12 +244,23 @@ def fill_expert_layers(model: torch.nn.Module, ckpt: Checkpoint) -> tuple[set[st
     return filled, consumed
 
 
-def check_all_loaded(model: torch.nn.Module, loaded: set[str], path: str) -> None:
-    """Raises `TensorNotFoundError` naming every parameter that vLLM's default loader would
-    also refuse to leave uninitialised."""
-    covered = set(loaded)  # vLLM adds the parameters it exempts from the check
+def check_all_loaded(
+    model: torch.nn.Module, loaded: set[str], filled: set[str], path: str, quantized: bool
+) -> None:
+    """Proves that every parameter of `model` was written exactly once: by fastmoe_load
+    (`filled`) or by the model's own `load_weights` (`loaded`), never by both, and none left
+    as allocated except those vLLM's own check exempts (`track_weights_loading`: online
+    quantization, KV-cache scales, parameters built from the config). Raises `LayoutError`
+    naming what was written twice and `TensorNotFoundError` naming what was not written."""
+    twice = sorted(loaded & filled)
+    if twice:
+        raise LayoutError(
+            f"{path}: {len(twice)} parameter(s) of {type(model).__name__} written both by "
+            f"fastmoe_load and by its load_weights: {', '.join(twice)}"
+        )
+    covered = loaded | filled  # vLLM adds the parameters it exempts from the check
     try:
-        DefaultModelLoader(LoadConfig()).track_weights_loading(model, covered)
+        DefaultModelLoader(LoadConfig()).track_weights_loading(model, covered, quantized)
     except ValueError:
         missing = sorted(name for name, _ in model.named_parameters() if name not in covered)
         raise TensorNotFoundError(
