@@ -260,7 +260,9 @@ def check_all_loaded(
         )
     covered = loaded | filled  # vLLM adds the parameters it exempts from the check
     try:
-        DefaultModelLoader(LoadConfig()).track_weights_loading(model, covered, quantized)
+        check = DefaultModelLoader(LoadConfig()).track_weights_loading
+        # Before 0.33 the check took no `quantized`: pass it only where it says something.
+        check(model, covered, quantized=True) if quantized else check(model, covered)
     except ValueError:
         missing = sorted(name for name, _ in model.named_parameters() if name not in covered)
         raise TensorNotFoundError(
