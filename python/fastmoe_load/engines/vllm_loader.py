@@ -262,7 +262,10 @@ def check_all_loaded(
     try:
         check = DefaultModelLoader(LoadConfig()).track_weights_loading
         # Before 0.33 the check took no `quantized`: pass it only where it says something.
-        check(model, covered, quantized=True) if quantized else check(model, covered)
+        if quantized:
+            check(model, covered, quantized=True)
+        else:
+            check(model, covered)
     except ValueError:
         missing = sorted(name for name, _ in model.named_parameters() if name not in covered)
         raise TensorNotFoundError(
