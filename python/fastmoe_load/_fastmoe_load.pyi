@@ -164,4 +164,5 @@ class Checkpoint:
         experts: list[int],
         stored_order: bool = False,
         interleaved: bool = False,
+        shard: tuple[int, int] | None = None,
     ) -> CopyPlan: ...

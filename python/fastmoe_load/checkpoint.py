@@ -55,6 +55,12 @@ def torch_dtype(name: str, what: str) -> torch.dtype:
         ) from None
 
 
+def covering_blocks(first: int, count: int, block: int) -> int:
+    """How many `block`-value blocks rows `[first, first + count)` touch: `count / block` on
+    an even split that falls on the blocks, one more at each end that cuts one."""
+    return -(-(first + count) // block) - first // block
+
+
 @dataclass(frozen=True)
 class Companion:
     """One kind of tensor that rides with quantized expert weights.
@@ -94,13 +100,15 @@ class Companion:
         return (rows, 1) if self.scheme == "channel" else (1, 1)
 
     def destination_shape(
-        self, target: str, experts: int, hidden: int, shard: int
+        self, target: str, experts: int, hidden: int, shard: int, first: int = 0
     ) -> tuple[int, ...]:
         """The shape vLLM 0.33's fp8 and NVFP4 MoE methods give `{target}_{kind}` (`target`
-        `w13` or `w2`) for `experts` local experts and an intermediate shard of `shard`: block
-        scales `[E, 2·ceil(I/tp/bn), ceil(H/bk)]` and `[E, ceil(H/bn), ceil(I/tp/bk)]` (NVFP4's
-        16-value groups: `[E, 2·I/tp, H/16]`, `[E, H, I/tp/16]`), per-channel `[E, 2·I/tp, 1]`
-        and `[E, H, 1]`, per-tensor `[E, 2]` and `[E]`, merged input scales `[E]`."""
+        `w13` or `w2`) for `experts` local experts and an intermediate shard of `shard` rows:
+        block scales `[E, 2·ceil(I/tp/bn), ceil(H/bk)]` and `[E, ceil(H/bn), ceil(I/tp/bk)]`
+        (NVFP4's 16-value groups: `[E, 2·I/tp, H/16]`, `[E, H, I/tp/16]`), per-channel
+        `[E, 2·I/tp, 1]` and `[E, H, 1]`, per-tensor `[E, 2]` and `[E]`, merged input scales
+        `[E]`. A shard starting at row `first` off the blocks takes every block it touches
+        (`covering_blocks`)."""
         if self.scheme == "whole":  # `w13_weight_shape [E, 2]`, the up projection's
             return (experts, *self.grid(0, 0)[1:])
         if target == "w13":
@@ -109,10 +117,17 @@ class Companion:
             if self.scheme == "tensor":
                 return (experts, 2)
             rows, cols = self.grid(shard, hidden)
+            if self.scheme in ("block", "group"):
+                assert self.block is not None
+                rows = covering_blocks(first, shard, self.block[0])
             return (experts, 2 * rows, cols)
         if self.scheme == "tensor":
             return (experts,)
-        return (experts, *self.grid(hidden, shard))
+        rows, cols = self.grid(hidden, shard)
+        if self.scheme in ("block", "group"):
+            assert self.block is not None
+            cols = covering_blocks(first, shard, self.block[1])
+        return (experts, rows, cols)
 
     def fused_shape(self, target: str, experts: int, hidden: int, shard: int) -> tuple[int, ...]:
         """The shape transformers' `FP8Experts` gives `gate_up_proj{fused_suffix}` (`target`

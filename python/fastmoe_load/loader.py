@@ -10,7 +10,7 @@ import torch
 
 from ._fastmoe_load import RequestError
 from ._validate import as_index
-from .checkpoint import Checkpoint, MoeLayer
+from .checkpoint import Checkpoint, MoeLayer, covering_blocks
 from .progress import Progress, execute_with_progress
 from .staging import Destination, StagingPool
 
@@ -43,6 +43,19 @@ class _Request:
 
     def index(self, value: object, what: str) -> int:
         return as_index(value, what, self.where)
+
+    def shard(self, layer: MoeLayer, shard: object) -> tuple[int, int]:
+        if not isinstance(shard, tuple | list) or len(shard) != 2:
+            raise self.error(
+                f"shard must be (first, count) rows of the intermediate size, got {shard!r}"
+            )
+        first, count = (self.index(v, "a shard bound") for v in shard)
+        if first + count > layer.intermediate_size:
+            raise self.error(
+                f"shard rows [{first}, {first + count}) are not in the intermediate size "
+                f"{layer.intermediate_size}"
+            )
+        return first, count
 
     def experts(self, layer: MoeLayer, local_experts: Iterable[object] | None) -> list[int]:
         if local_experts is None:
@@ -116,6 +129,7 @@ def plan_destinations(
     scales: Mapping[str, torch.Tensor | None] | None = None,
     allow_cast: bool = False,
     w13_interleaved: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> list[Destination]:
     """Checks a load request completely and plans it, writing nothing."""
     if not isinstance(ckpt, Checkpoint):
@@ -128,17 +142,20 @@ def plan_destinations(
     if not 0 <= tp_rank < tp_size:
         raise request.error(f"tp_rank {tp_rank} is not in [0, tp_size={tp_size})")
     inter = layer.intermediate_size
-    if inter % tp_size:
+    if shard is not None:
+        shard = request.shard(layer, shard)
+    elif inter % tp_size:
         raise request.error(
             f"intermediate size {inter} does not split into tp_size={tp_size} equal shards"
         )
-    split_error = layer.tp_split_error(tp_size)
-    if split_error is not None:  # names the tp sizes that fit; before any shape is checked
-        raise RequestError(split_error)
+    else:
+        split_error = layer.tp_split_error(tp_size)
+        if split_error is not None:  # names the tp sizes that fit; before any shape is checked
+            raise RequestError(split_error)
     experts = request.experts(layer, local_experts)
     n = len(experts)
 
-    shapes = destination_shapes(layer, n, tp_size)
+    shapes = destination_shapes(layer, n, tp_size, shard=shard)
     given = {"w13": w13, "w2": w2, "w13_bias": w13_bias, "w2_bias": w2_bias}
     wanted: list[tuple[str, object, tuple[int, ...], torch.dtype]] = []
     for name, tensor in given.items():
@@ -180,6 +197,7 @@ def plan_destinations(
                     tp_size=tp_size,
                     experts=experts[k : k + step],
                     stored_order=True,
+                    shard=shard,
                 )
                 pairs = w13_interleaved and name == "w13"
                 chunk = tensor[k : k + step]
@@ -192,6 +210,7 @@ def plan_destinations(
                 tp_size=tp_size,
                 experts=experts,
                 interleaved=w13_interleaved and name.startswith("w13"),
+                shard=shard,
             )
             if plan.nbytes != tensor.numel() * dtype.itemsize:
                 # The copy threads write exactly the plan's bytes: never past the tensor.
@@ -206,28 +225,24 @@ def plan_destinations(
 
 
 def destination_shapes(
-    layer: MoeLayer, experts: int, tp_size: int
+    layer: MoeLayer, experts: int, tp_size: int, *, shard: tuple[int, int] | None = None
 ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """The shape and checkpoint dtype of every destination `load_fused_moe` fills for
-    `experts` local experts at `tp_size`, by name: `w13`, `w2`, `w13_bias` and `w2_bias`
-    where the group has biases, and `w{13,2}_{kind}` for each companion (see
-    `Companion.destination_shape`)."""
-    n, hidden, shard, pack = (
-        experts,
-        layer.hidden_size,
-        layer.intermediate_size // tp_size,
-        layer.pack,
-    )
+    `experts` local experts at `tp_size` (or for the rows `shard = (first, count)` of the
+    intermediate size), by name: `w13`, `w2`, `w13_bias` and `w2_bias` where the group has
+    biases, and `w{13,2}_{kind}` for each companion (see `Companion.destination_shape`)."""
+    first, rows = (0, layer.intermediate_size // tp_size) if shard is None else shard
+    n, hidden, pack = experts, layer.hidden_size, layer.pack
     shapes = {
-        "w13": ((n, 2 * shard, hidden // pack), layer.dtype),
-        "w2": ((n, hidden, shard // pack), layer.dtype),
+        "w13": ((n, 2 * rows, hidden // pack), layer.dtype),
+        "w2": ((n, hidden, covering_blocks(first, rows, pack)), layer.dtype),
     }
     if layer.bias_dtype is not None:
-        shapes["w13_bias"] = ((n, 2 * shard), layer.bias_dtype)
+        shapes["w13_bias"] = ((n, 2 * rows), layer.bias_dtype)
         shapes["w2_bias"] = ((n, hidden), layer.bias_dtype)
     for companion in layer.quantization.companions if layer.quantization else ():
         for target in ("w13", "w2"):
-            shape = companion.destination_shape(target, n, hidden, shard)
+            shape = companion.destination_shape(target, n, hidden, rows, first)
             shapes[f"{target}_{companion.kind}"] = (shape, companion.dtype)
     return shapes
 
@@ -276,6 +291,7 @@ def load_fused_moe(
     scales: Mapping[str, torch.Tensor | None] | None = None,
     allow_cast: bool = False,
     w13_interleaved: bool = False,
+    shard: tuple[int, int] | None = None,
     staging: StagingPool | None = None,
     progress: Progress | None = None,
 ) -> LoadStats:
@@ -323,6 +339,13 @@ def load_fused_moe(
     expert's rows for the rank are read as one run. Block scales spanning several rows
     cannot be interleaved (`RequestError`).
 
+    `shard = (first, count)` takes rows `[first, first + count)` of the intermediate size
+    instead of the even split, for engines that split otherwise (vLLM's gpt-oss: whole
+    32-value blocks a rank, the last short; its block-aligned fp8 TP: whole 128-blocks a
+    rank, the last ranks short or empty): `I/tp` above reads `count`. The rows must fall on
+    the packs of packed weights; scale blocks are taken whole, every block the rows touch
+    (`checkpoint.covering_blocks`), for the caller to narrow where an engine refines them.
+
     Dtypes must match the checkpoint's unless `allow_cast=True`: then a destination of
     another dtype is filled through scratch memory on its device in the checkpoint's dtype,
     converted by torch's `copy_` as vLLM's own loader converts (exact from bfloat16,
@@ -348,6 +371,7 @@ def load_fused_moe(
         scales=scales,
         allow_cast=allow_cast,
         w13_interleaved=w13_interleaved,
+        shard=shard,
     )
     start = time.perf_counter()
     nbytes = fill(ckpt, destinations, staging=staging, progress=progress)

@@ -57,6 +57,47 @@ pub struct LoadRequest<'a> {
     pub tp_size: usize,
     /// Global expert id of each local slot; an expert may fill several slots (EPLB replicas).
     pub experts: &'a [usize],
+    /// The rank's rows of the intermediate dimension, `(first, len)`, where an engine splits
+    /// otherwise than evenly (`tp_rank * I/tp`, `I/tp`): vLLM's gpt-oss splits in whole
+    /// 32-value blocks with the last rank short, and its block-aligned fp8 TP pads each
+    /// rank's share to whole blocks. The shard must fall on the weights' packs; companions
+    /// take the blocks that cover it (every value of each block the shard touches), which
+    /// a caller that refines the grid narrows itself.
+    pub shard: Option<(usize, usize)>,
+}
+
+impl LoadRequest<'_> {
+    /// The rank's rows of the intermediate dimension, `(first, len)`, checked against
+    /// `layer`: the even split (on every pack and scale block) unless `shard` says otherwise.
+    fn rows(&self, layer: &MoeLayer) -> std::result::Result<(usize, usize), String> {
+        let inter = layer.intermediate_size;
+        let Some((first, len)) = self.shard else {
+            if !inter.is_multiple_of(self.tp_size) {
+                return Err(format!(
+                    "intermediate size {inter} does not split into tp_size={} equal shards",
+                    self.tp_size
+                ));
+            }
+            layer.check_tp_split(self.tp_size)?;
+            let shard = inter / self.tp_size;
+            return Ok((self.tp_rank * shard, shard));
+        };
+        let end = first.checked_add(len).filter(|&end| end <= inter);
+        let Some(end) = end else {
+            return Err(format!(
+                "rows [{first}, {first} + {len}) are not in the intermediate size {inter}"
+            ));
+        };
+        let pack = layer.pack;
+        if !first.is_multiple_of(pack) || !(end.is_multiple_of(pack) || end == inter) {
+            return Err(format!(
+                "rows [{first}, {end}) of the intermediate size cut the {pack}-value packs of \
+                 `{}`",
+                layer.tensor_names()[0]
+            ));
+        }
+        Ok((first, len))
+    }
 }
 
 /// Copies a `rows x cols` matrix of `elem`-byte elements from a strided source into
@@ -183,16 +224,11 @@ impl CopyPlan {
             tp_rank,
             tp_size,
             experts,
+            ..
         } = *request;
         if tp_size == 0 || tp_rank >= tp_size {
             return Err(err(format!(
                 "tp_rank {tp_rank} is not in [0, tp_size={tp_size})"
-            )));
-        }
-        let inter = layer.intermediate_size;
-        if !inter.is_multiple_of(tp_size) {
-            return Err(err(format!(
-                "intermediate size {inter} does not split into tp_size={tp_size} equal shards"
             )));
         }
         if let Some(bad) = experts.iter().find(|&&e| e >= layer.num_experts) {
@@ -206,7 +242,7 @@ impl CopyPlan {
                 "the checkpoint has no expert biases for this layer".into()
             ));
         }
-        layer.check_tp_split(tp_size).map_err(err)?;
+        let (first, shard) = request.rows(layer).map_err(err)?;
         let companion =
             match target {
                 Target::W13Companion(kind) | Target::W2Companion(kind) => {
@@ -230,8 +266,6 @@ impl CopyPlan {
         if stored_order && !matches!(target, Target::W13 | Target::W2) {
             return Err(err(format!("{target:?} has no stored order of its own")));
         }
-        let shard = inter / tp_size;
-        let first = tp_rank * shard;
         // Gate/up pairs: where the file interleaves them too, a gate view widened to take the
         // up entries between its own reads both in file order.
         let pairs = order == Order::Pairs
@@ -291,10 +325,18 @@ impl CopyPlan {
                     )?;
                     break;
                 }
+                // The blocks that cover the shard: exactly its own on an even split.
+                let covering = |s: usize| (first / s, (first + shard).div_ceil(s) - first / s);
                 let matrix = match (split, step) {
                     (Split::Whole, _) | (_, None) => matrix,
-                    (Split::Rows, Some(s)) => matrix.select_rows(first / s, shard.div_ceil(s)),
-                    (Split::Cols, Some(s)) => matrix.select_cols(first / s, shard.div_ceil(s)),
+                    (Split::Rows, Some(s)) => {
+                        let (at, n) = covering(s);
+                        matrix.select_rows(at, n)
+                    }
+                    (Split::Cols, Some(s)) => {
+                        let (at, n) = covering(s);
+                        matrix.select_cols(at, n)
+                    }
                 };
                 if pairs {
                     matrices.push((matrix, split));

@@ -1161,6 +1161,7 @@ fn exercise_opened(
                         tp_rank,
                         tp_size,
                         experts,
+                        shard: None,
                     };
                     for target in [Target::W13, Target::W2, Target::W13Bias, Target::W2Bias] {
                         check_request(ckpt, layer, &def, target, &request, root, limit, reached)?;
@@ -1402,6 +1403,7 @@ fn huge_claims_do_not_allocate() {
         tp_rank: 1023,
         tp_size: 1024,
         experts: &experts,
+        shard: None,
     };
     for (target, bytes) in [
         (Target::W13, 4 * 2 * 4 * h * 2),
@@ -1842,6 +1844,7 @@ proptest! {
             tp_rank: case.tp_rank,
             tp_size: case.tp_size,
             experts: &case.local,
+            shard: None,
         };
         for target in [Target::W13, Target::W2, Target::W13Bias, Target::W2Bias] {
             let plan = CopyPlan::new(&ckpt, layer, target, &request);
@@ -1964,6 +1967,7 @@ fn regression_wrapped_bias_view_escapes_the_bounds_check() {
         tp_rank: 0,
         tp_size: 1,
         experts: &[0],
+        shard: None,
     };
     for layer in &layers {
         let Ok(plan) = CopyPlan::new(&ckpt, layer, Target::W13Bias, &request) else {
@@ -2019,6 +2023,7 @@ fn regression_empty_view_of_empty_tensor_is_refused() {
         tp_rank: 0,
         tp_size: 1,
         experts: &[0],
+        shard: None,
     };
     let plan = CopyPlan::new(&ckpt, &layers[0], Target::W13, &request);
     assert!(plan.as_ref().is_ok_and(CopyPlan::is_empty), "{plan:?}");

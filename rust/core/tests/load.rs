@@ -87,6 +87,7 @@ fn check_layout(
                     tp_rank,
                     tp_size,
                     experts,
+                    shard: None,
                 };
                 for (name, target) in targets(biases) {
                     let plan = CopyPlan::new(&ckpt, layer, target, &request).unwrap();
@@ -177,6 +178,7 @@ fn stored_order_plans_of_transposed_groups() {
                     tp_rank,
                     tp_size,
                     experts: &experts,
+                    shard: None,
                 };
                 let load = |target, stored: bool| {
                     let plan = if stored {
@@ -222,6 +224,7 @@ fn stored_order_plans_of_transposed_groups() {
             tp_rank: 0,
             tp_size: 1,
             experts: &[0],
+            shard: None,
         };
         let bias = CopyPlan::stored_order(&ckpt, &layer, Target::W13Bias, &request);
         assert!(bias.unwrap_err().to_string().contains("no stored order"));
@@ -232,6 +235,7 @@ fn stored_order_plans_of_transposed_groups() {
         tp_rank: 0,
         tp_size: 1,
         experts: &[0],
+        shard: None,
     };
     let err = CopyPlan::stored_order(&ckpt, &layer, Target::W13, &request).unwrap_err();
     assert!(
@@ -278,6 +282,7 @@ fn large_runs_are_cut_into_bounded_operations() {
         tp_rank: 1,
         tp_size: 2,
         experts: &[1, 0],
+        shard: None,
     };
     let plan = CopyPlan::new(&ckpt, layer, Target::W13, &request).unwrap();
     assert!(plan
@@ -305,6 +310,7 @@ fn large_runs_are_cut_into_bounded_operations() {
         tp_rank: 0,
         tp_size: 1,
         experts: &[0],
+        shard: None,
     };
     let plan = CopyPlan::new(&ckpt, layer, Target::W13, &request).unwrap();
     assert!(plan
@@ -326,6 +332,7 @@ fn bad_requests_are_refused() {
                 tp_rank: 2,
                 tp_size: 2,
                 experts: &[0],
+                shard: None,
             },
             Target::W13,
             "tp_rank 2",
@@ -335,6 +342,7 @@ fn bad_requests_are_refused() {
                 tp_rank: 0,
                 tp_size: 3,
                 experts: &[0],
+                shard: None,
             },
             Target::W2,
             "does not split",
@@ -344,6 +352,7 @@ fn bad_requests_are_refused() {
                 tp_rank: 0,
                 tp_size: 0,
                 experts: &[0],
+                shard: None,
             },
             Target::W2,
             "tp_size=0",
@@ -353,6 +362,7 @@ fn bad_requests_are_refused() {
                 tp_rank: 0,
                 tp_size: 1,
                 experts: &[0, 5],
+                shard: None,
             },
             Target::W13,
             "expert 5 does not exist",
@@ -362,6 +372,7 @@ fn bad_requests_are_refused() {
                 tp_rank: 0,
                 tp_size: 1,
                 experts: &[0],
+                shard: None,
             },
             Target::W2Bias,
             "no expert biases",
@@ -384,6 +395,7 @@ fn windows_must_fall_on_operation_boundaries() {
         tp_rank: 0,
         tp_size: 1,
         experts: &[0, 1],
+        shard: None,
     };
     let plan = CopyPlan::new(&ckpt, layer, Target::W2, &request).unwrap();
     let first = plan.ops()[0].len();
@@ -402,6 +414,7 @@ fn executor_refuses_operations_outside_the_window() {
         tp_rank: 0,
         tp_size: 1,
         experts: &[0],
+        shard: None,
     };
     let plan = CopyPlan::new(&ckpt, layer, Target::W2, &request).unwrap();
     // The window is one byte short: the executor must refuse before writing.
@@ -436,6 +449,7 @@ fn reading_a_truncated_file_is_an_error_not_a_signal() {
                 tp_rank: 0,
                 tp_size,
                 experts: &[1],
+                shard: None,
             };
             let plan = CopyPlan::new(&ckpt, layer, target, &request).unwrap();
             std::fs::OpenOptions::new()

@@ -89,6 +89,7 @@ fn rank_plans_read_gate_then_up_or_pairs() {
         tp_rank: 1,
         tp_size: 2,
         experts: &experts,
+        shard: None,
     };
     let shard = I / 2;
     // Stored columns: H/2 bytes of weights and H/32 scales a row.
@@ -151,6 +152,7 @@ fn interleaved_plans_from_concatenated_files_alternate_rows() {
             tp_rank,
             tp_size,
             experts: &[1, 2, 1],
+            shard: None,
         };
         for target in [
             Target::W13,

@@ -192,6 +192,7 @@ fn plan(ckpt: &Checkpoint, layer: &MoeLayer, target: Target, tp: (usize, usize))
         tp_rank: tp.0,
         tp_size: tp.1,
         experts: &LOCAL,
+        shard: None,
     };
     CopyPlan::new(ckpt, layer, target, &request).unwrap()
 }
@@ -403,6 +404,7 @@ fn split_error(tensors: &[Tensor], config: Option<&str>, tp_size: usize) -> Stri
         tp_rank: 0,
         tp_size,
         experts: &[0],
+        shard: None,
     };
     // Every destination is refused, not only the one whose grid is cut.
     let targets = [

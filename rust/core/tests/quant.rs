@@ -172,6 +172,7 @@ fn check_loads(ckpt: &Checkpoint, layer: &MoeLayer, hidden: usize, inter: usize)
                 tp_rank: tp.0,
                 tp_size: tp.1,
                 experts: &experts,
+                shard: None,
             };
             let plan = CopyPlan::new(ckpt, layer, target, &request).unwrap();
             assert_eq!(
@@ -236,6 +237,7 @@ fn a_tp_split_inside_a_block_is_refused_with_the_sizes_that_fit() {
             tp_rank: 1,
             tp_size: 2,
             experts: &[0, 1],
+            shard: None,
         };
         let err = CopyPlan::new(&ckpt, &layer, target, &request)
             .unwrap_err()
@@ -248,6 +250,7 @@ fn a_tp_split_inside_a_block_is_refused_with_the_sizes_that_fit() {
         tp_rank: 2,
         tp_size: 3,
         experts: &[1],
+        shard: None,
     };
     assert!(CopyPlan::new(&ckpt, &layer, Target::W13, &request).is_ok());
 }
@@ -362,6 +365,7 @@ fn per_channel_and_per_tensor_scales() {
             tp_rank: 1,
             tp_size: 2,
             experts: &experts,
+            shard: None,
         };
         let f32s = |plan: &CopyPlan| -> Vec<f32> {
             execute(&ckpt, plan)

@@ -304,9 +304,12 @@ impl PyCheckpoint {
     /// The plan that fills destination `target` for one TP rank and list of experts; with
     /// `stored_order`, the same bytes in the order a transposed group stores them (see
     /// `CopyPlan::stored_order`); with `interleaved`, gate and up interleaved in the w13
-    /// targets (see `CopyPlan::interleaved`).
+    /// targets (see `CopyPlan::interleaved`); with `shard = (first, len)`, the rank's rows
+    /// of the intermediate dimension where they are not the even split (see
+    /// `LoadRequest::shard`).
     #[pyo3(signature = (
-        prefix, target_name, *, tp_rank, tp_size, experts, stored_order=false, interleaved=false
+        prefix, target_name, *, tp_rank, tp_size, experts, stored_order=false, interleaved=false,
+        shard=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn plan(
@@ -319,6 +322,7 @@ impl PyCheckpoint {
         experts: Vec<usize>,
         stored_order: bool,
         interleaved: bool,
+        shard: Option<(usize, usize)>,
     ) -> PyResult<PyCopyPlan> {
         let state = self.state()?;
         let layer = state.layer(prefix)?;
@@ -327,6 +331,7 @@ impl PyCheckpoint {
             tp_rank,
             tp_size,
             experts: &experts,
+            shard,
         };
         let build = match (stored_order, interleaved) {
             (true, false) => CopyPlan::stored_order,
