@@ -120,7 +120,7 @@ pub const SCALE_DTYPES: [Dtype; 5] = [
     Dtype::F8_E4M3,
 ];
 
-const SCALE_DTYPES_TEXT: &str = "scales are F32, BF16, F16, F8_E8M0 or F8_E4M3";
+pub const SCALE_DTYPES_TEXT: &str = "scales are F32, BF16, F16, F8_E8M0 or F8_E4M3";
 
 /// Values one stored weight element holds along the input dimension, by what the group is:
 /// 1 for float weights, 2 for NVFP4 (two e2m1 values a byte, recognised by its
