@@ -6,6 +6,7 @@ own torch)."""
 
 from __future__ import annotations
 
+import json
 import os
 from contextlib import contextmanager
 
@@ -399,3 +400,296 @@ def test_mxfp4_split_off_the_blocks_is_left_to_vllm(vllm_process_groups, tmp_pat
         assert describe(runner, ckpt, group.prefix).unfillable() is not None
         with pytest.raises(fml.RequestError, match="tp_size that fit: 1, 3"):
             load_fused_moe_layer(runner, ckpt, test_mxfp4.prefix())
+
+
+# Per-expert OCP MX (test_mx.py's releases): TP 1/2/4/8 and EP ranks.
+MX_RANKS = [(1, 0, False), (2, 1, False), (4, 3, False), (8, 5, False), (2, 1, True), (4, 2, True)]
+
+
+@contextmanager
+def mx_backends():
+    """vLLM has no MX MoE kernel on this CPU: the backends the methods would pick on a GPU
+    are named here (emulation: parameters of the checkpoint's sizes; the kernel decides
+    nothing of the loading)."""
+    from unittest import mock
+
+    from vllm.model_executor.layers.fused_moe.oracle.mxfp4 import Mxfp4MoeBackend
+    from vllm.model_executor.layers.quantization import modelopt, mxfp4
+    from vllm.model_executor.layers.quantization.quark import quark_moe
+
+    chosen = (Mxfp4MoeBackend.EMULATION, None)
+    with (
+        mock.patch.object(mxfp4, "select_deepseek_v4_mxfp4_moe_backend", lambda *_, **__: chosen),
+        mock.patch.object(quark_moe, "select_mxfp4_moe_backend", lambda *_, **__: chosen),
+        mock.patch.object(modelopt, "select_mxfp8_moe_backend", lambda *_, **__: (None, None)),
+    ):
+        yield
+
+
+def mounted(runner, path: str) -> torch.nn.Module:
+    """A module tree holding `runner` at `path`, so that its parameters carry the names a
+    model's `load_weights` looks them up by."""
+    root = node = torch.nn.Module()
+    *parents, last = path.split(".")
+    for part in parents:
+        child = torch.nn.Module()
+        node.add_module(part, child)
+        node = child
+    node.add_module(last, runner)
+    return root
+
+
+def mx_names(path, prefix: str) -> list[str]:
+    with fml.open(path) as ckpt:
+        return [n for n in ckpt.keys() if n.startswith(prefix + ".")]
+
+
+def assert_mx_layers_match(ours, params: dict, path, prefix: str) -> None:
+    with fml.open(path) as ckpt:
+        consumed = load_fused_moe_layer(ours, ckpt, prefix)
+    assert sorted(consumed) == sorted(mx_names(path, prefix))
+    assert {"w13_weight", "w13_weight_scale", "w2_weight_scale"} <= set(params), params
+    assert_same_parameters(ours, params)
+
+
+@pytest.mark.parametrize(("tp_size", "rank", "ep"), MX_RANKS)
+def test_deepseek_v4_experts_match_vllm_deepseek_v4_loading(
+    vllm_process_groups, tmp_path, tp_size, rank, ep
+):
+    """DeepSeek-V4-Flash's mxfp4 experts into the layer vLLM's DeepSeek-V4 builds
+    (`DeepseekV4FP8Config` -> `Mxfp4MoEMethod`), loaded by vLLM's own DeepSeek-V4 code
+    (`DeepseekV4Model.load_weights`, the checkpoint names mapped by its weights mapper, which
+    renames an expert's `.scale` to `.weight_scale` and views e8m0 as uint8) and by the
+    adapter: every parameter bit for bit."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    import test_mx
+    from vllm.models.deepseek_v4 import DeepseekV4FP8Config
+    from vllm.models.deepseek_v4.cpu import model as v4
+
+    path = test_mx.deepseek_v4(tmp_path / "v4")
+    prefix = "layers.1.ffn.experts"
+    config = json.loads((path / "config.json").read_text())["quantization_config"]
+    sizes = (test_mx.E, test_mx.H, test_mx.INTER)
+    with mx_backends():
+        theirs, ours = (
+            build(
+                tp_size,
+                rank,
+                ep,
+                "model.layers.1.ffn",
+                DeepseekV4FP8Config.from_config(config),
+                sizes,
+            )
+            for _ in range(2)
+        )
+    assert type(theirs.routed_experts.quant_method).__name__ == "Mxfp4MoEMethod"
+    params = dict(theirs.routed_experts.named_parameters())
+    # What `DeepseekV4Model.load_weights` reads of the model it loads.
+    model = mounted(theirs, f"model.{prefix}")
+    model.config = SimpleNamespace(n_routed_experts=test_mx.E, n_shared_experts=1)
+    model.is_fused_shared_expert_enabled = False
+    model.get_expert_mapping = lambda: v4.DeepseekV4Model.get_expert_mapping(model)
+    mapper = v4._make_deepseek_v4_weights_mapper("fp4")
+    with fml.open(path) as ckpt:
+        weights = [(mapper.map_name(n), ckpt.tensor(n)) for n in mx_names(path, prefix)]
+    assert all(".weight_scale" in n or n.endswith(".weight") for n, _ in weights)
+    with mock.patch.object(v4, "is_pp_missing_parameter", lambda *_: False):
+        v4.DeepseekV4Model.load_weights(model, weights)
+    assert_mx_layers_match(ours, params, path, prefix)
+
+
+@pytest.mark.parametrize(("tp_size", "rank", "ep"), MX_RANKS)
+def test_kimi_k3_experts_match_vllm_mxfp4_loading(vllm_process_groups, tmp_path, tp_size, rank, ep):
+    """Kimi-K3's compressed-tensors `mxfp4-pack-quantized` experts, which vLLM rewrites to its
+    `mxfp4` method (`Mxfp4Config` -> `Mxfp4MoEMethod`), loaded as its Kimi-K3 `load_weights`
+    loads routed experts (`.weight_packed` renamed `.weight`, vLLM's expert mapping for
+    `w1/w2/w3`, each parameter's own `weight_loader`) and by the adapter."""
+    import test_mx
+    from vllm.model_executor.layers.fused_moe.layer import fused_moe_make_expert_params_mapping
+    from vllm.model_executor.layers.quantization.mxfp4 import Mxfp4Config
+
+    path = test_mx.kimi_k3(tmp_path / "k3")
+    prefix = test_mx.RELEASES["kimi_k3"][1]
+    sizes = (test_mx.E, test_mx.H, test_mx.INTER)
+    with mx_backends():
+        theirs, ours = (
+            build(tp_size, rank, ep, prefix.removesuffix(".experts"), Mxfp4Config(), sizes)
+            for _ in range(2)
+        )
+    model = mounted(theirs, prefix)
+    params = dict(model.named_parameters())
+    mapping = fused_moe_make_expert_params_mapping(
+        model,
+        ckpt_gate_proj_name="w1",
+        ckpt_down_proj_name="w2",
+        ckpt_up_proj_name="w3",
+        num_experts=test_mx.E,
+    )
+    with fml.open(path) as ckpt:
+        for name in mx_names(path, prefix):
+            loaded = ckpt.tensor(name)
+            name = name.replace(".weight_packed", ".weight")
+            for param_name, weight_name, expert_id, shard_id in mapping:
+                if weight_name in name:
+                    name = name.replace(weight_name, param_name)
+                    param = params[name]
+                    param.weight_loader(param, loaded, name, expert_id=expert_id, shard_id=shard_id)
+                    break
+            else:
+                raise AssertionError(name)
+    assert_mx_layers_match(ours, dict(theirs.routed_experts.named_parameters()), path, prefix)
+
+
+@pytest.mark.parametrize("input_scales", [False, True])
+@pytest.mark.parametrize(("tp_size", "rank", "ep"), MX_RANKS)
+def test_quark_ocp_mx_experts_match_vllm_load_weights(
+    vllm_process_groups, tmp_path, tp_size, rank, ep, input_scales
+):
+    """AMD Quark OCP MX (`w_mxfp4`, and `w_mxfp4_a_fp8` with static input scales) into
+    `QuarkOCP_MX_MoEMethod`'s parameters, loaded by vLLM's `FusedMoE.load_weights` and by
+    the adapter."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    import test_mx
+    from vllm.model_executor.layers.quantization.quark import quark_moe
+    from vllm.model_executor.layers.quantization.quark.quark import QuarkConfig
+
+    path = test_mx.quark_mxfp4(tmp_path / "quark", input_scales=input_scales)
+    prefix = test_mx.RELEASES["quark"][1]
+    config = json.loads((path / "config.json").read_text())["quantization_config"]
+    sizes = (test_mx.E, test_mx.H, test_mx.INTER)
+    current = SimpleNamespace(
+        model_config=SimpleNamespace(hf_config=SimpleNamespace(model_type="deepseek_v3"))
+    )
+    with mx_backends(), mock.patch.object(quark_moe, "get_current_vllm_config", lambda: current):
+        theirs, ours = (
+            build(
+                tp_size,
+                rank,
+                ep,
+                prefix.removesuffix(".experts"),
+                QuarkConfig.from_config(config),
+                sizes,
+            )
+            for _ in range(2)
+        )
+    assert type(theirs.routed_experts.quant_method).__name__ == "QuarkOCP_MX_MoEMethod"
+    params = load_both(theirs, ours, path, prefix)
+    assert ("w13_input_scale" in params) == input_scales
+    assert_same_parameters(ours, params)
+
+
+@pytest.mark.parametrize(("tp_size", "rank", "ep"), MX_RANKS)
+def test_mxfp8_experts_match_vllm_load_weights(vllm_process_groups, tmp_path, tp_size, rank, ep):
+    """MiniMax-M3-MXFP8's per-expert experts (`w1/w3/w2.weight` float8 e4m3, uint8
+    `weight_scale` per 32 values) into `ModelOptMxFp8FusedMoE`'s parameters, loaded by vLLM's
+    `FusedMoE.load_weights` (checkpoint names `w1/w2/w3`) and by the adapter."""
+    import test_mx
+    from vllm.model_executor.layers.quantization.modelopt import ModelOptMxFp8Config
+
+    path = test_mx.mxfp8(tmp_path / "mxfp8")
+    prefix = test_mx.RELEASES["mxfp8"][1]
+    config = json.loads((path / "config.json").read_text())["quantization_config"]
+    sizes = (test_mx.E, test_mx.H, test_mx.INTER)
+    with mx_backends():
+        theirs, ours = (
+            build(
+                tp_size,
+                rank,
+                ep,
+                prefix.removesuffix(".experts"),
+                ModelOptMxFp8Config.from_config(config),
+                sizes,
+                ckpt_names=("w1", "w2", "w3"),
+            )
+            for _ in range(2)
+        )
+    assert type(theirs.routed_experts.quant_method).__name__ == "ModelOptMxFp8FusedMoE"
+    params = load_both(theirs, ours, path, prefix)
+    assert params["w13_weight"].dtype == torch.float8_e4m3fn
+    assert_same_parameters(ours, params)
+
+
+def test_mx_layers_vllm_pads_are_left_to_vllm(vllm_process_groups, tmp_path):
+    """A backend that pads the parameters (Marlin: I/tp to 128, H to 256) writes the values
+    somewhere fastmoe_load has not checked: such a layer is left to vLLM's loader."""
+    from unittest import mock
+
+    import test_mx
+    from fastmoe_load.engines.vllm import describe
+    from vllm.model_executor.layers.fused_moe.oracle.mxfp4 import Mxfp4MoeBackend
+    from vllm.model_executor.layers.quantization import mxfp4
+
+    path = test_mx.kimi_k3(tmp_path / "k3")
+    prefix = test_mx.RELEASES["kimi_k3"][1]
+    chosen = (Mxfp4MoeBackend.MARLIN, None)
+    sizes = (test_mx.E, test_mx.H, test_mx.INTER)
+    with mock.patch.object(mxfp4, "select_deepseek_v4_mxfp4_moe_backend", lambda *_, **__: chosen):
+        layer = build(2, 1, False, "padded", mxfp4.Mxfp4Config(), sizes)
+    assert layer.routed_experts.w13_weight.shape[2] > test_mx.H // 2
+    with fml.open(path) as ckpt:
+        reason = describe(layer, ckpt, prefix).unfillable()
+    assert reason is not None and "w13_weight has shape" in reason, reason
+
+
+@pytest.mark.parametrize(("tp_size", "rank"), [(1, 0), (2, 1)])
+def test_deepseek_v4_fused_shared_expert_slot_is_left_to_the_model(
+    vllm_process_groups, tmp_path, tp_size, rank
+):
+    """With the shared expert fused into the routed grouped GEMM (`fuse_shared_experts`, one
+    slot after the routed ones), the adapter fills the routed slots exactly as vLLM's
+    DeepSeek-V4 loading does and leaves the shared slot to the model's `load_weights`, which
+    fills it from `shared_experts` (quantizing the fp8 shared expert for the mxfp4 slot)."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    import test_mx
+    from vllm.model_executor.layers.fused_moe import expert_map_manager
+    from vllm.models.deepseek_v4 import DeepseekV4FP8Config
+    from vllm.models.deepseek_v4.cpu import model as v4
+
+    path = test_mx.deepseek_v4(tmp_path / "v4")
+    prefix = "layers.1.ffn.experts"
+    config = json.loads((path / "config.json").read_text())["quantization_config"]
+    sizes = (test_mx.E, test_mx.H, test_mx.INTER)
+    # The AITER routing buffers it sets up live on a GPU; loading never reads them.
+    no_buffers = mock.patch.object(
+        expert_map_manager.ExpertMapManager,
+        "_init_aiter_shared_experts_topK_buffer",
+        lambda *_, **__: None,
+    )
+    with mx_backends(), no_buffers:
+        theirs, ours = (
+            build(
+                tp_size,
+                rank,
+                False,
+                "model.layers.1.ffn",
+                DeepseekV4FP8Config.from_config(config),
+                sizes,
+                fuse_shared_experts=True,
+                n_shared_experts=1,
+            )
+            for _ in range(2)
+        )
+    assert ours.routed_experts.w13_weight.shape[0] == test_mx.E + 1
+    params = dict(theirs.routed_experts.named_parameters())
+    model = mounted(theirs, f"model.{prefix}")
+    model.config = SimpleNamespace(n_routed_experts=test_mx.E, n_shared_experts=1)
+    model.is_fused_shared_expert_enabled = False  # the routed experts only, here
+    model.get_expert_mapping = lambda: v4.DeepseekV4Model.get_expert_mapping(model)
+    mapper = v4._make_deepseek_v4_weights_mapper("fp4")
+    with fml.open(path) as ckpt:
+        weights = [(mapper.map_name(n), ckpt.tensor(n)) for n in mx_names(path, prefix)]
+        with mock.patch.object(v4, "is_pp_missing_parameter", lambda *_: False):
+            v4.DeepseekV4Model.load_weights(model, weights)
+        consumed = load_fused_moe_layer(ours, ckpt, prefix)
+    assert sorted(consumed) == sorted(mx_names(path, prefix))
+    for name, expected in params.items():
+        actual = getattr(ours.routed_experts, name).data
+        routed = slice(0, test_mx.E)
+        assert torch.equal(actual[routed], expected.data[routed]), name
+        assert (actual[test_mx.E].view(torch.uint8) == 0xA5).all(), f"{name}: shared slot"

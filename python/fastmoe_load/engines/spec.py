@@ -19,7 +19,7 @@ import torch
 
 from .._fastmoe_load import RequestError
 from ..checkpoint import Checkpoint, MoeLayer
-from ..loader import destination_shapes, load_fused_moe
+from ..loader import destination_shapes, load_fused_moe, same_bytes
 
 # Destinations of the weights and of the biases; every other one is a companion `w13_{kind}`
 # / `w2_{kind}` (see `load_fused_moe`).
@@ -124,7 +124,7 @@ class ExpertLayerSpec:
             return self.unverified
         weights = self.parameters.get("w13")
         if self.group.quantization is not None and weights is not None:
-            if weights.dtype != self.group.dtype:
+            if not same_bytes(self.group.dtype, weights.dtype):
                 return (
                     f"its weights are {weights.dtype}, the checkpoint's {self.group.dtype}: "
                     "quantized weights are never cast"

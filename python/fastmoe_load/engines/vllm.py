@@ -66,6 +66,12 @@ QUANTIZED_METHODS = (
     "ModelOptNvFp4FusedMoE",
     "CompressedTensorsWNA16MoEMethod",
     "GptOssMxfp4MoEMethod",
+    # Per-expert OCP MX: DeepSeek-V4's and Kimi-K3's mxfp4 experts (`Mxfp4MoEMethod`), AMD
+    # Quark's (`QuarkOCP_MX_MoEMethod`), MXFP8 (ModelOpt, compressed-tensors).
+    "Mxfp4MoEMethod",
+    "QuarkOCP_MX_MoEMethod",
+    "ModelOptMxFp8FusedMoE",
+    "CompressedTensorsW8A8Mxfp8MoEMethod",
 )
 
 
@@ -85,12 +91,23 @@ def weight_parameters(layer: Any) -> tuple[str, str]:
     return names
 
 
+def fused_shared_slots(layer: Any) -> int:
+    """How many fused shared-expert slots follow the routed ones in `layer`'s expert
+    parameters (vLLM's `fuse_shared_experts`, `num_fused_shared_experts`: ROCm AITER's, and
+    DeepSeek-V4's where it fuses them). The model's `load_weights` fills them from the
+    checkpoint's shared experts (quantizing them where the routed experts are quantized
+    otherwise), never from the routed group: the adapter leaves them alone."""
+    manager = getattr(experts_module(layer), "expert_map_manager", None)
+    return int(getattr(manager, "num_fused_shared_experts", 0) or 0)
+
+
 def local_experts_of(
     layer: Any, num_experts: int, logical_of_physical: Sequence[int] | None = None
 ) -> list[int]:
-    """The checkpoint (logical) expert of each local slot of `layer`."""
+    """The checkpoint (logical) expert of each routed local slot of `layer` (fused
+    shared-expert slots, which follow, are not included)."""
     layer = experts_module(layer)
-    slots = getattr(layer, weight_parameters(layer)[0]).shape[0]
+    slots = getattr(layer, weight_parameters(layer)[0]).shape[0] - fused_shared_slots(layer)
     expert_map = getattr(layer, "expert_map", None)
     if expert_map is None:
         physical = list(range(slots))
@@ -188,8 +205,11 @@ def describe(
                 names[f"{target}_{companion.kind}"] = f"{target}_{companion.kind}"
         if _global_input_scales(layer, group):
             global_experts = ("w13_input_scale", "w2_input_scale")
+    experts = local_experts_of(layer, group.num_experts, logical_of_physical)
+    # Fused shared-expert slots follow the routed ones: only the routed slots are filled.
+    routed = len(experts) if fused_shared_slots(layer) else None
     parameters = {
-        dest: getattr(layer, name).data
+        dest: getattr(layer, name).data[: None if dest in global_experts else routed]
         for dest, name in names.items()
         if isinstance(getattr(layer, name, None), torch.Tensor)
     }
@@ -206,7 +226,7 @@ def describe(
         names=names,
         tp_rank=tp_rank,
         tp_size=tp_size,
-        experts=local_experts_of(layer, group.num_experts, logical_of_physical),
+        experts=experts,
         interleaved=wants_interleaved(layer, group),
         padded=padded,
         global_experts=global_experts,
