@@ -582,32 +582,46 @@ def test_quark_ocp_mx_experts_match_vllm_load_weights(
     assert_same_parameters(ours, params)
 
 
+@pytest.mark.parametrize("flavor", ["modelopt", "compressed-tensors"])
 @pytest.mark.parametrize(("tp_size", "rank", "ep"), MX_RANKS)
-def test_mxfp8_experts_match_vllm_load_weights(vllm_process_groups, tmp_path, tp_size, rank, ep):
+def test_mxfp8_experts_match_vllm_load_weights(
+    vllm_process_groups, tmp_path, tp_size, rank, ep, flavor
+):
     """MiniMax-M3-MXFP8's per-expert experts (`w1/w3/w2.weight` float8 e4m3, uint8
-    `weight_scale` per 32 values) into `ModelOptMxFp8FusedMoE`'s parameters, loaded by vLLM's
-    `FusedMoE.load_weights` (checkpoint names `w1/w2/w3`) and by the adapter."""
+    `weight_scale` per 32 values) into `ModelOptMxFp8FusedMoE`'s parameters (ModelOpt MXFP8)
+    or `CompressedTensorsW8A8Mxfp8MoEMethod`'s (compressed-tensors W8A8 MXFP8), loaded by
+    vLLM's `FusedMoE.load_weights` (checkpoint names `w1/w2/w3`) and by the adapter."""
+    from unittest import mock
+
     import test_mx
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe import (
+        compressed_tensors_moe_w8a8_mxfp8 as ct_mxfp8,
+    )
     from vllm.model_executor.layers.quantization.modelopt import ModelOptMxFp8Config
 
-    path = test_mx.mxfp8(tmp_path / "mxfp8")
+    path = test_mx.mxfp8(tmp_path / "mxfp8", flavor)
     prefix = test_mx.RELEASES["mxfp8"][1]
     config = json.loads((path / "config.json").read_text())["quantization_config"]
     sizes = (test_mx.E, test_mx.H, test_mx.INTER)
-    with mx_backends():
+    make = ModelOptMxFp8Config if flavor == "modelopt" else quant_config_of
+    backend = mock.patch.object(ct_mxfp8, "select_mxfp8_moe_backend", lambda *_, **__: (None, None))
+    with mx_backends(), backend:
         theirs, ours = (
             build(
                 tp_size,
                 rank,
                 ep,
                 prefix.removesuffix(".experts"),
-                ModelOptMxFp8Config.from_config(config),
+                make.from_config(config) if flavor == "modelopt" else make(path),
                 sizes,
                 ckpt_names=("w1", "w2", "w3"),
             )
             for _ in range(2)
         )
-    assert type(theirs.routed_experts.quant_method).__name__ == "ModelOptMxFp8FusedMoE"
+    method = {"modelopt": "ModelOptMxFp8FusedMoE"}.get(
+        flavor, "CompressedTensorsW8A8Mxfp8MoEMethod"
+    )
+    assert type(theirs.routed_experts.quant_method).__name__ == method
     params = load_both(theirs, ours, path, prefix)
     assert params["w13_weight"].dtype == torch.float8_e4m3fn
     assert_same_parameters(ours, params)
