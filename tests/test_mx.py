@@ -547,3 +547,23 @@ def test_inspect_names_the_scheme(releases, capsys):
     out = capsys.readouterr().out
     assert "layers.0.ffn.experts" in out and "mtp.0.ffn.experts" in out
     assert "mxfp4" in out and "float8_e8m0fnu" in out, out
+
+
+def test_mxfp4_expert_bench_rows(tmp_path, capsys):
+    """`bench --quant mxfp4-expert` on a tiny DeepSeek-V4-shaped checkpoint: fastmoe_load and
+    the seed path per case, beside the bf16 rows; sizes off the 32-value blocks are refused in
+    one line."""
+    root = tmp_path / "quant"
+    options = ["--quant", "mxfp4-expert", "--experts", "8", "--hidden", "256"]
+    options += ["--intermediate", "256", "--layers", "1", "--repeats", "1"]
+    options += ["--dir", str(root), "--clean"]
+    assert main(["bench", *options]) == 0
+    out = capsys.readouterr().out
+    assert f"checkpoint: {root / 'mxfp4-expert'} (1 layer(s) of 8 experts, " in out
+    assert "float8_e8m0fnu scales per 32 values" in out
+    for case in ("TP=1", "TP=2 rank 1", "EP=8 rank 1"):
+        for path in ("fastmoe_load mxfp4-expert + scales", "seed: vLLM per-expert loop"):
+            assert any(line.startswith(path) and case in line for line in out.splitlines())
+    assert not root.exists()
+    assert main(["bench", *options[:-3], "--hidden", "240", "--dir", str(root)]) == 1
+    assert "must be multiples of 32" in capsys.readouterr().err
