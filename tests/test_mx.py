@@ -567,3 +567,15 @@ def test_mxfp4_expert_bench_rows(tmp_path, capsys):
     assert not root.exists()
     assert main(["bench", *options[:-3], "--hidden", "240", "--dir", str(root)]) == 1
     assert "must be multiples of 32" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(RELEASES))
+def test_convert_refuses_per_expert_mx_clearly(releases, tmp_path, capsys, name):
+    """The engines read these experts only under the releases' own per-expert names: convert
+    leaves them, saying so in one line, and writes nothing."""
+    out = tmp_path / "out"
+    assert main(["convert", str(releases[name]), str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "per expert with e8m0 scales per 32 values" in err, err
+    assert "load them from this checkpoint" in err
+    assert not out.exists() or not any(out.iterdir())
