@@ -6,6 +6,7 @@ own torch)."""
 
 from __future__ import annotations
 
+import json
 import os
 from contextlib import contextmanager
 
@@ -43,14 +44,19 @@ def build(
     name: str,
     quant_config=None,
     sizes: tuple[int, int, int] = (E, H, INTER),
+    moe_backend: str = "auto",
     **factory_options,
 ):
     """A vLLM `MoERunner` as TP rank `rank` of `tp_size`, every parameter poisoned (NaN, or
-    0xA5 bytes where it holds integers); `factory_options` go to `FusedMoEFactory`."""
-    from vllm.config import ParallelConfig, VllmConfig, set_current_vllm_config
+    0xA5 bytes where it holds integers); `factory_options` go to `FusedMoEFactory`,
+    `moe_backend` to vLLM's kernel config."""
+    from vllm.config import KernelConfig, ParallelConfig, VllmConfig, set_current_vllm_config
     from vllm.model_executor.layers.fused_moe import FusedMoEFactory
 
-    config = VllmConfig(parallel_config=ParallelConfig(enable_expert_parallel=expert_parallel))
+    config = VllmConfig(
+        parallel_config=ParallelConfig(enable_expert_parallel=expert_parallel),
+        kernel_config=KernelConfig(moe_backend=moe_backend),
+    )
     num_experts, hidden, inter = sizes
     with as_tp_rank(rank), set_current_vllm_config(config):
         runner = FusedMoEFactory(
@@ -192,6 +198,45 @@ def test_fp8_layers_match_vllm_load_weights(
     ours = build(tp_size, rank, ep, name, quant_config_of(path), sizes)
     params = load_both(theirs, ours, path, prefix)
     assert any("scale" in p for p in params), params
+    assert_same_parameters(ours, params)
+
+
+# Block-fp8 where I/tp cuts the 128-blocks, as GLM-4.5-FP8, MiniMax-M2 and Qwen3-235B-FP8
+# (I=1536) at TP=8 and Qwen3-30B-A3B-FP8 (I=768) at TP=4 are served: I=384 gives 192 rows a
+# rank at TP=2 and 96 at TP=4. vLLM's default backend refines the block grid (64x64, 32x32:
+# the scales upsampled); backends that need whole blocks pad each rank's share to 256 or 128
+# rows (the last ranks short or, at TP=4 rank 3, empty).
+FP8_CUT_SPLITS = [(2, 0), (2, 1), (4, 1), (4, 3)]
+
+
+@pytest.mark.parametrize("moe_backend", ["auto", "deep_gemm"])
+@pytest.mark.parametrize(("tp_size", "rank"), FP8_CUT_SPLITS)
+def test_fp8_blocks_cut_by_tp_match_vllm(vllm_process_groups, tmp_path, tp_size, rank, moe_backend):
+    """Every weight and scale parameter equal to vLLM's own loading, refined or padded. vLLM
+    has no DeepGEMM kernel on this CPU: the backend is named (it decides the grid, not the
+    loading)."""
+    from unittest import mock
+
+    import test_quant
+    from vllm.model_executor.layers.fused_moe.oracle.fp8 import Fp8MoeBackend
+    from vllm.model_executor.layers.quantization import fp8
+
+    inter = 384
+    path = test_quant.per_expert_block(tmp_path / "ds", torch.float32, "deepseek_v3", inter=inter)
+    prefix = test_quant.PREFIX
+    sizes = (test_quant.E, test_quant.H, inter)
+    name = prefix.removesuffix(".experts")
+    options = {"moe_backend": moe_backend}
+    chosen = (Fp8MoeBackend.DEEPGEMM, None)
+    select = fp8.select_fp8_moe_backend if moe_backend == "auto" else lambda **_: chosen
+    with mock.patch.object(fp8, "select_fp8_moe_backend", select):
+        theirs = build(tp_size, rank, False, name, quant_config_of(path), sizes, **options)
+        ours = build(tp_size, rank, False, name, quant_config_of(path), sizes, **options)
+    method = theirs.routed_experts.quant_method
+    refined = getattr(method, "weight_scale_refine", None) is not None
+    padded = bool(theirs.routed_experts.moe_config.tp_shard_with_padding)
+    assert (refined, padded) == ((True, False) if moe_backend == "auto" else (False, True))
+    params = load_both(theirs, ours, path, prefix)
     assert_same_parameters(ours, params)
 
 
@@ -381,18 +426,32 @@ def test_int4_layers_match_vllm_load_weights(
     assert_same_parameters(ours, params)
 
 
+# (intermediate size, tp_size, rank, EP): even splits, and the uneven ones vLLM's gpt-oss
+# loading makes, `cdiv(I/32, tp)` whole blocks a rank and the last rank short, as
+# gpt-oss-120b's I=2880 at TP=4 (736, 736, 736, 672) and TP=8 (seven of 384, one of 192).
+MXFP4_SPLITS = [
+    (None, 1, 0, False),
+    (None, 2, 1, False),
+    (None, 2, 1, True),
+    (96, 2, 0, False),
+    (96, 2, 1, False),
+    (224, 4, 0, False),
+    (224, 4, 3, False),
+]
+
+
 @pytest.mark.parametrize("backend", ["EMULATION", "MARLIN"])
-@pytest.mark.parametrize(("tp_size", "rank", "ep"), [(1, 0, False), (2, 1, False), (2, 1, True)])
+@pytest.mark.parametrize(("inter", "tp_size", "rank", "ep"), MXFP4_SPLITS)
 def test_mxfp4_layers_match_vllm_gpt_oss_loading(
-    vllm_process_groups, tmp_path, tp_size, rank, ep, backend
+    vllm_process_groups, tmp_path, inter, tp_size, rank, ep, backend
 ):
     """gpt-oss mxfp4 experts (`gate_up_proj_blocks`, `_scales`, `_bias`, gate and up
     interleaved) into the layer vLLM's gpt-oss builds (`GptOssRoutedExperts` with
     `GptOssMxfp4MoEMethod`), loaded by vLLM's own gpt-oss code (`GptOssModel.
     _load_weights_mxfp4`, the checkpoint names mapped as `GptOssForCausalLM` maps them) and by
-    the adapter: every parameter bit for bit. vLLM has no mxfp4 MoE kernel on this CPU, so a
-    backend is named: Marlin's pads the parameters (I/tp to 128, H to 256), which take the
-    values in their corner."""
+    the adapter: every parameter bit for bit, for even and uneven splits. vLLM has no mxfp4
+    MoE kernel on this CPU, so a backend is named: Marlin's pads the parameters (I/tp to
+    128, H to 256), which take the values in their corner."""
     from types import SimpleNamespace
     from unittest import mock
 
@@ -401,9 +460,11 @@ def test_mxfp4_layers_match_vllm_gpt_oss_loading(
     from vllm.model_executor.layers.quantization import mxfp4
     from vllm.model_executor.models import gpt_oss
 
-    path = test_mxfp4.gpt_oss_mxfp4(tmp_path / "mxfp4")
+    even = inter is None
+    inter = test_mxfp4.INTER if even else inter
+    path = test_mxfp4.gpt_oss_mxfp4(tmp_path / "mxfp4", inter=inter)
     prefix = test_mxfp4.prefix()
-    e, hidden, inter = test_mxfp4.E, test_mxfp4.H, test_mxfp4.INTER
+    e, hidden = test_mxfp4.E, test_mxfp4.H
     chosen = (Mxfp4MoeBackend[backend], None)
 
     def gpt_oss_layer(label: str):
@@ -435,35 +496,315 @@ def test_mxfp4_layers_match_vllm_gpt_oss_loading(
         assert len(loaded) == 6
         consumed = load_fused_moe_layer(ours, ckpt, prefix)
     assert sorted(consumed) == sorted(names)
-    padded = backend == "MARLIN"
-    shard = inter if ep else inter // tp_size  # EP ranks keep whole experts
-    assert (params["w13_weight"].shape[1] > 2 * shard) == padded
+    if even:
+        padded = backend == "MARLIN"
+        shard = inter if ep else inter // tp_size  # EP ranks keep whole experts
+        assert (params["w13_weight"].shape[1] > 2 * shard) == padded
     assert_same_parameters(ours, params)
 
 
-def test_mxfp4_split_off_the_blocks_is_left_to_vllm(vllm_process_groups, tmp_path):
-    """I=96 (three 32-value blocks) over two TP ranks: vLLM's gpt-oss loading splits it
-    unevenly, in whole blocks (64 and 32 values); fastmoe_load splits evenly only, so
-    `load_format="fastmoe"` leaves such a layer to vLLM's own loader, and loading it
-    directly is a `RequestError` that names the tp sizes that fit."""
-    import json
+# Per-expert OCP MX (test_mx.py's releases): TP 1/2/4/8 and EP ranks.
+MX_RANKS = [(1, 0, False), (2, 1, False), (4, 3, False), (8, 5, False), (2, 1, True), (4, 2, True)]
+
+
+@contextmanager
+def mx_backends():
+    """vLLM has no MX MoE kernel on this CPU: the backends the methods would pick on a GPU
+    are named here (emulation: parameters of the checkpoint's sizes; the kernel decides
+    nothing of the loading)."""
     from unittest import mock
 
-    import test_mxfp4
+    from vllm.model_executor.layers.fused_moe.oracle.mxfp4 import Mxfp4MoeBackend
+    from vllm.model_executor.layers.quantization import modelopt, mxfp4
+    from vllm.model_executor.layers.quantization.quark import quark_moe
+
+    chosen = (Mxfp4MoeBackend.EMULATION, None)
+    with (
+        mock.patch.object(mxfp4, "select_deepseek_v4_mxfp4_moe_backend", lambda *_, **__: chosen),
+        mock.patch.object(quark_moe, "select_mxfp4_moe_backend", lambda *_, **__: chosen),
+        mock.patch.object(modelopt, "select_mxfp8_moe_backend", lambda *_, **__: (None, None)),
+    ):
+        yield
+
+
+def mounted(runner, path: str) -> torch.nn.Module:
+    """A module tree holding `runner` at `path`, so that its parameters carry the names a
+    model's `load_weights` looks them up by."""
+    root = node = torch.nn.Module()
+    *parents, last = path.split(".")
+    for part in parents:
+        child = torch.nn.Module()
+        node.add_module(part, child)
+        node = child
+    node.add_module(last, runner)
+    return root
+
+
+def mx_names(path, prefix: str) -> list[str]:
+    with fml.open(path) as ckpt:
+        return [n for n in ckpt.keys() if n.startswith(prefix + ".")]
+
+
+def assert_mx_layers_match(ours, params: dict, path, prefix: str) -> None:
+    with fml.open(path) as ckpt:
+        consumed = load_fused_moe_layer(ours, ckpt, prefix)
+    assert sorted(consumed) == sorted(mx_names(path, prefix))
+    assert {"w13_weight", "w13_weight_scale", "w2_weight_scale"} <= set(params), params
+    assert_same_parameters(ours, params)
+
+
+@pytest.mark.parametrize(("tp_size", "rank", "ep"), MX_RANKS)
+def test_deepseek_v4_experts_match_vllm_deepseek_v4_loading(
+    vllm_process_groups, tmp_path, tp_size, rank, ep
+):
+    """DeepSeek-V4-Flash's mxfp4 experts into the layer vLLM's DeepSeek-V4 builds
+    (`DeepseekV4FP8Config` -> `Mxfp4MoEMethod`), loaded by vLLM's own DeepSeek-V4 code
+    (`DeepseekV4Model.load_weights`, the checkpoint names mapped by its weights mapper, which
+    renames an expert's `.scale` to `.weight_scale` and views e8m0 as uint8) and by the
+    adapter: every parameter bit for bit."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    import test_mx
+    from vllm.models.deepseek_v4 import DeepseekV4FP8Config
+    from vllm.models.deepseek_v4.cpu import model as v4
+
+    path = test_mx.deepseek_v4(tmp_path / "v4")
+    prefix = "layers.1.ffn.experts"
+    config = json.loads((path / "config.json").read_text())["quantization_config"]
+    sizes = (test_mx.E, test_mx.H, test_mx.INTER)
+    with mx_backends():
+        theirs, ours = (
+            build(
+                tp_size,
+                rank,
+                ep,
+                "model.layers.1.ffn",
+                DeepseekV4FP8Config.from_config(config),
+                sizes,
+            )
+            for _ in range(2)
+        )
+    assert type(theirs.routed_experts.quant_method).__name__ == "Mxfp4MoEMethod"
+    params = dict(theirs.routed_experts.named_parameters())
+    # What `DeepseekV4Model.load_weights` reads of the model it loads.
+    model = mounted(theirs, f"model.{prefix}")
+    model.config = SimpleNamespace(n_routed_experts=test_mx.E, n_shared_experts=1)
+    model.is_fused_shared_expert_enabled = False
+    model.get_expert_mapping = lambda: v4.DeepseekV4Model.get_expert_mapping(model)
+    mapper = v4._make_deepseek_v4_weights_mapper("fp4")
+    with fml.open(path) as ckpt:
+        weights = [(mapper.map_name(n), ckpt.tensor(n)) for n in mx_names(path, prefix)]
+    assert all(".weight_scale" in n or n.endswith(".weight") for n, _ in weights)
+    with mock.patch.object(v4, "is_pp_missing_parameter", lambda *_: False):
+        v4.DeepseekV4Model.load_weights(model, weights)
+    assert_mx_layers_match(ours, params, path, prefix)
+
+
+@pytest.mark.parametrize(("tp_size", "rank", "ep"), MX_RANKS)
+def test_kimi_k3_experts_match_vllm_mxfp4_loading(vllm_process_groups, tmp_path, tp_size, rank, ep):
+    """Kimi-K3's compressed-tensors `mxfp4-pack-quantized` experts, which vLLM rewrites to its
+    `mxfp4` method (`Mxfp4Config` -> `Mxfp4MoEMethod`), loaded as its Kimi-K3 `load_weights`
+    loads routed experts (`.weight_packed` renamed `.weight`, vLLM's expert mapping for
+    `w1/w2/w3`, each parameter's own `weight_loader`) and by the adapter."""
+    import test_mx
+    from vllm.model_executor.layers.fused_moe.layer import fused_moe_make_expert_params_mapping
+    from vllm.model_executor.layers.quantization.mxfp4 import Mxfp4Config
+
+    path = test_mx.kimi_k3(tmp_path / "k3")
+    prefix = test_mx.RELEASES["kimi_k3"][1]
+    sizes = (test_mx.E, test_mx.H, test_mx.INTER)
+    with mx_backends():
+        theirs, ours = (
+            build(tp_size, rank, ep, prefix.removesuffix(".experts"), Mxfp4Config(), sizes)
+            for _ in range(2)
+        )
+    model = mounted(theirs, prefix)
+    params = dict(model.named_parameters())
+    mapping = fused_moe_make_expert_params_mapping(
+        model,
+        ckpt_gate_proj_name="w1",
+        ckpt_down_proj_name="w2",
+        ckpt_up_proj_name="w3",
+        num_experts=test_mx.E,
+    )
+    with fml.open(path) as ckpt:
+        for name in mx_names(path, prefix):
+            loaded = ckpt.tensor(name)
+            name = name.replace(".weight_packed", ".weight")
+            for param_name, weight_name, expert_id, shard_id in mapping:
+                if weight_name in name:
+                    name = name.replace(weight_name, param_name)
+                    param = params[name]
+                    param.weight_loader(param, loaded, name, expert_id=expert_id, shard_id=shard_id)
+                    break
+            else:
+                raise AssertionError(name)
+    assert_mx_layers_match(ours, dict(theirs.routed_experts.named_parameters()), path, prefix)
+
+
+@pytest.mark.parametrize("input_scales", [False, True])
+@pytest.mark.parametrize(("tp_size", "rank", "ep"), MX_RANKS)
+def test_quark_ocp_mx_experts_match_vllm_load_weights(
+    vllm_process_groups, tmp_path, tp_size, rank, ep, input_scales
+):
+    """AMD Quark OCP MX (`w_mxfp4`, and `w_mxfp4_a_fp8` with static input scales) into
+    `QuarkOCP_MX_MoEMethod`'s parameters, loaded by vLLM's `FusedMoE.load_weights` and by
+    the adapter."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    import test_mx
+    from vllm.model_executor.layers.quantization.quark import quark_moe
+    from vllm.model_executor.layers.quantization.quark.quark import QuarkConfig
+
+    path = test_mx.quark_mxfp4(tmp_path / "quark", input_scales=input_scales)
+    prefix = test_mx.RELEASES["quark"][1]
+    config = json.loads((path / "config.json").read_text())["quantization_config"]
+    sizes = (test_mx.E, test_mx.H, test_mx.INTER)
+    current = SimpleNamespace(
+        model_config=SimpleNamespace(hf_config=SimpleNamespace(model_type="deepseek_v3"))
+    )
+    with mx_backends(), mock.patch.object(quark_moe, "get_current_vllm_config", lambda: current):
+        theirs, ours = (
+            build(
+                tp_size,
+                rank,
+                ep,
+                prefix.removesuffix(".experts"),
+                QuarkConfig.from_config(config),
+                sizes,
+            )
+            for _ in range(2)
+        )
+    assert type(theirs.routed_experts.quant_method).__name__ == "QuarkOCP_MX_MoEMethod"
+    params = load_both(theirs, ours, path, prefix)
+    assert ("w13_input_scale" in params) == input_scales
+    assert_same_parameters(ours, params)
+
+
+@pytest.mark.parametrize("flavor", ["modelopt", "compressed-tensors"])
+@pytest.mark.parametrize(("tp_size", "rank", "ep"), MX_RANKS)
+def test_mxfp8_experts_match_vllm_load_weights(
+    vllm_process_groups, tmp_path, tp_size, rank, ep, flavor
+):
+    """MiniMax-M3-MXFP8's per-expert experts (`w1/w3/w2.weight` float8 e4m3, uint8
+    `weight_scale` per 32 values) into `ModelOptMxFp8FusedMoE`'s parameters (ModelOpt MXFP8)
+    or `CompressedTensorsW8A8Mxfp8MoEMethod`'s (compressed-tensors W8A8 MXFP8), loaded by
+    vLLM's `FusedMoE.load_weights` (checkpoint names `w1/w2/w3`) and by the adapter."""
+    from unittest import mock
+
+    import test_mx
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe import (
+        compressed_tensors_moe_w8a8_mxfp8 as ct_mxfp8,
+    )
+    from vllm.model_executor.layers.quantization.modelopt import ModelOptMxFp8Config
+
+    path = test_mx.mxfp8(tmp_path / "mxfp8", flavor)
+    prefix = test_mx.RELEASES["mxfp8"][1]
+    config = json.loads((path / "config.json").read_text())["quantization_config"]
+    sizes = (test_mx.E, test_mx.H, test_mx.INTER)
+    make = ModelOptMxFp8Config if flavor == "modelopt" else quant_config_of
+    backend = mock.patch.object(ct_mxfp8, "select_mxfp8_moe_backend", lambda *_, **__: (None, None))
+    with mx_backends(), backend:
+        theirs, ours = (
+            build(
+                tp_size,
+                rank,
+                ep,
+                prefix.removesuffix(".experts"),
+                make.from_config(config) if flavor == "modelopt" else make(path),
+                sizes,
+                ckpt_names=("w1", "w2", "w3"),
+            )
+            for _ in range(2)
+        )
+    method = {"modelopt": "ModelOptMxFp8FusedMoE"}.get(
+        flavor, "CompressedTensorsW8A8Mxfp8MoEMethod"
+    )
+    assert type(theirs.routed_experts.quant_method).__name__ == method
+    params = load_both(theirs, ours, path, prefix)
+    assert params["w13_weight"].dtype == torch.float8_e4m3fn
+    assert_same_parameters(ours, params)
+
+
+def test_mx_layers_vllm_pads_are_left_to_vllm(vllm_process_groups, tmp_path):
+    """A backend that pads the parameters (Marlin: I/tp to 128, H to 256) writes the values
+    somewhere fastmoe_load has not checked: such a layer is left to vLLM's loader."""
+    from unittest import mock
+
+    import test_mx
     from fastmoe_load.engines.vllm import describe
     from vllm.model_executor.layers.fused_moe.oracle.mxfp4 import Mxfp4MoeBackend
     from vllm.model_executor.layers.quantization import mxfp4
 
-    path = test_mxfp4.gpt_oss_mxfp4(tmp_path / "mxfp4", inter=96)
-    config = json.loads((path / "config.json").read_text())["quantization_config"]
-    chosen = (Mxfp4MoeBackend.EMULATION, None)
-    sizes = (test_mxfp4.E, test_mxfp4.H, 96)
-    with mock.patch.object(mxfp4, "select_mxfp4_moe_backend", lambda *_, **__: chosen):
-        quant_config = mxfp4.GptOssMxfp4Config.from_config(config)
-        runner = build(2, 1, False, "uneven", quant_config, sizes, **gpt_oss_options())
+    path = test_mx.kimi_k3(tmp_path / "k3")
+    prefix = test_mx.RELEASES["kimi_k3"][1]
+    chosen = (Mxfp4MoeBackend.MARLIN, None)
+    sizes = (test_mx.E, test_mx.H, test_mx.INTER)
+    with mock.patch.object(mxfp4, "select_deepseek_v4_mxfp4_moe_backend", lambda *_, **__: chosen):
+        layer = build(2, 1, False, "padded", mxfp4.Mxfp4Config(), sizes)
+    assert layer.routed_experts.w13_weight.shape[2] > test_mx.H // 2
     with fml.open(path) as ckpt:
-        group = ckpt.experts(test_mxfp4.prefix())
-        assert group.intermediate_size == 96
-        assert describe(runner, ckpt, group.prefix).unfillable() is not None
-        with pytest.raises(fml.RequestError, match="tp_size that fit: 1, 3"):
-            load_fused_moe_layer(runner, ckpt, test_mxfp4.prefix())
+        reason = describe(layer, ckpt, prefix).unfillable()
+    assert reason is not None and "w13_weight has shape" in reason, reason
+
+
+@pytest.mark.parametrize(("tp_size", "rank"), [(1, 0), (2, 1)])
+def test_deepseek_v4_fused_shared_expert_slot_is_left_to_the_model(
+    vllm_process_groups, tmp_path, tp_size, rank
+):
+    """With the shared expert fused into the routed grouped GEMM (`fuse_shared_experts`, one
+    slot after the routed ones), the adapter fills the routed slots exactly as vLLM's
+    DeepSeek-V4 loading does and leaves the shared slot to the model's `load_weights`, which
+    fills it from `shared_experts` (quantizing the fp8 shared expert for the mxfp4 slot)."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    import test_mx
+    from vllm.model_executor.layers.fused_moe import expert_map_manager
+    from vllm.models.deepseek_v4 import DeepseekV4FP8Config
+    from vllm.models.deepseek_v4.cpu import model as v4
+
+    path = test_mx.deepseek_v4(tmp_path / "v4")
+    prefix = "layers.1.ffn.experts"
+    config = json.loads((path / "config.json").read_text())["quantization_config"]
+    sizes = (test_mx.E, test_mx.H, test_mx.INTER)
+    # The AITER routing buffers it sets up live on a GPU; loading never reads them.
+    no_buffers = mock.patch.object(
+        expert_map_manager.ExpertMapManager,
+        "_init_aiter_shared_experts_topK_buffer",
+        lambda *_, **__: None,
+    )
+    with mx_backends(), no_buffers:
+        theirs, ours = (
+            build(
+                tp_size,
+                rank,
+                False,
+                "model.layers.1.ffn",
+                DeepseekV4FP8Config.from_config(config),
+                sizes,
+                fuse_shared_experts=True,
+                n_shared_experts=1,
+            )
+            for _ in range(2)
+        )
+    assert ours.routed_experts.w13_weight.shape[0] == test_mx.E + 1
+    params = dict(theirs.routed_experts.named_parameters())
+    model = mounted(theirs, f"model.{prefix}")
+    model.config = SimpleNamespace(n_routed_experts=test_mx.E, n_shared_experts=1)
+    model.is_fused_shared_expert_enabled = False  # the routed experts only, here
+    model.get_expert_mapping = lambda: v4.DeepseekV4Model.get_expert_mapping(model)
+    mapper = v4._make_deepseek_v4_weights_mapper("fp4")
+    with fml.open(path) as ckpt:
+        weights = [(mapper.map_name(n), ckpt.tensor(n)) for n in mx_names(path, prefix)]
+        with mock.patch.object(v4, "is_pp_missing_parameter", lambda *_: False):
+            v4.DeepseekV4Model.load_weights(model, weights)
+        consumed = load_fused_moe_layer(ours, ckpt, prefix)
+    assert sorted(consumed) == sorted(mx_names(path, prefix))
+    for name, expected in params.items():
+        actual = getattr(ours.routed_experts, name).data
+        routed = slice(0, test_mx.E)
+        assert torch.equal(actual[routed], expected.data[routed]), name
+        assert (actual[test_mx.E].view(torch.uint8) == 0xA5).all(), f"{name}: shared slot"

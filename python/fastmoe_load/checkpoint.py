@@ -148,9 +148,10 @@ class Quantization:
     `config.json` (`fp8`, `compressed-tensors`, `fbgemm_fp8`, `modelopt`), or where only the
     files say so `fp8` (float8 weights), `modelopt` (NVFP4) or `mxfp4`; `weights` is `fp8`,
     `nvfp4` (two e2m1 values a byte along the input dimension, float8 scales per 16),
-    `mxfp4` (the same with e8m0 scales per 32, stored as uint8: gpt-oss) or `int4` (eight
-    values an int32, compressed-tensors `pack-quantized`); `companions` lists the tensors
-    beside each weight."""
+    `mxfp4` (the same with e8m0 scales per 32, stored as uint8 or float8_e8m0fnu: gpt-oss,
+    DeepSeek-V4 (whose bytes are typed int8), Kimi-K3, AMD Quark), `mxfp8` (float8 e4m3 with
+    e8m0 scales per 32: ModelOpt MXFP8, MiniMax-M3) or `int4` (eight values an int32,
+    compressed-tensors `pack-quantized`); `companions` lists the tensors beside each weight."""
 
     method: str
     companions: tuple[Companion, ...]
@@ -185,6 +186,25 @@ class Quantization:
         implied = self.weights in ("fp8", self.method)
         name = self.method if implied else f"{self.method} {self.weights}"
         return f"{name}, {grid} scales in {dtype} ({kinds})"
+
+
+# How OCP MX scales are stored: float8_e8m0fnu, or the same exponent bytes as uint8.
+E8M0_DTYPES = tuple(
+    d for d in (torch.uint8, getattr(torch, "float8_e8m0fnu", None)) if d is not None
+)
+
+
+def _weights_name(pack: int, companions: tuple[Companion, ...]) -> str:
+    """What the weights are, from how they pack and their weight scale: two e2m1 values a
+    byte beside e8m0 scales (`mxfp4`) or beside float8 ones (`nvfp4`); float8 weights beside
+    e8m0 scales of one per 32 values of a row (`mxfp8`) or any other (`fp8`); integers."""
+    scale = next(c for c in companions if c.kind in ("weight_scale_inv", "weight_scale"))
+    mx = scale.dtype in E8M0_DTYPES and scale.scheme == "group" and scale.block == (1, 32)
+    if pack == 2:
+        return "mxfp4" if scale.dtype in E8M0_DTYPES else "nvfp4"
+    if pack == 1:
+        return "mxfp8" if mx else "fp8"
+    return f"int{32 // pack}"
 
 
 class UnsupportedWarning(UserWarning):
@@ -249,10 +269,9 @@ class MoeLayer:
                 )
                 for c in info.companions
             )
-            # Two e2m1 values a byte: mxfp4 beside e8m0 scales (bytes), else NVFP4.
-            fp4 = "mxfp4" if companions[0].dtype == torch.uint8 else "nvfp4"
-            weights = {1: "fp8", 2: fp4}.get(info.pack, f"int{32 // info.pack}")
-            self.quantization = Quantization(info.quant_method, companions, weights)
+            self.quantization = Quantization(
+                info.quant_method, companions, _weights_name(info.pack, companions)
+            )
 
     @property
     def has_bias(self) -> bool:

@@ -32,6 +32,22 @@ class LoadStats:
 TRANSPOSE_SCRATCH_BYTES = 128 << 20
 
 
+# Checkpoint dtypes whose bytes a destination of another dtype takes as they are, because
+# both name the same bytes: e8m0 exponents are uint8 in vLLM's OCP MX parameters (a numeric
+# copy would turn 2^-7 into 0), and DeepSeek-V4 types its packed e2m1 bytes int8.
+_SAME_BYTES: frozenset[tuple[torch.dtype, torch.dtype]] = frozenset(
+    (stored, torch.uint8)
+    for stored in (torch.int8, getattr(torch, "float8_e8m0fnu", None))
+    if stored is not None
+)
+
+
+def same_bytes(stored: torch.dtype, destination: torch.dtype) -> bool:
+    """Whether a `destination`-typed parameter takes `stored` values as bytes, unconverted
+    (`int8` packed fp4 and `float8_e8m0fnu` scales into `uint8`), or the dtypes are equal."""
+    return stored == destination or (stored, destination) in _SAME_BYTES
+
+
 class _Request:
     """Checks one load request; every message names the checkpoint and the experts prefix."""
 
@@ -84,7 +100,9 @@ class _Request:
         scales."""
         if not isinstance(tensor, torch.Tensor):
             raise self.error(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-        if tensor.dtype != dtype and not allow_cast:
+        if same_bytes(dtype, tensor.dtype):
+            pass  # moved as bytes, never converted
+        elif tensor.dtype != dtype and not allow_cast:
             raise self.error(
                 f"{name} has dtype {tensor.dtype} but the checkpoint stores {dtype}; "
                 "fastmoe_load casts only when asked to (allow_cast=True)"
@@ -94,14 +112,14 @@ class _Request:
         castable = (dtype.is_floating_point and tensor.dtype.is_floating_point) or (
             name.endswith("weight_shape")
         )
-        if tensor.dtype != dtype and quantized:
+        if not same_bytes(dtype, tensor.dtype) and quantized:
             raise self.error(
                 f"{name} has dtype {tensor.dtype} but the checkpoint stores quantized "
                 f"{dtype} weights, which mean something only with their scales: a cast "
                 f"would drop the scales. Use a {dtype} destination and load the scales beside "
                 "it (fastmoe_load dequantizes only gpt-oss mxfp4 experts, in load_model)"
             )
-        if tensor.dtype != dtype and not castable:
+        if not same_bytes(dtype, tensor.dtype) and not castable:
             raise self.error(
                 f"{name} has dtype {tensor.dtype} but the checkpoint stores {dtype}, values "
                 f"that a cast would not convert (packed or encoded): use a {dtype} destination"
@@ -178,7 +196,7 @@ def plan_destinations(
 
     destinations = []
     for (name, _, _, dtype), tensor in zip(wanted, tensors, strict=True):
-        cast_from = dtype if tensor.dtype != dtype else None
+        cast_from = None if same_bytes(dtype, tensor.dtype) else dtype
         if name in ("w13", "w2") and layer.transposed and _transposes_on_device(tensor):
             if cast_from is not None:
                 raise request.error(
@@ -351,7 +369,18 @@ def load_fused_moe(
     converted by torch's `copy_` as vLLM's own loader converts (exact from bfloat16,
     float16 and float8_e8m0fnu scales to float32 parameters; rounding where narrower).
     Only floating-point values (and `weight_shape`'s integers) are cast; packed weights,
-    zero points and mxfp4's e8m0 bytes never are (`RequestError`).
+    zero points and mxfp4's e8m0 bytes never are (`RequestError`). `uint8` destinations take
+    `float8_e8m0fnu` scales and DeepSeek-V4's `int8`-typed fp4 bytes as bytes, with or
+    without `allow_cast` (vLLM's OCP MX parameters are `uint8`).
+
+    Per-expert OCP MX (DeepSeek-V4, Kimi-K3, AMD Quark; vLLM's `Mxfp4MoEMethod`,
+    `QuarkOCP_MX_MoEMethod`): as gpt-oss' mxfp4 without biases, `w13 [E_local, 2*I/tp, H/2]`
+    and `w2 [E_local, H, I/tp/2]` uint8, `w13_weight_scale [E_local, 2*I/tp, H/32]` and
+    `w2_weight_scale [E_local, H, I/tp/32]` uint8 (DeepSeek-V4's `….scale` is the
+    `weight_scale` companion); Quark's static `w13_input_scale`/`w2_input_scale [E_local]`.
+    MXFP8 (ModelOpt, compressed-tensors, MiniMax-M3; `ModelOptMxFp8FusedMoE`,
+    `CompressedTensorsW8A8Mxfp8MoEMethod`): `w13 [E_local, 2*I/tp, H]` and `w2 [E_local, H,
+    I/tp]` float8_e4m3fn with the same uint8 scales.
 
     CUDA destinations are filled through pinned staging buffers (`staging`, default: the
     checkpoint's pool) with asynchronous copies; the caller's current stream sees the

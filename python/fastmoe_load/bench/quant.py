@@ -1,5 +1,5 @@
-"""`python -m fastmoe_load bench --quant fp8|nvfp4|int4|mxfp4`: quantized experts beside the
-pure-Python path.
+"""`python -m fastmoe_load bench --quant fp8|nvfp4|int4|mxfp4|mxfp4-expert`: quantized experts
+beside the pure-Python path.
 
 A generated checkpoint shaped like DeepSeek-V3's routed experts (one tensor per expert and
 matrix, 256 experts, H=7168, I=2048), quantized as the releases are: `fp8`, fp8 e4m3
@@ -19,6 +19,12 @@ per 32 values and bf16 biases, down's alike, loaded (weights and scales; the bia
 of the bytes) into `GptOssMxfp4MoEMethod`'s parameters, gate and up interleaved as vLLM's
 gpt-oss layers keep them, beside vLLM's gpt-oss mxfp4 loop (whole tensors, narrowed, one
 copy each).
+
+`mxfp4-expert` is shaped like a DeepSeek-V4-Pro layer (one tensor per expert and matrix,
+384 experts, H=7168, I=3072, no `model.` prefix): `layers.N.ffn.experts.E.w1.weight` int8-typed
+bytes of two e2m1 values with a float8_e8m0fnu `scale` per 32 values, loaded into the uint8
+parameters of vLLM's `Mxfp4MoEMethod` (gate rows then up rows), beside vLLM's per-expert
+`weight_loader` loop (scales viewed as bytes, as its DeepSeek-V4 loader views them).
 
 In the same run, the bf16 fused checkpoint of the plain bench is loaded too, so that the
 quantized and bf16 checkpoints compare per landed byte.
@@ -56,7 +62,8 @@ FP4_GROUP = 16
 INT4_GROUP = 32
 MX_BLOCK = 32
 MODULES = ("gate_proj", "up_proj", "down_proj")
-SCHEMES = ("fp8", "nvfp4", "int4", "mxfp4")
+SCHEMES = ("fp8", "nvfp4", "int4", "mxfp4", "mxfp4-expert")
+E8M0 = torch.float8_e8m0fnu
 STORED = {
     "fp8": "fp8 e4m3 per expert with float32 128x128 weight_scale_inv",
     "nvfp4": "nvfp4 per expert (uint8, two values a byte) with float8 weight_scale per 16 "
@@ -65,6 +72,8 @@ STORED = {
     "weight_scale per 32 values and weight_shape",
     "mxfp4": "mxfp4 fused as gpt-oss (uint8 blocks, two values a byte, gate and up "
     "interleaved) with e8m0 scales per 32 values and bf16 biases",
+    "mxfp4-expert": "mxfp4 per expert as DeepSeek-V4 (int8-typed bytes, two values a byte) "
+    "with float8_e8m0fnu scales per 32 values",
 }
 QUANTIZATION_CONFIGS = {
     "fp8": {
@@ -101,6 +110,15 @@ QUANTIZATION_CONFIGS = {
         "quant_method": "mxfp4",
         "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router"],
     },
+    # DeepSeek-V4: fp8 block scales for the dense layers; `expert_dtype: fp4` at the top of
+    # config.json says what the experts are.
+    "mxfp4-expert": {
+        "quant_method": "fp8",
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "scale_fmt": "ue8m0",
+        "weight_block_size": [BLOCK, BLOCK],
+    },
 }
 
 
@@ -116,6 +134,12 @@ def module_tensors(
             "weight_scale_inv": torch.rand(grid, generator=gen),
         }
     packed = weight[: rows * cols // 2]
+    if scheme == "mxfp4-expert":  # e8m0 exponents near 2**0
+        exponents = torch.randint(118, 136, (rows, cols // MX_BLOCK), dtype=torch.uint8)
+        return {
+            "weight": packed.view(torch.int8).view(rows, cols // 2).clone(),
+            "scale": exponents.view(E8M0),
+        }
     if scheme == "int4":
         return {
             "weight_packed": packed.view(torch.int32).view(rows, -1).clone(),
@@ -166,6 +190,8 @@ class Fp8Shape:
         values = self.hidden * self.intermediate
         if self.scheme == "mxfp4":  # uint8 groups, bf16 biases
             return 3 * self.experts * (values // MX_BLOCK + 2 * self.hidden)
+        if self.scheme == "mxfp4-expert":  # e8m0 groups
+            return 3 * self.experts * values // MX_BLOCK
         if self.scheme == "nvfp4":  # float8 groups, two float32 scalars
             return 3 * self.experts * (values // FP4_GROUP + 8)
         if self.scheme == "int4":  # bfloat16 groups, the int32 shape
@@ -183,6 +209,8 @@ class Fp8Shape:
         return self.layers * self.layer_bytes
 
     def prefix(self, layer: int) -> str:
+        if self.scheme == "mxfp4-expert":  # DeepSeek-V4's names have no `model.` prefix
+            return f"layers.{layer}.ffn.experts"
         # DeepSeek-V3's first three layers are dense; its routed experts start at layer 3.
         return f"model.layers.{layer + (0 if self.scheme == 'mxfp4' else 3)}.mlp.experts"
 
@@ -229,7 +257,15 @@ def generate_fp8(path: str, shape: Fp8Shape) -> bool:
     bar.close()
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": shape.total_bytes}, "weight_map": weight_map}, f)
-    if shape.scheme == "mxfp4":
+    if shape.scheme == "mxfp4-expert":
+        config = {
+            "model_type": "deepseek_v4",
+            "expert_dtype": "fp4",
+            "hidden_size": h,
+            "moe_intermediate_size": i,
+            "n_routed_experts": shape.experts,
+        }
+    elif shape.scheme == "mxfp4":
         config = {
             "model_type": "gpt_oss",
             "hidden_size": h,
@@ -273,7 +309,8 @@ class Fp8Bench(Bench):
             return torch.empty(shape, dtype=dtype, device=self.device)
 
         for _ in range(s.layers):
-            if s.scheme == "mxfp4":  # `GptOssMxfp4MoEMethod.create_weights`, unpadded
+            # `GptOssMxfp4MoEMethod.create_weights` unpadded; `Mxfp4MoEMethod`'s alike
+            if s.scheme in ("mxfp4", "mxfp4-expert"):
                 w13 = empty(n, 2 * shard, h // 2, dtype=torch.uint8)
                 w2 = empty(n, h, shard // 2, dtype=torch.uint8)
                 scales = {
@@ -324,11 +361,14 @@ def default_shape(
     scheme: str = "fp8",
 ) -> Fp8Shape:
     """DeepSeek-V3's sizes unless given: one full layer (11.3 GB in fp8, 6 GB in nvfp4 or
-    int4) on a GPU machine; for mxfp4, gpt-oss-120b's, four layers (6.8 GB); on a CPU, as
+    int4) on a GPU machine; for mxfp4, gpt-oss-120b's, four layers (6.8 GB); for
+    mxfp4-expert, one DeepSeek-V4-Pro layer (384 experts, 13.5 GB); on a CPU, as
     many experts as fit an eighth of the memory, so that the checkpoint stays in the page
     cache."""
     if scheme == "mxfp4":
         base = Fp8Shape(layers or 4, experts=128, hidden=2880, intermediate=2880, scheme=scheme)
+    elif scheme == "mxfp4-expert":  # DeepSeek-V4-Pro's routed experts
+        base = Fp8Shape(layers or 1, experts=384, hidden=7168, intermediate=3072, scheme=scheme)
     else:
         base = Fp8Shape(layers=layers or 1, scheme=scheme)
     base = replace(
@@ -374,7 +414,7 @@ def main(
     reused while the shapes match; removed afterwards with `clean`), and prints the table."""
     dev = torch.device(device)
     shape = default_shape(dev, layers, experts, hidden, intermediate, scheme)
-    group = {"fp8": 1, "nvfp4": FP4_GROUP, "int4": INT4_GROUP, "mxfp4": MX_BLOCK}[scheme]
+    group = {"fp8": 1, "nvfp4": FP4_GROUP, "int4": INT4_GROUP}.get(scheme, MX_BLOCK)
     if shape.hidden % group or shape.intermediate % group:
         raise RequestError(
             f"{scheme} scales groups of {group} values: --hidden and --intermediate must be "

@@ -69,6 +69,7 @@ class SeedLoader:
         param = self.scales.get(f"{'w2' if shard_id == 'w2' else 'w13'}_{companion.kind}")
         if param is None:
             return
+        scale = _as_bytes(scale, param)
         for slot in self.slots.get(expert_id, ()):
             if companion.scheme == "whole":  # `weight_shape`: the up projection's in w13
                 param[slot].copy_(scale)
@@ -89,6 +90,7 @@ class SeedLoader:
                 param[slot].narrow(0, 0 if shard_id == "w1" else half, half).copy_(loaded)
 
     def weight_loader(self, weight: torch.Tensor, shard_id: str, expert_id: int) -> None:
+        weight = _as_bytes(weight, self.w2)
         for slot in self.slots.get(expert_id, ()):  # experts of other ranks are skipped
             if shard_id == "w2":
                 expert_data = self.w2[slot]
@@ -100,6 +102,15 @@ class SeedLoader:
                 loaded = weight.narrow(0, shard_size * self.tp_rank, shard_size)
                 offset = 0 if shard_id == "w1" else shard_size
                 expert_data.narrow(0, offset, shard_size).copy_(loaded)
+
+
+def _as_bytes(loaded: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """e8m0 scales and DeepSeek-V4's int8-typed fp4 bytes viewed as the uint8 of vLLM's OCP
+    MX parameters, as its loaders view them (its DeepSeek-V4 `load_weights`, `Mxfp4MoEMethod`'s
+    scale loader): a numeric copy would turn the e8m0 2**-7 into 0."""
+    if param.dtype == torch.uint8 and loaded.dtype in (torch.int8, torch.float8_e8m0fnu):
+        return loaded.view(torch.uint8)
+    return loaded
 
 
 def _gate_up_halves(weight: torch.Tensor, layer: MoeLayer) -> Iterator[tuple[str, torch.Tensor]]:
@@ -143,7 +154,8 @@ def seed_load(
                 handles[file] = files.enter_context(safe_open(file, framework="pt"))
             return handles[file].get_tensor(name)
 
-        if layer.quantization is not None and layer.quantization.weights == "mxfp4":
+        fused_mxfp4 = layer.format != "per_expert"
+        if fused_mxfp4 and layer.quantization is not None and layer.quantization.weights == "mxfp4":
             params = {"w13": w13, "w2": w2, **(scales or {})}
             _mxfp4_load(get_tensor, layer, params, tp_rank, tp_size, list(experts))
             return

@@ -428,6 +428,21 @@ def plan_outputs(
             "(`mlp.w1 / v1 / w2 [E·I, H]`), the only layout transformers' and vLLM's DBRX "
             "read: they are not converted; load them from this checkpoint"
         )
+    per_expert_mx = [
+        layer
+        for layer in converting
+        if layer.format == "per_expert"
+        and layer.quantization is not None
+        and layer.quantization.weights in ("mxfp4", "mxfp8")
+    ]
+    if per_expert_mx:
+        layer = per_expert_mx[0]
+        raise RequestError(
+            f"{ckpt.path}: experts at `{layer.prefix}` are {layer.quantization.weights} per "
+            "expert with e8m0 scales per 32 values (DeepSeek-V4, Kimi-K3, AMD Quark, MXFP8 "
+            "releases), which the engines' loaders read only under the release's own "
+            "per-expert names: they are not converted; load them from this checkpoint"
+        )
     mxfp4 = [
         layer.prefix
         for layer in converting

@@ -19,7 +19,7 @@ import torch
 
 from .._fastmoe_load import RequestError
 from ..checkpoint import Checkpoint, MoeLayer
-from ..loader import destination_shapes, load_fused_moe
+from ..loader import destination_shapes, load_fused_moe, same_bytes
 
 # Destinations of the weights and of the biases; every other one is a companion `w13_{kind}`
 # / `w2_{kind}` (see `load_fused_moe`).
@@ -45,8 +45,19 @@ class ExpertLayerSpec:
     - `experts`: the checkpoint (logical) expert of each local slot: linear or round-robin
       placement, EPLB replicas (one expert in several slots).
     - `interleaved`: gate and up rows alternate in `w13` (vLLM's gpt-oss `swigluoai`).
-    - `padded`: the parameters may be larger than the rank's values (kernels that round
-      sizes up), and take them in their leading corner, the rest untouched.
+    - `shard`: the rank's rows `(first, count)` of the intermediate size where its engine
+      splits otherwise than evenly (vLLM's gpt-oss: whole 32-value blocks, the last rank
+      short; block-aligned fp8 TP: whole 128-blocks, the last ranks short or empty).
+    - `padding`: how parameters larger than the rank's values (kernels that round sizes up)
+      take them: `"corner"`, every parameter's leading corner (vLLM's gpt-oss loaders);
+      `"halves"`, as vLLM's `FusedMoE.weight_loader` places them, gate at the start of the
+      first half of `w13`'s rows and up at the start of the second, `w2` and the rest in
+      their leading corner; None, no parameter may be larger. Padding stays as allocated,
+      unless `pad_fill`: then weights' padding is zeroed and scales' set to one, as vLLM's
+      block-aligned fp8 TP loading leaves it.
+    - `scale_refine`: block scales on a finer square grid than the checkpoint's (vLLM's
+      refined fp8 block, a divisor of the checkpoint's): each value repeated over the finer
+      blocks it covers, for the rank's rows.
     - `global_experts`: destinations held for every physical expert on every rank (one
       scalar per expert and matrix: `w13_input_scale [P, 2]`, `w2_input_scale [P]`), as
       kernels that quantize with every expert's scales keep them; `global_rows` holds the
@@ -69,7 +80,10 @@ class ExpertLayerSpec:
     tp_size: int
     experts: Sequence[int]
     interleaved: bool
-    padded: bool = False
+    shard: tuple[int, int] | None = None
+    padding: str | None = None
+    pad_fill: bool = False
+    scale_refine: int | None = None
     global_experts: tuple[str, ...] = ()
     global_rows: Sequence[int] = ()
     w2_bias_first_rank: bool = False
@@ -83,27 +97,64 @@ class ExpertLayerSpec:
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """The shape of the values each destination takes for this rank."""
         group = self.group
-        shapes = {
-            name: shape
-            for name, (shape, _) in destination_shapes(
-                group, len(self.experts), self.tp_size
-            ).items()
-        }
+        shapes = {name: shape for name, (shape, _) in self.load_shapes().items()}
+        refine = self.scale_refine
+        if refine is not None:
+            count = self.rows[1]
+            hidden = group.hidden_size
+            for name in self.refined():
+                shapes[name] = (
+                    (len(self.experts), 2 * -(-count // refine), -(-hidden // refine))
+                    if name.startswith("w13")
+                    else (len(self.experts), -(-hidden // refine), -(-count // refine))
+                )
         rows = len(self.global_rows)
         for name in self.global_experts:
             shapes[name] = (rows, 2) if name.startswith("w13") else (rows,)
         return shapes
 
+    @property
+    def rows(self) -> tuple[int, int]:
+        """The rank's rows `(first, count)` of the intermediate size."""
+        if self.shard is not None:
+            return self.shard
+        count = self.group.intermediate_size // self.tp_size
+        return self.tp_rank * count, count
+
+    @property
+    def load_shard(self) -> tuple[int, int] | None:
+        """The rows `load_fused_moe` is asked for: explicit where they are not the even
+        split, or where a refined grid means blocks are taken whole and narrowed after."""
+        return self.rows if self.shard is not None or self.scale_refine else None
+
+    def load_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """What `load_fused_moe` writes for the rank (block scales on the checkpoint's grid,
+        every block the rows touch, before any refinement or padding)."""
+        experts, tp_size = len(self.experts), self.tp_size
+        return destination_shapes(self.group, experts, tp_size, shard=self.load_shard)
+
+    def refined(self) -> list[str]:
+        """The block-scale destinations `scale_refine` puts on a finer grid."""
+        quantization = self.group.quantization
+        if self.scale_refine is None or quantization is None:
+            return []
+        return [
+            f"{target}_{c.kind}"
+            for c in quantization.companions
+            if c.scheme == "block"
+            for target in ("w13", "w2")
+        ]
+
     def problem(self) -> str | None:
         """Why this layer cannot be filled from its group as described (a TP split off the
         group's packs or blocks, a parameter missing or of the wrong shape), or None."""
         group = self.group
-        if group.intermediate_size % self.tp_size:
+        if self.shard is None and group.intermediate_size % self.tp_size:
             return (
                 f"intermediate size {group.intermediate_size} does not split into "
                 f"tp_size={self.tp_size} equal shards"
             )
-        split_error = group.tp_split_error(self.tp_size)
+        split_error = self._split_error()
         if split_error is not None:
             return split_error
         bad = sorted(
@@ -128,10 +179,39 @@ class ExpertLayerSpec:
             if have == want:
                 continue
             fits = len(have) == len(want) and all(a >= b for a, b in zip(have, want, strict=True))
-            if not (fits and self.padded and name not in self.global_experts):
+            if not (fits and self.padding is not None and name not in self.global_experts):
                 return (
                     f"{self.where}: {self.names.get(name, name)} has shape {have}, expected {want}"
                 )
+        return None
+
+    def _split_error(self) -> str | None:
+        """Why the rank's rows do not fall on the group's packs and scale blocks (or, with
+        `scale_refine`, on the finer grid), or None."""
+        group = self.group
+        first, count = self.rows
+        refine = self.scale_refine
+        if refine is not None:
+            companions = group.quantization.companions if group.quantization else ()
+            blocks = {c.block for c in companions if c.scheme == "block"}
+            fits = all(
+                b is not None and b[0] % refine == 0 and b[1] % refine == 0 for b in blocks
+            ) and not (first % refine or count % refine or group.hidden_size % refine)
+            if not fits:
+                return (
+                    f"{self.where}: a {refine}x{refine} scale grid does not divide the "
+                    f"checkpoint's blocks {sorted(blocks)} and the rank's rows [{first}, "
+                    f"{first + count}) of H={group.hidden_size}"
+                )
+        elif self.shard is None:
+            return group.tp_split_error(self.tp_size)
+        try:
+            # The core checks the rows against the packs; blocks are taken whole.
+            self.group._ckpt._handle.plan(
+                group.prefix, "w2", tp_rank=0, tp_size=1, experts=[], shard=self.rows
+            )
+        except RequestError as error:
+            return str(error)
         return None
 
     def _disagreeing_merged(self) -> str | None:
@@ -166,7 +246,7 @@ class ExpertLayerSpec:
             return self.unverified
         weights = self.parameters.get("w13")
         if self.group.quantization is not None and weights is not None:
-            if weights.dtype != self.group.dtype:
+            if not same_bytes(self.group.dtype, weights.dtype):
                 return (
                     f"its weights are {weights.dtype}, the checkpoint's {self.group.dtype}: "
                     "quantized weights are never cast"
@@ -194,12 +274,15 @@ def fill_layer(ckpt: Checkpoint, spec: ExpertLayerSpec) -> list[str]:
     problem = spec.problem()
     if problem is not None:
         raise RequestError(f"{ckpt.path}: {problem}")
-    expected = spec.expected_shapes()
-    # A padded parameter takes its values through scratch on its device, then in its corner.
+    loaded = {name: shape for name, (shape, _) in spec.load_shapes().items()}
+    refined = spec.refined()
+    # Values that land elsewhere than the parameter itself (refined or padded) go through
+    # scratch on its device, in the parameter's dtype.
     scratch = {
-        name: torch.empty(expected[name], dtype=tensor.dtype, device=tensor.device)
+        name: torch.empty(loaded[name], dtype=tensor.dtype, device=tensor.device)
         for name, tensor in spec.parameters.items()
-        if tuple(tensor.shape) != expected[name]
+        if name not in spec.global_experts
+        and (name in refined or tuple(tensor.shape) != loaded[name])
     }
     destinations = {name: scratch.get(name, t) for name, t in spec.parameters.items()}
     biases = {k: destinations[k] for k in BIASES if k in destinations}
@@ -218,6 +301,7 @@ def fill_layer(ckpt: Checkpoint, spec: ExpertLayerSpec) -> list[str]:
         scales=scales,
         allow_cast=True,
         w13_interleaved=spec.interleaved,
+        shard=spec.load_shard,
         **biases,
     )
     with torch.no_grad():
@@ -226,9 +310,53 @@ def fill_layer(ckpt: Checkpoint, spec: ExpertLayerSpec) -> list[str]:
         if "w2_bias" in destinations and spec.w2_bias_first_rank and spec.tp_rank > 0:
             destinations["w2_bias"].zero_()
         for name, values in scratch.items():
-            target = spec.parameters[name]
-            target[tuple(slice(0, n) for n in values.shape)].copy_(values)
+            if name in refined:
+                values = _refine(spec, name, values)
+            _place(spec, name, values)
     return spec.consumed
+
+
+def _refine(spec: ExpertLayerSpec, name: str, values: torch.Tensor) -> torch.Tensor:
+    """Block scales taken whole on the checkpoint's `bn x bk` grid, for every block the
+    rank's rows touch, as vLLM's refined grid holds them: each value repeated over the
+    `r x r` blocks it covers (`scale_refine = r`), the rank's rows narrowed out."""
+    quantization = spec.group.quantization
+    assert quantization is not None and spec.scale_refine is not None
+    companion = quantization.companion(name.split("_", 1)[1])
+    assert companion is not None and companion.block is not None
+    (bn, bk), r = companion.block, spec.scale_refine
+    first, count = spec.rows
+    n, rows = values.shape[0], -(-count // r)
+    hidden = -(-spec.group.hidden_size // r)
+    if name.startswith("w13"):  # [n, 2 (gate, up), blocks, H blocks]
+        fine = values.view(n, 2, -1, values.shape[-1]).repeat_interleave(bn // r, dim=2)
+        fine = fine.repeat_interleave(bk // r, dim=3)
+        at = (first - first // bn * bn) // r
+        return fine[:, :, at : at + rows, :hidden].reshape(n, 2 * rows, hidden)
+    fine = values.repeat_interleave(bn // r, dim=1).repeat_interleave(bk // r, dim=2)
+    at = (first - first // bk * bk) // r
+    return fine[:, :hidden, at : at + rows]
+
+
+def _place(spec: ExpertLayerSpec, name: str, values: torch.Tensor) -> None:
+    """Writes `values` (the rank's) into the parameter `name`, as `spec.padding` says, after
+    setting its padding where `spec.pad_fill` asks for it (zero weights, unit scales)."""
+    target = spec.parameters[name]
+    if spec.pad_fill and tuple(target.shape) != tuple(values.shape):
+        target.fill_(0 if name in (*WEIGHTS, *BIASES) else 1)
+    halves = (
+        spec.padding == "halves"
+        and name.startswith("w13")
+        and values.dim() >= 2
+        and target.shape[1] != values.shape[1]
+    )
+    if not halves:
+        target[tuple(slice(0, k) for k in values.shape)].copy_(values)
+        return
+    half, rows = target.shape[1] // 2, values.shape[1] // 2
+    rest = tuple(slice(0, k) for k in values.shape[2:])
+    for at, part in ((0, values[:, :rows]), (half, values[:, rows:])):
+        target[(slice(None), slice(at, at + rows), *rest)].copy_(part)
 
 
 def _fill_global_experts(

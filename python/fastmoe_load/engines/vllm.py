@@ -67,6 +67,12 @@ QUANTIZED_METHODS = (
     "ModelOptNvFp4FusedMoE",
     "CompressedTensorsWNA16MoEMethod",
     "GptOssMxfp4MoEMethod",
+    # Per-expert OCP MX: DeepSeek-V4's and Kimi-K3's mxfp4 experts (`Mxfp4MoEMethod`), AMD
+    # Quark's (`QuarkOCP_MX_MoEMethod`), MXFP8 (ModelOpt, compressed-tensors).
+    "Mxfp4MoEMethod",
+    "QuarkOCP_MX_MoEMethod",
+    "ModelOptMxFp8FusedMoE",
+    "CompressedTensorsW8A8Mxfp8MoEMethod",
 )
 
 
@@ -95,12 +101,23 @@ def _logical(num_experts: int, logical_of_physical: Sequence[int] | None) -> Any
     return lambda p: int(logical_of_physical[p])
 
 
+def fused_shared_slots(layer: Any) -> int:
+    """How many fused shared-expert slots follow the routed ones in `layer`'s expert
+    parameters (vLLM's `fuse_shared_experts`, `num_fused_shared_experts`: ROCm AITER's, and
+    DeepSeek-V4's where it fuses them). The model's `load_weights` fills them from the
+    checkpoint's shared experts (quantizing them where the routed experts are quantized
+    otherwise), never from the routed group: the adapter leaves them alone."""
+    manager = getattr(experts_module(layer), "expert_map_manager", None)
+    return int(getattr(manager, "num_fused_shared_experts", 0) or 0)
+
+
 def local_experts_of(
     layer: Any, num_experts: int, logical_of_physical: Sequence[int] | None = None
 ) -> list[int]:
-    """The checkpoint (logical) expert of each local slot of `layer`."""
+    """The checkpoint (logical) expert of each routed local slot of `layer` (fused
+    shared-expert slots, which follow, are not included)."""
     layer = experts_module(layer)
-    slots = getattr(layer, weight_parameters(layer)[0]).shape[0]
+    slots = getattr(layer, weight_parameters(layer)[0]).shape[0] - fused_shared_slots(layer)
     expert_map = getattr(layer, "expert_map", None)
     if expert_map is None:
         physical = list(range(slots))
@@ -184,11 +201,51 @@ def _unverified(layer: Any, group: MoeLayer) -> str | None:
         return (
             f"{group.quantization} experts in a layer of {method}, not a method fastmoe_load fills"
         )
-    if getattr(getattr(layer, "quant_method", None), "weight_scale_refine", None) is not None:
-        return f"{method} refines the checkpoint's scale grid for this TP size"
-    if getattr(moe_config, "tp_shard_with_padding", False):
-        return f"{method} pads each TP shard to whole scale blocks"
     return None
+
+
+def _split(layer: Any, group: MoeLayer) -> dict[str, Any]:
+    """How vLLM splits and places the rank's share of `group` in `layer`: the `shard`,
+    `padding`, `pad_fill` and `scale_refine` of its `ExpertLayerSpec`.
+
+    - gpt-oss mxfp4 (`GptOssRoutedExperts` with `GptOssMxfp4MoEMethod`): vLLM's gpt-oss
+      loader gives each rank `cdiv(I/32, tp)` whole 32-value blocks, the last rank fewer,
+      in the leading corner of parameters its kernels may round up.
+    - fp8 block scales where `I/tp` cuts the blocks (`fused_moe/oracle/fp8.py`): either a
+      refined square grid (`Fp8MoEMethod.weight_scale_refine`, the scales upsampled), or
+      block-aligned TP (`moe_config.tp_shard_with_padding`): each rank takes whole blocks,
+      `round_up(I/tp, block)` rows, the last ranks short or empty, in parameters of that
+      size whose padding is zero (weights) and one (scales).
+    - otherwise the even split, placed as `FusedMoE.weight_loader` places values in
+      parameters its kernels round up: gate and up each at the start of their half of `w13`.
+    """
+    moe_config = getattr(layer, "moe_config", None)
+    method = getattr(layer, "quant_method", None)
+    tp_rank, tp_size = tensor_parallel(layer)
+    inter = group.intermediate_size
+    if type(layer).__name__ == "GptOssRoutedExperts":
+        # Its bf16 path copies whole parameters: neither padding nor uneven splits load.
+        if _method_name(layer) != "GptOssMxfp4MoEMethod":
+            return {}
+        if tp_size == 1:
+            return {"padding": "corner"}
+        chunk = -(-inter // 32 // tp_size) * 32
+        first = min(tp_rank * chunk, inter)
+        return {"shard": (first, min(chunk, inter - first)), "padding": "corner"}
+    refine = getattr(method, "weight_scale_refine", None)
+    quantization = group.quantization
+    block = quantization.block_size if quantization is not None else None
+    if refine is not None and block is not None:
+        return {"scale_refine": block[0] // refine[0], "padding": "halves"}
+    if getattr(moe_config, "tp_shard_with_padding", False):
+        chunk = int(moe_config.intermediate_size_per_partition)
+        first = min(tp_rank * chunk, inter)
+        return {
+            "shard": (first, min(chunk, inter - first)),
+            "padding": "halves",
+            "pad_fill": True,
+        }
+    return {"padding": "halves"}
 
 
 def describe(
@@ -215,33 +272,30 @@ def describe(
         if _global_input_scales(layer, group):
             global_experts = ("w13_input_scale", "w2_input_scale")
             global_rows = global_experts_of(layer, group.num_experts, logical_of_physical)
+    experts = local_experts_of(layer, group.num_experts, logical_of_physical)
+    # Fused shared-expert slots follow the routed ones: only the routed slots are filled.
+    routed = len(experts) if fused_shared_slots(layer) else None
     parameters = {
-        dest: getattr(layer, name).data
+        dest: getattr(layer, name).data[: None if dest in global_experts else routed]
         for dest, name in names.items()
         if isinstance(getattr(layer, name, None), torch.Tensor)
     }
     tp_rank, tp_size = tensor_parallel(layer)
-    # vLLM's gpt-oss mxfp4 layers round sizes up for some kernels and take the values in the
-    # parameters' corner (checked against its own loading); its bf16 path narrows otherwise.
-    padded = (
-        _method_name(layer) == "GptOssMxfp4MoEMethod"
-        and type(layer).__name__ == "GptOssRoutedExperts"
-    )
     return ExpertLayerSpec(
         group=group,
         parameters=parameters,
         names=names,
         tp_rank=tp_rank,
         tp_size=tp_size,
-        experts=local_experts_of(layer, group.num_experts, logical_of_physical),
+        experts=experts,
         interleaved=wants_interleaved(layer, group),
-        padded=padded,
         global_experts=global_experts,
         global_rows=global_rows,
         w2_bias_first_rank=True,
         # vLLM refuses compressed-tensors input scales that differ between gate and up.
         merged_must_agree=_method_name(layer).startswith("CompressedTensors"),
         unverified=_unverified(layer, group),
+        **_split(layer, group),
     )
 
 

@@ -8,6 +8,7 @@ use super::layer::{ExpertTensors, MoeLayer, PerExpertTensors};
 use super::naming::{is_packed_weight, Naming, BIAS, NAMINGS, PACKED_WEIGHT, WEIGHT};
 use crate::checkpoint::Checkpoint;
 use crate::error::Result;
+use crate::quant::scheme::{bare_scale_kind, mx_packing, BARE_SCALE};
 use crate::quant::{self, Found, Packing, PerExpertFound, Weights};
 use crate::shard::TensorEntry;
 
@@ -25,6 +26,26 @@ pub(super) struct ExpertEntries<'c> {
 }
 
 pub(super) type ExpertNames<'c> = BTreeMap<usize, ExpertEntries<'c>>;
+
+impl<'c> ExpertEntries<'c> {
+    /// The weight scale of matrix `slot` where it may be an OCP MX one: `weight_scale`, or
+    /// DeepSeek-V4's bare `scale`.
+    fn mx_scale(&self, slot: usize) -> Option<Found<'c>> {
+        ["weight_scale", BARE_SCALE]
+            .iter()
+            .find_map(|kind| self.companions.get(kind)?[slot])
+    }
+
+    /// Values per stored element of weight `t` of matrix `slot` where its scale makes it
+    /// OCP MX (see [`mx_packing`]); never beside NVFP4's `weight_scale_2`.
+    fn mx_pack(&self, slot: usize, t: &TensorEntry) -> Option<usize> {
+        if self.companions.contains_key("weight_scale_2") {
+            return None;
+        }
+        let (_, scale) = self.mx_scale(slot)?;
+        mx_packing(t.dtype, &t.shape, scale.dtype, &scale.shape)
+    }
+}
 
 /// Groups `P.{e}.{gate|up|down}.{weight|bias}` names by prefix and naming scheme.
 pub(super) fn per_expert_candidates(
@@ -46,7 +67,10 @@ pub(super) fn per_expert_candidates(
             BIAS => Some(3),
             _ => None,
         };
-        let companion = quant::companion_kind(kind_name);
+        // DeepSeek-V4's bare `scale` is a companion whose kind the weights decide.
+        let companion = quant::companion_kind(kind_name)
+            .map(|c| c.name)
+            .or((kind_name == BARE_SCALE).then_some(BARE_SCALE));
         let Ok(expert) = expert.parse::<usize>() else {
             continue;
         };
@@ -67,7 +91,7 @@ pub(super) fn per_expert_candidates(
                 match (kind, companion) {
                     (Some(kind), _) => found.tensors[kind + slot] = Some((name, entry)),
                     (None, Some(c)) => {
-                        found.companions.entry(c.name).or_default()[slot] = Some((name, entry))
+                        found.companions.entry(c).or_default()[slot] = Some((name, entry))
                     }
                     (None, None) => found.foreign = true,
                 }
@@ -94,10 +118,14 @@ pub(super) fn per_expert_candidates(
             let scaled = experts.values().any(|e| !e.companions.is_empty());
             !experts.values().any(|e| {
                 e.foreign
-                    || e.tensors[..3].iter().flatten().any(|(name, t)| {
-                        let named = is_packed_weight(name);
-                        let bits = named.then_some(int_bits).flatten();
-                        (scaled || named) && quant::packing(t.dtype, packed, bits).is_none()
+                    || e.tensors[..3].iter().enumerate().any(|(slot, found)| {
+                        found.is_some_and(|(name, t)| {
+                            let named = is_packed_weight(name);
+                            let bits = named.then_some(int_bits).flatten();
+                            (scaled || named)
+                                && e.mx_pack(slot, t).is_none()
+                                && quant::packing(t.dtype, packed, bits).is_none()
+                        })
                     })
             })
         })
@@ -151,7 +179,12 @@ pub(super) fn per_expert_group(
     let int_bits = is_packed_weight(first_name)
         .then(|| quant::QuantConfig::from_config(ckpt.config())?.int_bits)
         .flatten();
-    let pack = quant::packing(first.dtype, packed, int_bits).unwrap_or(1);
+    // OCP MX weights are told by their scales (the first expert's gate decides; every
+    // other tensor is checked against it below).
+    let mx_pack = experts.values().next().and_then(|e| e.mx_pack(0, first));
+    let pack = mx_pack
+        .or_else(|| quant::packing(first.dtype, packed, int_bits))
+        .unwrap_or(1);
     let (i, stored_h) = (first.shape[0], first.shape[1]);
     let h = stored_h * pack;
     if i == 0 || h == 0 {
@@ -206,13 +239,26 @@ pub(super) fn per_expert_group(
     for kind_experts in companions.values_mut() {
         kind_experts.resize(num_experts, [None; 3]);
     }
+    if let Some(bare) = companions.remove(BARE_SCALE) {
+        let kind = bare_scale_kind(pack);
+        if companions.contains_key(kind) {
+            return Err(err(format!(
+                "the experts have both `{BARE_SCALE}` and `{kind}` scales beside their \
+                 weights (`{prefix}.0.{}.{BARE_SCALE}`): one weight scale per weight",
+                modules[0]
+            )));
+        }
+        companions.insert(kind, bare);
+    }
     let weights = Weights {
         prefix: &prefix,
         hidden: h,
         inter: i,
         dtype,
         pack,
-        packing: Packing::find(false, pack),
+        packing: mx_pack
+            .and_then(Packing::find_mx)
+            .unwrap_or_else(|| Packing::find(false, pack)),
     };
     let quantization = quant::per_expert(ckpt, &weights, modules, companions)?;
     Ok(MoeLayer {

@@ -3,7 +3,10 @@
 
 use serde_json::Value;
 
-use super::scheme::{Declared, METHODS};
+use super::scheme::{
+    expert_dtype_declares, Declared, EXPERT_DTYPE_KEY, EXPERT_DTYPE_MODEL_TYPES, METHODS,
+    MX_METHODS,
+};
 
 /// What `quantization_config` in `config.json` (also under `text_config`) declares.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,15 +47,35 @@ impl QuantConfig {
 /// `quant_method` and what the rest of `quantization_config` declares; an unknown method
 /// declares nothing but itself, which is not loaded.
 fn declared(config: Option<&Value>) -> Option<(&str, Declared)> {
-    let q = quantization_config(config?)?;
+    let config = config?;
+    let q = quantization_config(config)?;
     let method = q.get("quant_method")?.as_str()?;
-    let declared = match METHODS.iter().find(|m| m.name == method) {
+    let mut declared = match METHODS.iter().chain(&MX_METHODS).find(|m| m.name == method) {
         Some(m) => (m.read)(q),
         None => Declared {
             unsupported: Some(method.to_string()),
             ..Declared::default()
         },
     };
+    let text = config.get("text_config");
+    let expert_dtype = [Some(config), text, Some(q)]
+        .into_iter()
+        .flatten()
+        .find_map(|c| c.get(EXPERT_DTYPE_KEY)?.as_str())
+        .or_else(|| {
+            // vLLM takes DeepSeek-V4 experts without an `expert_dtype` as fp4.
+            let model_type = [Some(config), text]
+                .into_iter()
+                .flatten()
+                .find_map(|c| c.get("model_type")?.as_str());
+            model_type
+                .is_some_and(|t| EXPERT_DTYPE_MODEL_TYPES.contains(&t))
+                .then_some("fp4")
+        });
+    if let (Some(experts), None) = (expert_dtype, &declared.unsupported) {
+        let algo = q.get("moe_quant_algo").and_then(Value::as_str);
+        expert_dtype_declares(method, experts, algo, &mut declared);
+    }
     Some((method, declared))
 }
 

@@ -10,6 +10,7 @@ use super::config::QuantConfig;
 use super::grid::Grid;
 use super::scheme::{
     companion_kind, is_quantized_weight, CompanionKind, Packing, Values, COMPANION_KINDS,
+    SCALE_DTYPES, SCALE_DTYPES_TEXT,
 };
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
@@ -220,6 +221,11 @@ pub(crate) fn per_expert(
                     Values::ZeroPoints => {
                         zero_point_grid(ckpt, w, config.as_ref(), name, entry, dims)?
                     }
+                    // One value for the matrix, whatever grids the weight scales may take
+                    // (AMD Quark's static input scales beside block-only MX scales).
+                    Values::ActivationScale if entry.shape.iter().product::<usize>() == 1 => {
+                        Grid::Tensor
+                    }
                     Values::Scales | Values::ActivationScale => {
                         grid_of(ckpt, w, config.as_ref(), name, &entry.shape, dims)?
                     }
@@ -387,11 +393,17 @@ fn one_dtype(
             format!("`{first_name}` is {first} but `{name}` is {other}"),
         ));
     }
-    if !kind.values.integer() && !w.packing.scale_dtypes.contains(&first) {
+    // Activation scales are floats whatever the weights' scales are stored as (AMD Quark's
+    // float32 input scales beside e8m0 MX scales).
+    let (allowed, text) = match kind.values {
+        Values::ActivationScale => (&SCALE_DTYPES[..], SCALE_DTYPES_TEXT),
+        _ => (w.packing.scale_dtypes, w.packing.scale_dtypes_text),
+    };
+    if !kind.values.integer() && !allowed.contains(&first) {
         return Err(layout_error(
             ckpt,
             w.prefix,
-            format!("`{first_name}` is {first}; {}", w.packing.scale_dtypes_text),
+            format!("`{first_name}` is {first}; {text}"),
         ));
     }
     Ok(first)

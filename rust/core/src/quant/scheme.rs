@@ -120,7 +120,7 @@ pub const SCALE_DTYPES: [Dtype; 5] = [
     Dtype::F8_E4M3,
 ];
 
-const SCALE_DTYPES_TEXT: &str = "scales are F32, BF16, F16, F8_E8M0 or F8_E4M3";
+pub const SCALE_DTYPES_TEXT: &str = "scales are F32, BF16, F16, F8_E8M0 or F8_E4M3";
 
 /// Values one stored weight element holds along the input dimension, by what the group is:
 /// 1 for float weights, 2 for NVFP4 (two e2m1 values a byte, recognised by its
@@ -339,6 +339,12 @@ fn modelopt(q: &Value) -> Declared {
                 ..Declared::default()
             }
         }
+        // One e8m0 scale per 32 values of a row (MiniMax-M3-MXFP8).
+        Some("MXFP8") => Declared {
+            block: Some((1, MX_BLOCK)),
+            scheme: Some("group"),
+            ..Declared::default()
+        },
         Some(algo) => Declared {
             unsupported: Some(format!("modelopt {algo}")),
             ..Declared::default()
@@ -406,3 +412,178 @@ fn compressed_tensors(q: &Value) -> Declared {
         unsupported,
     }
 }
+
+/// The name DeepSeek-V4 gives every weight's scale, `….experts.0.w1.scale`, whatever the
+/// weight's scheme: which companion kind it is depends on the weights beside it
+/// ([`bare_scale_kind`]).
+pub const BARE_SCALE: &str = "scale";
+
+/// The companion kind a bare `scale` beside an expert weight packing `pack` values an element
+/// stands for, as vLLM's DeepSeek-V4 loader renames it (its weights mapper): `weight_scale`
+/// beside packed fp4 experts (`expert_dtype: fp4`, its `Mxfp4MoEMethod`), `weight_scale_inv`
+/// beside fp8 ones (`expert_dtype: fp8`, block scales for its `Fp8MoEMethod`).
+pub fn bare_scale_kind(pack: usize) -> &'static str {
+    if pack > 1 {
+        "weight_scale"
+    } else {
+        "weight_scale_inv"
+    }
+}
+
+/// How OCP MX scales are stored: `float8_e8m0fnu`, or the same exponent bytes as `uint8`
+/// (gpt-oss, AMD Quark, compressed-tensors). Either way they are moved as bytes: a numeric
+/// conversion to `uint8` would turn 2^-7 into 0.
+pub const E8M0_DTYPES: [Dtype; 2] = [Dtype::U8, Dtype::F8_E8M0];
+
+/// Values one stored element of a `weight_shape` weight of dtype `weight` holds along the
+/// input dimension where its weight scale (`scale` of shape `scale_shape`) makes it OCP MX:
+/// 2 for bytes of two e2m1 values (MXFP4: `uint8`, or DeepSeek-V4's `int8`-typed bytes)
+/// beside e8m0 scales, 1 for float8 e4m3 weights beside e8m0 scales of one per 32 values of
+/// a row (MXFP8; float8 weights beside e8m0 128 × 128 block scales are block fp8, not MX).
+/// `None` where the scale is no MX scale.
+pub fn mx_packing(
+    weight: Dtype,
+    weight_shape: &[usize],
+    scale: Dtype,
+    scale_shape: &[usize],
+) -> Option<usize> {
+    if !E8M0_DTYPES.contains(&scale) {
+        return None;
+    }
+    match (weight, weight_shape, scale_shape) {
+        (Dtype::U8 | Dtype::I8, _, _) => Some(2),
+        (Dtype::F8_E4M3, [rows, cols], [scale_rows, scale_cols])
+            if rows == scale_rows
+                && cols.is_multiple_of(MX_BLOCK)
+                && cols / MX_BLOCK == *scale_cols =>
+        {
+            Some(1)
+        }
+        _ => None,
+    }
+}
+
+const MX_SCALE_DTYPES_TEXT: &str = "MX scales are e8m0: F8_E8M0, or its bytes as U8";
+
+/// Per-expert OCP MX weights (one e8m0 scale per 32 values of a row), told apart by their
+/// scales ([`mx_packing`]) rather than by their names, in the order [`Packing::find_mx`]
+/// tries them.
+pub const MX_PACKINGS: [Packing; 2] = [
+    // MXFP4: DeepSeek-V4 (`w1.weight` int8-typed bytes, `w1.scale` float8_e8m0fnu), Kimi-K3
+    // (compressed-tensors `mxfp4-pack-quantized`, `weight_packed`), AMD Quark OCP MX.
+    Packing {
+        pack: Some(2),
+        by_names: false,
+        method: "mxfp4",
+        default_block: (1, MX_BLOCK),
+        block_scales_only: true,
+        scale_dtypes: &E8M0_DTYPES,
+        scale_dtypes_text: MX_SCALE_DTYPES_TEXT,
+        separate_w13_input_scales: false,
+    },
+    // MXFP8: float8 e4m3 weights (ModelOpt MXFP8, compressed-tensors W8A8 MXFP8, MiniMax-M3).
+    Packing {
+        pack: Some(1),
+        by_names: false,
+        method: "mxfp8",
+        default_block: (1, MX_BLOCK),
+        block_scales_only: true,
+        scale_dtypes: &E8M0_DTYPES,
+        scale_dtypes_text: MX_SCALE_DTYPES_TEXT,
+        separate_w13_input_scales: false,
+    },
+];
+
+impl Packing {
+    /// The OCP MX packing of weights holding `pack` values an element (see [`mx_packing`]).
+    pub fn find_mx(pack: usize) -> Option<&'static Packing> {
+        MX_PACKINGS.iter().find(|p| p.pack == Some(pack))
+    }
+
+    /// Whether this is one of the per-expert OCP MX packings ([`MX_PACKINGS`]).
+    pub fn is_mx(&self) -> bool {
+        MX_PACKINGS.iter().any(|p| std::ptr::eq(p, self))
+    }
+}
+
+/// `expert_dtype` of DeepSeek-V4's `config.json`, which says what its routed experts are
+/// whatever the rest of `quantization_config` declares (its fp8 block scales are the dense
+/// layers'): top level (V4), under `text_config`, or inside `quantization_config` (V4.1).
+pub const EXPERT_DTYPE_KEY: &str = "expert_dtype";
+
+/// `model_type`s whose experts are fp4 where `config.json` names no `expert_dtype`, as
+/// vLLM's DeepSeek-V4 quantization config defaults it.
+pub const EXPERT_DTYPE_MODEL_TYPES: [&str; 2] = ["deepseek_v4", "deepseek_v41"];
+
+/// What `expert_dtype` (with `moe_quant_algo`, which DeepSeek-V4 NVFP4 re-releases add)
+/// makes of the experts' scales, over what `quant_method` declares for the dense layers.
+pub fn expert_dtype_declares(
+    method: &str,
+    expert_dtype: &str,
+    moe_quant_algo: Option<&str>,
+    declared: &mut Declared,
+) {
+    match (
+        expert_dtype,
+        moe_quant_algo.map(str::to_ascii_uppercase).as_deref(),
+    ) {
+        ("fp8", _) => {}
+        ("fp4", Some("NVFP4")) => {
+            declared.block = Some((1, NVFP4_GROUP));
+            declared.scheme = Some("group");
+        }
+        ("fp4", None | Some("")) => {
+            declared.block = Some((1, MX_BLOCK));
+            declared.scheme = Some("group");
+        }
+        (other, algo) => {
+            let algo = algo
+                .map(|a| format!(", moe_quant_algo {a}"))
+                .unwrap_or_default();
+            declared.unsupported = Some(format!("{method} with expert_dtype {other}{algo}"));
+        }
+    }
+}
+
+/// AMD Quark: the weight spec of `global_quant_config`. OCP MX weights (`dtype` `fp4` or
+/// `fp8_e4m3`, `qscheme: per_group`, `group_size: 32`, e8m0 scales) are loaded; any other
+/// Quark scheme is declared and not.
+fn quark(q: &Value) -> Declared {
+    let weight = q.get("global_quant_config").and_then(|g| g.get("weight"));
+    let field = |k: &str| weight.and_then(|w| w.get(k));
+    let dtype = field("dtype").and_then(Value::as_str);
+    let qscheme = field("qscheme").and_then(Value::as_str);
+    let group = field("group_size").and_then(Value::as_u64);
+    let scale = field("scale_format").and_then(Value::as_str);
+    match (dtype, qscheme, group, scale) {
+        (Some("fp4" | "fp8_e4m3"), Some("per_group"), Some(32), None | Some("e8m0")) => Declared {
+            block: Some((1, MX_BLOCK)),
+            scheme: Some("group"),
+            ..Declared::default()
+        },
+        _ => Declared {
+            unsupported: Some(match (dtype, qscheme) {
+                (Some(d), Some(s)) => format!("quark {d} {s}"),
+                _ => "quark without one global weight spec".into(),
+            }),
+            ..Declared::default()
+        },
+    }
+}
+
+/// `quant_method`s of OCP MX releases, beside [`METHODS`]: AMD Quark, and MiniMax's own
+/// `mxfp8` (ModelOpt's MXFP8 on-disk format under another name).
+pub const MX_METHODS: [Method; 2] = [
+    Method {
+        name: "quark",
+        read: quark,
+    },
+    Method {
+        name: "mxfp8",
+        read: |_| Declared {
+            block: Some((1, MX_BLOCK)),
+            scheme: Some("group"),
+            ..Declared::default()
+        },
+    },
+];
