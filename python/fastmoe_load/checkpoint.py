@@ -66,7 +66,10 @@ class Companion:
     scales), `weight_shape` (compressed-tensors' int32 `[rows, cols]` of a packed weight) or
     `weight_zero_point` (compressed-tensors' zero points of asymmetric integer weights, int32
     `[rows/8, cols/group]` for int4: eight points of consecutive rows an int32, a `block`
-    grid of `(8, group)`).
+    grid of `(8, group)`), `scales` (GPTQ's and AWQ's group scales, float16 `[in/group,
+    out]`, stored input-first: a `group` grid of `(1, group)` over the `[out, in]` weight) or
+    `qzeros` (their int32 zero points `[in/group, out/8]`, stored input-first: a `block` grid
+    of `(8, group)`).
     `scheme` says how one value maps onto the weight: `block` (one per `block[0] x block[1]`
     values), `group` (a block of one row: `block` is `(1, 16)` for NVFP4), `channel` (one per
     output row), `tensor` (one per matrix) or `whole` (`block[1]` values that describe the
@@ -134,8 +137,8 @@ class Quantization:
     files say so `fp8` (float8 weights), `modelopt` (NVFP4) or `mxfp4`; `weights` is `fp8`,
     `nvfp4` (two e2m1 values a byte along the input dimension, float8 scales per 16),
     `mxfp4` (the same with e8m0 scales per 32, stored as uint8: gpt-oss) or `int4` (eight
-    values an int32, compressed-tensors `pack-quantized`); `companions` lists the tensors
-    beside each weight."""
+    values an int32, compressed-tensors `pack-quantized`, GPTQ and AWQ; `int8` for four);
+    `companions` lists the tensors beside each weight."""
 
     method: str
     companions: tuple[Companion, ...]
@@ -144,7 +147,8 @@ class Quantization:
     @property
     def weight_scale(self) -> Companion:
         """The weights' own scale (`weight_scale_inv` or `weight_scale`)."""
-        return next(c for c in self.companions if c.kind in ("weight_scale_inv", "weight_scale"))
+        kinds = ("weight_scale_inv", "weight_scale", "scales")
+        return next(c for c in self.companions if c.kind in kinds)
 
     @property
     def scheme(self) -> str:
@@ -204,7 +208,13 @@ class MoeLayer:
     tensor of the group, scales included); `quantization` (None for unquantized experts);
     `pack`: values one stored weight element holds along the input dimension (2 for NVFP4's
     uint8 weights, 8 for int4 in int32 `weight_packed`, else 1): H and I count values, the
-    views `[I, H/pack]` and `[H, I/pack]` stored elements.
+    views `[I, H/pack]` and `[H, I/pack]` stored elements; `out_pack`: the same along the
+    output dimension (8 for AWQ's int4, which packs outputs: views `[I/8, H]`, `[H/8, I]`),
+    else 1; `k_first`: the weights and their block companions are stored input-first, the
+    transpose of the `[out, in]` matrix (GPTQ's `qweight [in/8, out]`, AWQ's `[in, out/8]`,
+    their `scales [in/group, out]` and `qzeros`), so views are strided and a load may land
+    them input-first too (`load_fused_moe(..., k_first=True)`); `discarded`: tensors of the
+    group that no destination takes (GPTQ's `g_idx`, which vLLM drops too).
     """
 
     def __init__(self, ckpt: Checkpoint, info: native.MoeLayerInfo) -> None:
@@ -215,6 +225,9 @@ class MoeLayer:
         self.hidden_size: int = info.hidden_size
         self.intermediate_size: int = info.intermediate_size
         self.pack: int = info.pack
+        self.out_pack: int = info.out_pack
+        self.k_first: bool = info.k_first
+        self.discarded: tuple[str, ...] = tuple(info.discarded)
         where = f"{ckpt.path}: experts at `{info.prefix}`"
         self.dtype: torch.dtype = torch_dtype(info.dtype, where)
         self.bias_dtype: torch.dtype | None = (
@@ -236,7 +249,8 @@ class MoeLayer:
             )
             # Two e2m1 values a byte: mxfp4 beside e8m0 scales (bytes), else NVFP4.
             fp4 = "mxfp4" if companions[0].dtype == torch.uint8 else "nvfp4"
-            weights = {1: "fp8", 2: fp4}.get(info.pack, f"int{32 // info.pack}")
+            pack = max(info.pack, info.out_pack)
+            weights = {1: "fp8", 2: fp4}.get(pack, f"int{32 // pack}")
             self.quantization = Quantization(info.quant_method, companions, weights)
 
     @property

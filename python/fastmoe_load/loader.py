@@ -10,7 +10,7 @@ import torch
 
 from ._fastmoe_load import RequestError
 from ._validate import as_index
-from .checkpoint import Checkpoint, MoeLayer
+from .checkpoint import Checkpoint, Companion, MoeLayer
 from .progress import Progress, execute_with_progress
 from .staging import Destination, StagingPool
 
@@ -105,6 +105,7 @@ def plan_destinations(
     scales: Mapping[str, torch.Tensor | None] | None = None,
     allow_cast: bool = False,
     w13_interleaved: bool = False,
+    k_first: bool = False,
 ) -> list[Destination]:
     """Checks a load request completely and plans it, writing nothing."""
     if not isinstance(ckpt, Checkpoint):
@@ -127,7 +128,9 @@ def plan_destinations(
     experts = request.experts(layer, local_experts)
     n = len(experts)
 
-    shapes = destination_shapes(layer, n, tp_size)
+    if k_first and w13_interleaved:
+        raise request.error("w13 is input-first (k_first) or interleaved, not both")
+    shapes = destination_shapes(layer, n, tp_size, k_first=k_first)
     given = {"w13": w13, "w2": w2, "w13_bias": w13_bias, "w2_bias": w2_bias}
     wanted: list[tuple[str, object, tuple[int, ...], torch.dtype]] = []
     for name, tensor in given.items():
@@ -145,7 +148,12 @@ def plan_destinations(
     destinations = []
     for (name, _, _, dtype), tensor in zip(wanted, tensors, strict=True):
         cast_from = dtype if tensor.dtype != dtype else None
-        if name in ("w13", "w2") and layer.transposed and _transposes_on_device(tensor):
+        if (
+            name in ("w13", "w2")
+            and layer.transposed
+            and _transposes_on_device(tensor)
+            and not k_first
+        ):
             if cast_from is not None:
                 raise request.error(
                     f"{name}: transposed experts are loaded in the checkpoint's dtype {dtype}"
@@ -175,6 +183,7 @@ def plan_destinations(
                 tp_size=tp_size,
                 experts=experts,
                 interleaved=w13_interleaved and name.startswith("w13"),
+                k_first=k_first,
             )
             if plan.nbytes != tensor.numel() * dtype.itemsize:
                 # The copy threads write exactly the plan's bytes: never past the tensor.
@@ -189,21 +198,31 @@ def plan_destinations(
 
 
 def destination_shapes(
-    layer: MoeLayer, experts: int, tp_size: int
+    layer: MoeLayer, experts: int, tp_size: int, *, k_first: bool = False
 ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """The shape and checkpoint dtype of every destination `load_fused_moe` fills for
     `experts` local experts at `tp_size`, by name: `w13`, `w2`, `w13_bias` and `w2_bias`
     where the group has biases, and `w{13,2}_{kind}` for each companion (see
-    `Companion.destination_shape`)."""
-    n, hidden, shard, pack = (
+    `Companion.destination_shape`). Weights are `[E, 2*I/tp/out_pack, H/pack]` and
+    `[E, H/out_pack, I/tp/pack]` (`MoeLayer.pack`, `out_pack`).
+
+    With `k_first`, each expert's matrices are transposed (input-first), as vLLM's GPTQ and
+    AWQ Marlin methods (`AutoGPTQMoEMethod`, `AutoAWQMoEMethod`, `is_transposed`) create
+    them: GPTQ int4 `w13 [E, H/8, 2*I/tp]`, `w2 [E, I/tp/8, H]` int32, `w13_scales
+    [E, H/group, 2*I/tp]`, `w2_scales [E, I/tp/group, H]` float16, `w13_qzeros [E, H/group,
+    2*I/tp/8]`, `w2_qzeros [E, I/tp/group, H/8]` int32; AWQ `w13 [E, H, 2*I/tp/8]`, `w2
+    [E, I/tp, H/8]` and the same scales and zero points. Per-tensor companions and biases
+    keep their shapes."""
+    n, hidden, shard, pack, out = (
         experts,
         layer.hidden_size,
         layer.intermediate_size // tp_size,
         layer.pack,
+        layer.out_pack,
     )
     shapes = {
-        "w13": ((n, 2 * shard, hidden // pack), layer.dtype),
-        "w2": ((n, hidden, shard // pack), layer.dtype),
+        "w13": ((n, 2 * shard // out, hidden // pack), layer.dtype),
+        "w2": ((n, hidden // out, shard // pack), layer.dtype),
     }
     if layer.bias_dtype is not None:
         shapes["w13_bias"] = ((n, 2 * shard), layer.bias_dtype)
@@ -212,7 +231,22 @@ def destination_shapes(
         for target in ("w13", "w2"):
             shape = companion.destination_shape(target, n, hidden, shard)
             shapes[f"{target}_{companion.kind}"] = (shape, companion.dtype)
+    if k_first:
+        transposed = (
+            "w13",
+            "w2",
+            *(f"w{t}_{c.kind}" for c in _block_companions(layer) for t in ("13", "2")),
+        )
+        for name in transposed:
+            shape, dtype = shapes[name]
+            shapes[name] = ((*shape[:-2], shape[-1], shape[-2]), dtype)
     return shapes
+
+
+def _block_companions(layer: MoeLayer) -> list[Companion]:
+    """Companions on a block or group grid: those an input-first destination transposes."""
+    companions = layer.quantization.companions if layer.quantization else ()
+    return [c for c in companions if c.scheme in ("block", "group") and not c.merged_w13]
 
 
 def _scale_destinations(
@@ -259,6 +293,7 @@ def load_fused_moe(
     scales: Mapping[str, torch.Tensor | None] | None = None,
     allow_cast: bool = False,
     w13_interleaved: bool = False,
+    k_first: bool = False,
     staging: StagingPool | None = None,
     progress: Progress | None = None,
 ) -> LoadStats:
@@ -292,6 +327,13 @@ def load_fused_moe(
     mxfp4 (gpt-oss, vLLM's `GptOssMxfp4MoEMethod`): `w13 [E_local, 2*I/tp, H/2]` and `w2
     [E_local, H, I/tp/2]` uint8, `w13_weight_scale [E_local, 2*I/tp, H/32]` and
     `w2_weight_scale [E_local, H, I/tp/32]` uint8 (e8m0), biases as stored (bfloat16).
+
+    GPTQ and AWQ (per expert `qweight`, `scales`, `qzeros`, stored input-first; GPTQ's
+    `g_idx` is read by no destination, as vLLM drops it): with `k_first=True` every expert
+    lands input-first, as vLLM's `AutoGPTQMoEMethod` and `AutoAWQMoEMethod` create their
+    parameters (`w13_qweight`, `w13_scales`, `w13_qzeros`, ...; shapes in
+    `destination_shapes`), each row of a destination a run of the file. Without it they land
+    `[out, in]` like every other scheme (a gather of 4-byte elements).
 
     Every companion needs a destination in `scales` (or None, for one the caller fills
     otherwise); a quantized group loaded without them is a `RequestError`. `w2_bias` is not
@@ -329,6 +371,7 @@ def load_fused_moe(
         scales=scales,
         allow_cast=allow_cast,
         w13_interleaved=w13_interleaved,
+        k_first=k_first,
     )
     start = time.perf_counter()
     nbytes = fill(ckpt, destinations, staging=staging, progress=progress)

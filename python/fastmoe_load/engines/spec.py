@@ -49,6 +49,9 @@ class ExpertLayerSpec:
       kernels that quantize with every expert's scales keep them.
     - `w2_bias_first_rank`: `w2_bias` is added once before the all-reduce over TP ranks, so
       ranks other than 0 hold zeros.
+    - `k_first`: each expert's parameters are input-first, the transpose of the shapes above
+      (`w13 [E_local, H/pack, 2*I/tp/out_pack]`, block companions alike), as GPTQ and AWQ
+      methods keep them (see `destination_shapes`).
     - `unverified`: why the engine's own loading may write something else into this layer
       (another quantization method, a refined scale grid, ...), or None: such a layer is
       left to the engine's loader, never filled by `load_format="fastmoe"`.
@@ -65,6 +68,7 @@ class ExpertLayerSpec:
     global_experts: tuple[str, ...] = ()
     w2_bias_first_rank: bool = False
     unverified: str | None = field(default=None, compare=False)
+    k_first: bool = False
 
     @property
     def where(self) -> str:
@@ -76,7 +80,7 @@ class ExpertLayerSpec:
         shapes = {
             name: shape
             for name, (shape, _) in destination_shapes(
-                group, len(self.experts), self.tp_size
+                group, len(self.experts), self.tp_size, k_first=self.k_first
             ).items()
         }
         for name in self.global_experts:
@@ -176,6 +180,7 @@ def fill_layer(ckpt: Checkpoint, spec: ExpertLayerSpec) -> list[str]:
         scales=scales,
         allow_cast=True,
         w13_interleaved=spec.interleaved,
+        k_first=spec.k_first,
         **biases,
     )
     with torch.no_grad():

@@ -304,9 +304,11 @@ impl PyCheckpoint {
     /// The plan that fills destination `target` for one TP rank and list of experts; with
     /// `stored_order`, the same bytes in the order a transposed group stores them (see
     /// `CopyPlan::stored_order`); with `interleaved`, gate and up interleaved in the w13
-    /// targets (see `CopyPlan::interleaved`).
+    /// targets (see `CopyPlan::interleaved`); with `k_first`, each expert's destination
+    /// transposed, input-first (see `CopyPlan::k_first`).
     #[pyo3(signature = (
-        prefix, target_name, *, tp_rank, tp_size, experts, stored_order=false, interleaved=false
+        prefix, target_name, *, tp_rank, tp_size, experts, stored_order=false, interleaved=false,
+        k_first=false
     ))]
     #[allow(clippy::too_many_arguments)]
     fn plan(
@@ -319,6 +321,7 @@ impl PyCheckpoint {
         experts: Vec<usize>,
         stored_order: bool,
         interleaved: bool,
+        k_first: bool,
     ) -> PyResult<PyCopyPlan> {
         let state = self.state()?;
         let layer = state.layer(prefix)?;
@@ -328,13 +331,14 @@ impl PyCheckpoint {
             tp_size,
             experts: &experts,
         };
-        let build = match (stored_order, interleaved) {
-            (true, false) => CopyPlan::stored_order,
-            (false, true) => CopyPlan::interleaved,
-            (false, false) => CopyPlan::new,
-            (true, true) => {
+        let build = match (stored_order, interleaved, k_first) {
+            (true, false, false) => CopyPlan::stored_order,
+            (false, true, false) => CopyPlan::interleaved,
+            (false, false, true) => CopyPlan::k_first,
+            (false, false, false) => CopyPlan::new,
+            _ => {
                 return Err(PyValueError::new_err(
-                    "a plan is in stored order or interleaved, not both",
+                    "a plan is in stored order, interleaved or input-first: one of them",
                 ))
             }
         };
@@ -397,6 +401,12 @@ pub struct MoeLayerInfo {
     quant_method: Option<String>,
     /// Values per stored weight element along the input dimension (2 for NVFP4).
     pack: usize,
+    /// Values per stored weight element along the output dimension (AWQ's 8), else 1.
+    out_pack: usize,
+    /// Weights and block companions stored input-first, `[in, out]` (GPTQ, AWQ).
+    k_first: bool,
+    /// Tensors of the group that no destination takes (GPTQ's `g_idx`).
+    discarded: Vec<String>,
     companions: Vec<CompanionInfo>,
 }
 
@@ -433,6 +443,9 @@ impl From<&MoeLayer> for MoeLayerInfo {
             tensor_names: layer.tensor_names().into_iter().map(String::from).collect(),
             quant_method: layer.quantization.as_ref().map(|q| q.method.clone()),
             pack: layer.pack,
+            out_pack: layer.out_pack(),
+            k_first: layer.k_first(),
+            discarded: layer.discarded().to_vec(),
             companions: layer
                 .quantization
                 .iter()

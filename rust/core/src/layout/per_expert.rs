@@ -5,11 +5,14 @@ use std::collections::BTreeMap;
 
 use super::check::{layout_error, same_dtype};
 use super::layer::{ExpertTensors, MoeLayer, PerExpertTensors};
-use super::naming::{is_packed_weight, Naming, BIAS, NAMINGS, PACKED_WEIGHT, WEIGHT};
+use super::naming::{
+    is_packed_weight, is_qweight, Naming, BIAS, NAMINGS, PACKED_WEIGHT, QWEIGHT, WEIGHT,
+};
 use crate::checkpoint::Checkpoint;
 use crate::error::Result;
 use crate::quant::{self, Found, Packing, PerExpertFound, Weights};
 use crate::shard::TensorEntry;
+use safetensors::tensor::Dtype;
 
 /// What one expert of a per-expert candidate group holds.
 #[derive(Default)]
@@ -18,6 +21,9 @@ pub(super) struct ExpertEntries<'c> {
     tensors: [Option<Found<'c>>; 6],
     /// Companions by kind, `[gate, up, down]`.
     companions: BTreeMap<&'static str, [Option<Found<'c>>; 3]>,
+    /// Tensors of the group's scheme that no destination takes (GPTQ's `g_idx`), `[gate,
+    /// up, down]`.
+    discarded: [Option<Found<'c>>; 3],
     /// A tensor of a gate/up/down module that is neither weight, bias nor a known companion
     /// (`weight_scale_2`, `weight_zero_point`, `qweight`, ...): a scheme the loader does
     /// not know.
@@ -32,6 +38,7 @@ pub(super) fn per_expert_candidates(
 ) -> Vec<(String, &'static Naming, ExpertNames<'_>)> {
     let unloaded_config = quant::QuantConfig::unsupported(ckpt.config());
     let config = quant::QuantConfig::from_config(ckpt.config());
+    let k_first = quant::k_first_packing(config.as_ref().map(|c| c.method.as_str()));
     let int_bits = config.and_then(|c| c.int_bits);
     let mut groups: BTreeMap<(String, usize), ExpertNames> = BTreeMap::new();
     for (name, entry) in ckpt.entries() {
@@ -43,9 +50,11 @@ pub(super) fn per_expert_candidates(
         };
         let kind = match kind_name {
             WEIGHT | PACKED_WEIGHT => Some(0),
+            QWEIGHT if k_first.is_some() => Some(0),
             BIAS => Some(3),
             _ => None,
         };
+        let discarded = k_first.is_some_and(|k| k.discarded.contains(&kind_name));
         let companion = quant::companion_kind(kind_name);
         let Ok(expert) = expert.parse::<usize>() else {
             continue;
@@ -69,6 +78,7 @@ pub(super) fn per_expert_candidates(
                     (None, Some(c)) => {
                         found.companions.entry(c.name).or_default()[slot] = Some((name, entry))
                     }
+                    (None, None) if discarded => found.discarded[slot] = Some((name, entry)),
                     (None, None) => found.foreign = true,
                 }
             }
@@ -95,7 +105,7 @@ pub(super) fn per_expert_candidates(
             !experts.values().any(|e| {
                 e.foreign
                     || e.tensors[..3].iter().flatten().any(|(name, t)| {
-                        let named = is_packed_weight(name);
+                        let named = is_packed_weight(name) || is_qweight(name);
                         let bits = named.then_some(int_bits).flatten();
                         (scaled || named) && quant::packing(t.dtype, packed, bits).is_none()
                     })
@@ -148,12 +158,31 @@ pub(super) fn per_expert_group(
     let packed = experts
         .values()
         .any(|e| e.companions.contains_key("weight_scale_2"));
-    let int_bits = is_packed_weight(first_name)
-        .then(|| quant::QuantConfig::from_config(ckpt.config())?.int_bits)
+    let config = quant::QuantConfig::from_config(ckpt.config());
+    let int_bits = (is_packed_weight(first_name) || is_qweight(first_name))
+        .then(|| config.as_ref()?.int_bits)
         .flatten();
-    let pack = quant::packing(first.dtype, packed, int_bits).unwrap_or(1);
-    let (i, stored_h) = (first.shape[0], first.shape[1]);
-    let h = stored_h * pack;
+    // GPTQ and AWQ store `[in, out]`: the `[out, in]` matrix transposed.
+    let k_first = is_qweight(first_name)
+        .then(|| quant::k_first_packing(config.as_ref().map(|c| c.method.as_str())))
+        .flatten();
+    let values = quant::packing(first.dtype, packed, int_bits).unwrap_or(1);
+    let (pack, out_pack) = match k_first {
+        Some(k) if k.packed_along_output => (1, values),
+        _ => (values, 1),
+    };
+    let orient = |rows: usize, cols: usize| -> Vec<usize> {
+        if k_first.is_some() {
+            vec![cols, rows]
+        } else {
+            vec![rows, cols]
+        }
+    };
+    let (stored_i, stored_h) = match k_first {
+        Some(_) => (first.shape[1], first.shape[0]),
+        None => (first.shape[0], first.shape[1]),
+    };
+    let (i, h) = (stored_i * out_pack, stored_h * pack);
     if i == 0 || h == 0 {
         return Err(err(format!(
             "`{first_name}` has shape {:?}: an expert cannot be empty",
@@ -165,14 +194,17 @@ pub(super) fn per_expert_group(
             "`{first_name}` has {i} rows, which do not pack {pack} values a byte in down's rows"
         )));
     }
-    let expected: [&[usize]; 6] = [
-        &[i, stored_h],
-        &[i, stored_h],
-        &[h, i / pack],
-        &[i],
-        &[i],
-        &[h],
-    ];
+    if !h.is_multiple_of(out_pack) {
+        return Err(err(format!(
+            "`{first_name}` holds {h} inputs, which do not pack {out_pack} outputs an element \
+             in down's outputs"
+        )));
+    }
+    let (gate_shape, down_shape) = (
+        orient(i / out_pack, stored_h),
+        orient(h / out_pack, i / pack),
+    );
+    let expected: [&[usize]; 6] = [&gate_shape, &gate_shape, &down_shape, &[i], &[i], &[h]];
     for k in 0..kinds {
         if let Some((name, e)) = found[k].iter().find(|(_, e)| e.shape != expected[k]) {
             return Err(err(format!(
@@ -195,6 +227,35 @@ pub(super) fn per_expert_group(
             .collect::<Vec<_>>()
     });
     let [g, u, d, gb, ub, db] = names;
+    let mut discarded = Vec::new();
+    let any_discarded = experts
+        .values()
+        .any(|e| e.discarded.iter().any(Option::is_some));
+    for (e, found) in &experts {
+        if !any_discarded {
+            break;
+        }
+        for (slot, tensor) in found.discarded.iter().enumerate() {
+            let inputs = if slot < 2 { h } else { i };
+            match tensor {
+                Some((name, t)) if t.dtype == Dtype::I32 && t.shape == [inputs] => {
+                    discarded.push(name.to_string())
+                }
+                Some((name, t)) => {
+                    return Err(err(format!(
+                        "`{name}` is {} {:?}; a group index holds one I32 per input, [{inputs}]",
+                        t.dtype, t.shape
+                    )))
+                }
+                None => {
+                    return Err(err(format!(
+                        "`{prefix}.{e}.{}` has no group index beside it (other matrices have one)",
+                        modules[slot]
+                    )))
+                }
+            }
+        }
+    }
     let mut companions = PerExpertFound::new();
     for (e, found) in experts.into_values().enumerate() {
         for (kind, slots) in found.companions {
@@ -212,7 +273,9 @@ pub(super) fn per_expert_group(
         inter: i,
         dtype,
         pack,
-        packing: Packing::find(false, pack),
+        out_pack,
+        k_first: k_first.is_some(),
+        packing: Packing::find(false, pack.max(out_pack)),
     };
     let quantization = quant::per_expert(ckpt, &weights, modules, companions)?;
     Ok(MoeLayer {
@@ -227,6 +290,9 @@ pub(super) fn per_expert_group(
             naming,
             weights: [g, u, d],
             biases: has_bias.then_some([gb, ub, db]),
+            k_first: k_first.is_some(),
+            out_pack,
+            discarded,
         }),
         prefix,
     })

@@ -56,7 +56,7 @@ pub struct CompanionKind {
     pub values: Values,
 }
 
-pub const COMPANION_KINDS: [CompanionKind; 6] = [
+pub const COMPANION_KINDS: [CompanionKind; 8] = [
     CompanionKind {
         name: "weight_scale_inv",
         fused_suffix: Some("_scale_inv"),
@@ -99,6 +99,24 @@ pub const COMPANION_KINDS: [CompanionKind; 6] = [
     // rows' points each, one per group of columns (a `Grid::Block`, see `zero_point_grid`).
     CompanionKind {
         name: "weight_zero_point",
+        fused_suffix: None,
+        weight_scale: false,
+        merged_w13: false,
+        values: Values::ZeroPoints,
+    },
+    // GPTQ's and AWQ's group scales, `[in/group, out]` (stored input-first, see
+    // [`K_FIRST_PACKINGS`]); vLLM's `w13_scales`/`w2_scales`.
+    CompanionKind {
+        name: "scales",
+        fused_suffix: None,
+        weight_scale: true,
+        merged_w13: false,
+        values: Values::Scales,
+    },
+    // GPTQ's and AWQ's zero points, `[in/group, out/pack]`: `32 / bits` output rows' points
+    // an int32 (a `Grid::Block` of `(pack, group)`, stored input-first); vLLM's `w13_qzeros`.
+    CompanionKind {
+        name: "qzeros",
         fused_suffix: None,
         weight_scale: false,
         merged_w13: false,
@@ -249,6 +267,46 @@ impl Packing {
     }
 }
 
+/// Integer weights stored input-first (`[in, out]` rather than `[out, in]`), with their group
+/// scales and zero points, as GPTQ and AWQ write them per expert and matrix (`qweight`,
+/// `scales`, `qzeros`). The weight's views and the companions' grids are those of the
+/// `[out, in]` matrix all the same; only the strides differ, so a TP split and the copy plans
+/// treat them as any other scheme, and a plan may land them input-first too
+/// (`CopyPlan::k_first`), as vLLM's GPTQ and AWQ Marlin methods keep them.
+#[derive(Debug, PartialEq, Eq)]
+pub struct KFirstPacking {
+    /// The `quant_method` that writes them.
+    pub method: &'static str,
+    /// `32 / bits` values an int32 along the output dimension (AWQ's `[in, out/8]`), rather
+    /// than along the input dimension (GPTQ's `[in/8, out]`).
+    pub packed_along_output: bool,
+    /// Per-matrix tensors the engines read no values from, which ride with the group (and
+    /// are consumed with it): GPTQ's `g_idx [in]`, each input's group, trivial unless
+    /// `desc_act` (which vLLM 0.33 and later refuse, and so does fastmoe_load); vLLM's
+    /// checkpoint mapper drops `.g_idx`.
+    pub discarded: &'static [&'static str],
+}
+
+pub const K_FIRST_PACKINGS: [KFirstPacking; 2] = [
+    KFirstPacking {
+        method: "gptq",
+        packed_along_output: false,
+        discarded: &["g_idx"],
+    },
+    // AWQ (GEMM version) packs eight values of consecutive outputs in the order
+    // 0, 4, 1, 5, 2, 6, 3, 7 within each int32: whole int32s move as they are.
+    KFirstPacking {
+        method: "awq",
+        packed_along_output: true,
+        discarded: &[],
+    },
+];
+
+/// The input-first packing of groups whose `quant_method` is `method`, if any.
+pub fn k_first_packing(method: Option<&str>) -> Option<&'static KFirstPacking> {
+    K_FIRST_PACKINGS.iter().find(|p| Some(p.method) == method)
+}
+
 /// What a method's `quantization_config` declares about the weights' scales.
 #[derive(Debug, Default)]
 pub struct Declared {
@@ -271,7 +329,7 @@ pub struct Method {
 }
 
 /// The `quant_method`s fastmoe_load knows; any other is declared and not loaded.
-pub const METHODS: [Method; 5] = [
+pub const METHODS: [Method; 7] = [
     Method {
         name: "fp8",
         read: fp8,
@@ -299,6 +357,14 @@ pub const METHODS: [Method; 5] = [
     Method {
         name: "compressed-tensors",
         read: compressed_tensors,
+    },
+    Method {
+        name: "gptq",
+        read: gptq,
+    },
+    Method {
+        name: "awq",
+        read: awq,
     },
 ];
 
@@ -405,4 +471,62 @@ fn compressed_tensors(q: &Value) -> Declared {
         symmetric,
         unsupported,
     }
+}
+
+/// The group scales GPTQ and AWQ declare, `bits` values an int32, with their zero points
+/// always beside the weights (GPTQ writes them for symmetric weights too, and vLLM loads them
+/// either way): `symmetric` stays unstated so that their presence is not held against it.
+fn int_groups(method: &str, bits: Option<u64>, group: Option<i64>) -> Declared {
+    let unsupported = match (bits, group) {
+        (Some(4 | 8), Some(g)) if g > 0 => None,
+        (Some(b), Some(g)) if g <= 0 => Some(format!(
+            "{method} int{b} with one group per output (group_size {g})"
+        )),
+        (Some(b), _) => Some(format!("{method} int{b}")),
+        (None, _) => Some(format!("{method} without bits")),
+    };
+    Declared {
+        block: group.filter(|g| *g > 0).map(|g| (1, g as usize)),
+        scheme: Some("group"),
+        int_bits: bits.map(|b| b as usize),
+        symmetric: None,
+        unsupported,
+    }
+}
+
+/// GPTQ (AutoGPTQ, GPTQModel, AutoRound's GPTQ export, Qwen's own `*-GPTQ-Int4`):
+/// `bits`, `group_size`, `desc_act`, `sym`. Activation order (`desc_act` with groups) permutes
+/// the groups by `g_idx`; vLLM 0.33 and later refuse such checkpoints.
+fn gptq(q: &Value) -> Declared {
+    let bits = q.get("bits").and_then(Value::as_u64);
+    let group = q.get("group_size").and_then(Value::as_i64);
+    let mut declared = int_groups("gptq", bits, group);
+    let desc_act = q.get("desc_act").and_then(Value::as_bool) == Some(true);
+    if desc_act && declared.unsupported.is_none() {
+        declared.unsupported = Some(format!(
+            "gptq int{} with activation order (desc_act)",
+            bits.unwrap_or(0)
+        ));
+    }
+    declared
+}
+
+/// AWQ (AutoAWQ, llm-awq): `bits` (or `w_bit`), `group_size` (or `q_group_size`),
+/// `zero_point`, `version`. Only the GEMM packing is loaded; GEMV packs another way.
+fn awq(q: &Value) -> Declared {
+    let field = |a: &str, b: &str| q.get(a).or_else(|| q.get(b));
+    let bits = field("bits", "w_bit").and_then(Value::as_u64);
+    let group = field("group_size", "q_group_size").and_then(Value::as_i64);
+    let mut declared = int_groups("awq", bits, group);
+    let version = q.get("version").and_then(Value::as_str).unwrap_or("gemm");
+    if declared.unsupported.is_none() {
+        if !version.eq_ignore_ascii_case("gemm") {
+            declared.unsupported = Some(format!("awq {version}"));
+        } else if bits != Some(4) {
+            declared.unsupported = Some(format!("awq int{}", bits.unwrap_or(0)));
+        } else if field("zero_point", "zero_point").and_then(Value::as_bool) == Some(false) {
+            declared.unsupported = Some("awq without zero points".into());
+        }
+    }
+    declared
 }
