@@ -322,3 +322,46 @@ def test_inspect_names_the_scheme(gptq, awq, capsys):
     assert "gptq int4, 128-value group scales in float16" in out
     assert main(["inspect", str(awq)]) == 0
     assert "awq int4, 128-value group scales in float16" in capsys.readouterr().out
+
+
+def test_bench_checkpoint_is_qwen3_gptq_and_the_seed_loop_agrees(tmp_path):
+    """The bench's generated GPTQ checkpoint is detected as the release is, and its seed
+    path (vLLM's per-expert loop through its `is_transposed` branch) fills what fastmoe_load
+    fills input-first, for TP rank 1 of 2 with EPLB-like local experts."""
+    from fastmoe_load.bench.quant import Fp8Shape, generate_fp8
+    from fastmoe_load.bench.seed import seed_load
+
+    shape = Fp8Shape(layers=1, experts=4, hidden=256, intermediate=512, scheme="gptq")
+    path = tmp_path / "ckpt"
+    generate_fp8(str(path), shape)
+    experts = [3, 0, 3]
+    with fml.open(path) as ckpt:
+        (layer,) = ckpt.moe_layers()
+        assert str(layer.quantization).startswith("gptq int4, 128-value group scales")
+        assert sum(ckpt.tensor(n).nbytes for n in layer.tensor_names) == shape.layer_bytes
+        shapes = fml.destination_shapes(layer, len(experts), 2, k_first=True)
+        ours = {n: torch.full(s, 0x5A, dtype=d) for n, (s, d) in shapes.items()}
+        seed = {n: torch.full(s, 0x3C, dtype=d) for n, (s, d) in shapes.items()}
+        scales = {n: t for n, t in ours.items() if n not in ("w13", "w2")}
+        fml.load_fused_moe(
+            ckpt, layer.prefix, ours["w13"], ours["w2"], tp_rank=1, tp_size=2,
+            local_experts=experts, scales=scales, k_first=True,
+        )  # fmt: skip
+    seed_load(
+        str(path), layer, seed["w13"], seed["w2"], tp_rank=1, tp_size=2, local_experts=experts,
+        scales={n: t for n, t in seed.items() if n not in ("w13", "w2")}, k_first=True,
+    )  # fmt: skip
+    for name in shapes:
+        assert torch.equal(ours[name].view(torch.uint8), seed[name].view(torch.uint8)), name
+
+
+def test_bench_quant_gptq_prints_its_rows(tmp_path, capsys):
+    root = tmp_path / "bench"
+    options = ["bench", "--quant", "gptq", "--experts", "8", "--hidden", "256"]
+    options += ["--intermediate", "256", "--layers", "1", "--repeats", "1", "--dir", str(root)]
+    assert main([*options, "--clean"]) == 0
+    out = capsys.readouterr().out
+    for case in ("TP=1", "TP=2 rank 1", "EP=8 rank 1"):
+        for row in ("fastmoe_load gptq + scales", "seed: vLLM per-expert loop, gptq + scales"):
+            assert any(line.startswith(row) and case in line for line in out.splitlines())
+    assert not root.exists()

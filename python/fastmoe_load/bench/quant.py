@@ -20,6 +20,12 @@ of the bytes) into `GptOssMxfp4MoEMethod`'s parameters, gate and up interleaved 
 gpt-oss layers keep them, beside vLLM's gpt-oss mxfp4 loop (whole tensors, narrowed, one
 copy each).
 
+`gptq` is shaped like Qwen3-235B-A22B-GPTQ-Int4 (one tensor per expert and matrix, 128
+experts, H=4096, I=1536, four layers, 4.9 GB): `qweight [in/8, out]` int32, float16 `scales`
+and int32 `qzeros` per 128 inputs, `g_idx [in]`, all stored input-first, loaded input-first
+into `AutoGPTQMoEMethod`'s parameters (`w13_qweight [E, H/8, 2I/tp]`, `w13_scales`,
+`w13_qzeros`, ...) beside vLLM's per-expert loop through its `is_transposed` branch.
+
 In the same run, the bf16 fused checkpoint of the plain bench is loaded too, so that the
 quantized and bf16 checkpoints compare per landed byte.
 """
@@ -55,8 +61,9 @@ BLOCK = 128
 FP4_GROUP = 16
 INT4_GROUP = 32
 MX_BLOCK = 32
+GPTQ_GROUP = 128
 MODULES = ("gate_proj", "up_proj", "down_proj")
-SCHEMES = ("fp8", "nvfp4", "int4", "mxfp4")
+SCHEMES = ("fp8", "nvfp4", "int4", "mxfp4", "gptq")
 STORED = {
     "fp8": "fp8 e4m3 per expert with float32 128x128 weight_scale_inv",
     "nvfp4": "nvfp4 per expert (uint8, two values a byte) with float8 weight_scale per 16 "
@@ -65,6 +72,8 @@ STORED = {
     "weight_scale per 32 values and weight_shape",
     "mxfp4": "mxfp4 fused as gpt-oss (uint8 blocks, two values a byte, gate and up "
     "interleaved) with e8m0 scales per 32 values and bf16 biases",
+    "gptq": "GPTQ int4 per expert, input-first (int32 qweight [in/8, out]) with float16 "
+    "scales and int32 qzeros per 128 inputs and g_idx",
 }
 QUANTIZATION_CONFIGS = {
     "fp8": {
@@ -101,6 +110,17 @@ QUANTIZATION_CONFIGS = {
         "quant_method": "mxfp4",
         "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router"],
     },
+    # Qwen3-235B-A22B-GPTQ-Int4's.
+    "gptq": {
+        "bits": 4,
+        "damp_percent": 0.01,
+        "desc_act": False,
+        "group_size": GPTQ_GROUP,
+        "quant_method": "gptq",
+        "static_groups": False,
+        "sym": True,
+        "true_sequential": True,
+    },
 }
 
 
@@ -116,6 +136,14 @@ def module_tensors(
             "weight_scale_inv": torch.rand(grid, generator=gen),
         }
     packed = weight[: rows * cols // 2]
+    if scheme == "gptq":  # input-first: [in/8, out], groups of inputs
+        groups = cols // GPTQ_GROUP
+        return {
+            "qweight": packed.view(torch.int32).view(cols // 8, rows).clone(),
+            "qzeros": torch.full((groups, rows // 8), 0x77777777, dtype=torch.int32),
+            "scales": torch.rand(groups, rows, generator=gen).half(),
+            "g_idx": torch.arange(cols, dtype=torch.int32) // GPTQ_GROUP,
+        }
     if scheme == "int4":
         return {
             "weight_packed": packed.view(torch.int32).view(rows, -1).clone(),
@@ -170,6 +198,9 @@ class Fp8Shape:
             return 3 * self.experts * (values // FP4_GROUP + 8)
         if self.scheme == "int4":  # bfloat16 groups, the int32 shape
             return 3 * self.experts * (values // INT4_GROUP * 2 + 8)
+        if self.scheme == "gptq":  # float16 scales, int32 zero points of 8, g_idx per input
+            inputs = 2 * self.hidden + self.intermediate
+            return self.experts * (3 * values // GPTQ_GROUP * 5 // 2 + 4 * inputs)
         rows, cols = math.ceil(self.intermediate / BLOCK), math.ceil(self.hidden / BLOCK)
         return 3 * self.experts * rows * cols * 4  # float32
 
@@ -184,7 +215,8 @@ class Fp8Shape:
 
     def prefix(self, layer: int) -> str:
         # DeepSeek-V3's first three layers are dense; its routed experts start at layer 3.
-        return f"model.layers.{layer + (0 if self.scheme == 'mxfp4' else 3)}.mlp.experts"
+        first = 0 if self.scheme in ("mxfp4", "gptq") else 3
+        return f"model.layers.{layer + first}.mlp.experts"
 
 
 def generate_fp8(path: str, shape: Fp8Shape) -> bool:
@@ -236,6 +268,14 @@ def generate_fp8(path: str, shape: Fp8Shape) -> bool:
             "intermediate_size": i,
             "num_local_experts": shape.experts,
         }
+    elif shape.scheme == "gptq":
+        config = {
+            "model_type": "qwen3_moe",
+            "hidden_size": h,
+            "moe_intermediate_size": i,
+            "num_experts": shape.experts,
+            "torch_dtype": "float16",
+        }
     else:
         config = {
             "model_type": "deepseek_v3",
@@ -264,6 +304,11 @@ class Fp8Bench(Bench):
         """gpt-oss' layers keep gate and up interleaved, as its mxfp4 files do."""
         return self.shape.scheme == "mxfp4"
 
+    @property
+    def k_first(self) -> bool:  # type: ignore[override]
+        """vLLM's GPTQ layers keep each expert input-first, as the files do."""
+        return self.shape.scheme == "gptq"
+
     def destinations(self, case: Case, touched: bool) -> list[Destinations]:  # type: ignore[override]
         s = self.shape
         n, shard, h = len(case.experts(s.experts)), s.intermediate // case.tp_size, s.hidden
@@ -290,6 +335,16 @@ class Fp8Bench(Bench):
                     "w2_weight_scale_2": empty(n),
                     "w13_input_scale": empty(n, 2),
                     "w2_input_scale": empty(n),
+                }
+            elif s.scheme == "gptq":  # `AutoGPTQMoEMethod.create_weights` (input-first)
+                f16, groups = torch.float16, h // GPTQ_GROUP
+                w13 = empty(n, h // 8, 2 * shard, dtype=torch.int32)
+                w2 = empty(n, shard // 8, h, dtype=torch.int32)
+                scales = {
+                    "w13_scales": empty(n, groups, 2 * shard, dtype=f16),
+                    "w2_scales": empty(n, shard // GPTQ_GROUP, h, dtype=f16),
+                    "w13_qzeros": empty(n, groups, 2 * shard // 8, dtype=torch.int32),
+                    "w2_qzeros": empty(n, shard // GPTQ_GROUP, h // 8, dtype=torch.int32),
                 }
             elif s.scheme == "int4":  # `CompressedTensorsWNA16MoEMethod.create_weights`
                 bf16 = torch.bfloat16
@@ -329,6 +384,8 @@ def default_shape(
     cache."""
     if scheme == "mxfp4":
         base = Fp8Shape(layers or 4, experts=128, hidden=2880, intermediate=2880, scheme=scheme)
+    elif scheme == "gptq":
+        base = Fp8Shape(layers or 4, experts=128, hidden=4096, intermediate=1536, scheme=scheme)
     else:
         base = Fp8Shape(layers=layers or 1, scheme=scheme)
     base = replace(
@@ -374,11 +431,16 @@ def main(
     reused while the shapes match; removed afterwards with `clean`), and prints the table."""
     dev = torch.device(device)
     shape = default_shape(dev, layers, experts, hidden, intermediate, scheme)
-    group = {"fp8": 1, "nvfp4": FP4_GROUP, "int4": INT4_GROUP, "mxfp4": MX_BLOCK}[scheme]
-    if shape.hidden % group or shape.intermediate % group:
+    group = {"fp8": 1, "nvfp4": FP4_GROUP, "int4": INT4_GROUP, "mxfp4": MX_BLOCK}.get(
+        scheme, GPTQ_GROUP
+    )
+    # gptq: the TP=2 case splits I, which must stay on whole groups.
+    inter_group = 2 * group if scheme == "gptq" else group
+    if shape.hidden % group or shape.intermediate % inter_group:
         raise RequestError(
             f"{scheme} scales groups of {group} values: --hidden and --intermediate must be "
-            f"multiples of {group} (got {shape.hidden} and {shape.intermediate})"
+            f"multiples of {group} and {inter_group} (got {shape.hidden} and "
+            f"{shape.intermediate})"
         )
     one = Shape(layers=1)
     one = replace(
