@@ -365,3 +365,18 @@ def test_bench_quant_gptq_prints_its_rows(tmp_path, capsys):
         for row in ("fastmoe_load gptq + scales", "seed: vLLM per-expert loop, gptq + scales"):
             assert any(line.startswith(row) and case in line for line in out.splitlines())
     assert not root.exists()
+
+
+def test_convert_refuses_before_writing_or_carries_every_tensor(gptq, tmp_path, capsys):
+    """GPTQ has no fused transformers form: `convert` refuses before writing anything; to
+    per-expert it carries every tensor, `g_idx` included, and the copy loads the same."""
+    assert main(["convert", str(gptq), str(tmp_path / "fused")]) == 1
+    assert "no fused transformers form; keep this checkpoint per expert" in capsys.readouterr().err
+    assert not (tmp_path / "fused").exists()
+    out = tmp_path / "per_expert"
+    assert main(["convert", "--to", "per_expert", str(gptq), str(out)]) == 0
+    assert load_file(out / "model-00001-of-00001.safetensors").keys() == (
+        load_file(gptq / "model.safetensors").keys()
+    )
+    want = expected(gptq, prefix(), GPTQ_NAMES, 1, 2, [1, 2], k_first=True)
+    assert_loads_as(out, prefix(), want, tp_rank=1, tp_size=2, local_experts=[1, 2], k_first=True)
