@@ -1,12 +1,14 @@
 """Nothing unrecognised goes unnamed: groups that look like routed experts but cannot be loaded
 are listed by `Checkpoint.unsupported_groups()` and by `inspect` with the reason, and a
 `quantization_config` the loader does not load is said at `open`, once, by name. Checkpoints
-with the names, dtypes and shapes of GPTQ int4 and compressed-tensors int8 W8A8
-(`int-quantized`) releases, and of one with an unknown modelopt algorithm."""
+with the names, dtypes and shapes of GPTQ int4 releases with activation order (`desc_act`,
+which vLLM 0.33 and later refuse; without it GPTQ loads: test_gptq.py) and compressed-tensors
+int8 W8A8 (`int-quantized`) releases, and of one with an unknown modelopt algorithm."""
 
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -25,9 +27,10 @@ def u8(*shape: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def gptq_qwen3(path: Path, config: bool = True) -> Path:
-    """Qwen3-MoE GPTQ int4 (as AutoGPTQ/GPTQModel write it): per expert and module
-    `qweight` int32 `[in/8, out]`, `qzeros` int32 `[in/group, out/8]`, `scales` float16
-    `[in/group, out]`, `g_idx` int32 `[in]`; the router beside."""
+    """Qwen3-MoE GPTQ int4 with activation order (as AutoGPTQ/GPTQModel write it with
+    `desc_act: true`): per expert and module `qweight` int32 `[in/8, out]`, `qzeros` int32
+    `[in/group, out/8]`, `scales` float16 `[in/group, out]`, `g_idx` int32 `[in]` (here the
+    groups in order; activation order permutes them); the router beside."""
     gen = torch.Generator().manual_seed(0)
     group = 32
     tensors = {}
@@ -47,7 +50,7 @@ def gptq_qwen3(path: Path, config: bool = True) -> Path:
                     f"{name}.g_idx": torch.arange(inp, dtype=torch.int32) // group,
                 }
         tensors[f"{p}.gate.weight"] = torch.randn(E, H).bfloat16()
-    quant = {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False}
+    quant = {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": True}
     return save(path, tensors, "qwen3_moe", quant if config else None)
 
 
@@ -95,7 +98,7 @@ def open_quietly(path: Path) -> fml.Checkpoint:
 @pytest.mark.parametrize(
     ("make", "scheme"),
     [
-        (gptq_qwen3, "gptq"),
+        (gptq_qwen3, "gptq int4 with activation order (desc_act)"),
         (int8_w8a8, "compressed-tensors int8 int-quantized"),
     ],
 )
@@ -123,7 +126,7 @@ def test_unsupported_quantization_named_at_open_once_and_per_group(tmp_path, mak
             expected = sorted(n for n in ckpt.keys() if n.startswith(group.prefix + "."))
             assert sorted(group.tensor_names) == expected
         with pytest.raises(
-            fml.LayoutError, match=f"cannot be loaded: unknown quantization.*{scheme}"
+            fml.LayoutError, match=f"cannot be loaded: unknown quantization.*{re.escape(scheme)}"
         ):
             ckpt.experts(groups[0].prefix)
 
@@ -210,13 +213,14 @@ def test_inspect_lists_unsupported_groups(tmp_path, capsys):
     main(["inspect", str(path)])
     out, err = capsys.readouterr()
     assert err == ""  # the report says it all
-    assert "quantized   gptq: not loaded by fastmoe_load" in out
+    scheme = "gptq int4 with activation order (desc_act)"
+    assert f"quantized   {scheme}: not loaded by fastmoe_load" in out
     assert "2 groups of expert tensors cannot be loaded:" in out
     assert f"model.layers.1.mlp.experts ({E * 3 * 4} tensors): unknown quantization:" in out
     assert out.rstrip().endswith("no routed-expert groups found")
     main(["inspect", "--json", str(path)])
     report = json.loads(capsys.readouterr().out)
-    assert report["quantization_config"] == "gptq"
+    assert report["quantization_config"] == scheme
     assert [g["prefix"] for g in report["unsupported"]] == [
         f"model.layers.{n}.mlp.experts" for n in range(LAYERS)
     ]
