@@ -3,7 +3,8 @@ are listed by `Checkpoint.unsupported_groups()` and by `inspect` with the reason
 `quantization_config` the loader does not load is said at `open`, once, by name. Checkpoints
 with the names, dtypes and shapes of GPTQ int4 releases with activation order (`desc_act`,
 which vLLM 0.33 and later refuse; without it GPTQ loads: test_gptq.py) and compressed-tensors
-int8 W8A8 (`int-quantized`) releases, and of one with an unknown modelopt algorithm."""
+int4 with activation order by group (`weight_g_idx`, refused by vLLM too), and of one with an
+unknown modelopt algorithm."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import fastmoe_load as fml
 import pytest
 import torch
 from fastmoe_load.cli import main
+from safetensors.torch import load_file, save_file
 from test_quant import save
 
 E, H, INTER = 4, 128, 64
@@ -54,39 +56,26 @@ def gptq_qwen3(path: Path, config: bool = True) -> Path:
     return save(path, tensors, "qwen3_moe", quant if config else None)
 
 
-def int8_w8a8(path: Path) -> Path:
-    """compressed-tensors' `INT8_W8A8` preset (`int-quantized`): per expert `weight` int8
-    `[out, in]` with per-channel `weight_scale [out, 1]`, dynamic int8 activations."""
-    gen = torch.Generator().manual_seed(3)
-    tensors = {}
-    for layer in range(LAYERS):
-        p = f"model.layers.{layer}.mlp"
-        for e in range(E):
-            for module, (rows, cols) in {
-                "gate_proj": (INTER, H),
-                "up_proj": (INTER, H),
-                "down_proj": (H, INTER),
-            }.items():
-                stem = f"{p}.experts.{e}.{module}"
-                tensors[f"{stem}.weight"] = torch.randint(
-                    -128, 128, (rows, cols), dtype=torch.int8, generator=gen
-                )
-                tensors[f"{stem}.weight_scale"] = torch.rand(rows, 1, generator=gen).bfloat16()
-        tensors[f"{p}.gate.weight"] = torch.randn(E, H, generator=gen).bfloat16()
-    int8 = {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": False}
-    quant = {
-        "quant_method": "compressed-tensors",
-        "format": "int-quantized",
-        "config_groups": {
-            "group_0": {
-                "targets": ["Linear"],
-                "weights": {**int8, "strategy": "channel"},
-                "input_activations": {**int8, "strategy": "token", "dynamic": True},
-            }
-        },
-        "ignore": ["lm_head", "re:.*mlp.gate$"],
-    }
-    return save(path, tensors, "qwen3_moe", quant)
+def int4_act_order(path: Path) -> Path:
+    """compressed-tensors int4 `pack-quantized` with activation order by group (`actorder:
+    group`): `weight_g_idx` int32 `[in]` beside each packed weight, each input's group in the
+    order the quantizer visited them. vLLM 0.33 and later refuse it."""
+    import json
+
+    from test_int4 import int4_pack_quantized
+
+    path = int4_pack_quantized(path)
+    tensors = load_file(path / "model.safetensors")
+    gen = torch.Generator().manual_seed(5)
+    for name in [n for n in tensors if n.endswith(".weight_packed")]:
+        inputs = tensors[name].shape[1] * 8
+        order = torch.randperm(inputs, generator=gen).to(torch.int32)
+        tensors[name.removesuffix("weight_packed") + "weight_g_idx"] = order // 32
+    save_file(tensors, path / "model.safetensors")
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] = "group"
+    (path / "config.json").write_text(json.dumps(config))
+    return path
 
 
 def open_quietly(path: Path) -> fml.Checkpoint:
@@ -99,7 +88,10 @@ def open_quietly(path: Path) -> fml.Checkpoint:
     ("make", "scheme"),
     [
         (gptq_qwen3, "gptq int4 with activation order (desc_act)"),
-        (int8_w8a8, "compressed-tensors int8 int-quantized"),
+        (
+            int4_act_order,
+            "compressed-tensors pack-quantized with activation order (actorder: group)",
+        ),
     ],
 )
 def test_unsupported_quantization_named_at_open_once_and_per_group(tmp_path, make, scheme):

@@ -503,3 +503,49 @@ def test_gptq_split_off_the_groups_is_left_to_vllm(vllm_process_groups, tmp_path
     with fml.open(path) as ckpt:
         reason = describe(runner, ckpt, test_gptq.prefix()).unfillable()
         assert reason is not None and "MoeWNA16Method" in reason
+
+
+@pytest.mark.parametrize("scheme", ["int8", "nvfp4"])
+@pytest.mark.parametrize(("tp_size", "rank", "ep"), [(1, 0, False), (2, 1, False), (2, 1, True)])
+def test_compressed_tensors_int8_nvfp4_layers_match_vllm_load_weights(
+    vllm_process_groups, tmp_path, scheme, tp_size, rank, ep
+):
+    """compressed-tensors int8 W8A8 (`int-quantized`, channel scales) into vLLM's
+    `CompressedTensorsW8A8Int8MoEMethod` and NVFP4 (`nvfp4-pack-quantized`, with
+    `weight_global_scale` and `input_global_scale`) into `CompressedTensorsW4A4Nvfp4MoEMethod`:
+    every parameter equal to vLLM's own loading. Where vLLM has no kernel on this CPU the
+    backend is named (it decides nothing of the loading here)."""
+    from unittest import mock
+
+    import test_compressed_tensors as ct
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe import (
+        compressed_tensors_moe_w4a4_nvfp4 as w4a4,
+    )
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe import (
+        compressed_tensors_moe_w8a8_int8 as w8a8,
+    )
+
+    make = ct.int8_w8a8 if scheme == "int8" else ct.nvfp4_compressed_tensors
+    path = make(tmp_path / scheme)
+    sizes = (ct.E, ct.H, ct.INTER)
+    name = ct.prefix().removesuffix(".experts")
+    if scheme == "int8":
+        from vllm.model_executor.layers.fused_moe.oracle.int8 import Int8MoeBackend
+
+        module, select = w8a8, "select_int8_moe_backend"
+        chosen = (next(iter(Int8MoeBackend)), None)
+        method = "CompressedTensorsW8A8Int8MoEMethod"
+    else:
+        from vllm.model_executor.layers.fused_moe.oracle.nvfp4 import NvFp4MoeBackend
+
+        module, select = w4a4, "select_nvfp4_moe_backend"
+        chosen = (NvFp4MoeBackend.EMULATION, None)
+        method = "CompressedTensorsW4A4Nvfp4MoEMethod"
+    with mock.patch.object(module, select, lambda *_, **__: chosen):
+        theirs = build(tp_size, rank, ep, name, quant_config_of(path), sizes)
+        ours = build(tp_size, rank, ep, name, quant_config_of(path), sizes)
+    assert type(ours.routed_experts.quant_method).__name__ == method
+    params = load_both(theirs, ours, path, ct.prefix())
+    params = {n: p for n, p in params.items() if not n.endswith("_bias")}
+    assert any("scale" in p for p in params), params
+    assert_same_parameters(ours, params)

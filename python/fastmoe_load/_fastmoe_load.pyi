@@ -50,6 +50,8 @@ class CompanionInfo:
         "weight_zero_point",
         "scales",
         "qzeros",
+        "weight_global_scale",
+        "input_global_scale",
     ]: ...
     @property
     def scheme(self) -> Literal["block", "group", "channel", "tensor", "whole"]: ...

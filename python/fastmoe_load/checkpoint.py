@@ -67,9 +67,11 @@ class Companion:
     `weight_zero_point` (compressed-tensors' zero points of asymmetric integer weights, int32
     `[rows/8, cols/group]` for int4: eight points of consecutive rows an int32, a `block`
     grid of `(8, group)`), `scales` (GPTQ's and AWQ's group scales, float16 `[in/group,
-    out]`, stored input-first: a `group` grid of `(1, group)` over the `[out, in]` weight) or
+    out]`, stored input-first: a `group` grid of `(1, group)` over the `[out, in]` weight),
     `qzeros` (their int32 zero points `[in/group, out/8]`, stored input-first: a `block` grid
-    of `(8, group)`).
+    of `(8, group)`), `weight_global_scale` and `input_global_scale` (compressed-tensors
+    NVFP4's per-tensor global scales of the weights and activations, ModelOpt's
+    `weight_scale_2` and `input_scale`; vLLM keeps gate's and up's, `[E, 2]`).
     `scheme` says how one value maps onto the weight: `block` (one per `block[0] x block[1]`
     values), `group` (a block of one row: `block` is `(1, 16)` for NVFP4), `channel` (one per
     output row), `tensor` (one per matrix) or `whole` (`block[1]` values that describe the
@@ -251,6 +253,8 @@ class MoeLayer:
             fp4 = "mxfp4" if companions[0].dtype == torch.uint8 else "nvfp4"
             pack = max(info.pack, info.out_pack)
             weights = {1: "fp8", 2: fp4}.get(pack, f"int{32 // pack}")
+            if self.dtype == torch.int8:  # compressed-tensors `int-quantized`
+                weights = "int8"
             self.quantization = Quantization(info.quant_method, companions, weights)
 
     @property

@@ -70,6 +70,8 @@ QUANTIZED_METHODS = (
     "GptOssMxfp4MoEMethod",
     "AutoGPTQMoEMethod",
     "AutoAWQMoEMethod",
+    "CompressedTensorsW8A8Int8MoEMethod",
+    "CompressedTensorsW4A4Nvfp4MoEMethod",
 )
 
 # vLLM's methods that keep each expert input-first (`is_transposed`), as GPTQ and AWQ files

@@ -96,9 +96,11 @@ pub(super) fn per_expert_candidates(
             unloaded_config.is_none() || experts.values().all(|e| e.companions.is_empty())
         })
         .filter(|(_, experts)| {
-            let packed = experts
-                .values()
-                .any(|e| e.companions.contains_key("weight_scale_2"));
+            let packed = experts.values().any(|e| {
+                quant::NVFP4_GLOBAL_SCALES
+                    .iter()
+                    .any(|k| e.companions.contains_key(k))
+            });
             // Integer weights with scales beside them (or named `weight_packed`) pack values
             // as only a known scheme says; alone, they are plain data, loaded as stored.
             let scaled = experts.values().any(|e| !e.companions.is_empty());
@@ -106,7 +108,10 @@ pub(super) fn per_expert_candidates(
                 e.foreign
                     || e.tensors[..3].iter().flatten().any(|(name, t)| {
                         let named = is_packed_weight(name) || is_qweight(name);
-                        let bits = named.then_some(int_bits).flatten();
+                        // int8 weights are named `weight`: their bits are the config's too.
+                        let bits = (named || t.dtype == Dtype::I8)
+                            .then_some(int_bits)
+                            .flatten();
                         (scaled || named) && quant::packing(t.dtype, packed, bits).is_none()
                     })
             })
@@ -155,13 +160,16 @@ pub(super) fn per_expert_group(
             first.shape
         )));
     }
-    let packed = experts
-        .values()
-        .any(|e| e.companions.contains_key("weight_scale_2"));
+    let packed = experts.values().any(|e| {
+        quant::NVFP4_GLOBAL_SCALES
+            .iter()
+            .any(|k| e.companions.contains_key(k))
+    });
     let config = quant::QuantConfig::from_config(ckpt.config());
-    let int_bits = (is_packed_weight(first_name) || is_qweight(first_name))
-        .then(|| config.as_ref()?.int_bits)
-        .flatten();
+    let int_bits =
+        (is_packed_weight(first_name) || is_qweight(first_name) || first.dtype == Dtype::I8)
+            .then(|| config.as_ref()?.int_bits)
+            .flatten();
     // GPTQ and AWQ store `[in, out]`: the `[out, in]` matrix transposed.
     let k_first = is_qweight(first_name)
         .then(|| quant::k_first_packing(config.as_ref().map(|c| c.method.as_str())))

@@ -434,7 +434,9 @@ fn finish(
     let err = |reason: String| layout_error(ckpt, w.prefix, reason);
     let weight_scales: Vec<&Companion> =
         companions.iter().filter(|c| c.kind.weight_scale).collect();
-    let quantized = is_quantized_weight(w.dtype) || w.pack > 1 || w.out_pack > 1;
+    // int8 weights are quantized where the config declares them so (`int-quantized`).
+    let int8 = w.dtype == Dtype::I8 && config.as_ref().and_then(|c| c.int_bits) == Some(8);
+    let quantized = is_quantized_weight(w.dtype) || w.pack > 1 || w.out_pack > 1 || int8;
     if companions.is_empty() {
         return if quantized {
             Err(err(format!(
@@ -449,8 +451,8 @@ fn finish(
     let first = companions[0].tensor_names()[0];
     if !quantized {
         return Err(err(format!(
-            "the experts have scales (`{first}`) but their weights are {}, not float8 or packed \
-             fp4",
+            "the experts have scales (`{first}`) but their weights are {}, not float8, int8 or \
+             packed integers or fp4",
             w.dtype
         )));
     }

@@ -22,5 +22,5 @@ pub use grid::Grid;
 pub use scheme::{
     companion_kind, is_float, is_quantized_weight, k_first_packing, packing, CompanionKind,
     KFirstPacking, Packing, COMPANION_KINDS, DEFAULT_BLOCK, FOREIGN_QUANT_SUFFIXES,
-    K_FIRST_PACKINGS, MX_BLOCK, SCALE_DTYPES,
+    K_FIRST_PACKINGS, MX_BLOCK, NVFP4_GLOBAL_SCALES, SCALE_DTYPES,
 };

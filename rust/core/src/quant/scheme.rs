@@ -56,7 +56,7 @@ pub struct CompanionKind {
     pub values: Values,
 }
 
-pub const COMPANION_KINDS: [CompanionKind; 8] = [
+pub const COMPANION_KINDS: [CompanionKind; 10] = [
     CompanionKind {
         name: "weight_scale_inv",
         fused_suffix: Some("_scale_inv"),
@@ -122,7 +122,30 @@ pub const COMPANION_KINDS: [CompanionKind; 8] = [
         merged_w13: false,
         values: Values::ZeroPoints,
     },
+    // compressed-tensors NVFP4's per-tensor global scale beside its 16-value group scales
+    // (ModelOpt's `weight_scale_2`); vLLM keeps gate's and up's,
+    // `w13_weight_global_scale [E, 2]`.
+    CompanionKind {
+        name: "weight_global_scale",
+        fused_suffix: None,
+        weight_scale: false,
+        merged_w13: false,
+        values: Values::Scales,
+    },
+    // compressed-tensors NVFP4's activation global scale (ModelOpt's `input_scale`); vLLM
+    // keeps gate's and up's, `w13_input_global_scale [E, 2]`.
+    CompanionKind {
+        name: "input_global_scale",
+        fused_suffix: None,
+        weight_scale: false,
+        merged_w13: false,
+        values: Values::ActivationScale,
+    },
 ];
+
+/// Per-tensor scales beside uint8 weights that make them NVFP4 (two e2m1 values a byte):
+/// ModelOpt's `weight_scale_2`, compressed-tensors' `weight_global_scale`.
+pub const NVFP4_GLOBAL_SCALES: [&str; 2] = ["weight_scale_2", "weight_global_scale"];
 
 pub fn companion_kind(name: &str) -> Option<&'static CompanionKind> {
     COMPANION_KINDS.iter().find(|k| k.name == name)
@@ -150,6 +173,8 @@ pub fn packing(weight: Dtype, has_weight_scale_2: bool, int_bits: Option<usize>)
         (d, _) if is_float(d) => Some(1),
         (Dtype::U8, _) if has_weight_scale_2 => Some(2),
         (Dtype::I32, Some(bits)) if bits > 0 && 32 % bits == 0 && bits < 32 => Some(32 / bits),
+        // compressed-tensors' `int-quantized` int8, one value an element.
+        (Dtype::I8, Some(8)) => Some(1),
         _ => None,
     }
 }
@@ -424,9 +449,10 @@ fn compressed_tensors(q: &Value) -> Declared {
             .flat_map(|groups| groups.values())
             .filter_map(|g| g.get("weights"))
     };
+    let format = q.get("format").and_then(Value::as_str);
     // Zero points are loaded where they are packed per group of columns.
     let packed = |w: &Value| {
-        q.get("format").and_then(Value::as_str) == Some("pack-quantized")
+        format == Some("pack-quantized")
             && w.get("type").and_then(Value::as_str) == Some("int")
             && match w.get("symmetric").and_then(Value::as_bool) {
                 Some(true) => true,
@@ -434,8 +460,26 @@ fn compressed_tensors(q: &Value) -> Declared {
                 None => false,
             }
     };
+    // `int-quantized` int8 with one float scale per output channel (W8A8 int8 presets).
+    let int8_channels = |w: &Value| {
+        format == Some("int-quantized")
+            && w.get("type").and_then(Value::as_str) == Some("int")
+            && w.get("num_bits").and_then(Value::as_u64) == Some(8)
+            && w.get("symmetric").and_then(Value::as_bool) == Some(true)
+            && w.get("strategy").and_then(Value::as_str) == Some("channel")
+    };
+    // Activation order by group (`weight_g_idx` beside the weights): vLLM 0.33 and later
+    // refuse it; `weight` (static) order leaves the groups in place and loads as any other.
+    let act_order = weights().find_map(|w| match w.get("actorder").and_then(Value::as_str) {
+        Some(order @ ("group" | "dynamic")) => Some(order.to_string()),
+        _ => None,
+    });
     let unsupported = weights()
-        .find(|w| w.get("type").and_then(Value::as_str) != Some("float") && !packed(w))
+        .find(|w| {
+            w.get("type").and_then(Value::as_str) != Some("float")
+                && !packed(w)
+                && !int8_channels(w)
+        })
         .map(|other| {
             let bits = other.get("num_bits").and_then(Value::as_u64);
             let kind = text(other.get("type")).unwrap_or_else(|| "untyped".into());
@@ -444,6 +488,12 @@ fn compressed_tensors(q: &Value) -> Declared {
                 Some(bits) => format!("compressed-tensors {kind}{bits} {format}"),
                 None => format!("compressed-tensors {kind} {format}"),
             }
+        })
+        .or_else(|| {
+            act_order.map(|order| {
+                let format = text(q.get("format")).unwrap_or_else(|| "unnamed format".into());
+                format!("compressed-tensors {format} with activation order (actorder: {order})")
+            })
         });
     // The weights of the first float or int group; experts are `Linear` targets.
     let first =
@@ -460,6 +510,8 @@ fn compressed_tensors(q: &Value) -> Declared {
     let (block, scheme) = match field("strategy").and_then(Value::as_str) {
         Some("block") => (field("block_structure").and_then(pair), Some("block")),
         Some("group") => (group.map(|g| (1, g as usize)), Some("group")),
+        // NVFP4's groups with a global scale per tensor beside them.
+        Some("tensor_group") => (group.map(|g| (1, g as usize)), Some("group")),
         Some("channel") => (None, Some("channel")),
         Some("tensor") => (None, Some("tensor")),
         _ => (None, None),
