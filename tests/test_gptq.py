@@ -287,17 +287,28 @@ def one_group_per_output(path: Path) -> Path:
     return path
 
 
+def with_dynamic_overrides(path: Path) -> Path:
+    """GPTQModel's `dynamic` rules, which may give the experts other bits or groups."""
+    path = qwen3_gptq(path)
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"]["dynamic"] = {r"+:.*\.experts\..*": {"bits": 8}}
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
 @pytest.mark.parametrize(
     ("make", "declared"),
     [
         (lambda p: qwen3_gptq(p, desc_act=True), "gptq int4 with activation order (desc_act)"),
         (one_group_per_output, "gptq int4 with one group per output"),
         (lambda p: mixtral_awq(p, version="gemv"), "awq gemv"),
+        (with_dynamic_overrides, "gptq int4 with per-module overrides (dynamic)"),
     ],
 )
 def test_variants_vllm_refuses_or_packs_otherwise_are_named(tmp_path, make, declared):
     """Activation order (vLLM 0.33+ refuses `desc_act`), one group per output, AWQ's GEMV
-    packing: named by `unsupported_groups()` and the warning, never loaded."""
+    packing, per-module overrides: named by `unsupported_groups()` and the warning, never
+    loaded."""
     path = make(tmp_path / "x")
     with pytest.warns(fml.UnsupportedWarning, match="declares"):
         ckpt = fml.open(path)

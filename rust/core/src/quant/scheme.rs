@@ -554,11 +554,21 @@ fn gptq(q: &Value) -> Declared {
     let group = q.get("group_size").and_then(Value::as_i64);
     let mut declared = int_groups("gptq", bits, group);
     let desc_act = q.get("desc_act").and_then(Value::as_bool) == Some(true);
-    if desc_act && declared.unsupported.is_none() {
-        declared.unsupported = Some(format!(
-            "gptq int{} with activation order (desc_act)",
-            bits.unwrap_or(0)
-        ));
+    // GPTQModel's per-module overrides may give experts other bits or groups than the
+    // top-level fields say.
+    let dynamic = q
+        .get("dynamic")
+        .and_then(Value::as_object)
+        .is_some_and(|rules| !rules.is_empty());
+    if declared.unsupported.is_none() {
+        let bits = bits.unwrap_or(0);
+        if desc_act {
+            declared.unsupported = Some(format!("gptq int{bits} with activation order (desc_act)"));
+        } else if dynamic {
+            declared.unsupported = Some(format!(
+                "gptq int{bits} with per-module overrides (dynamic)"
+            ));
+        }
     }
     declared
 }
