@@ -311,7 +311,10 @@ def assert_loads_as(
     got = {
         name: poisoned(tuple(t.shape), t.dtype, device)
         if t.is_floating_point()
-        else torch.full(t.shape, 0xAB, dtype=t.dtype, device=device)
+        # 0xAB bytes: as int8, -0x55.
+        else torch.full(
+            t.shape, -0x55 if t.dtype == torch.int8 else 0xAB, dtype=t.dtype, device=device
+        )
         for name, t in want.items()
     }
     biases = {k: got[k] for k in ("w13_bias", "w2_bias") if k in got}

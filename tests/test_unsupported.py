@@ -1,12 +1,15 @@
 """Nothing unrecognised goes unnamed: groups that look like routed experts but cannot be loaded
 are listed by `Checkpoint.unsupported_groups()` and by `inspect` with the reason, and a
 `quantization_config` the loader does not load is said at `open`, once, by name. Checkpoints
-with the names, dtypes and shapes of GPTQ int4 and compressed-tensors int8 W8A8
-(`int-quantized`) releases, and of one with an unknown modelopt algorithm."""
+with the names, dtypes and shapes of GPTQ int4 releases with activation order (`desc_act`,
+which vLLM 0.33 and later refuse; without it GPTQ loads: test_gptq.py) and compressed-tensors
+int4 with activation order by group (`weight_g_idx`, refused by vLLM too), and of one with an
+unknown modelopt algorithm."""
 
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -14,6 +17,7 @@ import fastmoe_load as fml
 import pytest
 import torch
 from fastmoe_load.cli import main
+from safetensors.torch import load_file, save_file
 from test_quant import save
 
 E, H, INTER = 4, 128, 64
@@ -25,9 +29,10 @@ def u8(*shape: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def gptq_qwen3(path: Path, config: bool = True) -> Path:
-    """Qwen3-MoE GPTQ int4 (as AutoGPTQ/GPTQModel write it): per expert and module
-    `qweight` int32 `[in/8, out]`, `qzeros` int32 `[in/group, out/8]`, `scales` float16
-    `[in/group, out]`, `g_idx` int32 `[in]`; the router beside."""
+    """Qwen3-MoE GPTQ int4 with activation order (as AutoGPTQ/GPTQModel write it with
+    `desc_act: true`): per expert and module `qweight` int32 `[in/8, out]`, `qzeros` int32
+    `[in/group, out/8]`, `scales` float16 `[in/group, out]`, `g_idx` int32 `[in]` (here the
+    groups in order; activation order permutes them); the router beside."""
     gen = torch.Generator().manual_seed(0)
     group = 32
     tensors = {}
@@ -47,43 +52,30 @@ def gptq_qwen3(path: Path, config: bool = True) -> Path:
                     f"{name}.g_idx": torch.arange(inp, dtype=torch.int32) // group,
                 }
         tensors[f"{p}.gate.weight"] = torch.randn(E, H).bfloat16()
-    quant = {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False}
+    quant = {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": True}
     return save(path, tensors, "qwen3_moe", quant if config else None)
 
 
-def int8_w8a8(path: Path) -> Path:
-    """compressed-tensors' `INT8_W8A8` preset (`int-quantized`): per expert `weight` int8
-    `[out, in]` with per-channel `weight_scale [out, 1]`, dynamic int8 activations."""
-    gen = torch.Generator().manual_seed(3)
-    tensors = {}
-    for layer in range(LAYERS):
-        p = f"model.layers.{layer}.mlp"
-        for e in range(E):
-            for module, (rows, cols) in {
-                "gate_proj": (INTER, H),
-                "up_proj": (INTER, H),
-                "down_proj": (H, INTER),
-            }.items():
-                stem = f"{p}.experts.{e}.{module}"
-                tensors[f"{stem}.weight"] = torch.randint(
-                    -128, 128, (rows, cols), dtype=torch.int8, generator=gen
-                )
-                tensors[f"{stem}.weight_scale"] = torch.rand(rows, 1, generator=gen).bfloat16()
-        tensors[f"{p}.gate.weight"] = torch.randn(E, H, generator=gen).bfloat16()
-    int8 = {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": False}
-    quant = {
-        "quant_method": "compressed-tensors",
-        "format": "int-quantized",
-        "config_groups": {
-            "group_0": {
-                "targets": ["Linear"],
-                "weights": {**int8, "strategy": "channel"},
-                "input_activations": {**int8, "strategy": "token", "dynamic": True},
-            }
-        },
-        "ignore": ["lm_head", "re:.*mlp.gate$"],
-    }
-    return save(path, tensors, "qwen3_moe", quant)
+def int4_act_order(path: Path) -> Path:
+    """compressed-tensors int4 `pack-quantized` with activation order by group (`actorder:
+    group`): `weight_g_idx` int32 `[in]` beside each packed weight, each input's group in the
+    order the quantizer visited them. vLLM 0.33 and later refuse it."""
+    import json
+
+    from test_int4 import int4_pack_quantized
+
+    path = int4_pack_quantized(path)
+    tensors = load_file(path / "model.safetensors")
+    gen = torch.Generator().manual_seed(5)
+    for name in [n for n in tensors if n.endswith(".weight_packed")]:
+        inputs = tensors[name].shape[1] * 8
+        order = torch.randperm(inputs, generator=gen).to(torch.int32)
+        tensors[name.removesuffix("weight_packed") + "weight_g_idx"] = order // 32
+    save_file(tensors, path / "model.safetensors")
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] = "group"
+    (path / "config.json").write_text(json.dumps(config))
+    return path
 
 
 def open_quietly(path: Path) -> fml.Checkpoint:
@@ -95,8 +87,11 @@ def open_quietly(path: Path) -> fml.Checkpoint:
 @pytest.mark.parametrize(
     ("make", "scheme"),
     [
-        (gptq_qwen3, "gptq"),
-        (int8_w8a8, "compressed-tensors int8 int-quantized"),
+        (gptq_qwen3, "gptq int4 with activation order (desc_act)"),
+        (
+            int4_act_order,
+            "compressed-tensors pack-quantized with activation order (actorder: group)",
+        ),
     ],
 )
 def test_unsupported_quantization_named_at_open_once_and_per_group(tmp_path, make, scheme):
@@ -123,7 +118,7 @@ def test_unsupported_quantization_named_at_open_once_and_per_group(tmp_path, mak
             expected = sorted(n for n in ckpt.keys() if n.startswith(group.prefix + "."))
             assert sorted(group.tensor_names) == expected
         with pytest.raises(
-            fml.LayoutError, match=f"cannot be loaded: unknown quantization.*{scheme}"
+            fml.LayoutError, match=f"cannot be loaded: unknown quantization.*{re.escape(scheme)}"
         ):
             ckpt.experts(groups[0].prefix)
 
@@ -210,13 +205,14 @@ def test_inspect_lists_unsupported_groups(tmp_path, capsys):
     main(["inspect", str(path)])
     out, err = capsys.readouterr()
     assert err == ""  # the report says it all
-    assert "quantized   gptq: not loaded by fastmoe_load" in out
+    scheme = "gptq int4 with activation order (desc_act)"
+    assert f"quantized   {scheme}: not loaded by fastmoe_load" in out
     assert "2 groups of expert tensors cannot be loaded:" in out
     assert f"model.layers.1.mlp.experts ({E * 3 * 4} tensors): unknown quantization:" in out
     assert out.rstrip().endswith("no routed-expert groups found")
     main(["inspect", "--json", str(path)])
     report = json.loads(capsys.readouterr().out)
-    assert report["quantization_config"] == "gptq"
+    assert report["quantization_config"] == scheme
     assert [g["prefix"] for g in report["unsupported"]] == [
         f"model.layers.{n}.mlp.experts" for n in range(LAYERS)
     ]

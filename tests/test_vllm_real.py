@@ -808,3 +808,153 @@ def test_deepseek_v4_fused_shared_expert_slot_is_left_to_the_model(
         routed = slice(0, test_mx.E)
         assert torch.equal(actual[routed], expected.data[routed]), name
         assert (actual[test_mx.E].view(torch.uint8) == 0xA5).all(), f"{name}: shared slot"
+
+
+def gptq_awq_config(path):
+    """vLLM's `AutoGPTQConfig` or `AutoAWQConfig` for a checkpoint, from its config.json, as
+    the engine builds it for `quant_method` `gptq` and `awq` on a GPU."""
+    import json
+
+    from vllm.model_executor.layers.quantization.auto_awq import AutoAWQConfig
+    from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQConfig
+
+    config = json.loads((path / "config.json").read_text())["quantization_config"]
+    if config["quant_method"] == "gptq":
+        return AutoGPTQConfig.from_config(config)
+    return AutoAWQConfig.from_config(config)
+
+
+def load_both_mapped(theirs, ours, path, prefix: str, quant_config) -> dict[str, torch.Tensor]:
+    """`load_both`, with the checkpoint's names first mapped by the quantization config's own
+    checkpoint mapper (which drops GPTQ's `.g_idx`), as vLLM's model loading maps them; the
+    adapter consumes every tensor of the group, `g_idx` included."""
+    mapper = quant_config.get_checkpoint_weight_mapper()
+    with fml.open(path) as ckpt:
+        names = [n for n in ckpt.keys() if n.startswith(prefix + ".")]
+        weights = (
+            (mapped[len(prefix) + 1 :], ckpt.tensor(n))
+            for n in names
+            if (mapped := mapper.map_name(n)) is not None
+        )
+        assert set(theirs.load_weights(weights))
+        consumed = load_fused_moe_layer(ours, ckpt, prefix)
+    assert sorted(consumed) == sorted(names)
+    # Zero biases the GPTQ method creates for checkpoints that have some (and drops after
+    # loading when none came): nobody writes them here.
+    return {n: p for n, p in theirs.routed_experts.named_parameters() if not n.endswith("_bias")}
+
+
+GPTQ_AWQ_RANKS = [(1, 0, False), (2, 1, False), (4, 3, False), (8, 5, False), (2, 1, True)]
+
+
+@pytest.mark.parametrize("scheme", ["gptq", "awq"])
+@pytest.mark.parametrize(("tp_size", "rank", "ep"), GPTQ_AWQ_RANKS)
+def test_gptq_awq_layers_match_vllm_load_weights(
+    vllm_process_groups, tmp_path, scheme, tp_size, rank, ep
+):
+    """Qwen3-GPTQ-Int4 (`qweight [in/8, out]`, `qzeros`, `scales`, `g_idx`) into vLLM's
+    `AutoGPTQMoEMethod`, and Mixtral-AWQ (`qweight [in, out/8]`) into `AutoAWQMoEMethod`:
+    the Marlin methods vLLM picks where I/tp falls on whole groups, whose parameters keep each
+    expert input-first (`is_transposed`: `w13_qweight [E, H/8, 2I/tp]` resp. `[E, H, 2I/tp/8]`,
+    `w13_scales [E, H/128, 2I/tp]`, `w13_qzeros [E, H/128, 2I/tp/8]`): every parameter equal to
+    vLLM's own loading, for TP ranks of 1, 2, 4 and 8 and an EP rank. vLLM has no WNA16 MoE
+    kernel on the CPU, so a backend is named: none decides anything of the loading (every
+    backend converts in `process_weights_after_loading`)."""
+    from unittest import mock
+
+    import test_gptq
+    from vllm.model_executor.layers.fused_moe.oracle.int_wna16 import WNA16MoEBackend
+    from vllm.model_executor.layers.quantization import auto_awq, auto_gptq
+
+    if scheme == "gptq":
+        path, prefix = test_gptq.qwen3_gptq(tmp_path / "gptq"), test_gptq.prefix()
+        module, method = auto_gptq, "AutoGPTQMoEMethod"
+    else:
+        path = test_gptq.mixtral_awq(tmp_path / "awq")
+        prefix, module, method = (
+            test_gptq.prefix(1, "block_sparse_moe"),
+            auto_awq,
+            "AutoAWQMoEMethod",
+        )
+    config = gptq_awq_config(path)
+    sizes = (test_gptq.E, test_gptq.H, test_gptq.INTER)
+    name = prefix.removesuffix(".experts")
+    chosen = (WNA16MoEBackend.MARLIN, None)
+    # Mixtral's experts are named w1, w2, w3 (its `FusedMoEFactory(ckpt_names=...)`).
+    options = {"ckpt_names": ("w1", "w2", "w3")} if scheme == "awq" else {}
+    with mock.patch.object(module, "select_wna16_moe_backend", lambda *_, **__: chosen):
+        theirs = build(tp_size, rank, ep, name, config, sizes, **options)
+        ours = build(tp_size, rank, ep, name, config, sizes, **options)
+    assert type(ours.routed_experts.quant_method).__name__ == method
+    params = load_both_mapped(theirs, ours, path, prefix, config)
+    assert set(params) == {f"w{w}_{k}" for w in (13, 2) for k in ("qweight", "scales", "qzeros")}
+    assert_same_parameters(ours, params)
+
+
+def test_gptq_split_off_the_groups_is_left_to_vllm(vllm_process_groups, tmp_path):
+    """TP=16 gives each rank 64 of I=1024, half a 128-value group: vLLM's GPTQ config then
+    picks `MoeWNA16Method` (halved groups, repeated scales, zero points + 1, N-first uint8),
+    which fastmoe_load does not fill: `load_format="fastmoe"` leaves the layer to vLLM."""
+    from unittest import mock
+
+    import test_gptq
+    from fastmoe_load.engines.vllm import describe
+    from vllm.model_executor.layers.fused_moe.oracle.int_wna16 import WNA16MoEBackend
+    from vllm.model_executor.layers.quantization import moe_wna16
+
+    path = test_gptq.qwen3_gptq(tmp_path / "gptq")
+    config = gptq_awq_config(path)
+    sizes = (test_gptq.E, test_gptq.H, test_gptq.INTER)
+    chosen = (WNA16MoEBackend.TRITON, None)
+    with mock.patch.object(moe_wna16, "select_wna16_moe_backend", lambda *_, **__: chosen):
+        runner = build(16, 3, False, "model.layers.1.mlp", config, sizes)
+    assert type(runner.routed_experts.quant_method).__name__ == "MoeWNA16Method"
+    with fml.open(path) as ckpt:
+        reason = describe(runner, ckpt, test_gptq.prefix()).unfillable()
+        assert reason is not None and "MoeWNA16Method" in reason
+
+
+@pytest.mark.parametrize("scheme", ["int8", "nvfp4"])
+@pytest.mark.parametrize(("tp_size", "rank", "ep"), [(1, 0, False), (2, 1, False), (2, 1, True)])
+def test_compressed_tensors_int8_nvfp4_layers_match_vllm_load_weights(
+    vllm_process_groups, tmp_path, scheme, tp_size, rank, ep
+):
+    """compressed-tensors int8 W8A8 (`int-quantized`, channel scales) into vLLM's
+    `CompressedTensorsW8A8Int8MoEMethod` and NVFP4 (`nvfp4-pack-quantized`, with
+    `weight_global_scale` and `input_global_scale`) into `CompressedTensorsW4A4Nvfp4MoEMethod`:
+    every parameter equal to vLLM's own loading. Where vLLM has no kernel on this CPU the
+    backend is named (it decides nothing of the loading here)."""
+    from unittest import mock
+
+    import test_compressed_tensors as ct
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe import (
+        compressed_tensors_moe_w4a4_nvfp4 as w4a4,
+    )
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe import (
+        compressed_tensors_moe_w8a8_int8 as w8a8,
+    )
+
+    make = ct.int8_w8a8 if scheme == "int8" else ct.nvfp4_compressed_tensors
+    path = make(tmp_path / scheme)
+    sizes = (ct.E, ct.H, ct.INTER)
+    name = ct.prefix().removesuffix(".experts")
+    if scheme == "int8":
+        from vllm.model_executor.layers.fused_moe.oracle.int8 import Int8MoeBackend
+
+        module, select = w8a8, "select_int8_moe_backend"
+        chosen = (next(iter(Int8MoeBackend)), None)
+        method = "CompressedTensorsW8A8Int8MoEMethod"
+    else:
+        from vllm.model_executor.layers.fused_moe.oracle.nvfp4 import NvFp4MoeBackend
+
+        module, select = w4a4, "select_nvfp4_moe_backend"
+        chosen = (NvFp4MoeBackend.EMULATION, None)
+        method = "CompressedTensorsW4A4Nvfp4MoEMethod"
+    with mock.patch.object(module, select, lambda *_, **__: chosen):
+        theirs = build(tp_size, rank, ep, name, quant_config_of(path), sizes)
+        ours = build(tp_size, rank, ep, name, quant_config_of(path), sizes)
+    assert type(ours.routed_experts.quant_method).__name__ == method
+    params = load_both(theirs, ours, path, ct.prefix())
+    params = {n: p for n, p in params.items() if not n.endswith("_bias")}
+    assert any("scale" in p for p in params), params
+    assert_same_parameters(ours, params)

@@ -48,6 +48,10 @@ class CompanionInfo:
         "weight_scale_2",
         "weight_shape",
         "weight_zero_point",
+        "scales",
+        "qzeros",
+        "weight_global_scale",
+        "input_global_scale",
     ]: ...
     @property
     def scheme(self) -> Literal["block", "group", "channel", "tensor", "whole"]: ...
@@ -85,6 +89,15 @@ class MoeLayerInfo:
     @property
     def pack(self) -> int:
         """Values per stored weight element along the input dimension."""
+    @property
+    def out_pack(self) -> int:
+        """Values per stored weight element along the output dimension (AWQ's 8), else 1."""
+    @property
+    def k_first(self) -> bool:
+        """Weights and block companions stored input-first, `[in, out]` (GPTQ, AWQ)."""
+    @property
+    def discarded(self) -> list[str]:
+        """Tensors of the group that no destination takes (GPTQ's `g_idx`)."""
     @property
     def companions(self) -> list[CompanionInfo]: ...
 
@@ -164,5 +177,6 @@ class Checkpoint:
         experts: list[int],
         stored_order: bool = False,
         interleaved: bool = False,
+        k_first: bool = False,
         shard: tuple[int, int] | None = None,
     ) -> CopyPlan: ...

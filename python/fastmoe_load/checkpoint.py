@@ -72,7 +72,12 @@ class Companion:
     scales), `weight_shape` (compressed-tensors' int32 `[rows, cols]` of a packed weight) or
     `weight_zero_point` (compressed-tensors' zero points of asymmetric integer weights, int32
     `[rows/8, cols/group]` for int4: eight points of consecutive rows an int32, a `block`
-    grid of `(8, group)`).
+    grid of `(8, group)`), `scales` (GPTQ's and AWQ's group scales, float16 `[in/group,
+    out]`, stored input-first: a `group` grid of `(1, group)` over the `[out, in]` weight),
+    `qzeros` (their int32 zero points `[in/group, out/8]`, stored input-first: a `block` grid
+    of `(8, group)`), `weight_global_scale` and `input_global_scale` (compressed-tensors
+    NVFP4's per-tensor global scales of the weights and activations, ModelOpt's
+    `weight_scale_2` and `input_scale`; vLLM keeps gate's and up's, `[E, 2]`).
     `scheme` says how one value maps onto the weight: `block` (one per `block[0] x block[1]`
     values), `group` (a block of one row: `block` is `(1, 16)` for NVFP4), `channel` (one per
     output row), `tensor` (one per matrix) or `whole` (`block[1]` values that describe the
@@ -150,8 +155,9 @@ class Quantization:
     `nvfp4` (two e2m1 values a byte along the input dimension, float8 scales per 16),
     `mxfp4` (the same with e8m0 scales per 32, stored as uint8 or float8_e8m0fnu: gpt-oss,
     DeepSeek-V4 (whose bytes are typed int8), Kimi-K3, AMD Quark), `mxfp8` (float8 e4m3 with
-    e8m0 scales per 32: ModelOpt MXFP8, MiniMax-M3) or `int4` (eight values an int32,
-    compressed-tensors `pack-quantized`); `companions` lists the tensors beside each weight."""
+    e8m0 scales per 32: ModelOpt MXFP8, MiniMax-M3), `int4` (eight values an int32,
+    compressed-tensors `pack-quantized`, GPTQ and AWQ; `int8` for four, or int8 weights of
+    compressed-tensors `int-quantized`); `companions` lists the tensors beside each weight."""
 
     method: str
     companions: tuple[Companion, ...]
@@ -160,7 +166,8 @@ class Quantization:
     @property
     def weight_scale(self) -> Companion:
         """The weights' own scale (`weight_scale_inv` or `weight_scale`)."""
-        return next(c for c in self.companions if c.kind in ("weight_scale_inv", "weight_scale"))
+        kinds = ("weight_scale_inv", "weight_scale", "scales")
+        return next(c for c in self.companions if c.kind in kinds)
 
     @property
     def scheme(self) -> str:
@@ -194,15 +201,20 @@ E8M0_DTYPES = tuple(
 )
 
 
-def _weights_name(pack: int, companions: tuple[Companion, ...]) -> str:
-    """What the weights are, from how they pack and their weight scale: two e2m1 values a
-    byte beside e8m0 scales (`mxfp4`) or beside float8 ones (`nvfp4`); float8 weights beside
-    e8m0 scales of one per 32 values of a row (`mxfp8`) or any other (`fp8`); integers."""
-    scale = next(c for c in companions if c.kind in ("weight_scale_inv", "weight_scale"))
-    mx = scale.dtype in E8M0_DTYPES and scale.scheme == "group" and scale.block == (1, 32)
+def _weights_name(pack: int, companions: tuple[Companion, ...], dtype: torch.dtype) -> str:
+    """What the weights are, from how they pack, their dtype and their weight scale: two e2m1
+    values a byte beside e8m0 scales (`mxfp4`) or beside float8 ones (`nvfp4`); int8 values
+    (`int8`); float8 weights beside e8m0 scales of one per 32 values of a row (`mxfp8`) or any
+    other (`fp8`); integers packed in int32 (`int4`, `int8`)."""
+    kinds = ("weight_scale_inv", "weight_scale")
+    scale = next((c for c in companions if c.kind in kinds), None)
+    e8m0 = scale is not None and scale.dtype in E8M0_DTYPES
     if pack == 2:
-        return "mxfp4" if scale.dtype in E8M0_DTYPES else "nvfp4"
+        return "mxfp4" if e8m0 else "nvfp4"
+    if dtype == torch.int8:  # compressed-tensors `int-quantized`
+        return "int8"
     if pack == 1:
+        mx = e8m0 and scale is not None and scale.scheme == "group" and scale.block == (1, 32)
         return "mxfp8" if mx else "fp8"
     return f"int{32 // pack}"
 
@@ -239,7 +251,13 @@ class MoeLayer:
     tensor of the group, scales included); `quantization` (None for unquantized experts);
     `pack`: values one stored weight element holds along the input dimension (2 for NVFP4's
     uint8 weights, 8 for int4 in int32 `weight_packed`, else 1): H and I count values, the
-    views `[I, H/pack]` and `[H, I/pack]` stored elements.
+    views `[I, H/pack]` and `[H, I/pack]` stored elements; `out_pack`: the same along the
+    output dimension (8 for AWQ's int4, which packs outputs: views `[I/8, H]`, `[H/8, I]`),
+    else 1; `k_first`: the weights and their block companions are stored input-first, the
+    transpose of the `[out, in]` matrix (GPTQ's `qweight [in/8, out]`, AWQ's `[in, out/8]`,
+    their `scales [in/group, out]` and `qzeros`), so views are strided and a load may land
+    them input-first too (`load_fused_moe(..., k_first=True)`); `discarded`: tensors of the
+    group that no destination takes (GPTQ's `g_idx`, which vLLM drops too).
     """
 
     def __init__(self, ckpt: Checkpoint, info: native.MoeLayerInfo) -> None:
@@ -250,6 +268,9 @@ class MoeLayer:
         self.hidden_size: int = info.hidden_size
         self.intermediate_size: int = info.intermediate_size
         self.pack: int = info.pack
+        self.out_pack: int = info.out_pack
+        self.k_first: bool = info.k_first
+        self.discarded: tuple[str, ...] = tuple(info.discarded)
         where = f"{ckpt.path}: experts at `{info.prefix}`"
         self.dtype: torch.dtype = torch_dtype(info.dtype, where)
         self.bias_dtype: torch.dtype | None = (
@@ -269,8 +290,9 @@ class MoeLayer:
                 )
                 for c in info.companions
             )
+            pack = max(info.pack, info.out_pack)
             self.quantization = Quantization(
-                info.quant_method, companions, _weights_name(info.pack, companions)
+                info.quant_method, companions, _weights_name(pack, companions, self.dtype)
             )
 
     @property

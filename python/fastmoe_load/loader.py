@@ -10,7 +10,7 @@ import torch
 
 from ._fastmoe_load import RequestError
 from ._validate import as_index
-from .checkpoint import Checkpoint, MoeLayer, covering_blocks
+from .checkpoint import Checkpoint, Companion, MoeLayer, covering_blocks
 from .progress import Progress, execute_with_progress
 from .staging import Destination, StagingPool
 
@@ -147,6 +147,7 @@ def plan_destinations(
     scales: Mapping[str, torch.Tensor | None] | None = None,
     allow_cast: bool = False,
     w13_interleaved: bool = False,
+    k_first: bool = False,
     shard: tuple[int, int] | None = None,
 ) -> list[Destination]:
     """Checks a load request completely and plans it, writing nothing."""
@@ -173,7 +174,9 @@ def plan_destinations(
     experts = request.experts(layer, local_experts)
     n = len(experts)
 
-    shapes = destination_shapes(layer, n, tp_size, shard=shard)
+    if k_first and w13_interleaved:
+        raise request.error("w13 is input-first (k_first) or interleaved, not both")
+    shapes = destination_shapes(layer, n, tp_size, k_first=k_first, shard=shard)
     given = {"w13": w13, "w2": w2, "w13_bias": w13_bias, "w2_bias": w2_bias}
     wanted: list[tuple[str, object, tuple[int, ...], torch.dtype]] = []
     for name, tensor in given.items():
@@ -197,7 +200,12 @@ def plan_destinations(
     destinations = []
     for (name, _, _, dtype), tensor in zip(wanted, tensors, strict=True):
         cast_from = None if same_bytes(dtype, tensor.dtype) else dtype
-        if name in ("w13", "w2") and layer.transposed and _transposes_on_device(tensor):
+        if (
+            name in ("w13", "w2")
+            and layer.transposed
+            and _transposes_on_device(tensor)
+            and not k_first
+        ):
             if cast_from is not None:
                 raise request.error(
                     f"{name}: transposed experts are loaded in the checkpoint's dtype {dtype}"
@@ -228,6 +236,7 @@ def plan_destinations(
                 tp_size=tp_size,
                 experts=experts,
                 interleaved=w13_interleaved and name.startswith("w13"),
+                k_first=k_first,
                 shard=shard,
             )
             if plan.nbytes != tensor.numel() * dtype.itemsize:
@@ -243,17 +252,32 @@ def plan_destinations(
 
 
 def destination_shapes(
-    layer: MoeLayer, experts: int, tp_size: int, *, shard: tuple[int, int] | None = None
+    layer: MoeLayer,
+    experts: int,
+    tp_size: int,
+    *,
+    k_first: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """The shape and checkpoint dtype of every destination `load_fused_moe` fills for
     `experts` local experts at `tp_size` (or for the rows `shard = (first, count)` of the
     intermediate size), by name: `w13`, `w2`, `w13_bias` and `w2_bias` where the group has
-    biases, and `w{13,2}_{kind}` for each companion (see `Companion.destination_shape`)."""
+    biases, and `w{13,2}_{kind}` for each companion (see `Companion.destination_shape`).
+    Weights are `[E, 2*I/tp/out_pack, H/pack]` and `[E, H/out_pack, I/tp/pack]`
+    (`MoeLayer.pack`, `out_pack`).
+
+    With `k_first`, each expert's matrices are transposed (input-first), as vLLM's GPTQ and
+    AWQ Marlin methods (`AutoGPTQMoEMethod`, `AutoAWQMoEMethod`, `is_transposed`) create
+    them: GPTQ int4 `w13 [E, H/8, 2*I/tp]`, `w2 [E, I/tp/8, H]` int32, `w13_scales
+    [E, H/group, 2*I/tp]`, `w2_scales [E, I/tp/group, H]` float16, `w13_qzeros [E, H/group,
+    2*I/tp/8]`, `w2_qzeros [E, I/tp/group, H/8]` int32; AWQ `w13 [E, H, 2*I/tp/8]`, `w2
+    [E, I/tp, H/8]` and the same scales and zero points. Per-tensor companions and biases
+    keep their shapes."""
     first, rows = (0, layer.intermediate_size // tp_size) if shard is None else shard
-    n, hidden, pack = experts, layer.hidden_size, layer.pack
+    n, hidden, pack, out = experts, layer.hidden_size, layer.pack, layer.out_pack
     shapes = {
-        "w13": ((n, 2 * rows, hidden // pack), layer.dtype),
-        "w2": ((n, hidden, covering_blocks(first, rows, pack)), layer.dtype),
+        "w13": ((n, 2 * rows // out, hidden // pack), layer.dtype),
+        "w2": ((n, hidden // out, covering_blocks(first, rows, pack)), layer.dtype),
     }
     if layer.bias_dtype is not None:
         shapes["w13_bias"] = ((n, 2 * rows), layer.bias_dtype)
@@ -262,7 +286,22 @@ def destination_shapes(
         for target in ("w13", "w2"):
             shape = companion.destination_shape(target, n, hidden, rows, first)
             shapes[f"{target}_{companion.kind}"] = (shape, companion.dtype)
+    if k_first:
+        transposed = (
+            "w13",
+            "w2",
+            *(f"w{t}_{c.kind}" for c in _block_companions(layer) for t in ("13", "2")),
+        )
+        for name in transposed:
+            shape, dtype = shapes[name]
+            shapes[name] = ((*shape[:-2], shape[-1], shape[-2]), dtype)
     return shapes
+
+
+def _block_companions(layer: MoeLayer) -> list[Companion]:
+    """Companions on a block or group grid: those an input-first destination transposes."""
+    companions = layer.quantization.companions if layer.quantization else ()
+    return [c for c in companions if c.scheme in ("block", "group") and not c.merged_w13]
 
 
 def _scale_destinations(
@@ -309,6 +348,7 @@ def load_fused_moe(
     scales: Mapping[str, torch.Tensor | None] | None = None,
     allow_cast: bool = False,
     w13_interleaved: bool = False,
+    k_first: bool = False,
     shard: tuple[int, int] | None = None,
     staging: StagingPool | None = None,
     progress: Progress | None = None,
@@ -345,6 +385,13 @@ def load_fused_moe(
     mxfp4 (gpt-oss, vLLM's `GptOssMxfp4MoEMethod`): `w13 [E_local, 2*I/tp, H/2]` and `w2
     [E_local, H, I/tp/2]` uint8, `w13_weight_scale [E_local, 2*I/tp, H/32]` and
     `w2_weight_scale [E_local, H, I/tp/32]` uint8 (e8m0), biases as stored (bfloat16).
+
+    GPTQ and AWQ (per expert `qweight`, `scales`, `qzeros`, stored input-first; GPTQ's
+    `g_idx` is read by no destination, as vLLM drops it): with `k_first=True` every expert
+    lands input-first, as vLLM's `AutoGPTQMoEMethod` and `AutoAWQMoEMethod` create their
+    parameters (`w13_qweight`, `w13_scales`, `w13_qzeros`, ...; shapes in
+    `destination_shapes`), each row of a destination a run of the file. Without it they land
+    `[out, in]` like every other scheme (a gather of 4-byte elements).
 
     Every companion needs a destination in `scales` (or None, for one the caller fills
     otherwise); a quantized group loaded without them is a `RequestError`. `w2_bias` is not
@@ -400,6 +447,7 @@ def load_fused_moe(
         scales=scales,
         allow_cast=allow_cast,
         w13_interleaved=w13_interleaved,
+        k_first=k_first,
         shard=shard,
     )
     start = time.perf_counter()

@@ -138,6 +138,8 @@ class Bench:
 
     # Whether the destinations keep gate and up interleaved (vLLM's gpt-oss layers).
     w13_interleaved = False
+    # Whether the destinations keep each expert input-first (vLLM's GPTQ and AWQ methods).
+    k_first = False
 
     def fastmoe(self, case: Case, **open_args: Any) -> Callable[[list], int]:
         open_args = {"num_threads": self.threads, **open_args}
@@ -156,6 +158,7 @@ class Bench:
                         local_experts=case.experts(self.shape.experts),
                         scales=scales[0] if scales else None,
                         w13_interleaved=self.w13_interleaved,
+                        k_first=self.k_first,
                     )
                     total += stats.bytes
             return total
@@ -179,6 +182,7 @@ class Bench:
                     local_experts=case.experts(self.shape.experts),
                     where=where,
                     scales=scales[0] if scales else None,
+                    k_first=self.k_first,
                 )
             return _nbytes(dests)
 

@@ -26,6 +26,12 @@ bytes of two e2m1 values with a float8_e8m0fnu `scale` per 32 values, loaded int
 parameters of vLLM's `Mxfp4MoEMethod` (gate rows then up rows), beside vLLM's per-expert
 `weight_loader` loop (scales viewed as bytes, as its DeepSeek-V4 loader views them).
 
+`gptq` is shaped like Qwen3-235B-A22B-GPTQ-Int4 (one tensor per expert and matrix, 128
+experts, H=4096, I=1536, four layers, 4.9 GB): `qweight [in/8, out]` int32, float16 `scales`
+and int32 `qzeros` per 128 inputs, `g_idx [in]`, all stored input-first, loaded input-first
+into `AutoGPTQMoEMethod`'s parameters (`w13_qweight [E, H/8, 2I/tp]`, `w13_scales`,
+`w13_qzeros`, ...) beside vLLM's per-expert loop through its `is_transposed` branch.
+
 In the same run, the bf16 fused checkpoint of the plain bench is loaded too, so that the
 quantized and bf16 checkpoints compare per landed byte.
 """
@@ -61,8 +67,9 @@ BLOCK = 128
 FP4_GROUP = 16
 INT4_GROUP = 32
 MX_BLOCK = 32
+GPTQ_GROUP = 128
 MODULES = ("gate_proj", "up_proj", "down_proj")
-SCHEMES = ("fp8", "nvfp4", "int4", "mxfp4", "mxfp4-expert")
+SCHEMES = ("fp8", "nvfp4", "int4", "mxfp4", "mxfp4-expert", "gptq")
 E8M0 = torch.float8_e8m0fnu
 STORED = {
     "fp8": "fp8 e4m3 per expert with float32 128x128 weight_scale_inv",
@@ -74,6 +81,8 @@ STORED = {
     "interleaved) with e8m0 scales per 32 values and bf16 biases",
     "mxfp4-expert": "mxfp4 per expert as DeepSeek-V4 (int8-typed bytes, two values a byte) "
     "with float8_e8m0fnu scales per 32 values",
+    "gptq": "GPTQ int4 per expert, input-first (int32 qweight [in/8, out]) with float16 "
+    "scales and int32 qzeros per 128 inputs and g_idx",
 }
 QUANTIZATION_CONFIGS = {
     "fp8": {
@@ -119,6 +128,17 @@ QUANTIZATION_CONFIGS = {
         "scale_fmt": "ue8m0",
         "weight_block_size": [BLOCK, BLOCK],
     },
+    # Qwen3-235B-A22B-GPTQ-Int4's.
+    "gptq": {
+        "bits": 4,
+        "damp_percent": 0.01,
+        "desc_act": False,
+        "group_size": GPTQ_GROUP,
+        "quant_method": "gptq",
+        "static_groups": False,
+        "sym": True,
+        "true_sequential": True,
+    },
 }
 
 
@@ -139,6 +159,14 @@ def module_tensors(
         return {
             "weight": packed.view(torch.int8).view(rows, cols // 2).clone(),
             "scale": exponents.view(E8M0),
+        }
+    if scheme == "gptq":  # input-first: [in/8, out], groups of inputs
+        groups = cols // GPTQ_GROUP
+        return {
+            "qweight": packed.view(torch.int32).view(cols // 8, rows).clone(),
+            "qzeros": torch.full((groups, rows // 8), 0x77777777, dtype=torch.int32),
+            "scales": torch.rand(groups, rows, generator=gen).half(),
+            "g_idx": torch.arange(cols, dtype=torch.int32) // GPTQ_GROUP,
         }
     if scheme == "int4":
         return {
@@ -196,6 +224,9 @@ class Fp8Shape:
             return 3 * self.experts * (values // FP4_GROUP + 8)
         if self.scheme == "int4":  # bfloat16 groups, the int32 shape
             return 3 * self.experts * (values // INT4_GROUP * 2 + 8)
+        if self.scheme == "gptq":  # float16 scales, int32 zero points of 8, g_idx per input
+            inputs = 2 * self.hidden + self.intermediate
+            return self.experts * (3 * values // GPTQ_GROUP * 5 // 2 + 4 * inputs)
         rows, cols = math.ceil(self.intermediate / BLOCK), math.ceil(self.hidden / BLOCK)
         return 3 * self.experts * rows * cols * 4  # float32
 
@@ -212,7 +243,8 @@ class Fp8Shape:
         if self.scheme == "mxfp4-expert":  # DeepSeek-V4's names have no `model.` prefix
             return f"layers.{layer}.ffn.experts"
         # DeepSeek-V3's first three layers are dense; its routed experts start at layer 3.
-        return f"model.layers.{layer + (0 if self.scheme == 'mxfp4' else 3)}.mlp.experts"
+        first = 0 if self.scheme in ("mxfp4", "gptq") else 3
+        return f"model.layers.{layer + first}.mlp.experts"
 
 
 def generate_fp8(path: str, shape: Fp8Shape) -> bool:
@@ -272,6 +304,14 @@ def generate_fp8(path: str, shape: Fp8Shape) -> bool:
             "intermediate_size": i,
             "num_local_experts": shape.experts,
         }
+    elif shape.scheme == "gptq":
+        config = {
+            "model_type": "qwen3_moe",
+            "hidden_size": h,
+            "moe_intermediate_size": i,
+            "num_experts": shape.experts,
+            "torch_dtype": "float16",
+        }
     else:
         config = {
             "model_type": "deepseek_v3",
@@ -300,6 +340,11 @@ class Fp8Bench(Bench):
         """gpt-oss' layers keep gate and up interleaved, as its mxfp4 files do."""
         return self.shape.scheme == "mxfp4"
 
+    @property
+    def k_first(self) -> bool:  # type: ignore[override]
+        """vLLM's GPTQ layers keep each expert input-first, as the files do."""
+        return self.shape.scheme == "gptq"
+
     def destinations(self, case: Case, touched: bool) -> list[Destinations]:  # type: ignore[override]
         s = self.shape
         n, shard, h = len(case.experts(s.experts)), s.intermediate // case.tp_size, s.hidden
@@ -327,6 +372,16 @@ class Fp8Bench(Bench):
                     "w2_weight_scale_2": empty(n),
                     "w13_input_scale": empty(n, 2),
                     "w2_input_scale": empty(n),
+                }
+            elif s.scheme == "gptq":  # `AutoGPTQMoEMethod.create_weights` (input-first)
+                f16, groups = torch.float16, h // GPTQ_GROUP
+                w13 = empty(n, h // 8, 2 * shard, dtype=torch.int32)
+                w2 = empty(n, shard // 8, h, dtype=torch.int32)
+                scales = {
+                    "w13_scales": empty(n, groups, 2 * shard, dtype=f16),
+                    "w2_scales": empty(n, shard // GPTQ_GROUP, h, dtype=f16),
+                    "w13_qzeros": empty(n, groups, 2 * shard // 8, dtype=torch.int32),
+                    "w2_qzeros": empty(n, shard // GPTQ_GROUP, h // 8, dtype=torch.int32),
                 }
             elif s.scheme == "int4":  # `CompressedTensorsWNA16MoEMethod.create_weights`
                 bf16 = torch.bfloat16
@@ -369,6 +424,8 @@ def default_shape(
         base = Fp8Shape(layers or 4, experts=128, hidden=2880, intermediate=2880, scheme=scheme)
     elif scheme == "mxfp4-expert":  # DeepSeek-V4-Pro's routed experts
         base = Fp8Shape(layers or 1, experts=384, hidden=7168, intermediate=3072, scheme=scheme)
+    elif scheme == "gptq":
+        base = Fp8Shape(layers or 4, experts=128, hidden=4096, intermediate=1536, scheme=scheme)
     else:
         base = Fp8Shape(layers=layers or 1, scheme=scheme)
     base = replace(
@@ -414,11 +471,16 @@ def main(
     reused while the shapes match; removed afterwards with `clean`), and prints the table."""
     dev = torch.device(device)
     shape = default_shape(dev, layers, experts, hidden, intermediate, scheme)
-    group = {"fp8": 1, "nvfp4": FP4_GROUP, "int4": INT4_GROUP}.get(scheme, MX_BLOCK)
-    if shape.hidden % group or shape.intermediate % group:
+    group = {"fp8": 1, "nvfp4": FP4_GROUP, "int4": INT4_GROUP, "gptq": GPTQ_GROUP}.get(
+        scheme, MX_BLOCK
+    )
+    # gptq: the TP=2 case splits I, which must stay on whole groups.
+    inter_group = 2 * group if scheme == "gptq" else group
+    if shape.hidden % group or shape.intermediate % inter_group:
         raise RequestError(
             f"{scheme} scales groups of {group} values: --hidden and --intermediate must be "
-            f"multiples of {group} (got {shape.hidden} and {shape.intermediate})"
+            f"multiples of {group} and {inter_group} (got {shape.hidden} and "
+            f"{shape.intermediate})"
         )
     one = Shape(layers=1)
     one = replace(

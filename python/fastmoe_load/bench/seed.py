@@ -52,8 +52,12 @@ class SeedLoader:
         local_experts: Sequence[int],
         scales: Mapping[str, torch.Tensor] | None = None,
         tp_size: int = 1,
+        k_first: bool = False,
     ) -> None:
         self.w13, self.w2, self.tp_rank, self.tp_size = w13, w2, tp_rank, tp_size
+        # vLLM's `is_transposed` parameters (GPTQ, AWQ): each expert input-first, the
+        # dimension of I flipped.
+        self.k_first = k_first
         self.scales = dict(scales or {})
         self.slots: dict[int, list[int]] = {}
         for slot, expert in enumerate(local_experts):
@@ -77,6 +81,8 @@ class SeedLoader:
                 param[slot] = scale.reshape(())
             elif companion.scheme == "tensor":  # w13: [E, 2]
                 param[slot][0 if shard_id == "w1" else 1] = scale.reshape(())
+            elif self.k_first:  # input-first block scales: stored and kept [in', out']
+                self._load_k_first(param[slot], scale, shard_id)
             elif shard_id == "w2":
                 per_rank = scale.shape[1] // self.tp_size
                 if companion.scheme == "channel":  # down's rows are not split
@@ -89,10 +95,26 @@ class SeedLoader:
                 loaded = scale.narrow(0, per_rank * self.tp_rank, per_rank)
                 param[slot].narrow(0, 0 if shard_id == "w1" else half, half).copy_(loaded)
 
+    def _load_k_first(self, expert_data: torch.Tensor, loaded: torch.Tensor, shard_id: str) -> None:
+        """vLLM's weight_loader for `is_transposed` parameters: gate's and up's outputs are
+        columns, down's inputs rows."""
+        if shard_id == "w2":
+            per_rank = loaded.shape[0] // self.tp_size
+            expert_data.copy_(loaded.narrow(0, per_rank * self.tp_rank, per_rank))
+            return
+        per_rank = loaded.shape[1] // self.tp_size
+        half = expert_data.shape[1] // 2
+        loaded = loaded.narrow(1, per_rank * self.tp_rank, per_rank)
+        expert_data.narrow(1, 0 if shard_id == "w1" else half, half).copy_(loaded)
+
     def weight_loader(self, weight: torch.Tensor, shard_id: str, expert_id: int) -> None:
         weight = _as_bytes(weight, self.w2)
         for slot in self.slots.get(expert_id, ()):  # experts of other ranks are skipped
-            if shard_id == "w2":
+            if self.k_first:
+                self._load_k_first(
+                    self.w2[slot] if shard_id == "w2" else self.w13[slot], weight, shard_id
+                )
+            elif shard_id == "w2":
                 expert_data = self.w2[slot]
                 shard_size = expert_data.shape[1]
                 expert_data.copy_(weight.narrow(1, shard_size * self.tp_rank, shard_size))
@@ -137,13 +159,16 @@ def seed_load(
     local_experts: Sequence[int] | None = None,
     where: dict[str, str] | None = None,
     scales: Mapping[str, torch.Tensor] | None = None,
+    k_first: bool = False,
 ) -> None:
     """Fills `w13`/`w2` (and `scales`, by vLLM parameter name) for `layer` the way vLLM does.
     `where` maps tensor names to files (computed from `path` if not given). mxfp4 groups are
-    loaded as vLLM's gpt-oss model loads them (see `_mxfp4_load`), w13 interleaved."""
+    loaded as vLLM's gpt-oss model loads them (see `_mxfp4_load`), w13 interleaved. With
+    `k_first`, the destinations are input-first (vLLM's GPTQ and AWQ parameters), filled as
+    its `is_transposed` branch fills them; GPTQ's `g_idx` is not read (vLLM drops it)."""
     where = where if where is not None else shard_of_tensors(path)
     experts = range(layer.num_experts) if local_experts is None else local_experts
-    loader = SeedLoader(w13, w2, tp_rank, experts, scales, tp_size)
+    loader = SeedLoader(w13, w2, tp_rank, experts, scales, tp_size, k_first)
     names = layer.tensor_names
     with ExitStack() as files:
         handles: dict[str, Any] = {}

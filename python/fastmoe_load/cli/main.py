@@ -162,13 +162,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--quant",
-        choices=["fp8", "nvfp4", "int4", "mxfp4", "mxfp4-expert"],
+        choices=["fp8", "nvfp4", "int4", "mxfp4", "mxfp4-expert", "gptq"],
         help="quantized experts: a DeepSeek-V3-shaped checkpoint, fp8 with block scales "
         "(--layers of 11.3 GB, default 1), ModelOpt nvfp4 or compressed-tensors int4 (6 GB); "
         "or a gpt-oss-120b-shaped mxfp4 one (--layers of 1.7 GB, default 4); or a "
         "DeepSeek-V4-Pro-shaped mxfp4-expert one (per-expert e2m1 bytes with e8m0 scales, "
-        "384 experts, --layers of 13.5 GB, default 1); beside the pure-Python path and the "
-        "bf16 rows",
+        "384 experts, --layers of 13.5 GB, default 1); or a Qwen3-235B-A22B-GPTQ-Int4-shaped "
+        "one (--layers of 1.2 GB, default 4, loaded input-first as vLLM's GPTQ Marlin method "
+        "keeps it); beside the pure-Python path and the bf16 rows",
     )
     return parser
 

@@ -68,6 +68,9 @@ class ExpertLayerSpec:
       (`w13_input_scale [E_local]`) is refused where gate's and up's differ by more than
       `MERGED_TOLERANCE` (compressed-tensors in vLLM); otherwise the layer keeps up's, as
       vLLM's fp8 and ModelOpt loading leaves it.
+    - `k_first`: each expert's parameters are input-first, the transpose of the shapes above
+      (`w13 [E_local, H/pack, 2*I/tp/out_pack]`, block companions alike), as GPTQ and AWQ
+      methods keep them (see `destination_shapes`).
     - `unverified`: why the engine's own loading may write something else into this layer
       (another quantization method, a refined scale grid, ...), or None: such a layer is
       left to the engine's loader, never filled by `load_format="fastmoe"`.
@@ -89,6 +92,7 @@ class ExpertLayerSpec:
     w2_bias_first_rank: bool = False
     merged_must_agree: bool = False
     unverified: str | None = field(default=None, compare=False)
+    k_first: bool = False
 
     @property
     def where(self) -> str:
@@ -131,7 +135,9 @@ class ExpertLayerSpec:
         """What `load_fused_moe` writes for the rank (block scales on the checkpoint's grid,
         every block the rows touch, before any refinement or padding)."""
         experts, tp_size = len(self.experts), self.tp_size
-        return destination_shapes(self.group, experts, tp_size, shard=self.load_shard)
+        return destination_shapes(
+            self.group, experts, tp_size, k_first=self.k_first, shard=self.load_shard
+        )
 
     def refined(self) -> list[str]:
         """The block-scale destinations `scale_refine` puts on a finer grid."""
@@ -302,6 +308,7 @@ def fill_layer(ckpt: Checkpoint, spec: ExpertLayerSpec) -> list[str]:
         allow_cast=True,
         w13_interleaved=spec.interleaved,
         shard=spec.load_shard,
+        k_first=spec.k_first,
         **biases,
     )
     with torch.no_grad():

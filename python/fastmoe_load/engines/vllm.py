@@ -9,7 +9,9 @@ module:
 
 - `w13_weight [E_local, 2*I/tp, H]`, `w2_weight [E_local, H, I/tp]` (named
   `w13_weight_packed`, `w2_weight_packed` by compressed-tensors' `WNA16` method, int32 of
-  eight int4 values along the input dimension: `[E_local, 2*I/tp, H/8]`), and for gpt-oss
+  eight int4 values along the input dimension: `[E_local, 2*I/tp, H/8]`; `w13_qweight`,
+  `w2_qweight` by the GPTQ and AWQ methods, which keep each expert input-first:
+  `K_FIRST_METHODS`, with `w13_scales`, `w13_qzeros`, ...), and for gpt-oss
   `w13_bias [E_local, 2*I/tp]`, `w2_bias [E_local, H]`;
 - for quantized checkpoints, the scale parameters vLLM's fp8 and NVFP4 MoE methods
   (`Fp8MoEMethod`, `CompressedTensorsW8A8Fp8MoEMethod`, `ModelOptNvFp4FusedMoE`) create,
@@ -73,7 +75,17 @@ QUANTIZED_METHODS = (
     "QuarkOCP_MX_MoEMethod",
     "ModelOptMxFp8FusedMoE",
     "CompressedTensorsW8A8Mxfp8MoEMethod",
+    # GPTQ and AWQ into their Marlin methods (input-first), compressed-tensors int8 and NVFP4.
+    "AutoGPTQMoEMethod",
+    "AutoAWQMoEMethod",
+    "CompressedTensorsW8A8Int8MoEMethod",
+    "CompressedTensorsW4A4Nvfp4MoEMethod",
 )
+
+# vLLM's methods that keep each expert input-first (`is_transposed`), as GPTQ and AWQ files
+# store them: `w13_qweight [E, H/8, 2I/tp]` (AWQ `[E, H, 2I/tp/8]`), `w13_scales [E, H/group,
+# 2I/tp]`, `w13_qzeros [E, H/group, 2I/tp/8]`, ...
+K_FIRST_METHODS = ("AutoGPTQMoEMethod", "AutoAWQMoEMethod")
 
 
 def experts_module(layer: Any) -> Any:
@@ -83,13 +95,19 @@ def experts_module(layer: Any) -> Any:
 
 
 def weight_parameters(layer: Any) -> tuple[str, str]:
-    """The names of the layer's gate/up and down weights: `w13_weight`, `w2_weight`, or
-    `w13_weight_packed`, `w2_weight_packed` (compressed-tensors' packed integer weights)."""
+    """The names of the layer's gate/up and down weights: `w13_weight`, `w2_weight`,
+    `w13_weight_packed`, `w2_weight_packed` (compressed-tensors' packed integer weights), or
+    `w13_qweight`, `w2_qweight` (GPTQ's and AWQ's)."""
     layer = experts_module(layer)
-    names = ("w13_weight", "w2_weight")
-    if not all(isinstance(getattr(layer, n, None), torch.Tensor) for n in names):
-        names = ("w13_weight_packed", "w2_weight_packed")
-    return names
+    candidates = (
+        ("w13_weight", "w2_weight"),
+        ("w13_weight_packed", "w2_weight_packed"),
+        ("w13_qweight", "w2_qweight"),
+    )
+    for names in candidates:
+        if all(isinstance(getattr(layer, n, None), torch.Tensor) for n in names):
+            return names
+    return candidates[1]
 
 
 def _logical(num_experts: int, logical_of_physical: Sequence[int] | None) -> Any:
@@ -295,6 +313,7 @@ def describe(
         # vLLM refuses compressed-tensors input scales that differ between gate and up.
         merged_must_agree=_method_name(layer).startswith("CompressedTensors"),
         unverified=_unverified(layer, group),
+        k_first=_method_name(layer) in K_FIRST_METHODS,
         **_split(layer, group),
     )
 

@@ -40,6 +40,8 @@ enum Order {
     Stored,
     /// vLLM's layout with gate and up interleaved (see [`CopyPlan::interleaved`]).
     Pairs,
+    /// Each expert's destination transposed, input-first (see [`CopyPlan::k_first`]).
+    KFirst,
 }
 
 /// How a part of an expert is narrowed to the rank's shard.
@@ -88,13 +90,15 @@ impl LoadRequest<'_> {
                 "rows [{first}, {first} + {len}) are not in the intermediate size {inter}"
             ));
         };
-        let pack = layer.pack;
-        if !first.is_multiple_of(pack) || !(end.is_multiple_of(pack) || end == inter) {
-            return Err(format!(
-                "rows [{first}, {end}) of the intermediate size cut the {pack}-value packs of \
-                 `{}`",
-                layer.tensor_names()[0]
-            ));
+        // Down packs its inputs (the intermediate size), AWQ's gate and up their outputs.
+        for pack in [layer.pack, layer.out_pack()] {
+            if !first.is_multiple_of(pack) || !(end.is_multiple_of(pack) || end == inter) {
+                return Err(format!(
+                    "rows [{first}, {end}) of the intermediate size cut the {pack}-value packs \
+                     of `{}`",
+                    layer.tensor_names()[0]
+                ));
+            }
         }
         Ok((first, len))
     }
@@ -207,6 +211,22 @@ impl CopyPlan {
         Self::build(ckpt, layer, target, request, Order::Stored)
     }
 
+    /// The plan of [`CopyPlan::new`] with each expert's destination transposed, input-first,
+    /// as vLLM's GPTQ and AWQ Marlin methods keep them (`is_transposed`): per expert, `W13` is
+    /// `[H/pack, 2·I/tp/out_pack]` (for each stored input row, gate's columns of the rank's
+    /// shard then up's), `W2` is `[I/tp/pack, H/out_pack]`, and a block companion is the
+    /// transpose of its grid (`w13_scales [H/group, 2·I/tp]`, `w13_qzeros [H/group,
+    /// 2·I/tp/8]`, `w2_scales [I/tp/group, H]`). From a group stored input-first (GPTQ, AWQ)
+    /// every row is a contiguous run of the file; from others, a gather.
+    pub fn k_first(
+        ckpt: &Checkpoint,
+        layer: &MoeLayer,
+        target: Target,
+        request: &LoadRequest,
+    ) -> Result<CopyPlan> {
+        Self::build(ckpt, layer, target, request, Order::KFirst)
+    }
+
     fn build(
         ckpt: &Checkpoint,
         layer: &MoeLayer,
@@ -292,6 +312,7 @@ impl CopyPlan {
         let mut plan = CopyPlan::default();
         for &expert in experts {
             let mut matrices = Vec::with_capacity(parts.len());
+            let mut transposed = Vec::with_capacity(parts.len());
             for &(part, split) in parts {
                 let matrix = match companion {
                     None => layer.matrix(part, expert),
@@ -302,6 +323,8 @@ impl CopyPlan {
                 let step = match (companion, split) {
                     // Packed weights split their stored columns (the input dimension) by packs.
                     (None, Split::Cols) if part == Part::Down => Some(layer.pack),
+                    // AWQ packs outputs: gate's and up's rows split by packs.
+                    (None, Split::Rows) => Some(layer.out_pack()),
                     (None, _) => Some(1),
                     (Some(c), Split::Rows) => c.grid.step(true),
                     (Some(c), _) => c.grid.step(false),
@@ -340,12 +363,26 @@ impl CopyPlan {
                 };
                 if pairs {
                     matrices.push((matrix, split));
+                } else if order == Order::KFirst {
+                    transposed.push(matrix.stored(false));
                 } else if !stored_order {
                     plan.push_matrix(ckpt, &matrix)?;
                 } else if !(interleaved && part == Part::Up) {
                     // Interleaved up entries sit between the gate's: one run holds both.
                     plan.push_matrix(ckpt, &matrix.stored(interleaved && part == Part::Gate))?;
                 }
+            }
+            match transposed.as_slice() {
+                // Each input row of the destination: gate's outputs, then up's.
+                [gate, up] => {
+                    for r in 0..gate.rows {
+                        for m in [gate, up] {
+                            plan.push_matrix(ckpt, &m.clone().select_rows(r, 1))?;
+                        }
+                    }
+                }
+                [one] => plan.push_matrix(ckpt, one)?,
+                _ => {}
             }
             if let [(gate, split), (up, _)] = matrices.as_slice() {
                 // Files that keep gate and up apart: a row (or entry) of each in turn.

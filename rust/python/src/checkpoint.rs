@@ -304,12 +304,13 @@ impl PyCheckpoint {
     /// The plan that fills destination `target` for one TP rank and list of experts; with
     /// `stored_order`, the same bytes in the order a transposed group stores them (see
     /// `CopyPlan::stored_order`); with `interleaved`, gate and up interleaved in the w13
-    /// targets (see `CopyPlan::interleaved`); with `shard = (first, len)`, the rank's rows
-    /// of the intermediate dimension where they are not the even split (see
+    /// targets (see `CopyPlan::interleaved`); with `k_first`, each expert's destination
+    /// transposed, input-first (see `CopyPlan::k_first`); with `shard = (first, len)`, the
+    /// rank's rows of the intermediate dimension where they are not the even split (see
     /// `LoadRequest::shard`).
     #[pyo3(signature = (
         prefix, target_name, *, tp_rank, tp_size, experts, stored_order=false, interleaved=false,
-        shard=None
+        k_first=false, shard=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn plan(
@@ -322,6 +323,7 @@ impl PyCheckpoint {
         experts: Vec<usize>,
         stored_order: bool,
         interleaved: bool,
+        k_first: bool,
         shard: Option<(usize, usize)>,
     ) -> PyResult<PyCopyPlan> {
         let state = self.state()?;
@@ -333,13 +335,14 @@ impl PyCheckpoint {
             experts: &experts,
             shard,
         };
-        let build = match (stored_order, interleaved) {
-            (true, false) => CopyPlan::stored_order,
-            (false, true) => CopyPlan::interleaved,
-            (false, false) => CopyPlan::new,
-            (true, true) => {
+        let build = match (stored_order, interleaved, k_first) {
+            (true, false, false) => CopyPlan::stored_order,
+            (false, true, false) => CopyPlan::interleaved,
+            (false, false, true) => CopyPlan::k_first,
+            (false, false, false) => CopyPlan::new,
+            _ => {
                 return Err(PyValueError::new_err(
-                    "a plan is in stored order or interleaved, not both",
+                    "a plan is in stored order, interleaved or input-first: one of them",
                 ))
             }
         };
@@ -402,6 +405,12 @@ pub struct MoeLayerInfo {
     quant_method: Option<String>,
     /// Values per stored weight element along the input dimension (2 for NVFP4).
     pack: usize,
+    /// Values per stored weight element along the output dimension (AWQ's 8), else 1.
+    out_pack: usize,
+    /// Weights and block companions stored input-first, `[in, out]` (GPTQ, AWQ).
+    k_first: bool,
+    /// Tensors of the group that no destination takes (GPTQ's `g_idx`).
+    discarded: Vec<String>,
     companions: Vec<CompanionInfo>,
 }
 
@@ -438,6 +447,9 @@ impl From<&MoeLayer> for MoeLayerInfo {
             tensor_names: layer.tensor_names().into_iter().map(String::from).collect(),
             quant_method: layer.quantization.as_ref().map(|q| q.method.clone()),
             pack: layer.pack,
+            out_pack: layer.out_pack(),
+            k_first: layer.k_first(),
+            discarded: layer.discarded().to_vec(),
             companions: layer
                 .quantization
                 .iter()

@@ -109,6 +109,8 @@ pub(super) fn fused_group(
         dtype,
         pack,
         packing: Packing::find(mx, pack),
+        out_pack: 1,
+        k_first: false,
     };
     let mx_scales = names
         .mx_scales

@@ -39,6 +39,16 @@ pub struct PerExpertTensors {
     /// `tensors[part][expert]`, parts in [`Part`] order; biases only when the checkpoint has them.
     pub weights: [Vec<String>; 3],
     pub biases: Option<[Vec<String>; 3]>,
+    /// The weights and their block companions are stored input-first, the transpose of the
+    /// `[out, in]` matrix (GPTQ's `qweight [in/pack, out]`, AWQ's `[in, out/8]`, their
+    /// `scales [in/group, out]` and `qzeros`): views carry the strides.
+    pub k_first: bool,
+    /// Values one stored weight element holds along the output dimension: `32 / bits` for
+    /// AWQ, else 1 (see `MoeLayer::pack` for the input dimension).
+    pub out_pack: usize,
+    /// Tensors of the group that no destination takes and the engines discard (GPTQ's
+    /// `g_idx`): consumed with it, never copied.
+    pub discarded: Vec<String>,
 }
 
 /// Each matrix of all experts stacked in one 2-D tensor `[E·I, H]`, expert after expert
@@ -96,6 +106,28 @@ impl MoeLayer {
         self.bias_dtype.is_some()
     }
 
+    /// Values one stored weight element holds along the output dimension (AWQ's `32 / bits`),
+    /// else 1.
+    pub fn out_pack(&self) -> usize {
+        match &self.tensors {
+            ExpertTensors::PerExpert(p) => p.out_pack,
+            _ => 1,
+        }
+    }
+
+    /// Tensors of the group that no destination takes (GPTQ's `g_idx`).
+    pub fn discarded(&self) -> &[String] {
+        match &self.tensors {
+            ExpertTensors::PerExpert(p) => &p.discarded,
+            _ => &[],
+        }
+    }
+
+    /// The weights (and their block companions) are stored input-first (GPTQ, AWQ).
+    pub fn k_first(&self) -> bool {
+        matches!(&self.tensors, ExpertTensors::PerExpert(p) if p.k_first)
+    }
+
     /// Every tensor of the group, weights first, then biases, then companions.
     pub fn tensor_names(&self) -> Vec<&str> {
         let companions = self.quantization.iter().flat_map(|q| &q.companions);
@@ -120,6 +152,9 @@ impl MoeLayer {
             ExpertTensors::Stacked(t) => vec![&t.gate, &t.up, &t.down],
         };
         names.extend(companions.flat_map(|c| c.tensor_names()));
+        if let ExpertTensors::PerExpert(p) = &self.tensors {
+            names.extend(p.discarded.iter().map(String::as_str));
+        }
         names
     }
 
@@ -140,7 +175,19 @@ impl MoeLayer {
         };
         // Gate and up rows alternate in an interleaved gate_up (its scales are per row then).
         let interleaved = matches!(&self.tensors, ExpertTensors::Fused(f) if f.interleaved);
+        // Input-first files store a block grid transposed, `[cols, rows]`.
+        let k_first = self.k_first() && matches!(companion.grid, Grid::Block { .. });
         let (tensor, offset, row_stride) = match &companion.tensors {
+            CompanionTensors::PerExpert(tensors) if k_first => {
+                return Some(MatrixView {
+                    tensor: tensors[slot][expert].clone(),
+                    offset: 0,
+                    rows,
+                    cols,
+                    row_stride: 1,
+                    col_stride: rows,
+                })
+            }
             CompanionTensors::PerExpert(tensors) => (&tensors[slot][expert], 0, cols),
             CompanionTensors::Fused { gate_up, down } => match slot {
                 2 => (down, expert * rows * cols, cols),
@@ -182,6 +229,9 @@ impl MoeLayer {
         let mut steps = steps;
         if self.pack > 1 {
             steps.push((self.pack, &weight_name));
+        }
+        if self.out_pack() > 1 {
+            steps.push((self.out_pack(), &weight_name));
         }
         let fits = |tp: usize| {
             tp == 1
@@ -234,15 +284,20 @@ impl MoeLayer {
                 }
             }
             ExpertTensors::PerExpert(p) => {
-                let pack = self.pack;
+                let (pack, out) = (self.pack, p.out_pack);
                 let (tensors, rows, cols) = match part {
-                    Part::Gate => (&p.weights[0], i, h / pack),
-                    Part::Up => (&p.weights[1], i, h / pack),
-                    Part::Down => (&p.weights[2], h, i / pack),
+                    Part::Gate => (&p.weights[0], i / out, h / pack),
+                    Part::Up => (&p.weights[1], i / out, h / pack),
+                    Part::Down => (&p.weights[2], h / out, i / pack),
                     Part::GateBias => (&p.biases.as_ref()?[0], 1, i),
                     Part::UpBias => (&p.biases.as_ref()?[1], 1, i),
                     Part::DownBias => (&p.biases.as_ref()?[2], 1, h),
                 };
+                let bias = matches!(part, Part::GateBias | Part::UpBias | Part::DownBias);
+                if p.k_first && !bias {
+                    // Stored `[cols, rows]`: the matrix is its transpose.
+                    return Some(view(&tensors[expert], 0, rows, cols, 1, rows));
+                }
                 Some(view(&tensors[expert], 0, rows, cols, cols, 1))
             }
             ExpertTensors::Fused(f) => {

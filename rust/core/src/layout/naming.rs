@@ -32,12 +32,21 @@ pub const NAMINGS: [Naming; 3] = [
 /// `{module}.weight_packed` for compressed-tensors' packed integers.
 pub const WEIGHT: &str = "weight";
 pub const PACKED_WEIGHT: &str = "weight_packed";
+/// GPTQ's and AWQ's packed integer weights, stored input-first (see
+/// [`K_FIRST_PACKINGS`](crate::quant::K_FIRST_PACKINGS)).
+pub const QWEIGHT: &str = "qweight";
 pub const BIAS: &str = "bias";
 
 /// Whether `name` is a packed integer weight, whose values pack as `config.json`'s
 /// `num_bits` says.
 pub(super) fn is_packed_weight(name: &str) -> bool {
     name.strip_suffix(PACKED_WEIGHT)
+        .is_some_and(|rest| rest.ends_with('.'))
+}
+
+/// Whether `name` is GPTQ's or AWQ's packed integer weight (`….qweight`).
+pub(super) fn is_qweight(name: &str) -> bool {
+    name.strip_suffix(QWEIGHT)
         .is_some_and(|rest| rest.ends_with('.'))
 }
 

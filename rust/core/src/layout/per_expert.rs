@@ -5,12 +5,15 @@ use std::collections::BTreeMap;
 
 use super::check::{layout_error, same_dtype};
 use super::layer::{ExpertTensors, MoeLayer, PerExpertTensors};
-use super::naming::{is_packed_weight, Naming, BIAS, NAMINGS, PACKED_WEIGHT, WEIGHT};
+use super::naming::{
+    is_packed_weight, is_qweight, Naming, BIAS, NAMINGS, PACKED_WEIGHT, QWEIGHT, WEIGHT,
+};
 use crate::checkpoint::Checkpoint;
 use crate::error::Result;
 use crate::quant::scheme::{bare_scale_kind, mx_packing, BARE_SCALE};
 use crate::quant::{self, Found, Packing, PerExpertFound, Weights};
 use crate::shard::TensorEntry;
+use safetensors::tensor::Dtype;
 
 /// What one expert of a per-expert candidate group holds.
 #[derive(Default)]
@@ -19,6 +22,9 @@ pub(super) struct ExpertEntries<'c> {
     tensors: [Option<Found<'c>>; 6],
     /// Companions by kind, `[gate, up, down]`.
     companions: BTreeMap<&'static str, [Option<Found<'c>>; 3]>,
+    /// Tensors of the group's scheme that no destination takes (GPTQ's `g_idx`), `[gate,
+    /// up, down]`.
+    discarded: [Option<Found<'c>>; 3],
     /// A tensor of a gate/up/down module that is neither weight, bias nor a known companion
     /// (`weight_scale_2`, `weight_zero_point`, `qweight`, ...): a scheme the loader does
     /// not know.
@@ -53,6 +59,7 @@ pub(super) fn per_expert_candidates(
 ) -> Vec<(String, &'static Naming, ExpertNames<'_>)> {
     let unloaded_config = quant::QuantConfig::unsupported(ckpt.config());
     let config = quant::QuantConfig::from_config(ckpt.config());
+    let k_first = quant::k_first_packing(config.as_ref().map(|c| c.method.as_str()));
     let int_bits = config.and_then(|c| c.int_bits);
     let mut groups: BTreeMap<(String, usize), ExpertNames> = BTreeMap::new();
     for (name, entry) in ckpt.entries() {
@@ -64,9 +71,11 @@ pub(super) fn per_expert_candidates(
         };
         let kind = match kind_name {
             WEIGHT | PACKED_WEIGHT => Some(0),
+            QWEIGHT if k_first.is_some() => Some(0),
             BIAS => Some(3),
             _ => None,
         };
+        let discarded = k_first.is_some_and(|k| k.discarded.contains(&kind_name));
         // DeepSeek-V4's bare `scale` is a companion whose kind the weights decide.
         let companion = quant::companion_kind(kind_name)
             .map(|c| c.name)
@@ -93,6 +102,7 @@ pub(super) fn per_expert_candidates(
                     (None, Some(c)) => {
                         found.companions.entry(c).or_default()[slot] = Some((name, entry))
                     }
+                    (None, None) if discarded => found.discarded[slot] = Some((name, entry)),
                     (None, None) => found.foreign = true,
                 }
             }
@@ -110,9 +120,11 @@ pub(super) fn per_expert_candidates(
             unloaded_config.is_none() || experts.values().all(|e| e.companions.is_empty())
         })
         .filter(|(_, experts)| {
-            let packed = experts
-                .values()
-                .any(|e| e.companions.contains_key("weight_scale_2"));
+            let packed = experts.values().any(|e| {
+                quant::NVFP4_GLOBAL_SCALES
+                    .iter()
+                    .any(|k| e.companions.contains_key(k))
+            });
             // Integer weights with scales beside them (or named `weight_packed`) pack values
             // as only a known scheme says; alone, they are plain data, loaded as stored.
             let scaled = experts.values().any(|e| !e.companions.is_empty());
@@ -120,8 +132,11 @@ pub(super) fn per_expert_candidates(
                 e.foreign
                     || e.tensors[..3].iter().enumerate().any(|(slot, found)| {
                         found.is_some_and(|(name, t)| {
-                            let named = is_packed_weight(name);
-                            let bits = named.then_some(int_bits).flatten();
+                            let named = is_packed_weight(name) || is_qweight(name);
+                            // int8 weights are named `weight`: their bits are the config's too.
+                            let bits = (named || t.dtype == Dtype::I8)
+                                .then_some(int_bits)
+                                .flatten();
                             (scaled || named)
                                 && e.mx_pack(slot, t).is_none()
                                 && quant::packing(t.dtype, packed, bits).is_none()
@@ -173,20 +188,42 @@ pub(super) fn per_expert_group(
             first.shape
         )));
     }
-    let packed = experts
-        .values()
-        .any(|e| e.companions.contains_key("weight_scale_2"));
-    let int_bits = is_packed_weight(first_name)
-        .then(|| quant::QuantConfig::from_config(ckpt.config())?.int_bits)
+    let packed = experts.values().any(|e| {
+        quant::NVFP4_GLOBAL_SCALES
+            .iter()
+            .any(|k| e.companions.contains_key(k))
+    });
+    let config = quant::QuantConfig::from_config(ckpt.config());
+    let int_bits =
+        (is_packed_weight(first_name) || is_qweight(first_name) || first.dtype == Dtype::I8)
+            .then(|| config.as_ref()?.int_bits)
+            .flatten();
+    // GPTQ and AWQ store `[in, out]`: the `[out, in]` matrix transposed.
+    let k_first = is_qweight(first_name)
+        .then(|| quant::k_first_packing(config.as_ref().map(|c| c.method.as_str())))
         .flatten();
     // OCP MX weights are told by their scales (the first expert's gate decides; every
     // other tensor is checked against it below).
     let mx_pack = experts.values().next().and_then(|e| e.mx_pack(0, first));
-    let pack = mx_pack
+    let values = mx_pack
         .or_else(|| quant::packing(first.dtype, packed, int_bits))
         .unwrap_or(1);
-    let (i, stored_h) = (first.shape[0], first.shape[1]);
-    let h = stored_h * pack;
+    let (pack, out_pack) = match k_first {
+        Some(k) if k.packed_along_output => (1, values),
+        _ => (values, 1),
+    };
+    let orient = |rows: usize, cols: usize| -> Vec<usize> {
+        if k_first.is_some() {
+            vec![cols, rows]
+        } else {
+            vec![rows, cols]
+        }
+    };
+    let (stored_i, stored_h) = match k_first {
+        Some(_) => (first.shape[1], first.shape[0]),
+        None => (first.shape[0], first.shape[1]),
+    };
+    let (i, h) = (stored_i * out_pack, stored_h * pack);
     if i == 0 || h == 0 {
         return Err(err(format!(
             "`{first_name}` has shape {:?}: an expert cannot be empty",
@@ -198,14 +235,17 @@ pub(super) fn per_expert_group(
             "`{first_name}` has {i} rows, which do not pack {pack} values a byte in down's rows"
         )));
     }
-    let expected: [&[usize]; 6] = [
-        &[i, stored_h],
-        &[i, stored_h],
-        &[h, i / pack],
-        &[i],
-        &[i],
-        &[h],
-    ];
+    if !h.is_multiple_of(out_pack) {
+        return Err(err(format!(
+            "`{first_name}` holds {h} inputs, which do not pack {out_pack} outputs an element \
+             in down's outputs"
+        )));
+    }
+    let (gate_shape, down_shape) = (
+        orient(i / out_pack, stored_h),
+        orient(h / out_pack, i / pack),
+    );
+    let expected: [&[usize]; 6] = [&gate_shape, &gate_shape, &down_shape, &[i], &[i], &[h]];
     for k in 0..kinds {
         if let Some((name, e)) = found[k].iter().find(|(_, e)| e.shape != expected[k]) {
             return Err(err(format!(
@@ -228,6 +268,35 @@ pub(super) fn per_expert_group(
             .collect::<Vec<_>>()
     });
     let [g, u, d, gb, ub, db] = names;
+    let mut discarded = Vec::new();
+    let any_discarded = experts
+        .values()
+        .any(|e| e.discarded.iter().any(Option::is_some));
+    for (e, found) in &experts {
+        if !any_discarded {
+            break;
+        }
+        for (slot, tensor) in found.discarded.iter().enumerate() {
+            let inputs = if slot < 2 { h } else { i };
+            match tensor {
+                Some((name, t)) if t.dtype == Dtype::I32 && t.shape == [inputs] => {
+                    discarded.push(name.to_string())
+                }
+                Some((name, t)) => {
+                    return Err(err(format!(
+                        "`{name}` is {} {:?}; a group index holds one I32 per input, [{inputs}]",
+                        t.dtype, t.shape
+                    )))
+                }
+                None => {
+                    return Err(err(format!(
+                        "`{prefix}.{e}.{}` has no group index beside it (other matrices have one)",
+                        modules[slot]
+                    )))
+                }
+            }
+        }
+    }
     let mut companions = PerExpertFound::new();
     for (e, found) in experts.into_values().enumerate() {
         for (kind, slots) in found.companions {
@@ -256,9 +325,11 @@ pub(super) fn per_expert_group(
         inter: i,
         dtype,
         pack,
+        out_pack,
+        k_first: k_first.is_some(),
         packing: mx_pack
             .and_then(Packing::find_mx)
-            .unwrap_or_else(|| Packing::find(false, pack)),
+            .unwrap_or_else(|| Packing::find(false, pack.max(out_pack))),
     };
     let quantization = quant::per_expert(ckpt, &weights, modules, companions)?;
     Ok(MoeLayer {
@@ -273,6 +344,9 @@ pub(super) fn per_expert_group(
             naming,
             weights: [g, u, d],
             biases: has_bias.then_some([gb, ub, db]),
+            k_first: k_first.is_some(),
+            out_pack,
+            discarded,
         }),
         prefix,
     })

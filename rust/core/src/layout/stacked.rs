@@ -77,6 +77,8 @@ pub(super) fn stacked_group(
         dtype,
         pack: 1,
         packing: Packing::find(false, 1),
+        out_pack: 1,
+        k_first: false,
     };
     // No companions are known for this layout: fp8 weights fail here for want of scales.
     let quantization = quant::per_expert(ckpt, &weights, ["w1", "v1", "w2"], Default::default())?;

@@ -39,6 +39,10 @@ pub(crate) struct Weights<'a> {
     /// Values per stored element along the input dimension (see
     /// [`packing`](super::scheme::packing)).
     pub pack: usize,
+    /// Values per stored element along the output dimension (AWQ's `32 / bits`), else 1.
+    pub out_pack: usize,
+    /// Weights and block companions stored input-first, `[in, out]` (GPTQ, AWQ).
+    pub k_first: bool,
     pub packing: &'static Packing,
 }
 
@@ -49,6 +53,15 @@ impl Weights<'_> {
             (self.inter, self.hidden)
         } else {
             (self.hidden, self.inter)
+        }
+    }
+
+    /// A companion's stored `shape` as the `[rows, cols]` of its grid over the `[out, in]`
+    /// matrix: input-first files store it transposed.
+    fn oriented(&self, shape: &[usize]) -> Vec<usize> {
+        match shape {
+            [a, b] if self.k_first => vec![*b, *a],
+            _ => shape.to_vec(),
         }
     }
 }
@@ -106,34 +119,43 @@ fn zero_point_grid(
     entry: &TensorEntry,
     (rows, cols): (usize, usize),
 ) -> Result<Grid> {
+    let pack = w.pack.max(w.out_pack);
     let group = config
         .filter(|c| c.scheme == Some("group"))
         .and_then(|c| c.block)
         .map(|(_, group)| group)
-        .filter(|_| w.pack > 1)
+        .filter(|_| pack > 1)
         .ok_or_else(|| {
             layout_error(
                 ckpt,
                 w.prefix,
                 format!(
                     "`{name}`: zero points are loaded beside packed integer weights with group \
-                     scales (compressed-tensors `pack-quantized`, `strategy: group`) only"
+                     scales (compressed-tensors `pack-quantized`, `strategy: group`; GPTQ; AWQ) \
+                     only"
                 ),
             )
         })?;
     let grid = Grid::Block {
-        rows: w.pack,
+        rows: pack,
         cols: group,
     };
     let (r, c) = grid.shape(rows, cols);
-    if entry.dtype != Dtype::I32 || entry.shape != [r, c] {
+    if entry.dtype != Dtype::I32 || w.oriented(&entry.shape) != [r, c] {
+        let stored = w.oriented(&[r, c]);
         return Err(layout_error(
             ckpt,
             w.prefix,
             format!(
                 "`{name}` is {} {:?}; the zero points of a [{rows}, {cols}] weight are I32 \
-                 [{r}, {c}] ({} rows packed in each int32, one per {group}-value group)",
-                entry.dtype, entry.shape, w.pack
+                 {stored:?} ({pack} rows packed in each int32, one per {group}-value group{})",
+                entry.dtype,
+                entry.shape,
+                if w.k_first {
+                    ", stored input-first"
+                } else {
+                    ""
+                }
             ),
         ));
     }
@@ -226,9 +248,14 @@ pub(crate) fn per_expert(
                     Values::ActivationScale if entry.shape.iter().product::<usize>() == 1 => {
                         Grid::Tensor
                     }
-                    Values::Scales | Values::ActivationScale => {
-                        grid_of(ckpt, w, config.as_ref(), name, &entry.shape, dims)?
-                    }
+                    Values::Scales | Values::ActivationScale => grid_of(
+                        ckpt,
+                        w,
+                        config.as_ref(),
+                        name,
+                        &w.oriented(&entry.shape),
+                        dims,
+                    )?,
                 };
                 if kind.values == Values::ActivationScale && this != Grid::Tensor {
                     return Err(layout_error(
@@ -419,7 +446,9 @@ fn finish(
     let err = |reason: String| layout_error(ckpt, w.prefix, reason);
     let weight_scales: Vec<&Companion> =
         companions.iter().filter(|c| c.kind.weight_scale).collect();
-    let quantized = is_quantized_weight(w.dtype) || w.pack > 1;
+    // int8 weights are quantized where the config declares them so (`int-quantized`).
+    let int8 = w.dtype == Dtype::I8 && config.as_ref().and_then(|c| c.int_bits) == Some(8);
+    let quantized = is_quantized_weight(w.dtype) || w.pack > 1 || w.out_pack > 1 || int8;
     if companions.is_empty() {
         return if quantized {
             Err(err(format!(
@@ -434,8 +463,8 @@ fn finish(
     let first = companions[0].tensor_names()[0];
     if !quantized {
         return Err(err(format!(
-            "the experts have scales (`{first}`) but their weights are {}, not float8 or packed \
-             fp4",
+            "the experts have scales (`{first}`) but their weights are {}, not float8, int8 or \
+             packed integers or fp4",
             w.dtype
         )));
     }

@@ -20,6 +20,7 @@ pub use config::QuantConfig;
 pub(crate) use detect::{fused, per_expert, Found, PerExpertFound, Weights};
 pub use grid::Grid;
 pub use scheme::{
-    companion_kind, is_float, is_quantized_weight, packing, CompanionKind, Packing,
-    COMPANION_KINDS, DEFAULT_BLOCK, FOREIGN_QUANT_SUFFIXES, MX_BLOCK, SCALE_DTYPES,
+    companion_kind, is_float, is_quantized_weight, k_first_packing, packing, CompanionKind,
+    KFirstPacking, Packing, COMPANION_KINDS, DEFAULT_BLOCK, FOREIGN_QUANT_SUFFIXES,
+    K_FIRST_PACKINGS, MX_BLOCK, NVFP4_GLOBAL_SCALES, SCALE_DTYPES,
 };

@@ -56,7 +56,7 @@ pub struct CompanionKind {
     pub values: Values,
 }
 
-pub const COMPANION_KINDS: [CompanionKind; 6] = [
+pub const COMPANION_KINDS: [CompanionKind; 10] = [
     CompanionKind {
         name: "weight_scale_inv",
         fused_suffix: Some("_scale_inv"),
@@ -104,7 +104,48 @@ pub const COMPANION_KINDS: [CompanionKind; 6] = [
         merged_w13: false,
         values: Values::ZeroPoints,
     },
+    // GPTQ's and AWQ's group scales, `[in/group, out]` (stored input-first, see
+    // [`K_FIRST_PACKINGS`]); vLLM's `w13_scales`/`w2_scales`.
+    CompanionKind {
+        name: "scales",
+        fused_suffix: None,
+        weight_scale: true,
+        merged_w13: false,
+        values: Values::Scales,
+    },
+    // GPTQ's and AWQ's zero points, `[in/group, out/pack]`: `32 / bits` output rows' points
+    // an int32 (a `Grid::Block` of `(pack, group)`, stored input-first); vLLM's `w13_qzeros`.
+    CompanionKind {
+        name: "qzeros",
+        fused_suffix: None,
+        weight_scale: false,
+        merged_w13: false,
+        values: Values::ZeroPoints,
+    },
+    // compressed-tensors NVFP4's per-tensor global scale beside its 16-value group scales
+    // (ModelOpt's `weight_scale_2`); vLLM keeps gate's and up's,
+    // `w13_weight_global_scale [E, 2]`.
+    CompanionKind {
+        name: "weight_global_scale",
+        fused_suffix: None,
+        weight_scale: false,
+        merged_w13: false,
+        values: Values::Scales,
+    },
+    // compressed-tensors NVFP4's activation global scale (ModelOpt's `input_scale`); vLLM
+    // keeps gate's and up's, `w13_input_global_scale [E, 2]`.
+    CompanionKind {
+        name: "input_global_scale",
+        fused_suffix: None,
+        weight_scale: false,
+        merged_w13: false,
+        values: Values::ActivationScale,
+    },
 ];
+
+/// Per-tensor scales beside uint8 weights that make them NVFP4 (two e2m1 values a byte):
+/// ModelOpt's `weight_scale_2`, compressed-tensors' `weight_global_scale`.
+pub const NVFP4_GLOBAL_SCALES: [&str; 2] = ["weight_scale_2", "weight_global_scale"];
 
 pub fn companion_kind(name: &str) -> Option<&'static CompanionKind> {
     COMPANION_KINDS.iter().find(|k| k.name == name)
@@ -132,6 +173,8 @@ pub fn packing(weight: Dtype, has_weight_scale_2: bool, int_bits: Option<usize>)
         (d, _) if is_float(d) => Some(1),
         (Dtype::U8, _) if has_weight_scale_2 => Some(2),
         (Dtype::I32, Some(bits)) if bits > 0 && 32 % bits == 0 && bits < 32 => Some(32 / bits),
+        // compressed-tensors' `int-quantized` int8, one value an element.
+        (Dtype::I8, Some(8)) => Some(1),
         _ => None,
     }
 }
@@ -249,6 +292,46 @@ impl Packing {
     }
 }
 
+/// Integer weights stored input-first (`[in, out]` rather than `[out, in]`), with their group
+/// scales and zero points, as GPTQ and AWQ write them per expert and matrix (`qweight`,
+/// `scales`, `qzeros`). The weight's views and the companions' grids are those of the
+/// `[out, in]` matrix all the same; only the strides differ, so a TP split and the copy plans
+/// treat them as any other scheme, and a plan may land them input-first too
+/// (`CopyPlan::k_first`), as vLLM's GPTQ and AWQ Marlin methods keep them.
+#[derive(Debug, PartialEq, Eq)]
+pub struct KFirstPacking {
+    /// The `quant_method` that writes them.
+    pub method: &'static str,
+    /// `32 / bits` values an int32 along the output dimension (AWQ's `[in, out/8]`), rather
+    /// than along the input dimension (GPTQ's `[in/8, out]`).
+    pub packed_along_output: bool,
+    /// Per-matrix tensors the engines read no values from, which ride with the group (and
+    /// are consumed with it): GPTQ's `g_idx [in]`, each input's group, trivial unless
+    /// `desc_act` (which vLLM 0.33 and later refuse, and so does fastmoe_load); vLLM's
+    /// checkpoint mapper drops `.g_idx`.
+    pub discarded: &'static [&'static str],
+}
+
+pub const K_FIRST_PACKINGS: [KFirstPacking; 2] = [
+    KFirstPacking {
+        method: "gptq",
+        packed_along_output: false,
+        discarded: &["g_idx"],
+    },
+    // AWQ (GEMM version) packs eight values of consecutive outputs in the order
+    // 0, 4, 1, 5, 2, 6, 3, 7 within each int32: whole int32s move as they are.
+    KFirstPacking {
+        method: "awq",
+        packed_along_output: true,
+        discarded: &[],
+    },
+];
+
+/// The input-first packing of groups whose `quant_method` is `method`, if any.
+pub fn k_first_packing(method: Option<&str>) -> Option<&'static KFirstPacking> {
+    K_FIRST_PACKINGS.iter().find(|p| Some(p.method) == method)
+}
+
 /// What a method's `quantization_config` declares about the weights' scales.
 #[derive(Debug, Default)]
 pub struct Declared {
@@ -271,7 +354,7 @@ pub struct Method {
 }
 
 /// The `quant_method`s fastmoe_load knows; any other is declared and not loaded.
-pub const METHODS: [Method; 5] = [
+pub const METHODS: [Method; 7] = [
     Method {
         name: "fp8",
         read: fp8,
@@ -299,6 +382,14 @@ pub const METHODS: [Method; 5] = [
     Method {
         name: "compressed-tensors",
         read: compressed_tensors,
+    },
+    Method {
+        name: "gptq",
+        read: gptq,
+    },
+    Method {
+        name: "awq",
+        read: awq,
     },
 ];
 
@@ -364,9 +455,10 @@ fn compressed_tensors(q: &Value) -> Declared {
             .flat_map(|groups| groups.values())
             .filter_map(|g| g.get("weights"))
     };
+    let format = q.get("format").and_then(Value::as_str);
     // Zero points are loaded where they are packed per group of columns.
     let packed = |w: &Value| {
-        q.get("format").and_then(Value::as_str) == Some("pack-quantized")
+        format == Some("pack-quantized")
             && w.get("type").and_then(Value::as_str) == Some("int")
             && match w.get("symmetric").and_then(Value::as_bool) {
                 Some(true) => true,
@@ -374,8 +466,26 @@ fn compressed_tensors(q: &Value) -> Declared {
                 None => false,
             }
     };
+    // `int-quantized` int8 with one float scale per output channel (W8A8 int8 presets).
+    let int8_channels = |w: &Value| {
+        format == Some("int-quantized")
+            && w.get("type").and_then(Value::as_str) == Some("int")
+            && w.get("num_bits").and_then(Value::as_u64) == Some(8)
+            && w.get("symmetric").and_then(Value::as_bool) == Some(true)
+            && w.get("strategy").and_then(Value::as_str) == Some("channel")
+    };
+    // Activation order by group (`weight_g_idx` beside the weights): vLLM 0.33 and later
+    // refuse it; `weight` (static) order leaves the groups in place and loads as any other.
+    let act_order = weights().find_map(|w| match w.get("actorder").and_then(Value::as_str) {
+        Some(order @ ("group" | "dynamic")) => Some(order.to_string()),
+        _ => None,
+    });
     let unsupported = weights()
-        .find(|w| w.get("type").and_then(Value::as_str) != Some("float") && !packed(w))
+        .find(|w| {
+            w.get("type").and_then(Value::as_str) != Some("float")
+                && !packed(w)
+                && !int8_channels(w)
+        })
         .map(|other| {
             let bits = other.get("num_bits").and_then(Value::as_u64);
             let kind = text(other.get("type")).unwrap_or_else(|| "untyped".into());
@@ -384,6 +494,12 @@ fn compressed_tensors(q: &Value) -> Declared {
                 Some(bits) => format!("compressed-tensors {kind}{bits} {format}"),
                 None => format!("compressed-tensors {kind} {format}"),
             }
+        })
+        .or_else(|| {
+            act_order.map(|order| {
+                let format = text(q.get("format")).unwrap_or_else(|| "unnamed format".into());
+                format!("compressed-tensors {format} with activation order (actorder: {order})")
+            })
         });
     // The weights of the first float or int group; experts are `Linear` targets.
     let first =
@@ -400,6 +516,8 @@ fn compressed_tensors(q: &Value) -> Declared {
     let (block, scheme) = match field("strategy").and_then(Value::as_str) {
         Some("block") => (field("block_structure").and_then(pair), Some("block")),
         Some("group") => (group.map(|g| (1, g as usize)), Some("group")),
+        // NVFP4's groups with a global scale per tensor beside them.
+        Some("tensor_group") => (group.map(|g| (1, g as usize)), Some("group")),
         Some("channel") => (None, Some("channel")),
         Some("tensor") => (None, Some("tensor")),
         _ => (None, None),
@@ -587,3 +705,71 @@ pub const MX_METHODS: [Method; 2] = [
         },
     },
 ];
+
+/// The group scales GPTQ and AWQ declare, `bits` values an int32, with their zero points
+/// always beside the weights (GPTQ writes them for symmetric weights too, and vLLM loads them
+/// either way): `symmetric` stays unstated so that their presence is not held against it.
+fn int_groups(method: &str, bits: Option<u64>, group: Option<i64>) -> Declared {
+    let unsupported = match (bits, group) {
+        (Some(4 | 8), Some(g)) if g > 0 => None,
+        (Some(b), Some(g)) if g <= 0 => Some(format!(
+            "{method} int{b} with one group per output (group_size {g})"
+        )),
+        (Some(b), _) => Some(format!("{method} int{b}")),
+        (None, _) => Some(format!("{method} without bits")),
+    };
+    Declared {
+        block: group.filter(|g| *g > 0).map(|g| (1, g as usize)),
+        scheme: Some("group"),
+        int_bits: bits.map(|b| b as usize),
+        symmetric: None,
+        unsupported,
+    }
+}
+
+/// GPTQ (AutoGPTQ, GPTQModel, AutoRound's GPTQ export, Qwen's own `*-GPTQ-Int4`):
+/// `bits`, `group_size`, `desc_act`, `sym`. Activation order (`desc_act` with groups) permutes
+/// the groups by `g_idx`; vLLM 0.33 and later refuse such checkpoints.
+fn gptq(q: &Value) -> Declared {
+    let bits = q.get("bits").and_then(Value::as_u64);
+    let group = q.get("group_size").and_then(Value::as_i64);
+    let mut declared = int_groups("gptq", bits, group);
+    let desc_act = q.get("desc_act").and_then(Value::as_bool) == Some(true);
+    // GPTQModel's per-module overrides may give experts other bits or groups than the
+    // top-level fields say.
+    let dynamic = q
+        .get("dynamic")
+        .and_then(Value::as_object)
+        .is_some_and(|rules| !rules.is_empty());
+    if declared.unsupported.is_none() {
+        let bits = bits.unwrap_or(0);
+        if desc_act {
+            declared.unsupported = Some(format!("gptq int{bits} with activation order (desc_act)"));
+        } else if dynamic {
+            declared.unsupported = Some(format!(
+                "gptq int{bits} with per-module overrides (dynamic)"
+            ));
+        }
+    }
+    declared
+}
+
+/// AWQ (AutoAWQ, llm-awq): `bits` (or `w_bit`), `group_size` (or `q_group_size`),
+/// `zero_point`, `version`. Only the GEMM packing is loaded; GEMV packs another way.
+fn awq(q: &Value) -> Declared {
+    let field = |a: &str, b: &str| q.get(a).or_else(|| q.get(b));
+    let bits = field("bits", "w_bit").and_then(Value::as_u64);
+    let group = field("group_size", "q_group_size").and_then(Value::as_i64);
+    let mut declared = int_groups("awq", bits, group);
+    let version = q.get("version").and_then(Value::as_str).unwrap_or("gemm");
+    if declared.unsupported.is_none() {
+        if !version.eq_ignore_ascii_case("gemm") {
+            declared.unsupported = Some(format!("awq {version}"));
+        } else if bits != Some(4) {
+            declared.unsupported = Some(format!("awq int{}", bits.unwrap_or(0)));
+        } else if field("zero_point", "zero_point").and_then(Value::as_bool) == Some(false) {
+            declared.unsupported = Some("awq without zero points".into());
+        }
+    }
+    declared
+}
