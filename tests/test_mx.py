@@ -165,9 +165,10 @@ KIMI_K3_QUANT = {
 }
 
 
-def kimi_k3(path: Path) -> Path:
+def kimi_k3(path: Path, inter: int = INTER) -> Path:
     """Kimi-K3's routed experts: compressed-tensors `mxfp4-pack-quantized` under the
-    `language_model.` prefix, bf16 shared experts beside."""
+    `language_model.` prefix, bf16 shared experts beside; `inter` values of intermediate
+    size."""
     gen = torch.Generator().manual_seed(5)
     tensors: dict[str, torch.Tensor] = {}
     for layer in range(2):
@@ -181,6 +182,7 @@ def kimi_k3(path: Path) -> Path:
             weight_dtype=torch.uint8,
             scale_dtype=torch.uint8,
             pack=2,
+            inter=inter,
         )
         tensors[f"{moe}.shared_experts.w1.weight"] = torch.randn(INTER, H).bfloat16()
         tensors[f"{moe}.gate.weight"] = torch.randn(E, H, generator=gen).bfloat16()

@@ -601,24 +601,12 @@ def test_deepseek_v4_experts_match_vllm_deepseek_v4_loading(
     assert_mx_layers_match(ours, params, path, prefix)
 
 
-@pytest.mark.parametrize(("tp_size", "rank", "ep"), MX_RANKS)
-def test_kimi_k3_experts_match_vllm_mxfp4_loading(vllm_process_groups, tmp_path, tp_size, rank, ep):
-    """Kimi-K3's compressed-tensors `mxfp4-pack-quantized` experts, which vLLM rewrites to its
-    `mxfp4` method (`Mxfp4Config` -> `Mxfp4MoEMethod`), loaded as its Kimi-K3 `load_weights`
-    loads routed experts (`.weight_packed` renamed `.weight`, vLLM's expert mapping for
-    `w1/w2/w3`, each parameter's own `weight_loader`) and by the adapter."""
-    import test_mx
+def load_as_kimi_k3(theirs, path, prefix: str) -> None:
+    """Loads `theirs` as vLLM's Kimi-K3 `load_weights` loads routed experts (its model class
+    is GPU-only): `.weight_packed` renamed `.weight`, vLLM's expert mapping for `w1/w2/w3`,
+    each parameter's own `weight_loader`."""
     from vllm.model_executor.layers.fused_moe.layer import fused_moe_make_expert_params_mapping
-    from vllm.model_executor.layers.quantization.mxfp4 import Mxfp4Config
 
-    path = test_mx.kimi_k3(tmp_path / "k3")
-    prefix = test_mx.RELEASES["kimi_k3"][1]
-    sizes = (test_mx.E, test_mx.H, test_mx.INTER)
-    with mx_backends():
-        theirs, ours = (
-            build(tp_size, rank, ep, prefix.removesuffix(".experts"), Mxfp4Config(), sizes)
-            for _ in range(2)
-        )
     model = mounted(theirs, prefix)
     params = dict(model.named_parameters())
     mapping = fused_moe_make_expert_params_mapping(
@@ -626,7 +614,7 @@ def test_kimi_k3_experts_match_vllm_mxfp4_loading(vllm_process_groups, tmp_path,
         ckpt_gate_proj_name="w1",
         ckpt_down_proj_name="w2",
         ckpt_up_proj_name="w3",
-        num_experts=test_mx.E,
+        num_experts=theirs.routed_experts.moe_config.num_experts,
     )
     with fml.open(path) as ckpt:
         for name in mx_names(path, prefix):
@@ -640,6 +628,25 @@ def test_kimi_k3_experts_match_vllm_mxfp4_loading(vllm_process_groups, tmp_path,
                     break
             else:
                 raise AssertionError(name)
+
+
+@pytest.mark.parametrize(("tp_size", "rank", "ep"), MX_RANKS)
+def test_kimi_k3_experts_match_vllm_mxfp4_loading(vllm_process_groups, tmp_path, tp_size, rank, ep):
+    """Kimi-K3's compressed-tensors `mxfp4-pack-quantized` experts, which vLLM rewrites to its
+    `mxfp4` method (`Mxfp4Config` -> `Mxfp4MoEMethod`), loaded as its Kimi-K3 `load_weights`
+    loads routed experts (see `load_as_kimi_k3`) and by the adapter."""
+    import test_mx
+    from vllm.model_executor.layers.quantization.mxfp4 import Mxfp4Config
+
+    path = test_mx.kimi_k3(tmp_path / "k3")
+    prefix = test_mx.RELEASES["kimi_k3"][1]
+    sizes = (test_mx.E, test_mx.H, test_mx.INTER)
+    with mx_backends():
+        theirs, ours = (
+            build(tp_size, rank, ep, prefix.removesuffix(".experts"), Mxfp4Config(), sizes)
+            for _ in range(2)
+        )
+    load_as_kimi_k3(theirs, path, prefix)
     assert_mx_layers_match(ours, dict(theirs.routed_experts.named_parameters()), path, prefix)
 
 
@@ -728,26 +735,33 @@ def test_mxfp8_experts_match_vllm_load_weights(
     assert_same_parameters(ours, params)
 
 
-def test_mx_layers_vllm_pads_are_left_to_vllm(vllm_process_groups, tmp_path):
-    """A backend that pads the parameters (Marlin: I/tp to 128, H to 256) writes the values
-    somewhere fastmoe_load has not checked: such a layer is left to vLLM's loader."""
+@pytest.mark.parametrize(("tp_size", "rank"), [(1, 0), (2, 1)])
+def test_mx_layers_padded_by_marlin_match_vllm(vllm_process_groups, tmp_path, tp_size, rank):
+    """A backend that pads the parameters (Marlin: I/tp to 128, H to 256): vLLM's
+    `FusedMoE.weight_loader` puts gate and up each at the start of their half of `w13`'s rows
+    and every value in the leading columns, and so does the adapter; the padding stays as
+    allocated in both."""
     from unittest import mock
 
     import test_mx
-    from fastmoe_load.engines.vllm import describe
     from vllm.model_executor.layers.fused_moe.oracle.mxfp4 import Mxfp4MoeBackend
     from vllm.model_executor.layers.quantization import mxfp4
 
-    path = test_mx.kimi_k3(tmp_path / "k3")
+    inter = 192  # I/tp of 192 or 96, which Marlin rounds up to 256 or 128
+    path = test_mx.kimi_k3(tmp_path / "k3", inter=inter)
     prefix = test_mx.RELEASES["kimi_k3"][1]
     chosen = (Mxfp4MoeBackend.MARLIN, None)
-    sizes = (test_mx.E, test_mx.H, test_mx.INTER)
-    with mock.patch.object(mxfp4, "select_deepseek_v4_mxfp4_moe_backend", lambda *_, **__: chosen):
-        layer = build(2, 1, False, "padded", mxfp4.Mxfp4Config(), sizes)
-    assert layer.routed_experts.w13_weight.shape[2] > test_mx.H // 2
-    with fml.open(path) as ckpt:
-        reason = describe(layer, ckpt, prefix).unfillable()
-    assert reason is not None and "w13_weight has shape" in reason, reason
+    sizes = (test_mx.E, test_mx.H, inter)
+    select = "select_deepseek_v4_mxfp4_moe_backend"
+    with mock.patch.object(mxfp4, select, lambda *_, **__: chosen):
+        theirs, ours = (
+            build(tp_size, rank, False, prefix.removesuffix(".experts"), mxfp4.Mxfp4Config(), sizes)
+            for _ in range(2)
+        )
+    assert theirs.routed_experts.w13_weight.shape[2] > test_mx.H // 2
+    assert theirs.routed_experts.w13_weight.shape[1] > 2 * inter // tp_size
+    load_as_kimi_k3(theirs, path, prefix)
+    assert_mx_layers_match(ours, dict(theirs.routed_experts.named_parameters()), path, prefix)
 
 
 @pytest.mark.parametrize(("tp_size", "rank"), [(1, 0), (2, 1)])
