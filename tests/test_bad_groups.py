@@ -144,3 +144,45 @@ def test_one_file_of_a_sharded_checkpoint_says_to_open_the_directory(tmp_path):
         assert "model-00002-of-00002.safetensors" in group.reason
         with pytest.raises(fml.LayoutError, match=f"open the directory {path}, not one"):
             one.experts(GOOD)
+
+
+def longcat(path: Path) -> Path:
+    """LongCat-Flash's layer: two ordinary dense MLPs, `mlps.0` and `mlps.1` (gate, up and
+    down projections each), beside its routed experts under `mlp.experts`."""
+    gen = torch.Generator().manual_seed(3)
+    inter = 64
+    tensors = {}
+    for module in ("mlps.0", "mlps.1"):
+        for proj, shape in (
+            ("gate_proj", (inter, H)),
+            ("up_proj", (inter, H)),
+            ("down_proj", (H, inter)),
+        ):
+            tensors[f"model.layers.0.{module}.{proj}.weight"] = torch.randn(*shape, generator=gen)
+    for e in range(E):
+        for proj, shape in (
+            ("gate_proj", (inter, H)),
+            ("up_proj", (inter, H)),
+            ("down_proj", (H, inter)),
+        ):
+            tensors[f"{GOOD}.{e}.{proj}.weight"] = torch.randn(*shape, generator=gen)
+    return save(path, tensors, {"model_type": "longcat_flash"})
+
+
+def test_numbered_dense_mlps_are_not_an_expert_group(tmp_path, capsys):
+    """Two numbered siblings are not an expert group: LongCat-Flash's `mlps.0`/`mlps.1` stay
+    dense weights (not listed, not fused by convert), its experts are the one group."""
+    from fastmoe_load.cli.convert import convert
+
+    path = longcat(tmp_path / "longcat")
+    with fml.open(path) as ckpt:
+        assert [layer.prefix for layer in ckpt.moe_layers()] == [GOOD]
+        assert ckpt.unsupported_groups() == []
+    assert main(["inspect", str(path)]) == 0
+    assert "layers.0.mlps" not in capsys.readouterr().out
+    convert(path, tmp_path / "fused", to="fused", progress=False)
+    with fml.open(tmp_path / "fused") as fused:
+        names = set(fused.keys())
+        assert "model.layers.0.mlps.0.gate_proj.weight" in names
+        assert not any("mlps.gate_up_proj" in n for n in names)
+        assert [layer.prefix for layer in fused.moe_layers()] == [GOOD]

@@ -28,6 +28,18 @@ pub const NAMINGS: [Naming; 3] = [
     },
 ];
 
+/// What the module holding per-expert modules is called, in part: `experts` (Qwen, DeepSeek,
+/// Mixtral's `block_sparse_moe.experts`, DeepSeek-V4's `ffn.experts`). Numbered modules under
+/// any other name are not routed experts, whatever they hold: LongCat-Flash's two dense MLPs
+/// per layer, `mlps.0` and `mlps.1`, are ordinary weights.
+pub const EXPERTS_CONTAINER: &str = "expert";
+
+/// Whether `prefix` (the module before an expert index) holds routed experts.
+pub(super) fn is_experts_container(prefix: &str) -> bool {
+    let last = prefix.rsplit('.').next().unwrap_or(prefix);
+    last.contains(EXPERTS_CONTAINER) && !last.contains("shared")
+}
+
 /// The last component of a per-expert weight's name: `{module}.weight`, or
 /// `{module}.weight_packed` for compressed-tensors' packed integers.
 pub const WEIGHT: &str = "weight";

@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use super::check::{layout_error, same_dtype};
 use super::layer::{ExpertTensors, MoeLayer, PerExpertTensors};
 use super::naming::{
-    is_packed_weight, is_qweight, Naming, BIAS, NAMINGS, PACKED_WEIGHT, QWEIGHT, WEIGHT,
+    is_experts_container, is_packed_weight, is_qweight, Naming, BIAS, NAMINGS, PACKED_WEIGHT,
+    QWEIGHT, WEIGHT,
 };
 use crate::checkpoint::Checkpoint;
 use crate::error::Result;
@@ -83,12 +84,8 @@ pub(super) fn per_expert_candidates(
         let Ok(expert) = expert.parse::<usize>() else {
             continue;
         };
-        if prefix
-            .rsplit('.')
-            .next()
-            .is_some_and(|last| last.contains("shared"))
-        {
-            continue; // shared experts are dense weights, not routed experts
+        if !is_experts_container(prefix) {
+            continue; // shared experts and other numbered modules are dense weights
         }
         for (n, naming) in NAMINGS.iter().enumerate() {
             let slot = [naming.gate, naming.up, naming.down]
