@@ -32,6 +32,10 @@ class Case:
     tp_size: int = 1
     ep_rank: int = 0
     ep_size: int = 1
+    # How the engine splits a share that cuts the scale blocks (vLLM's ways, see
+    # `engines.vllm`): "blocks" (gpt-oss: whole 32-value blocks, the last rank short),
+    # "refined" (fp8: a finer scale grid) or "padded" (fp8: whole 128-blocks a rank).
+    split: str | None = None
 
     def experts(self, num_experts: int) -> list[int]:
         return fml.expert_placement(num_experts, self.ep_size, self.ep_rank)
@@ -184,7 +188,7 @@ class Bench:
                     scales=scales[0] if scales else None,
                     k_first=self.k_first,
                 )
-            return _nbytes(dests)
+            return landed_bytes(dests)
 
         return load
 
@@ -218,7 +222,7 @@ class Bench:
                     prefix = self.shape.prefix(layer)
                     w13.copy_(ckpt.tensor(f"{prefix}.gate_up_proj"))
                     w2.copy_(ckpt.tensor(f"{prefix}.down_proj"))
-            return _nbytes(dests)
+            return landed_bytes(dests)
 
         return load
 
@@ -248,7 +252,7 @@ class Bench:
                                 event.record(stream)
                             k += 1
             torch.cuda.current_stream(self.device).wait_stream(stream)
-            return _nbytes(dests)
+            return landed_bytes(dests)
 
         return load
 
@@ -278,7 +282,7 @@ class Bench:
         return row
 
 
-def _nbytes(dests: list[tuple]) -> int:
+def landed_bytes(dests: list[tuple]) -> int:
     """Bytes of every layer's destinations, scales included."""
     return sum(
         t.nbytes
@@ -356,6 +360,13 @@ def legend(bench: Bench, cold: bool = False) -> str:
     case = ["TP=2 rank 1 = its half of the intermediate size"]
     if any(c.startswith("EP=") for c in cases):
         case.append("EP=n rank 1 = the experts placed on rank 1 of n")
+    if any(c.endswith((" ref", " pad")) for c in cases):
+        case.append(
+            "TP=8 r1 ref / pad = rank 1 of 8 where I/8 cuts the 128-blocks, as vLLM serves it: "
+            "on a refined scale grid, or padded to whole blocks"
+        )
+    if "TP=4 rank 3" in cases:
+        case.append("TP=4 rank 3 = the last rank of vLLM's gpt-oss split, in whole 32-value blocks")
     kinds = {
         "fresh": "fresh: tensors allocated for each run, whose first write pays the page "
         "faults (as at start-up)",

@@ -41,13 +41,18 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+import fastmoe_load as fml
+
 from .._fastmoe_load import RequestError
+from ..engines.spec import ExpertLayerSpec, fill_layer
 from .generate import (
     Shape,
     announce,
@@ -60,7 +65,8 @@ from .generate import (
     prepare,
     remove,
 )
-from .harness import Bench, Case, Row, describe_machine, legend
+from .harness import Bench, Case, Row, describe_machine, landed_bytes, legend
+from .seed import seed_load, shard_of_tensors
 
 FP8 = torch.float8_e4m3fn
 BLOCK = 128
@@ -345,9 +351,30 @@ class Fp8Bench(Bench):
         """vLLM's GPTQ layers keep each expert input-first, as the files do."""
         return self.shape.scheme == "gptq"
 
+    def served(self, case: Case) -> tuple[int, int, int]:
+        """`(first, count, rows)` of the intermediate size for the rank: the rows it keeps,
+        and the rows its parameters hold (more where vLLM pads the share to whole blocks)."""
+        inter, tp = self.shape.intermediate, case.tp_size
+        if case.split == "blocks":  # gpt-oss: cdiv(I/32, tp) whole blocks a rank
+            chunk = -(-inter // MX_BLOCK // tp) * MX_BLOCK
+        elif case.split == "padded":  # whole 128-blocks a rank
+            chunk = -(-inter // tp // BLOCK) * BLOCK
+        else:
+            chunk = inter // tp
+        first = min(case.tp_rank * chunk, inter)
+        count = min(chunk, inter - first)
+        return first, count, chunk if case.split == "padded" else count
+
+    def refine(self, case: Case) -> int | None:
+        """The refined square block of vLLM's fp8 grid for the case, if it refines."""
+        if case.split != "refined":
+            return None
+        return math.gcd(BLOCK, self.shape.intermediate // case.tp_size, self.shape.hidden)
+
     def destinations(self, case: Case, touched: bool) -> list[Destinations]:  # type: ignore[override]
         s = self.shape
-        n, shard, h = len(case.experts(s.experts)), s.intermediate // case.tp_size, s.hidden
+        n, shard, h = len(case.experts(s.experts)), self.served(case)[2], s.hidden
+        r = self.refine(case) or BLOCK
         out = []
 
         def empty(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -393,8 +420,8 @@ class Fp8Bench(Bench):
                     "w13_weight_shape": empty(n, 2, dtype=torch.int32),
                     "w2_weight_shape": empty(n, 2, dtype=torch.int32),
                 }
-            else:  # `Fp8MoEMethod.create_weights`, block scales
-                rows, cols = math.ceil(shard / BLOCK), math.ceil(h / BLOCK)
+            else:  # `Fp8MoEMethod.create_weights`, block scales (on its refined grid)
+                rows, cols = math.ceil(shard / r), math.ceil(h / r)
                 w13, w2 = empty(n, 2 * shard, h, dtype=FP8), empty(n, h, shard, dtype=FP8)
                 scales = {
                     "w13_weight_scale_inv": empty(n, 2 * rows, cols),
@@ -405,6 +432,84 @@ class Fp8Bench(Bench):
                     t.view(torch.uint8).zero_()
             out.append((w13, w2, scales))
         return out
+
+    def fastmoe(self, case: Case, **open_args: Any) -> Callable[[list], int]:
+        """fastmoe_load as `load_format="fastmoe"` fills a vLLM layer: cases that split as
+        vLLM serves them go through the engine-neutral `ExpertLayerSpec` and its filler."""
+        if case.split is None:
+            return super().fastmoe(case, **open_args)
+        first, count, _ = self.served(case)
+        refine = self.refine(case)
+        split = {
+            "shard": (first, count) if case.split != "refined" else None,
+            "padding": "corner" if case.split == "blocks" else "halves",
+            "pad_fill": case.split == "padded",
+            "scale_refine": refine,
+        }
+
+        def load(dests: list[tuple]) -> int:
+            with fml.open(self.path, num_threads=self.threads, **open_args) as ckpt:
+                for layer, (w13, w2, scales) in enumerate(dests):
+                    group = ckpt.experts(self.shape.prefix(layer))
+                    parameters = {"w13": w13, "w2": w2, **scales}
+                    spec = ExpertLayerSpec(
+                        group=group,
+                        parameters=parameters,
+                        names={name: name for name in parameters},
+                        tp_rank=case.tp_rank,
+                        tp_size=case.tp_size,
+                        experts=case.experts(self.shape.experts),
+                        interleaved=self.w13_interleaved,
+                        **split,
+                    )
+                    fill_layer(ckpt, spec)
+            return landed_bytes(dests)
+
+        return load
+
+    def seed(self, case: Case) -> Callable[[list], int]:
+        """vLLM's own loop, refining or padding the split as vLLM does for the case."""
+        if case.split not in ("refined", "padded"):
+            return super().seed(case)
+        with fml.open(self.path) as ckpt:  # only for the layer descriptions
+            layers = ckpt.moe_layers()
+        refine = self.refine(case)
+        factors = None if refine is None else (BLOCK // refine, BLOCK // refine)
+
+        def load(dests: list[tuple]) -> int:
+            where = shard_of_tensors(self.path)
+            for layer, (w13, w2, scales) in zip(layers, dests, strict=True):
+                seed_load(
+                    self.path,
+                    layer,
+                    w13,
+                    w2,
+                    tp_rank=case.tp_rank,
+                    tp_size=case.tp_size,
+                    local_experts=case.experts(self.shape.experts),
+                    where=where,
+                    scales=scales,
+                    scale_refine=factors,
+                    padded_tp=case.split == "padded",
+                )
+            return landed_bytes(dests)
+
+        return load
+
+
+def served_cases(scheme: str, shape: Fp8Shape) -> list[Case]:
+    """The TP sizes these releases are served at where vLLM splits otherwise than evenly:
+    block fp8 at TP=8 where I/8 cuts the 128-blocks (Qwen3-235B-A22B-FP8, GLM-4.5-FP8,
+    MiniMax-M2: 192 rows a rank), refined and padded; gpt-oss mxfp4 at TP=4 where I/32
+    blocks do not divide by 4 (gpt-oss-120b: 736, 736, 736, 672), its last rank."""
+    if scheme == "fp8" and (shape.intermediate // 8) % BLOCK:
+        return [
+            Case("TP=8 r1 ref", tp_rank=1, tp_size=8, split="refined"),
+            Case("TP=8 r1 pad", tp_rank=1, tp_size=8, split="padded"),
+        ]
+    if scheme == "mxfp4" and (shape.intermediate // MX_BLOCK) % 4:
+        return [Case("TP=4 rank 3", tp_rank=3, tp_size=4, split="blocks")]
+    return []
 
 
 def default_shape(
@@ -521,6 +626,7 @@ def main(
         ep = min(8, shape.experts)
         if ep > 1:
             cases.append(Case(f"EP={ep} rank 1", ep_rank=1, ep_size=ep))
+        cases += served_cases(scheme, shape)
         seed_label = (
             "seed: vLLM gpt-oss mxfp4 loop + scales"
             if scheme == "mxfp4"

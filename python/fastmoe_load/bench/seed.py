@@ -53,8 +53,14 @@ class SeedLoader:
         scales: Mapping[str, torch.Tensor] | None = None,
         tp_size: int = 1,
         k_first: bool = False,
+        scale_refine: tuple[int, int] | None = None,
+        padded_tp: bool = False,
     ) -> None:
         self.w13, self.w2, self.tp_rank, self.tp_size = w13, w2, tp_rank, tp_size
+        # vLLM's fp8 block scales refined to a finer grid (`Fp8MoEMethod.weight_scale_refine`:
+        # repeats along rows and columns), and its block-aligned TP
+        # (`tp_shard_with_padding`: each rank whole blocks, padding zero and one).
+        self.scale_refine, self.padded_tp = scale_refine, padded_tp
         # vLLM's `is_transposed` parameters (GPTQ, AWQ): each expert input-first, the
         # dimension of I flipped.
         self.k_first = k_first
@@ -73,7 +79,7 @@ class SeedLoader:
         param = self.scales.get(f"{'w2' if shard_id == 'w2' else 'w13'}_{companion.kind}")
         if param is None:
             return
-        scale = _as_bytes(scale, param)
+        scale = self._refined(_as_bytes(scale, param), companion)
         for slot in self.slots.get(expert_id, ()):
             if companion.scheme == "whole":  # `weight_shape`: the up projection's in w13
                 param[slot].copy_(scale)
@@ -83,6 +89,8 @@ class SeedLoader:
                 param[slot][0 if shard_id == "w1" else 1] = scale.reshape(())
             elif self.k_first:  # input-first block scales: stored and kept [in', out']
                 self._load_k_first(param[slot], scale, shard_id)
+            elif self.padded_tp and companion.scheme == "block":
+                self._load_padded(param[slot], scale, shard_id, fill=1)
             elif shard_id == "w2":
                 per_rank = scale.shape[1] // self.tp_size
                 if companion.scheme == "channel":  # down's rows are not split
@@ -94,6 +102,29 @@ class SeedLoader:
                 half = param.shape[1] // 2
                 loaded = scale.narrow(0, per_rank * self.tp_rank, per_rank)
                 param[slot].narrow(0, 0 if shard_id == "w1" else half, half).copy_(loaded)
+
+    def _refined(self, scale: torch.Tensor, companion: Companion) -> torch.Tensor:
+        if self.scale_refine is None or companion.scheme != "block":
+            return scale
+        rows, cols = self.scale_refine
+        return scale.repeat_interleave(rows, dim=0).repeat_interleave(cols, dim=1)
+
+    def _load_padded(
+        self, expert_data: torch.Tensor, loaded: torch.Tensor, shard_id: str, fill: int
+    ) -> None:
+        """vLLM's block-aligned TP: the parameter (each half of w13) set to `fill`, then the
+        rank's whole blocks, `[rank * P, min((rank + 1) * P, I))` of the unsharded matrix,
+        at its start."""
+        dim = 1 if shard_id == "w2" else 0
+        destination = expert_data
+        if shard_id != "w2":
+            half = destination.shape[0] // 2
+            destination = destination.narrow(0, 0 if shard_id == "w1" else half, half)
+        size = destination.shape[dim]
+        start = min(self.tp_rank * size, loaded.shape[dim])
+        count = min(size, loaded.shape[dim] - start)
+        destination.fill_(fill)
+        destination.narrow(dim, 0, count).copy_(loaded.narrow(dim, start, count))
 
     def _load_k_first(self, expert_data: torch.Tensor, loaded: torch.Tensor, shard_id: str) -> None:
         """vLLM's weight_loader for `is_transposed` parameters: gate's and up's outputs are
@@ -114,6 +145,9 @@ class SeedLoader:
                 self._load_k_first(
                     self.w2[slot] if shard_id == "w2" else self.w13[slot], weight, shard_id
                 )
+            elif self.padded_tp:
+                expert_data = self.w2[slot] if shard_id == "w2" else self.w13[slot]
+                self._load_padded(expert_data, weight, shard_id, fill=0)
             elif shard_id == "w2":
                 expert_data = self.w2[slot]
                 shard_size = expert_data.shape[1]
@@ -160,15 +194,21 @@ def seed_load(
     where: dict[str, str] | None = None,
     scales: Mapping[str, torch.Tensor] | None = None,
     k_first: bool = False,
+    scale_refine: tuple[int, int] | None = None,
+    padded_tp: bool = False,
 ) -> None:
     """Fills `w13`/`w2` (and `scales`, by vLLM parameter name) for `layer` the way vLLM does.
+    `scale_refine` (block scales repeated to a finer grid) and `padded_tp` (whole blocks a
+    rank) are vLLM's two ways with fp8 block scales that `I/tp` cuts.
     `where` maps tensor names to files (computed from `path` if not given). mxfp4 groups are
     loaded as vLLM's gpt-oss model loads them (see `_mxfp4_load`), w13 interleaved. With
     `k_first`, the destinations are input-first (vLLM's GPTQ and AWQ parameters), filled as
     its `is_transposed` branch fills them; GPTQ's `g_idx` is not read (vLLM drops it)."""
     where = where if where is not None else shard_of_tensors(path)
     experts = range(layer.num_experts) if local_experts is None else local_experts
-    loader = SeedLoader(w13, w2, tp_rank, experts, scales, tp_size, k_first)
+    loader = SeedLoader(
+        w13, w2, tp_rank, experts, scales, tp_size, k_first, scale_refine, padded_tp
+    )
     names = layer.tensor_names
     with ExitStack() as files:
         handles: dict[str, Any] = {}
@@ -229,8 +269,10 @@ def _mxfp4_load(
     taken, the rank's gate/up rows (kept interleaved) or down columns narrowed, and one copy
     into the parameter. `params` holds `w13`, `w2`, and whichever of `w13_weight_scale`,
     `w2_weight_scale`, `w13_bias`, `w2_bias` are filled."""
-    shard = layer.intermediate_size // tp_size
-    start, end = tp_rank * shard, (tp_rank + 1) * shard
+    # Whole 32-value blocks a rank, the last rank short where they do not divide evenly.
+    shard = -(-layer.intermediate_size // 32 // tp_size) * 32
+    start = min(tp_rank * shard, layer.intermediate_size)
+    end = min(start + shard, layer.intermediate_size)
     n, rows = layer.num_experts, 2 * layer.intermediate_size
     gate_up, down, gate_up_bias, down_bias, gate_up_scales, down_scales = layer.tensor_names
     index = torch.tensor(experts)
