@@ -125,7 +125,11 @@ def _parser() -> argparse.ArgumentParser:
         "--clean", action="store_true", help="remove the generated checkpoint after the run"
     )
     bench.add_argument(
-        "--repeats", type=positive_int, default=5, help="timed runs per row (median; default 5)"
+        "--repeats",
+        type=positive_int,
+        help="timed runs per row, after one warm-up (the median is shown; default: 5 on a GPU "
+        "and with --model; on a CPU, as many as time the fastest row of each group for 2 s, "
+        "5 to 25); fewer than 3 give rough figures, marked ~",
     )
     bench.add_argument(
         "--threads", type=positive_int, help="copy threads (default: CPUs, at most 16)"
@@ -260,7 +264,7 @@ def _bench(args: argparse.Namespace) -> None:
             ) from None
         from ..bench.model_run import main as bench_model
 
-        bench_model(args.device, args.layers or 2, args.dir, args.repeats, args.clean)
+        bench_model(args.device, args.layers or 2, args.dir, args.repeats or 5, args.clean)
         return
     if args.quant:
         given = [f"--{name}" for name in ("explore", "cold", "transposed") if getattr(args, name)]
