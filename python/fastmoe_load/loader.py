@@ -211,7 +211,22 @@ def destination_shapes(
     """The shape and checkpoint dtype of every destination `load_fused_moe` fills for
     `experts` local experts at `tp_size`, by name: `w13`, `w2`, `w13_bias` and `w2_bias`
     where the group has biases, and `w{13,2}_{kind}` for each companion (see
-    `Companion.destination_shape`)."""
+    `Companion.destination_shape`).
+
+    Raises the `RequestError` `load_fused_moe` raises for a `tp_size` that cannot split the
+    experts (the intermediate size into equal shards, on whole packs and scale blocks; the
+    message lists the sizes that fit), rather than shapes no load fills."""
+    where = f"{layer._ckpt.path}: experts at `{layer.prefix}`: "
+    experts = as_index(experts, "experts", where)
+    tp_size = as_index(tp_size, "tp_size", where, minimum=1)
+    if layer.intermediate_size % tp_size:  # the words of `plan_destinations`
+        raise RequestError(
+            f"{where}intermediate size {layer.intermediate_size} does not split into "
+            f"tp_size={tp_size} equal shards"
+        )
+    split_error = layer.tp_split_error(tp_size)
+    if split_error is not None:
+        raise RequestError(split_error)
     n, hidden, shard, pack = (
         experts,
         layer.hidden_size,

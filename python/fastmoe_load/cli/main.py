@@ -15,6 +15,7 @@ import sys
 import warnings
 from collections.abc import Iterator
 
+from .. import __version__
 from .._command_line import OneLineParser, check_device, device_choice, positive_int
 from .._fastmoe_load import FastMoeLoadError, RequestError
 
@@ -48,6 +49,9 @@ def _common() -> argparse.ArgumentParser:
 
 def _parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog=PROG, description="Load Mixture-of-Experts checkpoints, fast.")
+    parser.add_argument(
+        "--version", action="version", version=f"fastmoe_load {__version__}", help="and exit"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = _common()
 
