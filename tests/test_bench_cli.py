@@ -219,7 +219,7 @@ def test_quant_bench_keeps_its_two_checkpoints_apart_and_prints_rows_once(tmp_pa
     result = run_main("bench", *options)
     assert result.returncode == 0, result.stderr
     out = result.stdout.splitlines()
-    assert out[0].startswith(f"checkpoint: {root / 'fp8'} (1 layer(s) of 8 experts, ")
+    assert out[0].startswith(f"checkpoint: {root / 'fp8'} (1 layer of 8 experts, ")
     assert out[1].startswith(f"checkpoint: {root / 'bf16'} (bf16 fused, ")
     header = out.index(next(line for line in out if line.startswith("path ")))
     assert out[header].split()[-2:] == ["x", "bf16"]
@@ -239,3 +239,82 @@ def test_quant_bench_keeps_its_two_checkpoints_apart_and_prints_rows_once(tmp_pa
     assert cleaned.returncode == 0, cleaned.stderr
     assert "reused, removed after this run" in cleaned.stdout
     assert not root.exists()
+
+
+def test_a_second_bench_on_the_same_directory_refuses_while_the_first_runs(tmp_path):
+    """The lock is the kernel's (flock): held here as a running bench holds it, a bench
+    started on the directory refuses in one line and writes nothing; once released, it
+    runs. A bench that finished leaves no lock file behind."""
+    directory = tmp_path / "bench"
+    with generate.claim(str(directory)):
+        lock = directory / generate.LOCK
+        assert lock.read_text() == f"{os.getpid()}\n"
+        for result in (
+            run_main("bench", "--dir", directory, *TINY),
+            run_main("bench", "--model", "--dir", directory),
+        ):
+            assert_one_error_line(
+                result, "another bench is using this directory", str(os.getpid()), "--dir"
+            )
+        assert [p.name for p in directory.iterdir()] == [generate.LOCK]
+    assert not directory.exists()  # the lock's own directory, left empty: gone
+
+    bench(directory, "--layers", 1)
+    assert generate.LOCK not in {p.name for p in directory.iterdir()}
+    again = bench(directory, "--layers", 1, "--clean")
+    assert "; reused, removed after this run)" in again.stdout
+    assert not directory.exists()
+
+
+def test_one_timed_run_a_row_is_marked_rough_and_said_so(tmp_path):
+    """CI's `--repeats 1`: every figure is one run, which the table marks and says."""
+    out = bench(tmp_path / "bench", "--layers", 1).stdout.splitlines()
+    header = out.index(next(line for line in out if line.startswith("path ")))
+    assert out[header - 1] == (
+        "--repeats 1: 1 timed run a row, so every figure below is rough (~); 3 or more make "
+        "them mean something"
+    )
+    rows = out[header + 2 : out.index("", header)]
+    assert rows and all(line[73:80].strip().startswith("~") for line in rows)
+    legend = " ".join(" ".join(out[out.index("", header) + 1 :]).split())
+    assert "median of 1 run after one warm-up" in legend
+    assert "~ marks a rough figure, noise more than measurement: fewer than 3 timed runs" in legend
+
+
+def test_a_row_is_rough_when_its_runs_spread_or_are_few():
+    from fastmoe_load.bench.harness import Row, table_line
+
+    steady = Row("fastmoe_load", "TP=1", "fresh", [1.0, 1.1, 1.0, 0.95], nbytes=10**9)
+    spread = Row("seed: vLLM per-expert loop", "TP=1", "fresh", [1.0, 1.5, 1.1], nbytes=10**9)
+    few = Row("memcpy, 1 thread", "TP=1", "fresh", [1.0, 1.0], nbytes=10**9)
+    assert not steady.rough and spread.rough and few.rough
+    rows = [steady, spread, few]
+    assert table_line(steady, rows, "memcpy")[60:].split()[:2] == ["fresh", "1.00"]
+    assert table_line(spread, rows, "memcpy")[60:].split()[:2] == ["fresh", "~0.91"]
+    assert table_line(few, rows, "memcpy")[60:].split()[:2] == ["fresh", "~1.00"]
+
+
+def test_default_repeats_on_a_cpu_give_short_rows_more_runs():
+    from fastmoe_load.bench.harness import auto_repeats
+
+    assert auto_repeats([0.5, 1.0, 2.0]) == 5  # long runs: the usual 5
+    assert auto_repeats([0.1, 0.3, 0.5]) == 20  # 2 s of the fastest row
+    assert auto_repeats([0.001, 0.002]) == 25  # at most 25
+    assert auto_repeats([0.05, 20.0]) == 5  # a slow group stays near a minute, at least 5
+
+
+def test_default_repeats_are_said_in_the_legend(tmp_path):
+    out = run_main(
+        "bench",
+        "--dir",
+        tmp_path / "bench",
+        "--layers",
+        1,
+        *TINY[:-2],  # no --repeats
+    ).stdout
+    legend = " ".join(out[out.index("\npath ", out.index("-----")) :].split())
+    # Tiny runs: the most.
+    assert (
+        "median of 25 runs (as many as time the fastest row of a group for 2 s, 5 to 25; "
+        "--repeats sets them) after one warm-up"
+    ) in legend

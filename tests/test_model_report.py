@@ -71,7 +71,7 @@ def test_unrelated_checkpoint_raises(tmp_path, qwen):
 
     save_file({"encoder.block.0.weight": torch.zeros(4, 4)}, tmp_path / "model.safetensors")
     model = build_model("qwen3_moe", seed=5)
-    with pytest.raises(fml.RequestError, match=r"1 checkpoint tensors without a place"):
+    with pytest.raises(fml.RequestError, match=r"1 checkpoint tensor without a place"):
         fml.load_model(model, tmp_path)
 
 

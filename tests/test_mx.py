@@ -561,7 +561,7 @@ def test_mxfp4_expert_bench_rows(tmp_path, capsys):
     options += ["--dir", str(root), "--clean"]
     assert main(["bench", *options]) == 0
     out = capsys.readouterr().out
-    assert f"checkpoint: {root / 'mxfp4-expert'} (1 layer(s) of 8 experts, " in out
+    assert f"checkpoint: {root / 'mxfp4-expert'} (1 layer of 8 experts, " in out
     assert "float8_e8m0fnu scales per 32 values" in out
     for case in ("TP=1", "TP=2 rank 1", "EP=8 rank 1"):
         for path in ("fastmoe_load mxfp4-expert + scales", "seed: vLLM per-expert loop"):

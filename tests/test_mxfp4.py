@@ -310,7 +310,7 @@ def test_quant_bench_rows(tmp_path, capsys):
     options += ["--layers", "1", "--repeats", "1", "--dir", str(root), "--clean"]
     assert main(["bench", *options]) == 0
     out = capsys.readouterr().out
-    assert f"checkpoint: {root / 'mxfp4'} (1 layer(s) of 8 experts, " in out
+    assert f"checkpoint: {root / 'mxfp4'} (1 layer of 8 experts, " in out
     for case in ("TP=1", "TP=2 rank 1", "EP=8 rank 1"):
         for path in ("fastmoe_load mxfp4 + scales", "seed: vLLM gpt-oss mxfp4 loop"):
             assert any(line.startswith(path) and case in line for line in out.splitlines())

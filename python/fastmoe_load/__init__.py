@@ -7,6 +7,8 @@ with fml.open("path/to/checkpoint") as ckpt:
 """
 
 import logging
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
 
 from ._fastmoe_load import (
     CheckpointError,
@@ -22,6 +24,12 @@ from .loader import LoadStats, destination_shapes, load_fused_moe
 from .placement import expert_placement
 from .staging import StagingPool
 from .transformers import LoadWarning, ModelLoadReport, load_model
+
+try:
+    # The installed distribution's version: the Cargo workspace's, which maturin reads.
+    __version__ = _version("fastmoe-load")
+except PackageNotFoundError:  # a source tree on the path that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "Checkpoint",
@@ -39,6 +47,7 @@ __all__ = [
     "TensorNotFoundError",
     "UnsupportedGroup",
     "UnsupportedWarning",
+    "__version__",
     "destination_shapes",
     "expert_placement",
     "load_fused_moe",

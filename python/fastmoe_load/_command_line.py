@@ -8,6 +8,7 @@ import argparse
 from typing import NoReturn
 
 from ._fastmoe_load import RequestError
+from ._validate import device_problem
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -36,18 +37,8 @@ def positive_int(text: str) -> int:
 
 
 def check_device(device: str) -> None:
-    """Raises `RequestError` for a CUDA device (`cuda[:N]`) this machine does not have."""
-    if not device.startswith("cuda"):
-        return
-    import torch
-
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    index = int(device.partition(":")[2] or 0)
-    if count == 0:
-        why = "torch was built without CUDA" if torch.version.cuda is None else "no GPU is visible"
-        raise RequestError(f"--device {device}: no CUDA device here ({why}); use --device cpu")
-    if index >= count:
-        raise RequestError(
-            f"--device {device}: there {'is' if count == 1 else 'are'} only {count} CUDA "
-            f"device{'s' if count > 1 else ''} (cuda:0 to cuda:{count - 1})"
-        )
+    """Raises `RequestError` for a device fastmoe_load cannot load into here (a CUDA device
+    this machine does not have), in the words of the command line."""
+    problem = device_problem(device, "use --device cpu")
+    if problem is not None:
+        raise RequestError(f"--device {device}: {problem}")

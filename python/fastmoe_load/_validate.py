@@ -9,6 +9,36 @@ from typing import Any
 from ._fastmoe_load import RequestError
 
 
+def device_problem(device: object, use_cpu: str) -> str | None:
+    """Why fastmoe_load cannot load into `device` (a `torch.device` or its name) on this
+    machine, or None where it can: only CPU memory and CUDA devices that are there. `use_cpu`
+    says how the caller chooses the CPU (`use device='cpu'`). Asks torch only how many CUDA
+    devices it sees, which allocates nothing."""
+    import torch
+
+    try:
+        target = torch.device(device)  # type: ignore[arg-type]
+    except (RuntimeError, TypeError):
+        return "not a device name (cpu, cuda or cuda:N)"
+    if target.type == "cpu":
+        return None
+    if target.type != "cuda":
+        return (
+            f"fastmoe_load loads into CPU memory and CUDA devices only, not {target.type}: "
+            f"{use_cpu}, then move the tensors or model (.to({target.type!r}))"
+        )
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        why = "torch was built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+        return f"no CUDA device here ({why}); {use_cpu}"
+    if (target.index or 0) >= count:
+        return (
+            f"there {'is' if count == 1 else 'are'} only {count} CUDA "
+            f"device{'s' if count > 1 else ''} (cuda:0 to cuda:{count - 1})"
+        )
+    return None
+
+
 def as_index(value: object, what: str, where: str = "", minimum: int = 0) -> int:
     """`value` as an int of at least `minimum`: ints and integer scalars (numpy, 0-d torch
     tensors), never bools. `where` prefixes the message (file and experts prefix)."""

@@ -15,6 +15,7 @@ import torch
 
 from . import _fastmoe_load as native
 from ._fastmoe_load import RequestError
+from ._text import plural
 from ._validate import as_index
 from .staging import DEFAULT_BUFFER_BYTES, DEFAULT_BUFFER_COUNT, StagingPool
 
@@ -236,7 +237,7 @@ class UnsupportedGroup:
     reason: str
 
     def __str__(self) -> str:
-        return f"{self.prefix} ({len(self.tensor_names)} tensors): {self.reason}"
+        return f"{self.prefix} ({plural(len(self.tensor_names), 'tensor')}): {self.reason}"
 
 
 class MoeLayer:
@@ -551,7 +552,7 @@ class Checkpoint:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else f"{len(self.shard_paths)} shard(s)"
+        state = "closed" if self.closed else plural(len(self.shard_paths), "shard")
         return f"Checkpoint({self.path!r}, {state})"
 
 

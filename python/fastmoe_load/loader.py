@@ -272,7 +272,23 @@ def destination_shapes(
     [E, H/group, 2*I/tp]`, `w2_scales [E, I/tp/group, H]` float16, `w13_qzeros [E, H/group,
     2*I/tp/8]`, `w2_qzeros [E, I/tp/group, H/8]` int32; AWQ `w13 [E, H, 2*I/tp/8]`, `w2
     [E, I/tp, H/8]` and the same scales and zero points. Per-tensor companions and biases
-    keep their shapes."""
+    keep their shapes.
+
+    Without `shard`, raises the `RequestError` `load_fused_moe` raises for a `tp_size` that
+    cannot split the experts (the intermediate size into equal shards, on whole packs and
+    scale blocks; the message lists the sizes that fit), rather than shapes no load fills."""
+    where = f"{layer._ckpt.path}: experts at `{layer.prefix}`: "
+    experts = as_index(experts, "experts", where)
+    tp_size = as_index(tp_size, "tp_size", where, minimum=1)
+    if shard is None:
+        if layer.intermediate_size % tp_size:  # the words of `plan_destinations`
+            raise RequestError(
+                f"{where}intermediate size {layer.intermediate_size} does not split into "
+                f"tp_size={tp_size} equal shards"
+            )
+        split_error = layer.tp_split_error(tp_size)
+        if split_error is not None:
+            raise RequestError(split_error)
     first, rows = (0, layer.intermediate_size // tp_size) if shard is None else shard
     n, hidden, pack, out = experts, layer.hidden_size, layer.pack, layer.out_pack
     shapes = {

@@ -16,7 +16,8 @@ import torch
 
 from . import _fastmoe_load as native
 from ._fastmoe_load import RequestError
-from ._validate import as_index
+from ._text import plural
+from ._validate import as_index, device_problem
 from .checkpoint import Checkpoint, MoeLayer
 from .checkpoint import open as open_checkpoint
 from .loader import Destination, destination_shapes, fill, load_fused_moe, plan_destinations
@@ -91,12 +92,12 @@ class ModelLoadReport:
 
     def summary(self) -> str:
         """One line of counts, bytes and time; the fields hold the names."""
-        counts = [f"{self.expert_groups} expert groups"]
+        counts = [plural(self.expert_groups, "expert group")]
         for label, names in (("widened", self.cast), ("tied", self.tied), ("untied", self.untied)):
             if names:
                 counts.append(f"{len(names)} {label}")
         return (
-            f"loaded {len(self.loaded)} weights ({', '.join(counts)}); "
+            f"loaded {plural(len(self.loaded), 'weight')} ({', '.join(counts)}); "
             f"{len(self.missing)} missing, {len(self.unexpected)} unexpected, "
             f"{len(self.mismatched)} mismatched; "
             f"{_gigabytes(self.bytes)} in {self.seconds:.3f} s"
@@ -198,6 +199,7 @@ def load_model(
     """
     if not isinstance(model, torch.nn.Module):
         raise RequestError(f"load_model needs a torch.nn.Module, got {type(model).__name__}")
+    _target_device(model, device)  # a device that cannot be used, before any work
     dense_tp = _rank_of("tp", tp_rank, tp_size)
     expert_tp = _rank_of(
         "expert_tp",
@@ -309,10 +311,10 @@ def _load(
     if materialise and hasattr(model, "initialize_weights"):
         model.initialize_weights()  # what the checkpoint lacks: non-persistent buffers, ...
     logger.info(
-        "%s: loaded %d dense tensors and %d expert groups, %.2f GB in %.3f s (%.1f GB/s)",
+        "%s: loaded %s and %s, %.2f GB in %.3f s (%.1f GB/s)",
         ckpt.path,
-        len(dense),
-        len(groups),
+        plural(len(dense), "dense tensor"),
+        plural(len(groups), "expert group"),
         report.bytes / 1e9,
         report.seconds,
         report.gb_per_s,
@@ -328,11 +330,19 @@ def _scope(expert_tp: tuple[int, int], ep: tuple[int, int]) -> str | None:
 
 
 def _target_device(model: torch.nn.Module, device: torch.device | str | None) -> torch.device:
+    """Where the model is loaded; raises `RequestError` for a device fastmoe_load cannot
+    load into here (no such CUDA device, or not a CPU or CUDA one), before anything is
+    allocated."""
     if device is not None:
-        target = torch.device(device)
+        what = f"device={str(device)!r}"
     else:
         real = [p.device for p in model.parameters() if p.device.type != "meta"]
-        target = real[0] if real else torch.device("cpu")
+        device = real[0] if real else torch.device("cpu")
+        what = f"the model's device, {device}"
+    problem = device_problem(device, "use device='cpu'")
+    if problem is not None:
+        raise RequestError(f"load_model: {what}: {problem}")
+    target = torch.device(device)
     if target.type == "cuda" and target.index is None:
         target = torch.device("cuda", torch.cuda.current_device())
     return target
@@ -717,7 +727,8 @@ def _problems(report: ModelLoadReport) -> str:
         )
     if report.unexpected:
         parts.append(
-            f"{len(report.unexpected)} checkpoint tensors without a place in the model "
+            f"{plural(len(report.unexpected), 'checkpoint tensor')} without a place in the "
+            "model "
             f"({_names(report.unexpected)})"
         )
     return "; ".join(parts)
@@ -727,6 +738,7 @@ def _untied(report: ModelLoadReport) -> str:
     if not report.untied:
         return ""
     return (
+        # Tied weights come at least in pairs.
         f"{len(report.untied)} weights the model ties are stored with different values and "
         f"were loaded untied, as transformers does ({_names(report.untied)}; "
         "tie_word_embeddings=False in config.json says so)"

@@ -4,6 +4,12 @@
     torchrun --nproc-per-node 2 -m fastmoe_load.bench.distributed --device cpu --check
     torchrun --nproc-per-node 2 -m fastmoe_load.bench.distributed --model --check
 
+Rank 0 generates the checkpoint and says where (under $TMPDIR, else /tmp, unless `--dir`);
+it is kept for later runs, which reuse it while the shape matches, and `--clean` removes it
+afterwards. On CPUs the default number of layers is sized for the machine's memory, as for
+`python -m fastmoe_load bench`. A run holds its directory locked: a second bench on the same
+directory refuses at once.
+
 Every rank opens the same generated checkpoint and fills its own `w13`/`w2` for each layer:
 as a TP rank (`--parallel tp`), as an EP rank with linear or round-robin placement
 (`--parallel ep`, `--placement`), or as a data-parallel replica holding every expert
@@ -31,12 +37,15 @@ through fastmoe_load: the rank's slice, cut in torch, of the checkpoint read by 
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
@@ -46,9 +55,14 @@ import fastmoe_load as fml
 from fastmoe_load import FastMoeLoadError
 
 from .._command_line import OneLineParser, check_device, positive_int
-from .generate import Shape, check_dir, default_dir, generate
+from .._text import plural
+from .generate import Shape, announce, check_dir, claim, default_dir, generate, generated, remove
 from .harness import drop_page_cache
-from .model_run import save_random_model
+from .model_run import _description, save_random_model
+from .run import default_layers
+
+# Layers of the whole model of `--model` unless `--layers` says otherwise: a small one.
+MODEL_LAYERS = 8
 
 
 def _read_bytes() -> int:
@@ -303,13 +317,30 @@ def _check_model(path: str, model: torch.nn.Module, ranks) -> bool:
 # ---- the run ----------------------------------------------------------------------------------
 
 
-def main() -> None:
-    parser = OneLineParser(prog="torchrun ... -m fastmoe_load.bench.distributed")
-    parser.add_argument("--parallel", choices=["tp", "ep", "tp-ep", "dp"], default="ep")
+def _parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="torchrun ... -m fastmoe_load.bench.distributed",
+        description="Every rank (one process per GPU, or per CPU rank with --device cpu) fills "
+        "its own experts of a generated checkpoint, or with --model a whole model, and rank 0 "
+        "prints each rank's rate. Start it with torchrun --nproc-per-node N.",
+    )
+    parser.add_argument(
+        "--parallel",
+        choices=["tp", "ep", "tp-ep", "dp"],
+        default="ep",
+        help="how ranks split the experts: tp (each rank its share of every expert's "
+        "intermediate size), ep (whole experts placed over the ranks; default), tp-ep (with "
+        "--model: attention TP-sliced, experts placed), dp (every rank all of it)",
+    )
     parser.add_argument(
         "--share", action="store_true", help="dp: read each expert once, exchange the slices"
     )
-    parser.add_argument("--placement", choices=["linear", "round_robin"], default="linear")
+    parser.add_argument(
+        "--placement",
+        choices=["linear", "round_robin"],
+        default="linear",
+        help="how experts are spread over EP ranks (default: linear)",
+    )
     parser.add_argument(
         "--model", action="store_true", help="a whole Qwen3-MoE model through load_model"
     )
@@ -317,22 +348,65 @@ def main() -> None:
         "--device",
         choices=["cuda", "cpu"],
         default="cuda" if torch.cuda.is_available() else "cpu",
-        help="cuda: NCCL, one GPU per rank; cpu: gloo, CPU destinations",
+        help="cuda: NCCL, one GPU per rank; cpu: gloo, CPU destinations (default: cuda where "
+        "there is a GPU)",
     )
-    parser.add_argument("--layers", type=positive_int, default=8)
-    parser.add_argument("--experts", type=positive_int, help="default: 128, or 5 with --model")
-    parser.add_argument("--hidden", type=positive_int, help="default: 2048, or 64 with --model")
     parser.add_argument(
-        "--intermediate", type=positive_int, help="default: 768, or 40 with --model"
+        "--layers",
+        type=positive_int,
+        help="layers to generate (default: 8 on GPUs; on CPUs as many as an eighth of the "
+        f"memory holds with every rank's copy, at most 8; {MODEL_LAYERS} small ones with "
+        "--model)",
     )
+    for name, meaning, default, model in (
+        ("experts", "routed experts E", 128, 5),
+        ("hidden", "hidden size H", 2048, 64),
+        ("intermediate", "intermediate size I of each expert", 768, 40),
+    ):
+        parser.add_argument(
+            f"--{name}",
+            type=positive_int,
+            help=f"{meaning} (default: {default}, or {model} with --model)",
+        )
     parser.add_argument(
         "--dir",
         help="where the checkpoint is generated: a new or empty directory, or one a bench "
         "generated (reused if it matches; default: under $TMPDIR, else /tmp)",
     )
-    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument(
+        "--clean", action="store_true", help="remove the generated checkpoint after the run"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=3,
+        help="timed loads after one warm-up; each rank reports the median (default 3)",
+    )
     parser.add_argument("--check", action="store_true", help="compare with an independent read")
     parser.add_argument("--cold", action="store_true", help="empty the page cache first")
+    return parser
+
+
+def _layers(args: argparse.Namespace, size: int) -> int:
+    """Layers to generate: `--layers`, else MODEL_LAYERS with `--model`, else sized for the
+    device as `python -m fastmoe_load bench` does, counting every rank's copy on CPUs (dp
+    replicas each hold everything; TP and EP ranks share one copy between them)."""
+    if args.layers:
+        return args.layers
+    if args.model:
+        return MODEL_LAYERS
+    one = Shape(
+        layers=1,
+        experts=args.experts or Shape.experts,
+        hidden=args.hidden or Shape.hidden,
+        intermediate=args.intermediate or Shape.intermediate,
+    )
+    copies = size if args.parallel == "dp" else 1
+    return default_layers(torch.device(args.device), one.layer_bytes * copies)
+
+
+def main() -> None:
+    parser = _parser()
     args = parser.parse_args()
     if args.share and (args.parallel != "dp" or args.model):
         parser.error("--share goes with --parallel dp, without --model")
@@ -343,12 +417,29 @@ def main() -> None:
         )
     default = "fastmoe_model_bench_distributed" if args.model else "fastmoe_bench_distributed"
     path = args.dir or default_dir(default)
-    try:  # on every rank, before any waits for another
-        check_device(args.device)
-        check_dir(path)
-    except FastMoeLoadError as error:
-        parser.exit(1, f"error: {error}\n")
+    first = int(os.environ["RANK"]) == 0
+    with contextlib.ExitStack() as held:
+        try:  # on every rank, before any waits for another
+            check_device(args.device)
+            check_dir(path)
+            if first:  # rank 0 writes the checkpoint: it holds the directory for the run
+                held.enter_context(claim(path))
+        except FastMoeLoadError as error:
+            parser.exit(1, f"error: {error}\n")
+        backend = _run(parser, args, path)
+        if first and args.clean:  # every rank is done with it (the last all_gather)
+            remove(path)
+    if backend == "gloo":
+        # A gloo worker thread may still hold the last collective's tensors and take the GIL
+        # to free them while the interpreter shuts down, which aborts the process now and
+        # then on a busy machine; everything is written, so leave without that shutdown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, path: str) -> str:
+    """The run itself, on every rank; returns the process group's backend."""
     backend = "nccl" if args.device == "cuda" else "gloo"
     dist.init_process_group(backend)
     rank, size = dist.get_rank(), dist.get_world_size()
@@ -365,8 +456,17 @@ def main() -> None:
 
         transformers_logging.disable_progress_bar()
         experts = args.experts or 5
-        config = _model_config(args.layers, experts, args.hidden or 64, args.intermediate or 40)
+        layers = _layers(args, size)
+        hidden, intermediate = args.hidden or 64, args.intermediate or 40
+        config = _model_config(layers, experts, hidden, intermediate)
         if rank == 0:
+            announce(
+                path,
+                f"Qwen3-MoE model, {plural(layers, 'layer')} of {experts} experts, H={hidden}, "
+                f"I={intermediate}",
+                generated(path, "model", _description(config)),
+                args.clean,
+            )
             save_random_model(path, config)
         dist.barrier()
         parallel = _model_request(args.parallel, args.placement, rank, size, experts)
@@ -382,10 +482,10 @@ def main() -> None:
         def check(model):
             return _check_model(path, model, parallel)
 
-        what = f"Qwen3-MoE model ({args.layers} layers, {experts} experts), "
+        what = f"Qwen3-MoE model ({plural(layers, 'layer')}, {experts} experts), "
     else:
         shape = Shape(
-            layers=args.layers,
+            layers=_layers(args, size),
             experts=args.experts or Shape.experts,
             hidden=args.hidden or Shape.hidden,
             intermediate=args.intermediate or Shape.intermediate,
@@ -393,6 +493,13 @@ def main() -> None:
         if args.share and shape.experts % size:
             parser.error(f"--share needs the {shape.experts} experts to split evenly")
         if rank == 0:
+            announce(
+                path,
+                f"{plural(shape.layers, 'layer')} of E={shape.experts}, H={shape.hidden}, "
+                f"I={shape.intermediate}, bf16, fused v5, {shape.total_bytes / 1e9:.3g} GB",
+                generated(path, "experts", asdict(shape)),
+                args.clean,
+            )
             generate(path, shape)
         dist.barrier()
         request = _request(shape, args.parallel, args.placement, rank, size)
@@ -453,13 +560,7 @@ def main() -> None:
             f"({landed / 1e9:.2f} GB in {slowest:.3f} s)"
         )
     dist.destroy_process_group()
-    if backend == "gloo":
-        # A gloo worker thread may still hold the last collective's tensors and take the GIL
-        # to free them while the interpreter shuts down, which aborts the process now and
-        # then on a busy machine; everything is written, so leave without that shutdown.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    return backend
 
 
 if __name__ == "__main__":

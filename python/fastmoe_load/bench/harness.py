@@ -5,6 +5,7 @@ and its legend."""
 from __future__ import annotations
 
 import ctypes
+import math
 import mmap
 import os
 import platform
@@ -19,6 +20,7 @@ import torch
 
 import fastmoe_load as fml
 
+from .._text import plural
 from .generate import Shape
 from .seed import seed_load, shard_of_tensors
 
@@ -45,6 +47,28 @@ CPU_CASES = [Case("TP=1"), Case("TP=2 rank 1", tp_rank=1, tp_size=2)]
 CUDA_CASES = [*CPU_CASES, Case("EP=4 rank 1", ep_rank=1, ep_size=4)]
 
 
+# A row's figure is rough (marked `~`) with fewer timed runs than this, or when its runs
+# spread by more than ROUGH_SPREAD of their median ((max - min) / median): on a busy machine
+# one run can land anywhere, and a ratio between two such rows means little.
+MIN_RUNS = 3
+ROUGH_SPREAD = 0.25
+# Timed runs a row gets when --repeats is not given: on a CPU, enough that the fastest row
+# of a group is timed for MIN_ROW_SECONDS in all (short runs are the noisy ones), between
+# DEFAULT_REPEATS and MAX_REPEATS, and no more than GROUP_SECONDS for the whole group.
+DEFAULT_REPEATS = 5
+MAX_REPEATS = 25
+MIN_ROW_SECONDS = 2.0
+GROUP_SECONDS = 60.0
+
+
+def auto_repeats(warm_up_seconds: list[float]) -> int:
+    """Timed runs for a group of rows whose warm-up runs took `warm_up_seconds` each."""
+    fastest, group = max(min(warm_up_seconds), 1e-6), max(sum(warm_up_seconds), 1e-6)
+    wanted = math.ceil(MIN_ROW_SECONDS / fastest)
+    affordable = math.floor(GROUP_SECONDS / group)
+    return max(DEFAULT_REPEATS, min(wanted, affordable, MAX_REPEATS))
+
+
 @dataclass
 class Row:
     path: str
@@ -56,6 +80,16 @@ class Row:
     @property
     def median(self) -> float:
         return statistics.median(self.seconds)
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median of the timed runs."""
+        return (max(self.seconds) - min(self.seconds)) / self.median
+
+    @property
+    def rough(self) -> bool:
+        """Whether the figure is too noisy to mean much (see MIN_RUNS, ROUGH_SPREAD)."""
+        return len(self.seconds) < MIN_RUNS or self.spread > ROUGH_SPREAD
 
     @property
     def gb_per_s(self) -> float:
@@ -70,7 +104,8 @@ class Bench:
     path: str
     shape: Shape
     device: torch.device
-    repeats: int
+    # Timed runs a row; None: DEFAULT_REPEATS on a GPU, `auto_repeats` on a CPU.
+    repeats: int | None
     threads: int | None
     # The row label (its start) of the machine's limit the last column divides by.
     reference: str
@@ -78,6 +113,9 @@ class Bench:
 
     def add(self, rows: list[Row]) -> None:
         if not self.rows:
+            note = rough_note(self)
+            if note is not None:
+                print(note, flush=True)
             print(table_header(self.reference), flush=True)
         self.rows.extend(rows)
         for row in rows:
@@ -119,7 +157,10 @@ class Bench:
         destination = "own tensors" if own_memory else "pre-touched" if touched else "fresh"
         rows = {name: Row(name, case.label, destination) for name in contenders}
         kept = [] if own_memory else self.destinations(case, True) if touched else None
-        for run in range(self.repeats + 1):
+        warm_up: list[float] = []
+        runs = 1 + (self.repeats or DEFAULT_REPEATS)
+        run = 0
+        while run < runs:
             for name, load in contenders.items():
                 if own_memory and self.device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -132,7 +173,12 @@ class Bench:
                 self.sync()
                 if run:
                     rows[name].seconds.append(time.perf_counter() - start)
+                else:
+                    warm_up.append(time.perf_counter() - start)
                 del current
+            if run == 0 and self.repeats is None and self.device.type != "cuda":
+                runs = 1 + auto_repeats(warm_up)
+            run += 1
         self.add(list(rows.values()))
 
     # -- contenders ---------------------------------------------------------------------
@@ -271,7 +317,7 @@ class Bench:
             "-",
             nbytes=nbytes,
         )
-        for run in range(self.repeats + 1):
+        for run in range(1 + (self.repeats or DEFAULT_REPEATS)):
             self.sync()
             start = time.perf_counter()
             device.copy_(host, non_blocking=pinned)
@@ -347,10 +393,39 @@ def table_line(row: Row, rows: list[Row], reference: str) -> str:
     ref = rate_of(reference, row.case, row.destination) or rate_of(reference, "-", "-")
     vs_seed = f"{row.gb_per_s / seed:7.2f}" if seed else f"{'':>7}"
     vs_ref = f"{row.gb_per_s / ref:9.2f}" if ref else f"{'':>9}"
-    return (
-        f"{row.path:<46} {row.case:<12} {row.destination:<12} {row.gb_per_s:7.2f} "
-        f"{vs_seed} {vs_ref}"
-    )
+    rate = ("~" if row.rough else "") + f"{row.gb_per_s:.2f}"
+    return f"{row.path:<46} {row.case:<12} {row.destination:<12} {rate:>7} {vs_seed} {vs_ref}"
+
+
+ROUGH = (
+    f"~ marks a rough figure, noise more than measurement: fewer than {MIN_RUNS} timed runs, "
+    f"or runs more than {ROUGH_SPREAD:.0%} of their median apart (max - min); ratios to it "
+    "are as rough. More --repeats, on a quieter machine, firm it up"
+)
+
+
+def _runs(bench: Bench) -> str:
+    """How many timed runs the rows had: `5 runs`, `1 run` or `5 to 12 runs` (on a CPU without
+    --repeats, enough for the fastest row of each group to be timed for a while)."""
+    counts = sorted({len(row.seconds) for row in bench.rows}) or [bench.repeats or 0]
+    low, high = counts[0], counts[-1]
+    runs = plural(low, "run") if low == high else f"{low} to {high} runs"
+    if bench.repeats is None and bench.device.type != "cuda":
+        runs += (
+            f" (as many as time the fastest row of a group for {MIN_ROW_SECONDS:.0f} s, "
+            f"{DEFAULT_REPEATS} to {MAX_REPEATS}; --repeats sets them)"
+        )
+    return runs
+
+
+def rough_note(bench: Bench) -> str | None:
+    """A line to print before the table when every figure will be rough."""
+    if bench.repeats is not None and bench.repeats < MIN_RUNS:
+        return (
+            f"--repeats {bench.repeats}: {plural(bench.repeats, 'timed run')} a row, so every "
+            f"figure below is rough (~); {MIN_RUNS} or more make them mean something"
+        )
+    return None
 
 
 def legend(bench: Bench, cold: bool = False) -> str:
@@ -386,8 +461,8 @@ def legend(bench: Bench, cold: bool = False) -> str:
         ("destination", "; ".join(text for kind, text in kinds.items() if kind in destinations)),
         (
             "GB/s",
-            f"bytes landed in the destinations per second, median of {bench.repeats} runs "
-            f"after one warm-up; page cache {cache}",
+            f"bytes landed in the destinations per second, median of {_runs(bench)} after one "
+            f"warm-up; page cache {cache}. {ROUGH}",
         ),
         ("x seed", "that rate over the seed path's, same case and destination"),
         (column, f"that rate over {meaning}"),

@@ -12,7 +12,17 @@ import torch
 
 import fastmoe_load as fml
 
-from .generate import announce, check_dir, default_dir, finish, generated, prepare, remove
+from .._text import plural
+from .generate import (
+    announce,
+    check_dir,
+    claim,
+    default_dir,
+    finish,
+    generated,
+    prepare,
+    remove,
+)
 
 
 def qwen3_moe_config(layers: int):
@@ -67,14 +77,15 @@ def main(
     config = qwen3_moe_config(layers)
     path = directory or default_dir("fastmoe_model_bench")
     check_dir(path)
-    reused = generated(path, "model", _description(config))
-    announce(path, f"Qwen3-MoE shapes, {layers} layers", reused, clean)
-    try:
-        save_random_model(path, config)
-        _compare(path, torch.device(device), repeats)
-    finally:
-        if clean:
-            remove(path)
+    with claim(path):  # no other bench writes or removes it meanwhile
+        reused = generated(path, "model", _description(config))
+        announce(path, f"Qwen3-MoE shapes, {plural(layers, 'layer')}", reused, clean)
+        try:
+            save_random_model(path, config)
+            _compare(path, torch.device(device), repeats)
+        finally:
+            if clean:
+                remove(path)
 
 
 def _compare(path: str, target: torch.device, repeats: int) -> None:

@@ -52,11 +52,13 @@ from tqdm import tqdm
 import fastmoe_load as fml
 
 from .._fastmoe_load import RequestError
+from .._text import plural
 from ..engines.spec import ExpertLayerSpec, fill_layer
 from .generate import (
     Shape,
     announce,
     check_dir,
+    claim,
     default_dir,
     finish,
     generate,
@@ -563,7 +565,7 @@ def main(
     device: str = "cpu",
     layers: int | None = None,
     directory: str | None = None,
-    repeats: int = 5,
+    repeats: int | None = None,
     threads: int | None = None,
     clean: bool = False,
     experts: int | None = None,
@@ -598,56 +600,57 @@ def main(
     root = directory or default_dir(f"fastmoe_bench_{scheme}")
     path, bf16_path = os.path.join(root, scheme), os.path.join(root, "bf16")
     _check_root(root, scheme)
-    announce(
-        path,
-        f"{shape.layers} layer(s) of {shape.experts} experts, H={shape.hidden}, "
-        f"I={shape.intermediate}, {STORED[scheme]}, {shape.total_bytes / 1e9:.3g} GB",
-        generated(path, scheme, asdict(shape)),
-        clean,
-    )
-    announce(
-        bf16_path,
-        f"bf16 fused, {bf16_shape.layers} layer(s) of E={bf16_shape.experts}, "
-        f"H={bf16_shape.hidden}, I={bf16_shape.intermediate}, "
-        f"{bf16_shape.total_bytes / 1e9:.3g} GB",
-        generated(bf16_path, "experts", asdict(bf16_shape)),
-        clean,
-    )
-    try:
-        generate_fp8(path, shape)
-        generate(bf16_path, bf16_shape)
-        print(describe_machine(dev, path), flush=True)
-        reference = "fastmoe_load bf16"
-        fp8 = Fp8Bench(path, shape, dev, repeats, threads, reference)  # type: ignore[arg-type]
-        bf16 = Bench(bf16_path, bf16_shape, dev, repeats, threads, reference, rows=fp8.rows)
-        if dev.type == "cuda":
-            fp8.link_rate(pinned=True)  # the physical limit, measured in the same run
-        cases = [Case("TP=1"), Case("TP=2 rank 1", tp_rank=1, tp_size=2)]
-        ep = min(8, shape.experts)
-        if ep > 1:
-            cases.append(Case(f"EP={ep} rank 1", ep_rank=1, ep_size=ep))
-        cases += served_cases(scheme, shape)
-        seed_label = (
-            "seed: vLLM gpt-oss mxfp4 loop + scales"
-            if scheme == "mxfp4"
-            else f"seed: vLLM per-expert loop, {scheme} + scales"
+    with claim(path), claim(bf16_path):  # no other bench writes or removes them meanwhile
+        announce(
+            path,
+            f"{plural(shape.layers, 'layer')} of {shape.experts} experts, H={shape.hidden}, "
+            f"I={shape.intermediate}, {STORED[scheme]}, {shape.total_bytes / 1e9:.3g} GB",
+            generated(path, scheme, asdict(shape)),
+            clean,
         )
-        for case in cases:
-            # bf16 first, so that the quantized rows print with their ratio to it.
-            bf16.compare(case, {"fastmoe_load bf16 fused": bf16.fastmoe(case)})
-            fp8.compare(
-                case,
-                {
-                    f"fastmoe_load {scheme} + scales": fp8.fastmoe(case),
-                    seed_label: fp8.seed(case),
-                },
+        announce(
+            bf16_path,
+            f"bf16 fused, {plural(bf16_shape.layers, 'layer')} of E={bf16_shape.experts}, "
+            f"H={bf16_shape.hidden}, I={bf16_shape.intermediate}, "
+            f"{bf16_shape.total_bytes / 1e9:.3g} GB",
+            generated(bf16_path, "experts", asdict(bf16_shape)),
+            clean,
+        )
+        try:
+            generate_fp8(path, shape)
+            generate(bf16_path, bf16_shape)
+            print(describe_machine(dev, path), flush=True)
+            reference = "fastmoe_load bf16"
+            fp8 = Fp8Bench(path, shape, dev, repeats, threads, reference)  # type: ignore[arg-type]
+            bf16 = Bench(bf16_path, bf16_shape, dev, repeats, threads, reference, rows=fp8.rows)
+            if dev.type == "cuda":
+                fp8.link_rate(pinned=True)  # the physical limit, measured in the same run
+            cases = [Case("TP=1"), Case("TP=2 rank 1", tp_rank=1, tp_size=2)]
+            ep = min(8, shape.experts)
+            if ep > 1:
+                cases.append(Case(f"EP={ep} rank 1", ep_rank=1, ep_size=ep))
+            cases += served_cases(scheme, shape)
+            seed_label = (
+                "seed: vLLM gpt-oss mxfp4 loop + scales"
+                if scheme == "mxfp4"
+                else f"seed: vLLM per-expert loop, {scheme} + scales"
             )
-        print()
-        print(legend(fp8))
-    finally:
-        if clean:
-            remove(path)
-            remove(bf16_path)
-            if os.path.isdir(root) and not os.listdir(root):
-                os.rmdir(root)
+            for case in cases:
+                # bf16 first, so that the quantized rows print with their ratio to it.
+                bf16.compare(case, {"fastmoe_load bf16 fused": bf16.fastmoe(case)})
+                fp8.compare(
+                    case,
+                    {
+                        f"fastmoe_load {scheme} + scales": fp8.fastmoe(case),
+                        seed_label: fp8.seed(case),
+                    },
+                )
+            print()
+            print(legend(fp8))
+        finally:
+            if clean:
+                remove(path)
+                remove(bf16_path)
+                if os.path.isdir(root) and not os.listdir(root):
+                    os.rmdir(root)
     return fp8.rows

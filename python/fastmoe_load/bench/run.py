@@ -15,7 +15,8 @@ from dataclasses import asdict, replace
 
 import torch
 
-from .generate import Shape, announce, check_dir, default_dir, generate, generated, remove
+from .._text import plural
+from .generate import Shape, announce, check_dir, claim, default_dir, generate, generated, remove
 from .harness import (
     CPU_CASES,
     CUDA_CASES,
@@ -39,7 +40,7 @@ def main(
     device: str = "cpu",
     layers: int | None = None,
     directory: str | None = None,
-    repeats: int = 5,
+    repeats: int | None = None,
     threads: int | None = None,
     explore: bool = False,
     cold: bool = False,
@@ -64,36 +65,39 @@ def main(
     shape = replace(shape, layers=layers or default_layers(dev, shape.layer_bytes))
     path = directory or default_dir("fastmoe_bench" + ("_transposed" if transposed else ""))
     check_dir(path)
-    layout = "fused transposed" if transposed else "fused v5"
-    announce(
-        path,
-        f"{shape.layers} layers of E={shape.experts}, H={shape.hidden}, I={shape.intermediate}, "
-        f"bf16, {layout}, {shape.total_bytes / 1e9:.3g} GB",
-        generated(path, "experts", asdict(shape)),
-        clean,
-    )
-    if explore and dev.type != "cuda":
-        print(
-            "--explore: the extra rows time the parts of a CUDA load (the fill of pinned "
-            "staging buffers alone, the copies to the GPU alone, other buffer sizes); a CPU "
-            "load has no staging, so this run has the usual rows only"
+    with claim(path):  # no other bench writes or removes it meanwhile
+        layout = "fused transposed" if transposed else "fused v5"
+        announce(
+            path,
+            f"{plural(shape.layers, 'layer')} of E={shape.experts}, H={shape.hidden}, "
+            f"I={shape.intermediate}, bf16, {layout}, {shape.total_bytes / 1e9:.3g} GB",
+            generated(path, "experts", asdict(shape)),
+            clean,
         )
-    reference = "disk read" if cold else "pinned host->device" if dev.type == "cuda" else "memcpy"
-    try:
-        generate(path, shape)
-        print(describe_machine(dev, path), flush=True)
-        bench = Bench(path, shape, dev, repeats, threads, reference)
-        if cold:
-            _run_cold(bench)
-        elif dev.type == "cuda":
-            _run_cuda(bench, explore)
-        else:
-            _run_cpu(bench)
-        print()
-        print(legend(bench, cold))
-    finally:
-        if clean:
-            remove(path)
+        if explore and dev.type != "cuda":
+            print(
+                "--explore: the extra rows time the parts of a CUDA load (the fill of pinned "
+                "staging buffers alone, the copies to the GPU alone, other buffer sizes); a CPU "
+                "load has no staging, so this run has the usual rows only"
+            )
+        reference = (
+            "disk read" if cold else "pinned host->device" if dev.type == "cuda" else "memcpy"
+        )
+        try:
+            generate(path, shape)
+            print(describe_machine(dev, path), flush=True)
+            bench = Bench(path, shape, dev, repeats, threads, reference)
+            if cold:
+                _run_cold(bench)
+            elif dev.type == "cuda":
+                _run_cuda(bench, explore)
+            else:
+                _run_cpu(bench)
+            print()
+            print(legend(bench, cold))
+        finally:
+            if clean:
+                remove(path)
     return bench
 
 

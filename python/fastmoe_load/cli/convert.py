@@ -60,6 +60,7 @@ import torch
 
 from .. import _fastmoe_load as native
 from .._fastmoe_load import RequestError
+from .._text import plural
 from ..checkpoint import _DTYPES, Checkpoint, MoeLayer
 from ..checkpoint import open as open_checkpoint
 from ..loader import load_fused_moe
@@ -119,14 +120,14 @@ class ConvertReport:
     seconds: float = 0.0
 
     def summary(self) -> str:
-        groups = f"{len(self.converted)} expert groups converted to {self.to}"
+        groups = f"{plural(len(self.converted), 'expert group')} converted to {self.to}"
         if self.kept:
             groups += f", {len(self.kept)} already {self.to}"
         files = f"; copied {', '.join(self.copied_files)}" if self.copied_files else ""
         return (
-            f"wrote {self.dst}: {self.tensors} tensors ({format_bytes(self.bytes)}) in "
-            f"{self.shards} shard{'s' if self.shards != 1 else ''}, {self.seconds:.1f} s: "
-            f"{groups}, {self.unchanged_tensors} other tensors unchanged{files}"
+            f"wrote {self.dst}: {plural(self.tensors, 'tensor')} ({format_bytes(self.bytes)}) "
+            f"in {plural(self.shards, 'shard')}, {self.seconds:.1f} s: "
+            f"{groups}, {plural(self.unchanged_tensors, 'other tensor')} unchanged{files}"
         )
 
 
@@ -623,10 +624,9 @@ def convert(
         outputs, report, metadata = plan_outputs(ckpt, to, expert_names)
         if not report.converted:
             logger.warning(
-                "nothing to convert: every routed-expert group is already %s "
-                "(%d groups); writing a copy",
+                "nothing to convert: every routed-expert group is already %s (%s); writing a copy",
                 to,
-                len(report.kept),
+                plural(len(report.kept), "group"),
             )
         side_files = _side_files(src_path)
         if not any(f.name == "config.json" for f in side_files):

@@ -13,6 +13,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .._text import plural
 from ..checkpoint import Checkpoint, MoeLayer, UnsupportedWarning
 from ..placement import Strategy, expert_placement
 from ..progress import format_bytes
@@ -186,7 +187,11 @@ def inspect_checkpoint(
     names = ckpt.keys()
     expert_tensors = sum(len(layer.tensors) for layer in layers)
     logger.info(
-        "%d routed-expert groups hold %d of %d tensors", len(layers), expert_tensors, len(names)
+        "%s hold%s %d of %d tensors",
+        plural(len(layers), "routed-expert group"),
+        "s" if len(layers) == 1 else "",
+        expert_tensors,
+        len(names),
     )
     return Report(
         path=ckpt.path,
@@ -251,7 +256,7 @@ def _percent(part: int, whole: int) -> str:
 
 
 def format_report(report: Report) -> str:
-    shards = f"{len(report.shards)} shard{'s' if len(report.shards) != 1 else ''}"
+    shards = plural(len(report.shards), "shard")
     experts = format_bytes(report.expert_bytes)
     share = _percent(report.expert_bytes, report.tensor_bytes)
     ranks = report.tp_size * report.ep_size
@@ -260,10 +265,10 @@ def format_report(report: Report) -> str:
         f"files       {shards}, {format_bytes(report.file_bytes)}",
         f"model_type  {report.model_type or '-'}",
         f"tensors     {report.num_tensors}, {format_bytes(report.tensor_bytes)}; "
-        f"{len(report.layers)} routed-expert group{'s' if len(report.layers) != 1 else ''} "
+        f"{plural(len(report.layers), 'routed-expert group')} "
         f"hold{'s' if len(report.layers) == 1 else ''} {experts} ({share})",
         f"ranks       tp={report.tp_size} x ep={report.ep_size} "
-        f"({report.placement} placement): {ranks} rank{'s' if ranks != 1 else ''}",
+        f"({report.placement} placement): {plural(ranks, 'rank')}",
     ]
     if report.quantization_config:
         lines.append(f"quantized   {report.quantization_config}: not loaded by fastmoe_load")
@@ -271,10 +276,11 @@ def format_report(report: Report) -> str:
         groups = len(report.unsupported)
         lines += [
             "",
-            f"{groups} group{'s' if groups != 1 else ''} of expert tensors cannot be loaded:",
+            f"{plural(groups, 'group')} of expert tensors cannot be loaded:",
         ]
         lines += [
-            f"  {g.prefix} ({len(g.tensors)} tensors): {g.reason}" for g in report.unsupported
+            f"  {g.prefix} ({plural(len(g.tensors), 'tensor')}): {g.reason}"
+            for g in report.unsupported
         ]
     if not report.layers:
         return "\n".join([*lines, "", "no routed-expert groups found"])

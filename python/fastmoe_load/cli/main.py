@@ -15,6 +15,7 @@ import sys
 import warnings
 from collections.abc import Iterator
 
+from .. import __version__
 from .._command_line import OneLineParser, check_device, device_choice, positive_int
 from .._fastmoe_load import FastMoeLoadError, RequestError
 
@@ -48,6 +49,9 @@ def _common() -> argparse.ArgumentParser:
 
 def _parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog=PROG, description="Load Mixture-of-Experts checkpoints, fast.")
+    parser.add_argument(
+        "--version", action="version", version=f"fastmoe_load {__version__}", help="and exit"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = _common()
 
@@ -125,7 +129,11 @@ def _parser() -> argparse.ArgumentParser:
         "--clean", action="store_true", help="remove the generated checkpoint after the run"
     )
     bench.add_argument(
-        "--repeats", type=positive_int, default=5, help="timed runs per row (median; default 5)"
+        "--repeats",
+        type=positive_int,
+        help="timed runs per row, after one warm-up (the median is shown; default: 5 on a GPU "
+        "and with --model; on a CPU, as many as time the fastest row of each group for 2 s, "
+        "5 to 25); fewer than 3 give rough figures, marked ~",
     )
     bench.add_argument(
         "--threads", type=positive_int, help="copy threads (default: CPUs, at most 16)"
@@ -263,7 +271,7 @@ def _bench(args: argparse.Namespace) -> None:
             ) from None
         from ..bench.model_run import main as bench_model
 
-        bench_model(args.device, args.layers or 2, args.dir, args.repeats, args.clean)
+        bench_model(args.device, args.layers or 2, args.dir, args.repeats or 5, args.clean)
         return
     if args.quant:
         given = [f"--{name}" for name in ("explore", "cold", "transposed") if getattr(args, name)]
