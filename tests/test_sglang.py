@@ -1,7 +1,9 @@
 """The SGLang adapter (`fastmoe_load.engines.sglang`) against SGLang 0.5.23's own expert loading,
 bit for bit: TP ranks, EP ranks, redundant experts placed by expert-location metadata,
 fused shared-expert slots, per-expert and fused checkpoints (Qwen3-MoE, Mixtral, DeepSeek-V3,
-gpt-oss with its interleaved rows and float32 biases).
+gpt-oss with its interleaved rows and float32 biases), and quantized experts (DeepSeek-V3 fp8
+block scales, ModelOpt NVFP4, compressed-tensors int4, gpt-oss mxfp4) in SGLang's own
+quantized layers.
 
 Two references, for each case:
 
@@ -12,7 +14,9 @@ Two references, for each case:
   pins CUDA builds (torch 2.14.1, `sglang-kernel`, `flashinfer`), so it is not a test
   dependency; the layers build on a CPU with the wheel installed `--no-deps` and a few pure
   Python packages (`scripts/engine-env sglang`).
-- `reference`: `sglang_reference.py`, a re-implementation of that code path, run everywhere.
+- `reference`: `sglang_reference.py`, a re-implementation of that code path, run everywhere;
+  for quantized experts, layers shaped as SGLang's methods create them, compared with slices
+  of the files cut by hand.
 
 An SGLang engine itself does not run here: its CPU backend needs a from-source `sgl-kernel`
 build with AVX-512/AMX kernels (this machine has AVX2 only), and its GPU backends CUDA.
@@ -638,3 +642,35 @@ def test_quantized_layers_match_hand_slices(quantized, placement: str) -> None:
         assert torch.equal(param.data.view(torch.uint8), expected.contiguous().view(torch.uint8)), (
             name
         )
+
+
+def test_sglang_model_loader_fills_fp8_block_experts(tmp_path) -> None:
+    """`FastMoeModelLoader.load_model` on a DeepSeek-V3 fp8 checkpoint (SGLang's own
+    `Fp8MoEMethod` layer, TP rank 1 of 2): the experts' weights and block scales are filled,
+    every other tensor, the shared expert's included, goes to the model's `load_weights`, and
+    the layer equals SGLang's loading of the whole checkpoint."""
+    pytest.importorskip("sglang.srt.layers.moe.fused_moe_triton.layer")
+    from fastmoe_load.engines.sglang_loader import FastMoeModelLoader
+    from sglang.srt.configs.load_config import LoadConfig
+
+    path = quantized_checkpoint("fp8-block", tmp_path / "deepseek-v3-fp8")
+    config = QUANT_PLACEMENTS["tp2-rank1"]
+    loader = FastMoeModelLoader(LoadConfig(load_format=FastMoeModelLoader))
+    with sglang_ranks(config, 4), fml.open(path) as ckpt:
+        group = ckpt.moe_layers()[0]
+        model = torch.nn.Module()
+        model.model = torch.nn.Module()
+        model.model.layers = torch.nn.ModuleList([torch.nn.Module(), torch.nn.Module()])
+        model.model.layers[1].mlp = torch.nn.Module()
+        model.model.layers[1].mlp.experts = build_sglang_quantized(ckpt, group, 1, config)
+        reference = build_sglang_quantized(ckpt, group, 1, config)
+        load_quantized_like_sglang(reference, ckpt, group, group.tensor_names)
+        handed_over: list[str] = []
+        model.load_weights = lambda weights: handed_over.extend(name for name, _ in weights)
+        loader.initialize_model_for_startup = lambda **_: model
+        model_config = type("ModelConfig", (), {"model_path": str(path), "dtype": torch.bfloat16})
+        device = type("DeviceConfig", (), {"device": "cpu"})
+        assert loader.load_model(model_config=model_config, device_config=device) is model
+        assert sorted(handed_over) == sorted(set(ckpt.keys()) - set(group.tensor_names))
+        assert any("shared_experts" in name for name in handed_over)
+    assert_quantized_state(model.model.layers[1].mlp.experts, reference, "load_model fp8")

@@ -5,20 +5,39 @@
 a checkpoint expert group names, for the layer's own TP rank and expert placement, through
 the shared filler, and returns the checkpoint tensor names it consumed, so that the model's
 own `load_weights` takes only the others (`engines.sglang_loader` is the model loader built
-on it). This
-module does not import SGLang; it relies on these attributes of an expert layer (`FusedMoE`
-and its subclasses), which its tests pin:
+on it). This module does not import SGLang; it relies on these attributes of an expert layer
+(`FusedMoE` and its subclasses), which its tests pin:
 
-- parameters `w13_weight [E_local, 2*I/tp, H]` (gate rows, then up rows; gpt-oss's
-  interleaved rows stay interleaved) and `w2_weight [E_local, H, I/tp]`; the module is named
-  as its checkpoint experts' prefix (`model.layers.N.mlp.experts`);
-- `moe_tp_rank`, `moe_tp_size`; `moe_ep_rank` (or `_expert_storage_rank` under elastic EP);
-  `num_local_experts` and `num_fused_shared_experts` (fused shared-expert slots follow the
-  routed ones); `layer_id`, `uses_expert_location`;
-- `quant_method` (an `UnquantizedFusedMoEMethod`), `weight_load_method` (None),
-  `use_triton_kernels`, `use_flashinfer_trtllm_moe`, `use_presharded_weights` (all false)
-  and `moe_runner_config.is_gated` (true): the layers whose `weight_loader` writes the
-  layout above.
+- weights `w13_weight [E_local, 2*I/tp, H/pack]` (gate rows, then up rows; gpt-oss's
+  interleaved rows stay interleaved) and `w2_weight [E_local, H, I/tp/pack]`, or the WNA16
+  schemes' input-first `w13_weight_packed`, `w2_weight_packed`; the module is named as its
+  checkpoint experts' prefix (`model.layers.N.mlp.experts`);
+- `moe_tp_rank`, `moe_tp_size`; `moe_ep_rank` (or `_expert_storage_rank` under elastic EP),
+  `moe_ep_size`; `num_local_experts` and `num_fused_shared_experts` (fused shared-expert
+  slots follow the routed ones); `layer_id`, `uses_expert_location`;
+- `quant_method` (and, for compressed-tensors, the layer's `scheme`), `weight_load_method`
+  (None), `use_triton_kernels`, `use_flashinfer_trtllm_moe`, `use_presharded_weights` (all
+  false) and `moe_runner_config.is_gated` (true): the layers whose `weight_loader` writes
+  the layout above.
+
+The layers filled, each checked bit for bit against SGLang's own `weight_loader` (and, for
+gpt-oss, `GptOssForCausalLM`'s loading) at TP 1 and 2, on EP ranks with redundant experts:
+
+- unquantized (`UnquantizedFusedMoEMethod`) of the checkpoint's dtype;
+- fp8 with block scales (`Fp8MoEMethod`, DeepSeek-V3/R1, Qwen3-FP8): `w13_weight_scale_inv
+  [E_local, 2*I/tp/128, H/128]`, `w2_weight_scale_inv [E_local, H/128, I/tp/128]` float32
+  (SGLang requires I/tp to fall on the blocks);
+- ModelOpt NVFP4 (`ModelOptNvFp4FusedMoEMethod`): uint8 weights, `w13_weight_scale` float8
+  group scales, `w13_weight_scale_2 [E_local, 2]`, `w2_weight_scale_2 [E_local]`; its input
+  scales are left to SGLang's loader (it keeps them for every physical expert, one value for
+  gate and up, whichever it reads last);
+- compressed-tensors int4 (`CompressedTensorsWNA16MoE`, symmetric, group strategy, Kimi-K2),
+  input-first as SGLang transposes them: `w13_weight_packed [E_local, H/8, 2*I/tp]`,
+  `w13_weight_scale [E_local, H/group, 2*I/tp]`, `w2_weight_packed [E_local, I/tp/8, H]`,
+  `w2_weight_scale [E_local, I/tp/group, H]`, `w13_weight_shape` (the up projection's);
+- gpt-oss mxfp4 (`Mxfp4MoEMethod`), as SGLang's gpt-oss loader cuts it: `cdiv(I/32, tp)`
+  whole blocks per TP rank (the last fewer) in the leading corner of parameters its kernels
+  may round up, and linear EP slices.
 
 Placement, as `FusedMoE.weight_loader` does it: routed slot `s` of EP rank `r` holds
 physical expert `p = r * R + s` (`R` routed slots per rank), which is checkpoint (logical)
@@ -26,13 +45,19 @@ expert `location.physical_to_logical_map_cpu[layer_id, p]` where SGLang has expe
 metadata (EPLB, redundant experts; `get_global_expert_location_metadata()`) covering the
 layer, else `p`.
 
-Layers other than these are left, with their checkpoint tensors, to the model's
-`load_weights`: quantized ones, those of another dtype than the checkpoint (no casts), those
-whose kernels want another layout (triton-kernels' transposed weights, FlashInfer TRT-LLM's
-up-first rows, pre-sharded or padded weights). Biases (gpt-oss) always go through
-`load_weights`: SGLang keeps them in float32 and zeroes `w2` biases off TP rank 0 in the
-model's code; fastmoe_load never casts. Fused shared-expert slots are filled by
-`load_weights` from the checkpoint's `shared_experts`.
+Left, with their checkpoint tensors, to the model's `load_weights` (the log says why for
+each): other quantization methods and variants (per-tensor fp8, whose single input scale
+SGLang takes from whichever of gate and up it reads last; MXFP8 and FP4-expert `Fp8MoEMethod`
+layers; NVFP4 quantized online; WNA16 with zero points, which SGLang does not transpose as it
+does the weights, or with activation order; per-expert mxfp4); gpt-oss mxfp4 under EPLB
+(its loader slices experts linearly); unquantized layers of another dtype than the checkpoint
+(no casts); kernels that want another layout (triton-kernels' transposed weights, FlashInfer
+TRT-LLM's or a method's up-first rows, pre-sharded or AITER-padded weights). Biases (gpt-oss)
+always go through `load_weights`: SGLang keeps the bf16 model's in float32 and zeroes `w2`
+biases off TP rank 0 in the model's code. Fused shared-expert slots are filled by
+`load_weights` from the checkpoint's `shared_experts`: they are one dense MLP a layer
+(1/257 of DeepSeek-V3's expert bytes), not an expert group the copy plans read, and SGLang
+may quantize them on the way into FP4 slots or place them per EP rank (DeepEP).
 """
 
 from __future__ import annotations
