@@ -25,6 +25,76 @@ class UnquantizedFusedMoEMethod:
     """Stands for SGLang's class of that name (`fastmoe_load.engines.sglang` checks the name)."""
 
 
+# Stand-ins for SGLang's quantized MoE methods (the adapter reads their class names and these
+# attributes), each with the parameters its `create_weights` registers for a layer of `n`
+# local slots, `p` slots in all, hidden size `h` and `i` intermediate rows per TP rank:
+# name -> (shape, dtype).
+class Fp8MoEMethod:
+    block_quant, use_mxfp8, is_fp4_expert = True, False, False
+
+    @staticmethod
+    def parameters(n: int, p: int, h: int, i: int) -> dict:
+        return {
+            "w13_weight": ((n, 2 * i, h), torch.float8_e4m3fn),
+            "w2_weight": ((n, h, i), torch.float8_e4m3fn),
+            "w13_weight_scale_inv": ((n, 2 * -(-i // 128), -(-h // 128)), torch.float32),
+            "w2_weight_scale_inv": ((n, -(-h // 128), -(-i // 128)), torch.float32),
+        }
+
+
+class ModelOptNvFp4FusedMoEMethod:
+    quant_config = SimpleNamespace(is_checkpoint_nvfp4_serialized=True)
+
+    @staticmethod
+    def parameters(n: int, p: int, h: int, i: int) -> dict:
+        return {
+            "w13_weight": ((n, 2 * i, h // 2), torch.uint8),
+            "w2_weight": ((n, h, i // 2), torch.uint8),
+            "w13_weight_scale": ((n, 2 * i, h // 16), torch.float8_e4m3fn),
+            "w2_weight_scale": ((n, h, i // 16), torch.float8_e4m3fn),
+            "w13_weight_scale_2": ((n, 2), torch.float32),
+            "w2_weight_scale_2": ((n,), torch.float32),
+            "w13_input_scale": ((p, 2), torch.float32),  # every physical expert's
+            "w2_input_scale": ((p,), torch.float32),
+        }
+
+
+class CompressedTensorsWNA16MoE:
+    strategy, actorder = "group", None
+
+    @staticmethod
+    def parameters(n: int, p: int, h: int, i: int) -> dict:
+        return {  # input-first (`is_transposed`), int4 in int32, 32-value groups
+            "w13_weight_packed": ((n, h // 8, 2 * i), torch.int32),
+            "w2_weight_packed": ((n, i // 8, h), torch.int32),
+            "w13_weight_scale": ((n, h // 32, 2 * i), torch.bfloat16),
+            "w2_weight_scale": ((n, i // 32, h), torch.bfloat16),
+            "w2_weight_shape": ((n, 2), torch.float32),
+            "w13_weight_shape": ((n, 2), torch.float32),
+        }
+
+
+class Mxfp4MoEMethod:
+    @staticmethod
+    def parameters(n: int, p: int, h: int, i: int) -> dict:
+        return {
+            "w13_weight": ((n, 2 * i, h // 2), torch.uint8),
+            "w13_weight_scale": ((n, 2 * i, h // 32), torch.uint8),
+            "w13_weight_bias": ((n, 2 * i), torch.bfloat16),
+            "w2_weight": ((n, h, i // 2), torch.uint8),
+            "w2_weight_scale": ((n, h, i // 32), torch.uint8),
+            "w2_weight_bias": ((n, h), torch.bfloat16),
+        }
+
+
+QUANTIZED_METHODS = {
+    "fp8-block": Fp8MoEMethod,
+    "nvfp4": ModelOptNvFp4FusedMoEMethod,
+    "int4": CompressedTensorsWNA16MoE,
+    "mxfp4": Mxfp4MoEMethod,
+}
+
+
 class ExpertLocation:
     """SGLang's `ExpertLocationMetadata`, reduced to what loading reads: the physical ->
     logical map per layer and its inverse (`logical_to_all_physical`, physical ids in
@@ -56,6 +126,7 @@ class ReferenceFusedMoE(torch.nn.Module):
         with_bias: bool = False,
         location: ExpertLocation | None = None,
         dtype: torch.dtype = torch.bfloat16,
+        scheme: str | None = None,
     ) -> None:
         super().__init__()
         # As FusedMoE.__init__ (num_experts counts physical experts and shared slots).
@@ -79,6 +150,26 @@ class ReferenceFusedMoE(torch.nn.Module):
         self.moe_runner_config = SimpleNamespace(is_gated=True)
         self.quant_method = UnquantizedFusedMoEMethod()
         self.location = location  # get_global_expert_location_metadata() in SGLang
+        self.scheme = None  # compressed-tensors' per-layer scheme in SGLang
+        if scheme is not None:
+            method = QUANTIZED_METHODS[scheme]()
+            self.quant_method = method
+            if scheme == "int4":  # SGLang's CompressedTensorsFusedMoEMethod holds it
+                self.quant_method, self.scheme = SimpleNamespace(), method
+            shapes = method.parameters(
+                self.num_local_experts,
+                num_experts,
+                hidden_size,
+                intermediate_size // tp_size,
+            )
+            for name, (shape, kind) in shapes.items():
+                data = torch.empty(shape, dtype=kind)
+                if data.is_floating_point() and data.element_size() > 1:
+                    data.fill_(float("nan"))
+                else:
+                    data.view(torch.uint8).fill_(0xA5)
+                self.register_parameter(name, torch.nn.Parameter(data, requires_grad=False))
+            return
         # As UnquantizedFusedMoEMethod.create_weights, poisoned.
         n, shard = self.num_local_experts, self.intermediate_size_per_partition
         nan = float("nan")

@@ -71,6 +71,11 @@ class ExpertLayerSpec:
     - `k_first`: each expert's parameters are input-first, the transpose of the shapes above
       (`w13 [E_local, H/pack, 2*I/tp/out_pack]`, block companions alike), as GPTQ and AWQ
       methods keep them (see `destination_shapes`).
+    - `left_to_engine`: companion destinations (`w13_input_scale`, ...) the engine's own
+      loader fills, where it keeps them otherwise than fastmoe_load would write them (SGLang's
+      NVFP4 input scales: one value for gate and up, whichever it reads last, for every
+      physical expert): neither written nor consumed, so that their checkpoint tensors reach
+      the engine's loader.
     - `unverified`: why the engine's own loading may write something else into this layer
       (another quantization method, a refined scale grid, ...), or None: such a layer is
       left to the engine's loader, never filled by `load_format="fastmoe"`.
@@ -93,6 +98,7 @@ class ExpertLayerSpec:
     merged_must_agree: bool = False
     unverified: str | None = field(default=None, compare=False)
     k_first: bool = False
+    left_to_engine: tuple[str, ...] = ()
 
     @property
     def where(self) -> str:
@@ -169,7 +175,9 @@ class ExpertLayerSpec:
         if bad:
             return f"{self.where}: the layer places experts {bad[:5]} the checkpoint does not have"
         expected = self.expected_shapes()
-        companions = [name for name in expected if name not in (*WEIGHTS, *BIASES)]
+        companions = [
+            name for name in expected if name not in (*WEIGHTS, *BIASES, *self.left_to_engine)
+        ]
         missing = [n for n in (*WEIGHTS, *companions) if n not in self.parameters]
         if missing:
             return (
@@ -261,9 +269,28 @@ class ExpertLayerSpec:
 
     @property
     def consumed(self) -> list[str]:
-        """The checkpoint tensors a fill writes (biases only where the layer takes them)."""
+        """The checkpoint tensors a fill writes (biases only where the layer takes them; none
+        of the companions `left_to_engine`)."""
         biases = all(b in self.parameters for b in BIASES)
-        return [n for n in self.group.tensor_names if biases or not n.endswith("bias")]
+        quantization = self.group.quantization
+        left = [
+            c
+            for c in (quantization.companions if quantization else ())
+            if any(name.split("_", 1)[1] == c.kind for name in self.left_to_engine)
+        ]
+
+        def left_to_engine(name: str) -> bool:
+            return any(
+                name.endswith(f".{c.kind}")
+                or (c.fused_suffix is not None and name.endswith(f"_proj{c.fused_suffix}"))
+                for c in left
+            )
+
+        return [
+            n
+            for n in self.group.tensor_names
+            if (biases or not n.endswith("bias")) and not left_to_engine(n)
+        ]
 
     @property
     def filled(self) -> list[str]:
@@ -296,6 +323,7 @@ def fill_layer(ckpt: Checkpoint, spec: ExpertLayerSpec) -> list[str]:
         k: v for k, v in destinations.items() if k not in (*WEIGHTS, *BIASES)
     }
     scales |= dict.fromkeys(spec.global_experts)  # every global expert's: filled below
+    scales |= dict.fromkeys(spec.left_to_engine)  # the engine's loader fills these
     load_fused_moe(
         ckpt,
         spec.group.prefix,
