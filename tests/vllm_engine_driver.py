@@ -67,7 +67,7 @@ def run_engine(job: dict, load_format: str) -> dict:
             # Every fastmoe engine proves in each worker that every parameter was written
             # exactly once, by fastmoe_load or by the model's own load_weights.
             model_loader_extra_config=(
-                {"enable_weights_track": True} if load_format == "fastmoe" else None
+                {"enable_weights_track": True} if load_format == "fastmoe" else {}
             ),
         )
         # Before generating: vLLM 0.32's CPU MoE kernel crashes the workers of EP engines.
