@@ -69,7 +69,7 @@ import torch
 
 from .._fastmoe_load import RequestError
 from ..checkpoint import Checkpoint, MoeLayer
-from .spec import ExpertLayerSpec, fill_layer
+from .spec import ExpertLayerSpec, fill_layer, fill_layers
 
 logger = logging.getLogger("fastmoe_load")
 
@@ -288,10 +288,11 @@ def fill_expert_layer(
 def fill_expert_layers(model: torch.nn.Module, ckpt: Checkpoint, location: Any = None) -> set[str]:
     """Fills every SGLang expert layer named as a checkpoint expert group that fastmoe_load
     fills exactly as SGLang would (`ExpertLayerSpec.unfillable`; `location`: see
-    `logical_experts`); returns the checkpoint tensor names consumed. The others are logged,
-    each with why, and left to the model's `load_weights`."""
+    `logical_experts`), all through one staging pipeline and all checked before the first
+    byte is written (`fill_layers`); returns the checkpoint tensor names consumed. The others
+    are logged, each with why, and left to the model's `load_weights`."""
     modules = dict(model.named_modules())
-    consumed: set[str] = set()
+    specs = []
     left_to_model: list[str] = []
     for group in ckpt.moe_layers():
         layer = modules.get(group.prefix)
@@ -304,7 +305,8 @@ def fill_expert_layers(model: torch.nn.Module, ckpt: Checkpoint, location: Any =
         if reason is not None:
             left_to_model.append(f"`{group.prefix}`: {reason}")
             continue
-        consumed.update(fill_layer(ckpt, spec))
+        specs.append(spec)
+    consumed = set(fill_layers(ckpt, specs))
     if left_to_model:
         logger.info(
             "%s: %d expert group(s) left to %s.load_weights:\n  %s",

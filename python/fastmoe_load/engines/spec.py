@@ -19,7 +19,8 @@ import torch
 
 from .._fastmoe_load import RequestError
 from ..checkpoint import Checkpoint, MoeLayer
-from ..loader import destination_shapes, load_fused_moe, same_bytes
+from ..loader import destination_shapes, fill, plan_destinations, same_bytes
+from ..staging import Destination
 
 # Destinations of the weights and of the biases; every other one is a companion `w13_{kind}`
 # / `w2_{kind}` (see `load_fused_moe`).
@@ -298,12 +299,23 @@ class ExpertLayerSpec:
         return [self.names[name] for name in self.parameters]
 
 
-def fill_layer(ckpt: Checkpoint, spec: ExpertLayerSpec) -> list[str]:
-    """Fills the layer `spec` describes from `ckpt` and returns the checkpoint tensor names
-    consumed. The whole layer is checked first (`ExpertLayerSpec.problem`, then every plan
-    by `load_fused_moe`): on `RequestError` no parameter has been written. Parameters of
-    another dtype than the checkpoint's are converted as the engines' own loaders convert
-    (`copy_`); packed values never are."""
+@dataclass
+class _Planned:
+    """A layer checked and planned, nothing written yet: what the copy threads fill, and the
+    scratch (refined or padded values) placed into the parameters after."""
+
+    spec: ExpertLayerSpec
+    destinations: list[Destination]
+    scratch: dict[str, torch.Tensor]
+
+    @property
+    def scratch_bytes(self) -> int:
+        return sum(t.nbytes for t in self.scratch.values())
+
+
+def _plan(ckpt: Checkpoint, spec: ExpertLayerSpec) -> _Planned:
+    """Checks the whole layer (`ExpertLayerSpec.problem`, then every plan, as
+    `load_fused_moe` checks them) and plans it, writing nothing."""
     problem = spec.problem()
     if problem is not None:
         raise RequestError(f"{ckpt.path}: {problem}")
@@ -322,9 +334,9 @@ def fill_layer(ckpt: Checkpoint, spec: ExpertLayerSpec) -> list[str]:
     scales: dict[str, torch.Tensor | None] = {
         k: v for k, v in destinations.items() if k not in (*WEIGHTS, *BIASES)
     }
-    scales |= dict.fromkeys(spec.global_experts)  # every global expert's: filled below
+    scales |= dict.fromkeys(spec.global_experts)  # every global expert's: filled after
     scales |= dict.fromkeys(spec.left_to_engine)  # the engine's loader fills these
-    load_fused_moe(
+    planned = plan_destinations(
         ckpt,
         spec.group.prefix,
         destinations["w13"],
@@ -339,16 +351,62 @@ def fill_layer(ckpt: Checkpoint, spec: ExpertLayerSpec) -> list[str]:
         k_first=spec.k_first,
         **biases,
     )
+    return _Planned(spec, planned, scratch)
+
+
+def _finish(planned: _Planned) -> None:
+    """What follows the copies: every global expert's scalars, `w2_bias` off TP rank 0, and
+    refined or padded values placed into their parameters."""
+    spec, refined = planned.spec, planned.spec.refined()
     with torch.no_grad():
         for name in spec.global_experts:
             _fill_global_experts(spec.group, name, spec.parameters[name], spec.global_rows)
-        if "w2_bias" in destinations and spec.w2_bias_first_rank and spec.tp_rank > 0:
-            destinations["w2_bias"].zero_()
-        for name, values in scratch.items():
+        if "w2_bias" in spec.parameters and spec.w2_bias_first_rank and spec.tp_rank > 0:
+            planned.scratch.get("w2_bias", spec.parameters["w2_bias"]).zero_()
+        for name, values in planned.scratch.items():
             if name in refined:
                 values = _refine(spec, name, values)
             _place(spec, name, values)
-    return spec.consumed
+
+
+# Scratch of refined or padded layers held at once when several layers share one pipeline:
+# padded weights take scratch the size of their parameters, which a whole model must not.
+SCRATCH_BYTES = 1 << 30
+
+
+def fill_layers(ckpt: Checkpoint, specs: Sequence[ExpertLayerSpec]) -> list[str]:
+    """Fills every layer `specs` describe from `ckpt`, through one staging pipeline (one fill
+    and one drain for the whole load, windows shared across layers, rather than one a
+    layer), and returns the checkpoint tensor names consumed. Every layer is checked and
+    planned before the first byte is written: on `RequestError` no parameter of any layer
+    has been written. Layers whose refined or padded values need scratch are taken in
+    batches of at most `SCRATCH_BYTES` of it. Parameters of another dtype than the
+    checkpoint's are converted as the engines' own loaders convert (`copy_`); packed values
+    never are."""
+    # Every layer checked and planned first; a layer that needs scratch lets it go again and
+    # is planned anew when its batch comes, so that scratch is held a batch at a time.
+    checked: list[_Planned | ExpertLayerSpec] = []
+    for spec in specs:
+        planned = _plan(ckpt, spec)
+        checked.append(spec if planned.scratch else planned)
+        del planned
+    batch: list[_Planned] = []
+    for item in [*checked, None]:
+        layer = _plan(ckpt, item) if isinstance(item, ExpertLayerSpec) else item
+        held = sum(p.scratch_bytes for p in batch)
+        if batch and (layer is None or held + layer.scratch_bytes > SCRATCH_BYTES):
+            fill(ckpt, [d for p in batch for d in p.destinations])
+            for done in batch:
+                _finish(done)
+            batch = []
+        if layer is not None:
+            batch.append(layer)
+    return [name for spec in specs for name in spec.consumed]
+
+
+def fill_layer(ckpt: Checkpoint, spec: ExpertLayerSpec) -> list[str]:
+    """Fills the one layer `spec` describes (see `fill_layers`)."""
+    return fill_layers(ckpt, [spec])
 
 
 def _refine(spec: ExpertLayerSpec, name: str, values: torch.Tensor) -> torch.Tensor:

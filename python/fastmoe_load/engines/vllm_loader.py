@@ -77,7 +77,7 @@ from .._fastmoe_load import LayoutError, RequestError, TensorNotFoundError
 from .._validate import CHECKPOINT_FILES, open_options
 from ..checkpoint import Checkpoint, MoeLayer
 from ..checkpoint import open as open_checkpoint
-from .spec import fill_layer
+from .spec import fill_layers
 from .vllm import describe
 
 logger = logging.getLogger("fastmoe_load")
@@ -205,14 +205,15 @@ def model_path_of(group: MoeLayer, mapper: Any, layers: dict[str, Any]) -> str |
 
 def fill_expert_layers(model: torch.nn.Module, ckpt: Checkpoint) -> tuple[set[str], set[str]]:
     """Fills every expert layer that a checkpoint group maps to and that fastmoe_load fills
-    exactly as vLLM would (`ExpertLayerSpec.unfillable`); returns the parameter names
-    filled and the checkpoint tensor names consumed. The others are logged, each with why,
-    and left to the model's `load_weights`."""
+    exactly as vLLM would (`ExpertLayerSpec.unfillable`), all through one staging pipeline
+    and all checked before the first byte is written (`fill_layers`); returns the parameter
+    names filled and the checkpoint tensor names consumed. The others are logged, each with
+    why, and left to the model's `load_weights`."""
     layers = expert_layers(model)
     mapper = getattr(model, "hf_to_vllm_mapper", None)
     claimed: dict[str, str] = {}
     filled: set[str] = set()
-    consumed: set[str] = set()
+    specs = []
     left_to_model: list[str] = []
     for group in ckpt.moe_layers():
         path = model_path_of(group, mapper, layers)
@@ -231,8 +232,9 @@ def fill_expert_layers(model: torch.nn.Module, ckpt: Checkpoint) -> tuple[set[st
         if reason is not None:
             left_to_model.append(f"`{group.prefix}`: {reason}")
             continue
-        consumed.update(fill_layer(ckpt, spec))
+        specs.append(spec)
         filled.update(f"{module_path}.{name}" for name in spec.filled)
+    consumed = set(fill_layers(ckpt, specs))
     if left_to_model:
         logger.info(
             "%s: %d expert group(s) left to %s.load_weights:\n  %s",
