@@ -215,7 +215,8 @@ class Bench:
 
         return load
 
-    def seed(self, case: Case) -> Callable[[list], int]:
+    def seed(self, case: Case, **options: Any) -> Callable[[list], int]:
+        """vLLM's pure-Python loop (`seed_load`, given `options` besides the case's)."""
         with fml.open(self.path) as ckpt:  # only for the layer descriptions
             layers = ckpt.moe_layers()
 
@@ -233,6 +234,7 @@ class Bench:
                     where=where,
                     scales=scales[0] if scales else None,
                     k_first=self.k_first,
+                    **options,
                 )
             return landed_bytes(dests)
 

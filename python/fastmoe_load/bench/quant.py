@@ -68,7 +68,6 @@ from .generate import (
     remove,
 )
 from .harness import Bench, Case, Row, describe_machine, landed_bytes, legend
-from .seed import seed_load, shard_of_tensors
 
 FP8 = torch.float8_e4m3fn
 BLOCK = 128
@@ -469,34 +468,12 @@ class Fp8Bench(Bench):
 
         return load
 
-    def seed(self, case: Case) -> Callable[[list], int]:
+    def seed(self, case: Case, **options: Any) -> Callable[[list], int]:
         """vLLM's own loop, refining or padding the split as vLLM does for the case."""
-        if case.split not in ("refined", "padded"):
-            return super().seed(case)
-        with fml.open(self.path) as ckpt:  # only for the layer descriptions
-            layers = ckpt.moe_layers()
         refine = self.refine(case)
-        factors = None if refine is None else (BLOCK // refine, BLOCK // refine)
-
-        def load(dests: list[tuple]) -> int:
-            where = shard_of_tensors(self.path)
-            for layer, (w13, w2, scales) in zip(layers, dests, strict=True):
-                seed_load(
-                    self.path,
-                    layer,
-                    w13,
-                    w2,
-                    tp_rank=case.tp_rank,
-                    tp_size=case.tp_size,
-                    local_experts=case.experts(self.shape.experts),
-                    where=where,
-                    scales=scales,
-                    scale_refine=factors,
-                    padded_tp=case.split == "padded",
-                )
-            return landed_bytes(dests)
-
-        return load
+        if refine is not None:
+            options["scale_refine"] = (BLOCK // refine, BLOCK // refine)
+        return super().seed(case, padded_tp=case.split == "padded", **options)
 
 
 def served_cases(scheme: str, shape: Fp8Shape) -> list[Case]:

@@ -62,17 +62,13 @@ may quantize them on the way into FP4 slots or place them per EP rank (DeepEP).
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
 
 from .._fastmoe_load import RequestError
 from ..checkpoint import Checkpoint, MoeLayer
-from .spec import ExpertLayerSpec, fill_layer, fill_layers
-
-logger = logging.getLogger("fastmoe_load")
-
+from .spec import ExpertLayerSpec, fill_layer, fill_layers, log_left_to_engine
 
 # SGLang's quantized MoE methods (for compressed-tensors, its per-layer schemes) whose
 # `FusedMoE.weight_loader` writes what fastmoe_load writes, checked against SGLang's own
@@ -307,12 +303,5 @@ def fill_expert_layers(model: torch.nn.Module, ckpt: Checkpoint, location: Any =
             continue
         specs.append(spec)
     consumed = set(fill_layers(ckpt, specs))
-    if left_to_model:
-        logger.info(
-            "%s: %d expert group(s) left to %s.load_weights:\n  %s",
-            ckpt.path,
-            len(left_to_model),
-            type(model).__name__,
-            "\n  ".join(left_to_model),
-        )
+    log_left_to_engine(ckpt, model, left_to_model)
     return consumed

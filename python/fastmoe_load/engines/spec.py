@@ -12,6 +12,7 @@ layer before the first byte is written, and the fill itself.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -21,6 +22,8 @@ from .._fastmoe_load import RequestError
 from ..checkpoint import Checkpoint, MoeLayer
 from ..loader import destination_shapes, fill, plan_destinations, same_bytes
 from ..staging import Destination
+
+logger = logging.getLogger("fastmoe_load")
 
 # Destinations of the weights and of the biases; every other one is a companion `w13_{kind}`
 # / `w2_{kind}` (see `load_fused_moe`).
@@ -367,6 +370,19 @@ def _finish(planned: _Planned) -> None:
             if name in refined:
                 values = _refine(spec, name, values)
             _place(spec, name, values)
+
+
+def log_left_to_engine(ckpt: Checkpoint, model: object, left: Sequence[str]) -> None:
+    """Says which checkpoint expert groups go to the model's own `load_weights`, each with
+    why (a line each, through the package's logger)."""
+    if left:
+        logger.info(
+            "%s: %d expert group(s) left to %s.load_weights:\n  %s",
+            ckpt.path,
+            len(left),
+            type(model).__name__,
+            "\n  ".join(left),
+        )
 
 
 # Scratch of refined or padded layers held at once when several layers share one pipeline:

@@ -77,10 +77,8 @@ from .._fastmoe_load import LayoutError, RequestError, TensorNotFoundError
 from .._validate import CHECKPOINT_FILES, open_options
 from ..checkpoint import Checkpoint, MoeLayer
 from ..checkpoint import open as open_checkpoint
-from .spec import fill_layers
+from .spec import fill_layers, log_left_to_engine
 from .vllm import describe
-
-logger = logging.getLogger("fastmoe_load")
 
 LOAD_FORMAT = "fastmoe"
 # vLLM's own switch of its completeness check in `model_loader_extra_config`, honoured the
@@ -235,14 +233,7 @@ def fill_expert_layers(model: torch.nn.Module, ckpt: Checkpoint) -> tuple[set[st
         specs.append(spec)
         filled.update(f"{module_path}.{name}" for name in spec.filled)
     consumed = set(fill_layers(ckpt, specs))
-    if left_to_model:
-        logger.info(
-            "%s: %d expert group(s) left to %s.load_weights:\n  %s",
-            ckpt.path,
-            len(left_to_model),
-            type(model).__name__,
-            "\n  ".join(left_to_model),
-        )
+    log_left_to_engine(ckpt, model, left_to_model)
     return filled, consumed
 
 
