@@ -164,3 +164,21 @@ def test_quantized_layers_on_cuda(tmp_path, scheme):
             local_experts=experts,
             allow_cast=scheme == "int4",
         )
+
+
+@pytest.mark.parametrize("batch_bytes", [1, 1 << 30])
+def test_dense_tensors_stream_to_the_device_bit_for_bit(saved_models, batch_bytes):
+    """Every tensor of a checkpoint staged to the GPU in order, in batches of one tensor
+    (a tensor larger than the batch alone) or all at once, equal to the file's bytes."""
+    from fastmoe_load.loader import stream_tensors
+
+    saved = saved_models["qwen3_moe", False]
+    with fml.open(saved.path, staging_bytes=1 << 20, staging_buffers=2) as ckpt:
+        names = ckpt.keys()
+        streamed = stream_tensors(ckpt, names, "cuda", batch_bytes=batch_bytes)
+        seen = []
+        for name, tensor in streamed:
+            assert tensor.device.type == "cuda"
+            assert_bitwise_equal(tensor.cpu(), ckpt.tensor(name), name)
+            seen.append(name)
+        assert seen == names

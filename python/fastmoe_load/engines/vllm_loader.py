@@ -77,6 +77,7 @@ from .._fastmoe_load import LayoutError, RequestError, TensorNotFoundError
 from .._validate import CHECKPOINT_FILES, open_options
 from ..checkpoint import Checkpoint, MoeLayer
 from ..checkpoint import open as open_checkpoint
+from ..loader import stream_tensors
 from .spec import fill_layers, log_left_to_engine
 from .vllm import describe
 
@@ -142,7 +143,8 @@ class FastMoeModelLoader(BaseModelLoader):
             layers = sum(name.endswith((".w13_weight", ".w13_weight_packed")) for name in filled)
             experts_done = time.perf_counter()
             remaining = [name for name in ckpt.keys() if name not in consumed]
-            loaded = model.load_weights((name, ckpt.tensor(name)) for name in remaining)
+            dense = stream_tensors(ckpt, remaining, dense_device(model))
+            loaded = model.load_weights(dense)
         # Through vLLM's logger, which vLLM shows by default (it configures no other), worded
         # like its own loader's line, so that it is found where vLLM users look.
         expert_bytes = sum(model.get_parameter(name).nbytes for name in filled)
@@ -170,6 +172,19 @@ class FastMoeModelLoader(BaseModelLoader):
                     "it loaded, so nothing can prove that every parameter was written"
                 )
             check_all_loaded(model, set(loaded), filled, path, quantized)
+
+
+def dense_device(model: torch.nn.Module) -> torch.device:
+    """Where the dense tensors go before the model's `load_weights` sees them: its GPU
+    through the staging pipeline, where each rank keeps whole tensors (no tensor
+    parallelism: a TP rank's own weight loaders narrow a CPU view to its slice and copy only
+    that); the zero-copy CPU views otherwise."""
+    from vllm.distributed import get_tensor_model_parallel_world_size
+
+    device = next(model.parameters()).device
+    if device.type == "cuda" and get_tensor_model_parallel_world_size() == 1:
+        return device
+    return torch.device("cpu")
 
 
 def expert_layers(model: torch.nn.Module) -> dict[str, tuple[str, torch.nn.Module]]:
