@@ -30,6 +30,23 @@ SIDE_FILES = ("model.safetensors.index.json", "config.json")
 
 
 @dataclass(frozen=True)
+class ReloadStats:
+    """What one reload of a rank did: the expert layers fastmoe_load filled, their bytes and
+    the seconds the fill took (processing by the engine included), and how many other tensors
+    went through the model's own `load_weights`."""
+
+    path: str
+    expert_layers: int
+    expert_bytes: int
+    expert_seconds: float
+    other_tensors: int
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.expert_bytes / 1e9 / max(self.expert_seconds, 1e-9)
+
+
+@dataclass(frozen=True)
 class FileState:
     """What identifies one version of a file: its size, modification time and inode."""
 

@@ -58,6 +58,7 @@ vLLM loads them.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import itertools
 import logging
@@ -81,7 +82,7 @@ from .._fastmoe_load import LayoutError, RequestError, TensorNotFoundError
 from .._validate import CHECKPOINT_FILES, open_options
 from ..checkpoint import Checkpoint, MoeLayer
 from ..checkpoint import open as open_checkpoint
-from .reload import CheckpointGuard, HostBackup
+from .reload import CheckpointGuard, HostBackup, ReloadStats
 from .spec import ExpertLayerSpec, fill_layer
 from .vllm import describe
 
@@ -96,6 +97,8 @@ TRACK_OPTION = "enable_weights_track"
 # rewritten after the reload began writing is refused with the previous weights put back.
 KEEP_PREVIOUS_OPTION = "reload_keep_previous"
 _registered = False
+# The last reload of this process (this rank), for benchmarks and RL frameworks' logs.
+last_reload: ReloadStats | None = None
 
 
 def register() -> None:
@@ -503,6 +506,48 @@ def _abandon(model: torch.nn.Module, reloading: list[torch.nn.Module], vllm: Any
     return rewritten
 
 
+@contextlib.contextmanager
+def _as_at_start_up(module: torch.nn.Module) -> Iterator[None]:
+    """Has the layer's processing during a reload end as at start-up.
+
+    vLLM's unquantized MoE method (0.32-0.34) runs its kernel's own last step
+    (`fused_experts.process_weights_after_loading`: the CPU kernel's prepacking into its
+    grouped-GEMM layout) only when it builds the kernel, at start-up; a weight update skips
+    it and would leave the checkpoint's layout where the kernel reads its own (vLLM's own
+    reload does). Where the kernel has such a step, it runs here after the method's
+    processing, on the layer being processed, as at start-up."""
+    method = getattr(module, "quant_method", None)
+    kernel = getattr(method, "moe_kernel", None)
+    experts = getattr(kernel, "fused_experts", None)
+    step = getattr(type(experts), "process_weights_after_loading", None)
+    base = next(
+        (
+            c.__dict__["process_weights_after_loading"]
+            for c in reversed(type(experts).__mro__)
+            if "process_weights_after_loading" in c.__dict__
+        ),
+        None,
+    )
+    if not _unquantized_method(method) or step is None or step is base:
+        yield
+        return
+    processing = method.process_weights_after_loading
+
+    def then_the_kernels_step(layer: torch.nn.Module) -> None:
+        processing(layer)
+        experts.process_weights_after_loading(layer)
+
+    method.process_weights_after_loading = then_the_kernels_step
+    try:
+        yield
+    finally:
+        del method.process_weights_after_loading
+
+
+def _unquantized_method(method: Any) -> bool:
+    return any(c.__name__ == "UnquantizedFusedMoEMethod" for c in type(method).__mro__)
+
+
 def _reload_tensors(
     model: torch.nn.Module,
     ckpt: Checkpoint,
@@ -544,11 +589,16 @@ def _reload_tensors(
         # What was read for this layer came from the files as they were opened.
         guard.check("while the reload read it")
         if info.load_numel >= info.load_numel_total:
-            vllm.process(module, info)
+            with _as_at_start_up(module):
+                vllm.process(module, info)
         # else the layer's other tensors come through load_weights, and vLLM processes it
         # when they have (or at finalize_layerwise_reload)
     experts_done = time.perf_counter()
     remaining = [name for name in ckpt.keys() if name not in consumed]
+    global last_reload
+    last_reload = ReloadStats(
+        ckpt.path, len(planned), expert_bytes, experts_done - start, len(remaining)
+    )
     logging.getLogger("vllm.fastmoe_load").info(
         "Reloading %s: fastmoe_load filled %d expert layers, %.3f GB in %.2f s (%.2f GB/s); "
         "%d other tensors to %s.load_weights%s",
@@ -575,3 +625,26 @@ def _reload_tensors(
         guard.check_tensor(name, "while the reload read it")
         yield name, ckpt.tensor(name)
     guard.check("while the reload read it")
+
+
+def reload(llm: Any, path: str | os.PathLike[str] | None = None) -> None:
+    """Reloads, in place, the weights of every worker of `llm` (a `vllm.LLM` serving with
+    `load_format="fastmoe"`) from the checkpoint at `path` (default: the served path, read
+    again), then drops the prefix cache, whose keys and values the previous weights computed.
+
+    One call for an RL loop after each training step; it is vLLM's own reload, which each
+    worker runs with this loader (`FastMoeModelLoader.get_all_weights`):
+
+        llm.collective_rpc("reload_weights", kwargs={"weights_path": path,
+                                                     "is_checkpoint_format": True})
+        llm.reset_prefix_cache()
+
+    (the same two calls, awaited, on an `AsyncLLM`). Raises what a worker raised:
+    `FileChangedError` for a checkpoint being rewritten (the served weights intact if the
+    change was found before the first write, see `reload_iterator`), `CheckpointError` and
+    the like for an unreadable one."""
+    weights_path = None if path is None else os.fspath(path)
+    llm.collective_rpc(
+        "reload_weights", kwargs={"weights_path": weights_path, "is_checkpoint_format": True}
+    )
+    llm.reset_prefix_cache()
