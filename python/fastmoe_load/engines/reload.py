@@ -31,19 +31,28 @@ SIDE_FILES = ("model.safetensors.index.json", "config.json")
 
 @dataclass(frozen=True)
 class ReloadStats:
-    """What one reload of a rank did: the expert layers fastmoe_load filled, their bytes and
-    the seconds the fill took (processing by the engine included), and how many other tensors
-    went through the model's own `load_weights`."""
+    """What one reload of a rank did: the expert layers fastmoe_load filled, their bytes, the
+    seconds of the whole expert part (`expert_seconds`: the engine's allocation of each layer
+    in checkpoint format, the fill, the engine's processing into the served layout and its
+    copy into the served tensors) and of the fill by fastmoe_load alone (`fill_seconds`),
+    and how many other tensors went through the model's own `load_weights`."""
 
     path: str
     expert_layers: int
     expert_bytes: int
     expert_seconds: float
+    fill_seconds: float
     other_tensors: int
 
     @property
     def gb_per_s(self) -> float:
+        """Expert bytes per second of the whole expert part."""
         return self.expert_bytes / 1e9 / max(self.expert_seconds, 1e-9)
+
+    @property
+    def fill_gb_per_s(self) -> float:
+        """Expert bytes per second of fastmoe_load's fill alone."""
+        return self.expert_bytes / 1e9 / max(self.fill_seconds, 1e-9)
 
 
 @dataclass(frozen=True)

@@ -506,6 +506,13 @@ def _abandon(model: torch.nn.Module, reloading: list[torch.nn.Module], vllm: Any
     return rewritten
 
 
+def _synchronize(spec: ExpertLayerSpec) -> None:
+    """Waits for the fill's copies to a GPU, so that its time is the fill's own."""
+    device = next(iter(spec.parameters.values())).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @contextlib.contextmanager
 def _as_at_start_up(module: torch.nn.Module) -> Iterator[None]:
     """Has the layer's processing during a reload end as at start-up.
@@ -577,11 +584,15 @@ def _reload_tensors(
     guard.check("before the reload wrote into the model")
     consumed: set[str] = set()
     expert_bytes = 0
+    fill_seconds = 0.0
     for module_path, module, prefix in planned:
         info = vllm.info(module)
         vllm.materialize(module, info)
         spec = describe(module, ckpt, prefix)
+        fill_start = time.perf_counter()
         consumed.update(fill_layer(ckpt, spec))
+        _synchronize(spec)
+        fill_seconds += time.perf_counter() - fill_start
         names = spec.filled
         filled.update(f"{module_path}.{name}" for name in names)
         info.load_numel += sum(vllm.load_numel(getattr(module, name)) for name in names)
@@ -597,16 +608,17 @@ def _reload_tensors(
     remaining = [name for name in ckpt.keys() if name not in consumed]
     global last_reload
     last_reload = ReloadStats(
-        ckpt.path, len(planned), expert_bytes, experts_done - start, len(remaining)
+        ckpt.path, len(planned), expert_bytes, experts_done - start, fill_seconds, len(remaining)
     )
     logging.getLogger("vllm.fastmoe_load").info(
-        "Reloading %s: fastmoe_load filled %d expert layers, %.3f GB in %.2f s (%.2f GB/s); "
-        "%d other tensors to %s.load_weights%s",
+        "Reloading %s: fastmoe_load filled %d expert layers, %.3f GB in %.2f s (%.2f GB/s; "
+        "%.2f s with vLLM's processing); %d other tensors to %s.load_weights%s",
         ckpt.path,
         len(planned),
         expert_bytes / 1e9,
+        fill_seconds,
+        last_reload.fill_gb_per_s,
         experts_done - start,
-        expert_bytes / 1e9 / max(experts_done - start, 1e-9),
         len(remaining),
         type(model).__name__,
         "" if outside is None else f" ({outside}: every tensor goes there)",
