@@ -24,6 +24,17 @@ after the load that every parameter of the rank was written exactly once, by fas
 by the model's `load_weights` (quantized models too; vLLM checks only unquantized ones by
 default, and so does this loader), naming anything written twice or left as allocated.
 
+Reloading (RL weight refit). vLLM's in-place reload, `reload_weights` (a worker method, so
+`llm.collective_rpc("reload_weights", kwargs={"weights_path": path})`, or `reload(llm, path)`
+here), asks this loader for `get_all_weights`: inside vLLM's layerwise reload the expert
+layers are filled by fastmoe_load and processed by vLLM into their served layout as at
+start-up, every other tensor goes through the model's `load_weights`; a checkpoint being
+rewritten is refused (see `reload_iterator`). `model_loader_extra_config`
+`reload_keep_previous: true` keeps a host copy of the served weights during each reload, to
+put back should a change be found after the reload began writing. vLLM's expert
+redistribution (0.34) and `VLLM_RELOAD_MODE=direct` get every tensor through the model's
+`load_weights`, as from vLLM's default loader.
+
 What it relies on in vLLM (0.33):
 
 - `register_model_loader(load_format)` and `BaseModelLoader`, whose `load_model` builds the
