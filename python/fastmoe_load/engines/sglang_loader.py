@@ -15,6 +15,19 @@ reaches SGLang's scheduler processes too:
 `model_loader_extra_config` may carry `num_threads`, `io` and `prefetch`, passed to
 `fastmoe_load.open`.
 
+Reloading. `Engine.update_weights_from_disk(model_path, load_format=FastMoeModelLoader)`
+(SGLang's in-place weight update, as RL frameworks call it after each training step) builds
+this loader for the new path, asks it for `_get_weights_iterator` (here: the checkpoint is
+opened and its files' state recorded, so that an unreadable checkpoint is refused with the
+served weights untouched), undoes the quantization methods' packing
+(`restore_weights_before_loading`), and calls `load_weights_and_postprocess`: here the
+expert layers are filled by fastmoe_load, every other tensor goes to the model's
+`load_weights`, then SGLang's post-load processing runs, as at start-up. A checkpoint found
+changed before the first write is refused (`FileChangedError`) with nothing written, and the
+roll-back SGLang then attempts (the same load again) keeps the served weights instead of
+reading the changed files; a change found later is refused too, and SGLang's roll-back
+loads the path again.
+
 What it relies on in SGLang (0.5.23): `DefaultModelLoader.initialize_model_for_startup`
 (builds the model on the target device) and `load_weights_and_postprocess` (the model's
 `load_weights`, then each quantization method's `process_weights_after_loading`);
@@ -29,6 +42,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -42,7 +56,9 @@ from sglang.srt.model_loader.weight_utils import download_weights_from_hf
 
 from .._fastmoe_load import RequestError
 from .._validate import CHECKPOINT_FILES, open_options
+from ..checkpoint import Checkpoint
 from ..checkpoint import open as open_checkpoint
+from .reload import CheckpointGuard
 from .sglang import fill_expert_layers
 
 logger = logging.getLogger("fastmoe_load")
@@ -58,6 +74,11 @@ class FastMoeModelLoader(DefaultModelLoader):
         self.open_options: dict[str, Any] = open_options(
             load_config.model_loader_extra_config, type(self).__name__
         )
+        # The checkpoint of a pending in-place update, between `_get_weights_iterator` and
+        # `load_weights_and_postprocess`; and whether the last update was refused before
+        # writing anything (SGLang's roll-back then reloads: the served weights stay).
+        self._update: tuple[Checkpoint, CheckpointGuard] | None = None
+        self._refused_untouched = False
 
     def checkpoint_dir(self, model_config: ModelConfig) -> str:
         """The local checkpoint directory, downloaded first for a Hub model id."""
@@ -92,7 +113,7 @@ class FastMoeModelLoader(DefaultModelLoader):
             experts_done = time.perf_counter()
             remaining = [name for name in ckpt.keys() if name not in consumed]
             with set_default_torch_dtype(model_config.dtype):
-                self.load_weights_and_postprocess(
+                DefaultModelLoader.load_weights_and_postprocess(
                     model,
                     ((name, ckpt.tensor(name)) for name in remaining),
                     torch.device(device_config.device),
@@ -107,3 +128,78 @@ class FastMoeModelLoader(DefaultModelLoader):
             self.counter_after_loading_weights - experts_done,
         )
         return model.eval()
+
+    def _get_weights_iterator(self, source: Any, **_: Any) -> Iterator[tuple[str, torch.Tensor]]:
+        """For SGLang's `update_weights_from_disk`: opens the checkpoint at
+        `source.model_or_path` and records the state of its files; the weights themselves
+        are read by `load_weights_and_postprocess`. Raises (`CheckpointError`, ...) with the
+        served model untouched."""
+        if self._update is not None:
+            self._update[0].close()
+            self._update = None
+        if self._refused_untouched:  # SGLang's roll-back of an update refused untouched
+            return iter(())
+        path = source.model_or_path
+        if not os.path.isdir(path):
+            path = download_weights_from_hf(
+                path,
+                self.load_config.download_dir,
+                CHECKPOINT_FILES,
+                source.revision,
+                ignore_patterns=self.load_config.ignore_patterns,
+            )
+        ckpt = open_checkpoint(path, **self.open_options)
+        try:
+            self._update = (ckpt, CheckpointGuard(ckpt))
+        except BaseException:
+            ckpt.close()
+            raise
+        return iter(())
+
+    def load_weights_and_postprocess(
+        self, model: torch.nn.Module, weights: Any, target_device: torch.device
+    ) -> None:
+        """For SGLang's `update_weights_from_disk`, after `_get_weights_iterator`: fills the
+        expert layers from the checkpoint opened there, hands every other tensor to the
+        model's `load_weights`, then runs SGLang's post-load processing. The files are checked
+        before the first write, after the experts and before each other tensor; a change
+        raises `FileChangedError`."""
+        if self._refused_untouched:
+            # SGLang's roll-back: nothing was written, only the packing undone; redo it.
+            self._refused_untouched = False
+            DefaultModelLoader.postprocess_weights(model, target_device)
+            return
+        if self._update is None:  # not an update through `_get_weights_iterator`
+            DefaultModelLoader.load_weights_and_postprocess(model, weights, target_device)
+            return
+        (ckpt, guard), self._update = self._update, None
+        with ckpt:
+            try:
+                guard.check("before the update wrote into the model")
+            except BaseException:
+                # Nothing written: redo the packing SGLang undid, and have its roll-back
+                # (which undoes it again, then loads through this loader) keep the weights.
+                DefaultModelLoader.postprocess_weights(model, target_device)
+                self._refused_untouched = True
+                raise
+            start = time.perf_counter()
+            consumed = fill_expert_layers(model, ckpt, get_global_expert_location_metadata())
+            guard.check("while the update read it")
+            experts_done = time.perf_counter()
+            remaining = [name for name in ckpt.keys() if name not in consumed]
+
+            def others() -> Iterator[tuple[str, torch.Tensor]]:
+                for name in remaining:
+                    guard.check_tensor(name, "while the update read it")
+                    yield name, ckpt.tensor(name)
+
+            DefaultModelLoader.load_weights_and_postprocess(model, others(), target_device)
+            guard.check("while the update read it")
+        logger.info(
+            "%s: update: experts filled in %.2f s, %d other tensors loaded by %s in %.2f s",
+            ckpt.path,
+            experts_done - start,
+            len(remaining),
+            type(model).__name__,
+            time.perf_counter() - experts_done,
+        )

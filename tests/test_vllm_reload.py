@@ -1,0 +1,355 @@
+"""vLLM's in-place reload (`model_loader/reload/inplace.py` `reload_weights`) of a model served
+with `load_format="fastmoe"`: whole vLLM models (>= 0.33, built on the CPU) serve checkpoint
+A, reload checkpoint B through vLLM's layerwise reload, and must then hold, every parameter
+and buffer bit for bit, what a model freshly loaded from B holds and what vLLM's own reload
+(`load_format="safetensors"`, A then B) leaves; the expert tensors never reach the model's
+`load_weights`. And a checkpoint rewritten during a reload is refused with the served weights
+intact. Skipped where vLLM is not installed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+vllm = pytest.importorskip("vllm")
+
+import fastmoe_load as fml  # noqa: E402
+from conftest import bits, build_model  # noqa: E402
+from fastmoe_load.engines import vllm_loader  # noqa: E402
+from test_vllm_loader import WIDER, WIDER_FAMILY, quantize_fp8_blocks  # noqa: E402
+
+# (case, family, save_pretrained options): Qwen3-MoE fused v5 and per-expert, gpt-oss fused,
+# and fp8 block-scaled experts (DeepSeek-V3's scheme) in a Qwen3-MoE.
+CASES = {
+    "qwen3_moe-fused": ("qwen3_moe", dict(max_shard_size="40KB", save_original_format=False)),
+    "qwen3_moe-per_expert": ("qwen3_moe", dict(max_shard_size="40KB")),
+    "gpt_oss-fused": ("gpt_oss", dict(save_original_format=False)),
+    "fp8-block": ("qwen3_moe", dict(save_original_format=True)),
+}
+FP8_SIZES = {"hidden_size": 128, "moe_intermediate_size": 128, "head_dim": 32}
+# Intermediate sizes vLLM's CPU MoE kernel takes unpadded: its padded layers cannot be reloaded
+# by vLLM's own reload either (the reprocessed layer keeps the unpadded size).
+UNPADDED = {"qwen3_moe": {"moe_intermediate_size": 64}}
+# Where vLLM's own reload keeps the served experts (gpt-oss's bf16 fused experts in 0.34: its
+# load path bypasses the layerwise reload's accounting, and the layer's previous tensors are
+# put back), so that only the fresh model can be compared with.
+VLLM_RELOAD_KEEPS_EXPERTS = {"gpt_oss-fused"}
+
+
+@pytest.fixture(scope="module")
+def distributed(vllm_process_groups):
+    vllm_loader.register()
+
+
+def one_way_layout(weight: torch.Tensor) -> torch.Tensor:
+    """Each expert's rows rotated by one and columns reversed (bytes moved, never cast)."""
+    moved = weight.view(torch.uint8) if weight.element_size() == 1 else weight
+    return moved.roll(1, dims=-2).flip(-1).contiguous().view(weight.dtype)
+
+
+@pytest.fixture(autouse=True)
+def without_cpu_kernels(monkeypatch):
+    """vLLM's CUDA wheels lack the CPU ops (`vllm._C`) its post-load processing packs CPU
+    weights with: there, dense layers keep their checkpoint layout (the same in every model
+    compared). The CPU MoE kernel's expert prepacking is stood in for by another one-way
+    layout (each expert's rows rotated and columns reversed), applied where vLLM shuffles
+    experts into a GPU kernel's layout (`convert_to_unquantized_kernel_format`, rerun by
+    every reload; 0.34 does not rerun the CPU prepacking on a weight update, its own reload
+    neither), so that a reload that did not rebuild the served layout would show."""
+    import importlib
+
+    if hasattr(torch.ops._C, "convert_weight_packed"):
+        return
+    for module in ("utils", "linear", "vocab_parallel_embedding"):
+        found = importlib.import_module(f"vllm.model_executor.layers.{module}")
+        if hasattr(found, "dispatch_cpu_unquantized_gemm"):
+            monkeypatch.setattr(found, "dispatch_cpu_unquantized_gemm", lambda *a, **k: None)
+    cpu_moe = importlib.import_module("vllm.model_executor.layers.fused_moe.experts.cpu_moe")
+    monkeypatch.setattr(cpu_moe, "cpu_prepack_moe_weight", lambda weight, isa: weight.clone())
+    # fp8 experts: the VNNI prepacking vLLM reruns on every processing, stood in for alike.
+    monkeypatch.setattr(
+        cpu_moe,
+        "prepare_fp8_moe_layer_for_cpu",
+        lambda w13, w2: tuple(one_way_layout(w) for w in (w13, w2)),
+    )
+    method = importlib.import_module(
+        "vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method"
+    )
+    if hasattr(method, "convert_to_unquantized_kernel_format"):
+        convert = method.convert_to_unquantized_kernel_format
+
+        def one_way(*args, **kwargs):
+            w13, w2 = convert(*args, **kwargs)
+            return tuple(one_way_layout(w) for w in (w13, w2))
+
+        monkeypatch.setattr(method, "convert_to_unquantized_kernel_format", one_way)
+
+
+def fp8_release(path, layers: int) -> None:
+    """Rewrites the bf16 checkpoint at `path` with fp8 block-scaled experts (128 x 128 blocks,
+    float32 `weight_scale_inv`), router and attention left in bfloat16, as Qwen3-FP8 and
+    DeepSeek-V3 release them."""
+    with fml.open(path) as ckpt:
+        tensors = {name: ckpt.tensor(name).clone() for name in ckpt.keys()}
+        experts = {n for group in ckpt.moe_layers() for n in group.tensor_names}
+    for file in path.glob("*.safetensors*"):
+        file.unlink()
+    for name in sorted(experts):
+        stem = name.removesuffix(".weight")
+        tensors[name], tensors[f"{stem}.weight_scale_inv"] = quantize_fp8_blocks(tensors[name])
+    save_file(tensors, path / "model.safetensors")
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "fp8",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128],
+        "modules_to_not_convert": [
+            f"model.layers.{i}.{m}"
+            for i in range(layers)
+            for m in ("mlp.gate", *(f"self_attn.{p}_proj" for p in "qkvo"))
+        ],
+    }
+    (path / "config.json").write_text(json.dumps(config))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """case -> (checkpoint A, checkpoint B): the same architecture, other random weights."""
+    saved = {}
+    for case, (family, options) in CASES.items():
+        sizes = FP8_SIZES
+        if not case.startswith("fp8"):
+            sizes = {**WIDER, **WIDER_FAMILY.get(family, {}), **UNPADDED.get(family, {})}
+        pair = []
+        for seed in (1, 2):
+            model = build_model(family, seed=seed, **sizes)
+            path = tmp_path_factory.mktemp(f"{case}-{'AB'[seed - 1]}")
+            model.save_pretrained(path, **options)
+            if case.startswith("fp8"):
+                fp8_release(path, model.config.num_hidden_layers)
+            pair.append(path)
+        saved[case] = tuple(pair)
+    return saved
+
+
+def vllm_config(path, load_format: str, extra: dict | None = None):
+    from vllm.config import DeviceConfig, LoadConfig, ModelConfig, VllmConfig
+
+    model_config = ModelConfig(
+        model=str(path), dtype="bfloat16", skip_tokenizer_init=True, enforce_eager=True
+    )
+    return VllmConfig(
+        model_config=model_config,
+        load_config=LoadConfig(load_format=load_format, model_loader_extra_config=extra or {}),
+        device_config=DeviceConfig(device="cpu"),
+    )
+
+
+def serve(path, load_format: str, extra: dict | None = None):
+    """A model as vLLM serves it: built, loaded and processed by `load_model`."""
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader import get_model_loader
+
+    config = vllm_config(path, load_format, extra)
+    with set_current_vllm_config(config):
+        model = get_model_loader(config.load_config).load_model(
+            vllm_config=config, model_config=config.model_config
+        )
+    return model, config
+
+
+def reload(model, config, path) -> list[str]:
+    """vLLM's in-place reload of `model` from `path`; the names that reached `load_weights`."""
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.reload.inplace import reload_weights
+
+    received: list[str] = []
+    model_load_weights = model.load_weights
+
+    def recording_load_weights(weights):
+        return model_load_weights(received.append(name) or (name, t) for name, t in weights)
+
+    model.load_weights = recording_load_weights
+    try:
+        with set_current_vllm_config(config):
+            reload_weights(config, model, None, str(path), True)
+    finally:
+        del model.load_weights
+    return received
+
+
+def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    tensors = dict(model.named_parameters())
+    tensors |= {f"buffer {n}": b for n, b in model.named_buffers()}
+    return tensors
+
+
+def differing(actual: torch.nn.Module, expected: torch.nn.Module) -> list[str]:
+    """The parameters and buffers whose shape, dtype or bytes differ."""
+    ours, theirs = state(actual), state(expected)
+    assert ours.keys() == theirs.keys()
+    return [
+        name
+        for name, tensor in theirs.items()
+        if ours[name].shape != tensor.shape
+        or ours[name].dtype != tensor.dtype
+        or not torch.equal(bits(ours[name].reshape(-1)), bits(tensor.reshape(-1)))
+    ]
+
+
+def assert_same_state(actual: torch.nn.Module, expected: torch.nn.Module, what: str) -> None:
+    differ = differing(actual, expected)
+    assert not differ, f"{what}: {len(differ)} tensors differ: {differ}"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_reload_matches_a_fresh_model(distributed, checkpoints, case, caplog):
+    a, b = checkpoints[case]
+    ours, config = serve(a, "fastmoe")
+    served_ptrs = {n: t.data_ptr() for n, t in state(ours).items()}
+    with caplog.at_level("INFO", logger="vllm.fastmoe_load"):
+        received = reload(ours, config, b)
+    fresh, _ = serve(b, "safetensors")
+    assert_same_state(ours, fresh, f"{case}: reloaded A -> B vs a model loaded from B")
+
+    # vLLM's own reload of the same model, A -> B, leaves the same, where it reloads right.
+    theirs, their_config = serve(a, "safetensors")
+    reload(theirs, their_config, b)
+    stale = differing(theirs, fresh)
+    if case in VLLM_RELOAD_KEEPS_EXPERTS and stale:
+        assert stale and all(".experts." in name for name in stale), stale
+    else:
+        assert not stale, f"{case}: vLLM's own reload differs from a fresh model: {stale}"
+        assert_same_state(ours, theirs, f"{case}: fastmoe's reload vs vLLM's")
+
+    # In place (captured graphs keep their addresses), experts through fastmoe_load only.
+    assert {n: t.data_ptr() for n, t in state(ours).items()} == served_ptrs
+    with fml.open(b) as ckpt:
+        groups = ckpt.moe_layers()
+        experts = {name for group in groups for name in group.tensor_names}
+        assert set(received) == set(ckpt.keys()) - experts
+    (line,) = [r.getMessage() for r in caplog.records if "Reloading" in r.getMessage()]
+    assert f"fastmoe_load filled {len(groups)} expert layers" in line, line
+
+
+def test_reload_of_the_served_path_and_back(distributed, checkpoints):
+    """Reloads A -> B -> A (the same path again, as an RL loop overwriting one directory)."""
+    a, b = checkpoints["qwen3_moe-fused"]
+    ours, config = serve(a, "fastmoe")
+    reference = {n: t.clone() for n, t in state(ours).items()}
+    reload(ours, config, b)
+    reload(ours, config, a)
+    for name, tensor in state(ours).items():
+        assert torch.equal(bits(tensor.reshape(-1)), bits(reference[name].reshape(-1))), name
+
+
+def test_layer_vllm_cannot_take_from_fastmoe_load_goes_through_load_weights(
+    distributed, checkpoints, monkeypatch, caplog
+):
+    """An expert layer fastmoe_load cannot fill as vLLM would (here: declared so) is reloaded
+    by the model's own `load_weights`, with the same result, and the log says why."""
+    from fastmoe_load.engines import spec as spec_module
+
+    a, b = checkpoints["qwen3_moe-per_expert"]
+    ours, config = serve(a, "fastmoe")
+    monkeypatch.setattr(
+        spec_module.ExpertLayerSpec, "unfillable", lambda self: "a layout it cannot rebuild"
+    )
+    with caplog.at_level("INFO"):
+        received = reload(ours, config, b)
+    fresh, _ = serve(b, "safetensors")
+    assert_same_state(ours, fresh, "reloaded through load_weights")
+    with fml.open(b) as ckpt:
+        assert set(received) == set(ckpt.keys())
+    assert "a layout it cannot rebuild" in caplog.text
+    assert "fastmoe_load filled 0 expert layers" in caplog.text
+
+
+def rewrite_in_place(path) -> None:
+    """What a trainer saving over the checkpoint does to one shard: new bytes, same name."""
+    shard = sorted(path.glob("*.safetensors"))[-1]
+    data = bytearray(shard.read_bytes())
+    data[-64:] = bytes(64)
+    shard.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("when", ["before the first write", "after the experts were written"])
+@pytest.mark.parametrize("keep_previous", [False, True])
+def test_checkpoint_rewritten_during_a_reload_is_refused(
+    distributed, checkpoints, tmp_path, monkeypatch, when, keep_previous
+):
+    """A shard rewritten while the reload reads it: refused (`FileChangedError`), the model
+    usable with the previous weights, untouched if the change is found before the first
+    write, restored from the host copy if found later with `reload_keep_previous`."""
+    a, b = checkpoints["qwen3_moe-fused"]
+    target = tmp_path / "b"
+    shutil.copytree(b, target)
+    extra = {"reload_keep_previous": True} if keep_previous else None
+    ours, config = serve(a, "fastmoe", extra)
+    before = {n: t.clone() for n, t in state(ours).items()}
+
+    filled = []
+
+    def fill_then_rewrite(ckpt, spec):
+        consumed = original_fill(ckpt, spec)
+        filled.append(spec.group.prefix)
+        if when == "before the first write" and len(filled) == 1:
+            rewrite_in_place(target)
+        return consumed
+
+    model_load_weights = type(ours).load_weights
+
+    def rewrite_after_the_experts(self, weights):
+        """The first tensor after the experts: each expert layer was processed into place."""
+
+        def rewriting():
+            for i, item in enumerate(weights):
+                if i == 0:
+                    rewrite_in_place(target)
+                yield item
+
+        return model_load_weights(self, rewriting())
+
+    original_fill = vllm_loader.fill_layer
+    with monkeypatch.context() as patched:
+        patched.setattr(vllm_loader, "fill_layer", fill_then_rewrite)
+        if when != "before the first write":
+            patched.setattr(type(ours), "load_weights", rewrite_after_the_experts)
+        with pytest.raises(fml.FileChangedError, match="rewritten"):
+            reload(ours, config, target)
+    after = state(ours)
+    assert after.keys() == before.keys()
+    for name, tensor in after.items():
+        assert not tensor.is_meta, f"{name} left on the meta device"
+    changed = sorted(
+        n
+        for n, t in after.items()
+        if not torch.equal(bits(t.reshape(-1)), bits(before[n].reshape(-1)))
+    )
+    if when == "before the first write" or keep_previous:
+        assert not changed
+    else:  # the experts (and what was loaded before the change) hold new values
+        assert any(".experts." in n for n in changed), changed
+        assert len(changed) < len(before)
+
+    # The model reloads normally once the checkpoint is complete again.
+    reload(ours, config, b)
+    fresh, _ = serve(b, "safetensors")
+    assert_same_state(ours, fresh, "reload after a refused one")
+
+
+def test_missing_checkpoint_is_refused_before_anything_changes(distributed, checkpoints, tmp_path):
+    a, _ = checkpoints["qwen3_moe-fused"]
+    ours, config = serve(a, "fastmoe")
+    before = {n: t.clone() for n, t in state(ours).items()}
+    (tmp_path / "empty").mkdir()  # no weights: a trainer that has not written yet
+    with pytest.raises(fml.FastMoeLoadError):
+        reload(ours, config, tmp_path / "empty")
+    for name, tensor in state(ours).items():
+        assert torch.equal(bits(tensor.reshape(-1)), bits(before[name].reshape(-1))), name
