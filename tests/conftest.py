@@ -338,35 +338,14 @@ def assert_loads_as(
 def vllm_process_groups():
     """vLLM's process groups for one process (gloo), as its layers expect when built; made
     here unless another test module made them, and taken down again after the module."""
-    import socket
-
-    from vllm.config import VllmConfig, set_current_vllm_config
-    from vllm.distributed import (
-        destroy_distributed_environment,
-        destroy_model_parallel,
-        init_distributed_environment,
-        initialize_model_parallel,
-        model_parallel_is_initialized,
-    )
+    from fastmoe_load.bench.reload import vllm_process_groups as one_process
+    from vllm.distributed import model_parallel_is_initialized
 
     if model_parallel_is_initialized():
         yield
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with set_current_vllm_config(VllmConfig()):
-        init_distributed_environment(
-            world_size=1,
-            rank=0,
-            local_rank=0,
-            distributed_init_method=f"tcp://127.0.0.1:{port}",
-            backend="gloo",
-        )
-        initialize_model_parallel(1, 1)
-    yield
-    destroy_model_parallel()
-    destroy_distributed_environment()
+    with one_process():
+        yield
 
 
 def group_error(ckpt) -> str:

@@ -55,15 +55,16 @@ def main(
     announce(path, f"Qwen3-MoE shapes, {layers} layers", reused, clean)
     try:
         save_random_model(path, config)
-        with _process_groups():
+        with vllm_process_groups():
             _compare(path, torch.device(device), repeats)
     finally:
         if clean:
             remove(path)
 
 
-class _process_groups:
-    """vLLM's process groups for one process, as its layers expect when built."""
+class vllm_process_groups:
+    """vLLM's process groups for one process (gloo), as its layers expect when built, taken
+    down again on leaving."""
 
     def __enter__(self) -> None:
         from vllm.config import VllmConfig, set_current_vllm_config
