@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import operator
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ._fastmoe_load import RequestError
@@ -57,6 +58,23 @@ def as_index(value: object, what: str, where: str = "", minimum: int = 0) -> int
 OPEN_OPTIONS = ("num_threads", "io", "prefetch")
 # What an engine loader downloads of a Hub checkpoint: the weights, their index, config.json.
 CHECKPOINT_FILES = ["*.safetensors", "*.json"]
+
+
+def local_checkpoint(
+    model: str, source: Any, load_config: Any, download: Callable[..., str]
+) -> str:
+    """The local checkpoint directory of an engine's `model` (a directory, or a Hub id that
+    the engine's own `download_weights_from_hf` fetches, at `source.revision`, into
+    `load_config.download_dir`)."""
+    if os.path.isdir(model):
+        return model
+    return download(
+        model,
+        load_config.download_dir,
+        CHECKPOINT_FILES,
+        source.revision,
+        ignore_patterns=load_config.ignore_patterns,
+    )
 
 
 def open_options(

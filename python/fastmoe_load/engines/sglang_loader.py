@@ -40,7 +40,6 @@ What it relies on in SGLang (0.5.23): `DefaultModelLoader.initialize_model_for_s
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -55,7 +54,7 @@ from sglang.srt.model_loader.utils import set_default_torch_dtype
 from sglang.srt.model_loader.weight_utils import download_weights_from_hf
 
 from .._fastmoe_load import RequestError
-from .._validate import CHECKPOINT_FILES, open_options
+from .._validate import local_checkpoint, open_options
 from ..checkpoint import Checkpoint
 from ..checkpoint import open as open_checkpoint
 from .reload import CheckpointGuard
@@ -82,14 +81,11 @@ class FastMoeModelLoader(DefaultModelLoader):
 
     def checkpoint_dir(self, model_config: ModelConfig) -> str:
         """The local checkpoint directory, downloaded first for a Hub model id."""
-        if os.path.isdir(model_config.model_path):
-            return model_config.model_path
-        return download_weights_from_hf(
+        return local_checkpoint(
             model_config.model_path,
-            self.load_config.download_dir,
-            CHECKPOINT_FILES,
-            model_config.revision,
-            ignore_patterns=self.load_config.ignore_patterns,
+            model_config,
+            self.load_config,
+            download_weights_from_hf,
         )
 
     def download_model(self, model_config: ModelConfig) -> None:
@@ -139,15 +135,9 @@ class FastMoeModelLoader(DefaultModelLoader):
             self._update = None
         if self._refused_untouched:  # SGLang's roll-back of an update refused untouched
             return iter(())
-        path = source.model_or_path
-        if not os.path.isdir(path):
-            path = download_weights_from_hf(
-                path,
-                self.load_config.download_dir,
-                CHECKPOINT_FILES,
-                source.revision,
-                ignore_patterns=self.load_config.ignore_patterns,
-            )
+        path = local_checkpoint(
+            source.model_or_path, source, self.load_config, download_weights_from_hf
+        )
         ckpt = open_checkpoint(path, **self.open_options)
         try:
             self._update = (ckpt, CheckpointGuard(ckpt))

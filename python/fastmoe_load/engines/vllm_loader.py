@@ -90,7 +90,7 @@ from vllm.model_executor.model_loader import (
 from vllm.model_executor.model_loader.weight_utils import download_weights_from_hf
 
 from .._fastmoe_load import LayoutError, RequestError, TensorNotFoundError
-from .._validate import CHECKPOINT_FILES, open_options
+from .._validate import local_checkpoint, open_options
 from ..checkpoint import Checkpoint, MoeLayer
 from ..checkpoint import open as open_checkpoint
 from ..loader import stream_tensors
@@ -147,14 +147,8 @@ class FastMoeModelLoader(BaseModelLoader):
 
     def checkpoint_dir(self, model_config: ModelConfig) -> str:
         """The local checkpoint directory, downloaded first for a Hub model id."""
-        if os.path.isdir(model_config.model):
-            return model_config.model
-        return download_weights_from_hf(
-            model_config.model,
-            self.load_config.download_dir,
-            CHECKPOINT_FILES,
-            model_config.revision,
-            ignore_patterns=self.load_config.ignore_patterns,
+        return local_checkpoint(
+            model_config.model, model_config, self.load_config, download_weights_from_hf
         )
 
     def download_model(self, model_config: ModelConfig) -> None:
