@@ -129,6 +129,24 @@ impl CopyOp {
         self.len() == 0
     }
 
+    /// Row `r` alone (inside the operation's rows).
+    fn row(&self, r: usize) -> CopyOp {
+        CopyOp {
+            src: self.src + r * self.src_row_stride,
+            rows: 1,
+            ..*self
+        }
+    }
+
+    /// Column `c` alone (inside the operation's columns).
+    fn col(&self, c: usize) -> CopyOp {
+        CopyOp {
+            src: self.src + c * self.src_col_stride,
+            cols: 1,
+            ..*self
+        }
+    }
+
     /// Each row is one contiguous run of source bytes.
     pub fn has_contiguous_rows(&self) -> bool {
         self.src_col_stride == self.elem
@@ -375,10 +393,10 @@ impl CopyPlan {
             match transposed.as_slice() {
                 // Each input row of the destination: gate's outputs, then up's.
                 [gate, up] => {
+                    let (gate, up) = (plan.op_of(ckpt, gate)?, plan.op_of(ckpt, up)?);
                     for r in 0..gate.rows {
-                        for m in [gate, up] {
-                            plan.push_matrix(ckpt, &m.clone().select_rows(r, 1))?;
-                        }
+                        plan.push(gate.row(r));
+                        plan.push(up.row(r));
                     }
                 }
                 [one] => plan.push_matrix(ckpt, one)?,
@@ -386,15 +404,13 @@ impl CopyPlan {
             }
             if let [(gate, split), (up, _)] = matrices.as_slice() {
                 // Files that keep gate and up apart: a row (or entry) of each in turn.
+                let (gate, up) = (plan.op_of(ckpt, gate)?, plan.op_of(ckpt, up)?);
                 for r in 0..shard {
-                    for m in [gate, up] {
-                        plan.push_matrix(
-                            ckpt,
-                            &match split {
-                                Split::Rows => m.clone().select_rows(r, 1),
-                                _ => m.clone().select_cols(r, 1),
-                            },
-                        )?;
+                    for op in [&gate, &up] {
+                        plan.push(match split {
+                            Split::Rows => op.row(r),
+                            _ => op.col(r),
+                        });
                     }
                 }
             }
@@ -518,6 +534,15 @@ impl CopyPlan {
     }
 
     fn push_matrix(&mut self, ckpt: &Checkpoint, m: &MatrixView) -> Result<()> {
+        let op = self.op_of(ckpt, m)?;
+        self.push(op);
+        Ok(())
+    }
+
+    /// The operation that copies `m`, checked against its tensor's bytes (its destination
+    /// offset is set as it is pushed). Plans of one operation per row take each row of it
+    /// ([`CopyOp::row`]) rather than look the tensor up again for every row.
+    fn op_of(&self, ckpt: &Checkpoint, m: &MatrixView) -> Result<CopyOp> {
         let (shard, entry) = ckpt.tensor(&m.tensor)?;
         let elem = entry.elem_bytes().ok_or_else(|| Error::Layout {
             path: ckpt.path().to_path_buf(),
@@ -541,8 +566,7 @@ impl CopyPlan {
                 reason: format!("a view reaches past the tensor's bytes: {m:?}"),
             });
         }
-        self.push(op);
-        Ok(())
+        Ok(op)
     }
 
     /// Appends `op` at the end of the destination, merged into whole runs where the source
