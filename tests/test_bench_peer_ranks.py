@@ -247,3 +247,14 @@ def test_peer_names_fit_the_path_column():
 def test_peer_readers_need_a_gpu():
     assert peers.readers(CPU) == {}
     assert peers.readers(CPU, direct=True) == {}
+
+
+def test_bench_help_tells_of_the_peer_rows():
+    result = run_main("bench", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    assert "Run:ai Model Streamer) load whole files, and then TP=1, TP=2, TP=8 and EP=8" in text
+    assert "beside fastmoe_load's load of the same ranks, in a second table" in text
+    assert "--cold empty the page cache before every run (root only); the peers then read in" in (
+        text
+    )
