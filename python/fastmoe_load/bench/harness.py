@@ -12,8 +12,8 @@ import platform
 import statistics
 import textwrap
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -110,10 +110,13 @@ class Bench:
     # The row label (its start) of the machine's limit the last column divides by.
     reference: str
     rows: list[Row] = field(default_factory=list)
+    # Set for a table printed after another: a blank line and this line come before its
+    # header (the rough note is said once, before the first).
+    title: str | None = None
 
     def add(self, rows: list[Row]) -> None:
         if not self.rows:
-            note = rough_note(self)
+            note = rough_note(self) if self.title is None else f"\n{self.title}"
             if note is not None:
                 print(note, flush=True)
             print(table_header(self.reference), flush=True)
@@ -363,6 +366,11 @@ REFERENCES = {
         "x disk",
         "reading every shard in 64 MiB blocks with 16 threads: the disk's rate",
     ),
+    "fastmoe_load": (
+        "x fastmoe",
+        "fastmoe_load's own load of the same rank, same destination: below 1.00, slower than "
+        "fastmoe_load",
+    ),
     "fastmoe_load bf16": (
         "x bf16",
         "fastmoe_load's on the bf16 fused checkpoint, same case: the cost of the scales, "
@@ -430,11 +438,16 @@ def rough_note(bench: Bench) -> str | None:
     return None
 
 
-def legend(bench: Bench, cold: bool = False) -> str:
-    """What the table's columns mean, for the rows this run printed."""
+def legend(bench: Bench, cold: bool = False, more: Sequence[Bench] = ()) -> str:
+    """What the columns of the tables mean, for the rows this run printed: `bench`'s, and
+    those of the tables that followed it (`more`)."""
+    last_columns = [bench.reference, *(t.reference for t in more)]
+    bench = replace(bench, rows=[*bench.rows, *(row for t in more for row in t.rows)])
     cases = {row.case for row in bench.rows}
     destinations = {row.destination for row in bench.rows}
     case = ["TP=2 rank 1 = its half of the intermediate size"]
+    if "TP=8 rank 1" in cases:
+        case.append("TP=8 rank 1 = its eighth (gate and up rows, down columns)")
     if any(c.startswith("EP=") for c in cases):
         case.append("EP=n rank 1 = the experts placed on rank 1 of n")
     if any(c.endswith((" ref", " pad")) for c in cases):
@@ -451,14 +464,22 @@ def legend(bench: Bench, cold: bool = False) -> str:
         "own tensors": "own tensors: the loader allocates its own",
     }
     cache = "emptied before every run (--cold)" if cold else "warm (the files were just read)"
-    column, meaning = REFERENCES[bench.reference]
+    path = (
+        "what fills the destinations. seed: vLLM's pure-Python loading, the path "
+        "fastmoe_load replaces (safetensors get_tensor of each stored tensor, then one "
+        "narrow and copy_ per expert and shard)"
+    )
+    if "fastmoe_load" in last_columns[1:]:
+        path += (
+            ". In the Ranks table, a peer (InstantTensor, fastsafetensors, Run:ai): its reader "
+            "bringing whole files to the device, each tensor handed to vLLM's FusedMoE "
+            "weight_loader (the seed's narrow and copy_ per expert and shard, on the device) "
+            "and dropped, as vLLM uses the peer's iterator; every rank reads every byte. Each "
+            "such row was checked once, outside the timing: its tensors equal fastmoe_load's "
+            "bit for bit"
+        )
     terms = [
-        (
-            "path",
-            "what fills the destinations. seed: vLLM's pure-Python loading, the path "
-            "fastmoe_load replaces (safetensors get_tensor of each stored tensor, then one "
-            "narrow and copy_ per expert and shard)",
-        ),
+        ("path", path),
         ("case", f"the part of every layer one rank loads: {'; '.join(case)}"),
         ("destination", "; ".join(text for kind, text in kinds.items() if kind in destinations)),
         (
@@ -467,8 +488,10 @@ def legend(bench: Bench, cold: bool = False) -> str:
             f"warm-up; page cache {cache}. {ROUGH}",
         ),
         ("x seed", "that rate over the seed path's, same case and destination"),
-        (column, f"that rate over {meaning}"),
     ]
+    for reference in dict.fromkeys(last_columns):
+        column, meaning = REFERENCES[reference]
+        terms.append((column, f"that rate over {meaning}"))
     return "\n".join(
         textwrap.fill(text, 96, initial_indent=f"{term:<13}", subsequent_indent=" " * 13)
         for term, text in terms

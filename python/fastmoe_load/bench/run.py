@@ -1,9 +1,13 @@
-"""`python -m fastmoe_load bench`: fastmoe_load beside pure-Python loading, one table, one run.
+"""`python -m fastmoe_load bench`: fastmoe_load beside pure-Python loading and, on a GPU, the
+peer loaders, in one run.
 
-Every row loads the same generated checkpoint (warm in the page cache) into vLLM-layout
-`w13`/`w2` destinations and reports the median of several runs. GB/s counts the bytes that
-land in the destinations. fastmoe_load and the seed path reopen the checkpoint on every run,
-so each run pays for its own mapping and page faults, as a real load does.
+Every row loads the same generated checkpoint (warm in the page cache, or emptied before every
+run with --cold) into vLLM-layout `w13`/`w2` destinations and reports the median of several
+runs. GB/s counts the bytes that land in the destinations. fastmoe_load and the seed path
+reopen the checkpoint on every run, so each run pays for its own mapping and page faults, as a
+real load does. Where peers are installed (GPU only), a second table follows: each of them
+loading TP and EP ranks as vLLM uses it, beside fastmoe_load's load of the same ranks
+(`peer_ranks`).
 """
 
 from __future__ import annotations
@@ -93,12 +97,27 @@ def main(
                 _run_cuda(bench, explore)
             else:
                 _run_cpu(bench)
+            ranks = _run_ranks(bench, cold)
             print()
-            print(legend(bench, cold))
+            print(legend(bench, cold, [ranks] if ranks is not None else []))
         finally:
             if clean:
                 remove(path)
     return bench
+
+
+def _run_ranks(bench: Bench, cold: bool) -> Bench | None:
+    """The peers' rank rows (`peer_ranks`), each peer in its buffered mode, or cold in its
+    O_DIRECT one; on a GPU, a line instead where no peer is installed."""
+    from . import peer_ranks, peers
+
+    readers = peers.readers(bench.device, direct=cold)
+    if not readers and bench.device.type == "cuda":
+        print(
+            f"\nno peer installed ({', '.join(peers.PACKAGES)}): no rows of peers loading a rank",
+            flush=True,
+        )
+    return peer_ranks.run(bench, readers, before_each=drop_page_cache if cold else None)
 
 
 def _run_cold(bench: Bench) -> None:

@@ -182,6 +182,25 @@ def _gate_up_halves(weight: torch.Tensor, layer: MoeLayer) -> Iterator[tuple[str
         yield "w3", up
 
 
+def load_fused_weight(loader: SeedLoader, layer: MoeLayer, name: str, weight: torch.Tensor) -> None:
+    """One fused weight of `layer` (`name`: its gate/up or its down tensor, as stored) through
+    `loader` the way vLLM's `FusedMoE.load_weights` takes it: `chunk(2, dim=1)` of gate/up,
+    `unbind()` per expert, one `weight_loader` call per expert and shard, on whatever device
+    `weight` is. Raises `ValueError` for a name that is neither."""
+    gate_up, down = layer.tensor_names[:2]
+    if name == gate_up:
+        for shard_id, stack in _gate_up_halves(weight, layer):
+            for expert_id, expert in enumerate(stack.unbind()):
+                loader.weight_loader(expert, shard_id, expert_id)
+    elif name == down:
+        if layer.transposed:
+            weight = weight.transpose(1, 2)
+        for expert_id, expert in enumerate(weight.unbind()):
+            loader.weight_loader(expert, "w2", expert_id)
+    else:
+        raise ValueError(f"{name}: not a fused weight of the layer {layer.prefix}")
+
+
 def seed_load(
     path: str,
     layer: MoeLayer,
@@ -239,14 +258,8 @@ def seed_load(
                         else:
                             loader.scale_loader(get_tensor(name), companion, shard_id, expert_id)
             return
-        for shard_id, stack in _gate_up_halves(get_tensor(names[0]), layer):
-            for expert_id, weight in enumerate(stack.unbind()):
-                loader.weight_loader(weight, shard_id, expert_id)
-        down = get_tensor(names[1])
-        if layer.transposed:
-            down = down.transpose(1, 2)
-        for expert_id, weight in enumerate(down.unbind()):
-            loader.weight_loader(weight, "w2", expert_id)
+        for name in names[:2]:
+            load_fused_weight(loader, layer, name, get_tensor(name))
         first = 4 if layer.has_bias else 2
         for k, companion in enumerate(companions):
             gate_up, down = (get_tensor(n) for n in names[first + 2 * k : first + 2 * k + 2])

@@ -108,7 +108,10 @@ def _parser() -> argparse.ArgumentParser:
         help="compare fastmoe_load with pure-Python loading on a generated checkpoint",
         description="Generate a checkpoint shaped like Qwen3-30B-A3B's experts (or, with "
         "--model, a whole Qwen3-MoE model) and time fastmoe_load beside vLLM's pure-Python "
-        "loading and the machine's limits; the printed table explains its columns. The "
+        "loading and the machine's limits; the printed table explains its columns. On a GPU, "
+        "the peer loaders that are installed (InstantTensor, fastsafetensors, Run:ai Model "
+        "Streamer) load whole files, and then TP=1, TP=2, TP=8 and EP=8 ranks as vLLM uses "
+        "them, beside fastmoe_load's load of the same ranks, in a second table. The "
         "checkpoint is kept under $TMPDIR (else /tmp) for later runs, which reuse it while "
         "the shape matches; --clean removes it after the run.",
     )
@@ -145,7 +148,10 @@ def _parser() -> argparse.ArgumentParser:
         "buffers); says so and adds nothing on a CPU",
     )
     bench.add_argument(
-        "--cold", action="store_true", help="empty the page cache before every run (root only)"
+        "--cold",
+        action="store_true",
+        help="empty the page cache before every run (root only); the peers then read in their "
+        "own O_DIRECT modes",
     )
     bench.add_argument(
         "--transposed",
