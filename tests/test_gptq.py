@@ -30,8 +30,6 @@ from safetensors.torch import load_file, save_file
 E, H, INTER = 4, 256, 1024
 GROUP = 128
 LAYERS = 2
-MODULES = {"gate_proj": (INTER, H), "up_proj": (INTER, H), "down_proj": (H, INTER)}
-MIXTRAL = {"w1": (INTER, H), "w3": (INTER, H), "w2": (H, INTER)}
 
 
 def prefix(layer: int = 1, mlp: str = "mlp") -> str:
@@ -49,8 +47,11 @@ def save(path: Path, tensors: dict[str, torch.Tensor], config: dict) -> Path:
     return path
 
 
-def gptq_config(desc_act: bool = False, bits: int = 4, group: int = GROUP) -> dict:
-    """Qwen3-30B-A3B-GPTQ-Int4's `quantization_config` (its field set and values)."""
+def gptq_config(
+    desc_act: bool = False, bits: int = 4, group: int = GROUP, sym: bool = True
+) -> dict:
+    """Qwen3-30B-A3B-GPTQ-Int4's `quantization_config` (its field set and values; `sym:
+    false` as GPTQModel writes asymmetric weights)."""
     return {
         "bits": bits,
         "damp_percent": 0.01,
@@ -59,20 +60,29 @@ def gptq_config(desc_act: bool = False, bits: int = 4, group: int = GROUP) -> di
         "modules_in_block_to_quantize": None,
         "quant_method": "gptq",
         "static_groups": False,
-        "sym": True,
+        "sym": sym,
         "true_sequential": True,
     }
 
 
-def qwen3_gptq(path: Path, desc_act: bool = False, bits: int = 4, group: int = GROUP) -> Path:
-    """Qwen3-30B-A3B-GPTQ-Int4's experts, scaled down: per expert `qweight`, `qzeros`,
-    `scales` (float16) and `g_idx` (each input's group, `desc_act` off), float16 router."""
+def qwen3_gptq(
+    path: Path,
+    desc_act: bool = False,
+    bits: int = 4,
+    group: int = GROUP,
+    inter: int = INTER,
+    sym: bool = True,
+) -> Path:
+    """Qwen3-30B-A3B-GPTQ-Int4's experts, scaled down (H=256; `inter` 768 is the release's
+    own I): per expert `qweight`, `qzeros`, `scales` (float16) and `g_idx` (each input's
+    group, `desc_act` off), float16 router."""
     gen = torch.Generator().manual_seed(20)
     pack = 32 // bits
     tensors = {}
+    modules = {"gate_proj": (inter, H), "up_proj": (inter, H), "down_proj": (H, inter)}
     for layer in range(LAYERS):
         for e in range(E):
-            for module, (out, inputs) in MODULES.items():
+            for module, (out, inputs) in modules.items():
                 name = f"{prefix(layer)}.{e}.{module}"
                 tensors[f"{name}.qweight"] = int32(inputs // pack, out, gen=gen)
                 tensors[f"{name}.qzeros"] = int32(inputs // group, out // pack, gen=gen)
@@ -84,21 +94,22 @@ def qwen3_gptq(path: Path, desc_act: bool = False, bits: int = 4, group: int = G
         "model_type": "qwen3_moe",
         "num_experts": E,
         "hidden_size": H,
-        "moe_intermediate_size": INTER,
+        "moe_intermediate_size": inter,
         "torch_dtype": "float16",
-        "quantization_config": gptq_config(desc_act, bits, group),
+        "quantization_config": gptq_config(desc_act, bits, group, sym),
     }
     return save(path, tensors, config)
 
 
-def mixtral_awq(path: Path, version: str = "gemm") -> Path:
+def mixtral_awq(path: Path, version: str = "gemm", inter: int = INTER) -> Path:
     """Mixtral-8x7B-Instruct-AWQ's experts (AutoAWQ GEMM), scaled down: per expert `w1`,
     `w3`, `w2` with `qweight [in, out/8]`, `qzeros [in/128, out/8]`, `scales` float16."""
     gen = torch.Generator().manual_seed(21)
     tensors = {}
+    modules = {"w1": (inter, H), "w3": (inter, H), "w2": (H, inter)}
     for layer in range(LAYERS):
         for e in range(E):
-            for module, (out, inputs) in MIXTRAL.items():
+            for module, (out, inputs) in modules.items():
                 name = f"{prefix(layer, 'block_sparse_moe')}.{e}.{module}"
                 tensors[f"{name}.qweight"] = int32(inputs, out // 8, gen=gen)
                 tensors[f"{name}.qzeros"] = int32(inputs // GROUP, out // 8, gen=gen)
@@ -113,7 +124,12 @@ def mixtral_awq(path: Path, version: str = "gemm") -> Path:
         "version": version,
         "zero_point": True,
     }
-    config = {"model_type": "mixtral", "num_local_experts": E, "quantization_config": quant}
+    config = {
+        "model_type": "mixtral",
+        "num_local_experts": E,
+        "intermediate_size": inter,
+        "quantization_config": quant,
+    }
     return save(path, tensors, config)
 
 

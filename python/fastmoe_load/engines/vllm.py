@@ -60,6 +60,7 @@ import torch
 from .._fastmoe_load import RequestError
 from ..checkpoint import Checkpoint, MoeLayer
 from .spec import BIASES, ExpertLayerSpec, fill_layer
+from .wna16 import Wna16
 
 # vLLM's quantized MoE methods whose weights and scales fastmoe_load fills as their
 # weight_loader does (checked against vLLM's own loading in its environment).
@@ -78,6 +79,8 @@ QUANTIZED_METHODS = (
     # GPTQ and AWQ into their Marlin methods (input-first), compressed-tensors int8 and NVFP4.
     "AutoGPTQMoEMethod",
     "AutoAWQMoEMethod",
+    # GPTQ and AWQ where Marlin cannot serve the layer (output-first bytes, `engines.wna16`).
+    "MoeWNA16Method",
     "CompressedTensorsW8A8Int8MoEMethod",
     "CompressedTensorsW4A4Nvfp4MoEMethod",
 )
@@ -222,6 +225,25 @@ def _unverified(layer: Any, group: MoeLayer) -> str | None:
     return None
 
 
+def wna16_of(layer: Any) -> Wna16 | None:
+    """How a `MoeWNA16Method` layer keeps GPTQ or AWQ experts: from its quantization config
+    (`linear_quant_method`, `weight_bits`, `has_zp`) and the group it serves (the layer's
+    `group_size`, halved by `create_weights` until it divides I/tp and H); None for another
+    method."""
+    layer = experts_module(layer)
+    method = getattr(layer, "quant_method", None)
+    if type(method).__name__ != "MoeWNA16Method":
+        return None
+    config = method.quant_config
+    linear = str(config.linear_quant_method)
+    return Wna16(
+        method="awq" if linear in ("awq", "awq_marlin") else linear,
+        bits=int(config.weight_bits),
+        group_size=int(layer.group_size),
+        zero_points=bool(config.has_zp),
+    )
+
+
 def _split(layer: Any, group: MoeLayer) -> dict[str, Any]:
     """How vLLM splits and places the rank's share of `group` in `layer`: the `shard`,
     `padding`, `pad_fill` and `scale_refine` of its `ExpertLayerSpec`.
@@ -241,6 +263,8 @@ def _split(layer: Any, group: MoeLayer) -> dict[str, Any]:
     method = getattr(layer, "quant_method", None)
     tp_rank, tp_size = tensor_parallel(layer)
     inter = group.intermediate_size
+    if type(method).__name__ == "MoeWNA16Method":  # parameters of the rank's exact sizes
+        return {}
     if type(layer).__name__ == "GptOssRoutedExperts":
         # Its bf16 path copies whole parameters: neither padding nor uneven splits load.
         if _method_name(layer) != "GptOssMxfp4MoEMethod":
@@ -283,10 +307,13 @@ def describe(
         names |= {b: b for b in BIASES}
     global_experts: tuple[str, ...] = ()
     global_rows: list[int] = []
+    wna16 = wna16_of(layer)
     if group.quantization is not None:
         for companion in group.quantization.companions:
             for target in ("w13", "w2"):
                 names[f"{target}_{companion.kind}"] = f"{target}_{companion.kind}"
+        if wna16 is not None:  # symmetric GPTQ's zero points: empty placeholders, dropped
+            names = {d: n for d, n in names.items() if d in wna16.destinations()}
         if _global_input_scales(layer, group):
             global_experts = ("w13_input_scale", "w2_input_scale")
             global_rows = global_experts_of(layer, group.num_experts, logical_of_physical)
@@ -314,6 +341,7 @@ def describe(
         merged_must_agree=_method_name(layer).startswith("CompressedTensors"),
         unverified=_unverified(layer, group),
         k_first=_method_name(layer) in K_FIRST_METHODS,
+        wna16=wna16,
         **_split(layer, group),
     )
 
