@@ -97,20 +97,23 @@ def experts_module(layer: Any) -> Any:
     return getattr(layer, "routed_experts", layer)
 
 
+# The names of an expert layer's gate/up and down weights: `w13_weight`, `w2_weight`,
+# `w13_weight_packed`, `w2_weight_packed` (compressed-tensors' packed integer weights), or
+# `w13_qweight`, `w2_qweight` (GPTQ's and AWQ's, in their Marlin and MoeWNA16 methods).
+WEIGHT_PARAMETERS = (
+    ("w13_weight", "w2_weight"),
+    ("w13_weight_packed", "w2_weight_packed"),
+    ("w13_qweight", "w2_qweight"),
+)
+
+
 def weight_parameters(layer: Any) -> tuple[str, str]:
-    """The names of the layer's gate/up and down weights: `w13_weight`, `w2_weight`,
-    `w13_weight_packed`, `w2_weight_packed` (compressed-tensors' packed integer weights), or
-    `w13_qweight`, `w2_qweight` (GPTQ's and AWQ's)."""
+    """The names of the layer's gate/up and down weights (`WEIGHT_PARAMETERS`)."""
     layer = experts_module(layer)
-    candidates = (
-        ("w13_weight", "w2_weight"),
-        ("w13_weight_packed", "w2_weight_packed"),
-        ("w13_qweight", "w2_qweight"),
-    )
-    for names in candidates:
+    for names in WEIGHT_PARAMETERS:
         if all(isinstance(getattr(layer, n, None), torch.Tensor) for n in names):
             return names
-    return candidates[1]
+    return WEIGHT_PARAMETERS[1]
 
 
 def _logical(num_experts: int, logical_of_physical: Sequence[int] | None) -> Any:
