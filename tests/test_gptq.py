@@ -407,3 +407,41 @@ def test_convert_refuses_before_writing_or_carries_every_tensor(gptq, tmp_path, 
     )
     want = expected(gptq, prefix(), GPTQ_NAMES, 1, 2, [1, 2], k_first=True)
     assert_loads_as(out, prefix(), want, tp_rank=1, tp_size=2, local_experts=[1, 2], k_first=True)
+
+
+def test_moe_wna16_split_vllm_cannot_serve_is_refused_naming_those_it_can(tmp_path):
+    """vLLM's `MoeWNA16Method` halves a 128-value group until it divides I/tp and H, never
+    under 32: Qwen3-30B-A3B's I=768 at TP=16 (48 rows a rank) it cannot serve. A layer
+    described so is refused before a byte is written, naming the TP sizes it serves (768's
+    divisors whose shares take groups of 128, 64 or 32)."""
+    from fastmoe_load.engines.spec import ExpertLayerSpec, fill_layer
+    from fastmoe_load.engines.wna16 import Wna16
+
+    path = qwen3_gptq(tmp_path / "gptq", inter=768)
+    wna16 = Wna16(method="gptq", bits=4, group_size=32, zero_points=False)
+    with fml.open(path) as ckpt:
+        layer = ckpt.experts(prefix())
+        shapes = wna16.shapes(E, H, 768 // 16)
+        parameters = {
+            name: torch.full(shape, 0xA5, dtype=torch.uint8)
+            if not name.endswith("scales")
+            else torch.full(shape, float("nan"), dtype=torch.bfloat16)
+            for name, shape in shapes.items()
+        }
+        spec = ExpertLayerSpec(
+            group=layer,
+            parameters=parameters,
+            names={name: name for name in parameters},
+            tp_rank=1,
+            tp_size=16,
+            experts=list(range(E)),
+            interleaved=False,
+            wna16=wna16,
+        )
+        problem = spec.problem()
+        assert problem is not None and "serves tp_size 1, 2, 3, 4, 6, 8, 12, 24" in problem
+        with pytest.raises(fml.RequestError, match="32-value groups do not divide"):
+            fill_layer(ckpt, spec)
+    for name, tensor in parameters.items():
+        poison = tensor.isnan() if tensor.is_floating_point() else tensor == 0xA5
+        assert poison.all(), f"{name} written before the error"

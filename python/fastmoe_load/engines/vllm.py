@@ -10,8 +10,11 @@ module:
 - `w13_weight [E_local, 2*I/tp, H]`, `w2_weight [E_local, H, I/tp]` (named
   `w13_weight_packed`, `w2_weight_packed` by compressed-tensors' `WNA16` method, int32 of
   eight int4 values along the input dimension: `[E_local, 2*I/tp, H/8]`; `w13_qweight`,
-  `w2_qweight` by the GPTQ and AWQ methods, which keep each expert input-first:
-  `K_FIRST_METHODS`, with `w13_scales`, `w13_qzeros`, ...), and for gpt-oss
+  `w2_qweight` by the GPTQ and AWQ methods: the Marlin ones keep each expert input-first,
+  `K_FIRST_METHODS`, with `w13_scales`, `w13_qzeros`, ...; `MoeWNA16Method` keeps them
+  output-first in bytes, `w13_qweight [E_local, 2*I/tp, H/2]` uint8 (int8: `H`),
+  `w13_scales [E_local, 2*I/tp, H/g]`, `w13_qzeros [E_local, I/tp, H/g]` uint8 where its
+  config has zero points, on its served group `g`, see `engines.wna16`), and for gpt-oss
   `w13_bias [E_local, 2*I/tp]`, `w2_bias [E_local, H]`;
 - for quantized checkpoints, the scale parameters vLLM's fp8 and NVFP4 MoE methods
   (`Fp8MoEMethod`, `CompressedTensorsW8A8Fp8MoEMethod`, `ModelOptNvFp4FusedMoE`) create,
@@ -33,7 +36,13 @@ module:
   local slot or -1; absent or None without expert parallelism;
 - `moe_config.activation`, `moe_config.is_act_and_mul`, `moe_config.tp_shard_with_padding`
   and the `quant_method`'s class name, `use_global_sf` and `weight_scale_refine`: what
-  decides whether vLLM's own loading writes what fastmoe_load writes (`QUANTIZED_METHODS`).
+  decides whether vLLM's own loading writes what fastmoe_load writes (`QUANTIZED_METHODS`);
+- for `MoeWNA16Method`, its `quant_config` (`linear_quant_method` `gptq`, `awq` or
+  `awq_marlin`, `weight_bits`, `has_zp`) and the layer's `group_size` (the checkpoint's
+  group halved by `create_weights` until it divides I/tp and H): the conversion
+  (`wna16_of`). A layer whose config does not match the checkpoint (another format, width
+  or group) is refused (`RequestError`), and left to vLLM by `load_format="fastmoe"` with
+  that reason.
 
 Physical experts beyond the checkpoint's (EPLB redundant experts) are replicas of logical
 expert `physical % num_experts`, as vLLM places them initially, unless

@@ -22,10 +22,15 @@ Its parameters are output-first bytes, whatever the checkpoint's packing (vLLM 0
 
 Where `c` or `H` is not a multiple of the checkpoint's group, vLLM halves the group until
 both are (`group_size_div_factor`, never under 32) and repeats each scale and zero point over
-the halves. vLLM slices the zero points by its attention TP rank
-(`get_tensor_model_parallel_rank`) where the weights and scales take the layer's MoE TP rank;
-the two differ under expert parallelism (vLLM then indexes past its one MoE TP rank and
-fails) and with data parallelism: here every companion takes the layer's MoE TP rank.
+the halves.
+
+Zero points under expert or data parallelism: vLLM's loader of `w13_qzeros`/`w2_qzeros`
+writes them by global expert id where its weights and scales go to the local slot, and slices
+them by the attention TP rank (`get_tensor_model_parallel_rank`) where the weights and scales
+take the layer's MoE TP rank. On an EP rank that indexes past the rank's slots (vLLM 0.33 and
+0.34 fail with an `IndexError`, or overwrite another slot's), and with TP across DP ranks
+takes another rank's rows. Here each slot's zero points are those of its expert and of the
+layer's MoE TP rank, as vLLM's loading of a layer holding every expert writes them.
 
 fastmoe_load reads each rank's values input-first, as stored (`load_fused_moe(...,
 k_first=True, shard=...)`, every group the rows touch), into scratch on the parameters'
