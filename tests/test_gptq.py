@@ -30,8 +30,6 @@ from safetensors.torch import load_file, save_file
 E, H, INTER = 4, 256, 1024
 GROUP = 128
 LAYERS = 2
-MODULES = {"gate_proj": (INTER, H), "up_proj": (INTER, H), "down_proj": (H, INTER)}
-MIXTRAL = {"w1": (INTER, H), "w3": (INTER, H), "w2": (H, INTER)}
 
 
 def prefix(layer: int = 1, mlp: str = "mlp") -> str:
@@ -49,8 +47,11 @@ def save(path: Path, tensors: dict[str, torch.Tensor], config: dict) -> Path:
     return path
 
 
-def gptq_config(desc_act: bool = False, bits: int = 4, group: int = GROUP) -> dict:
-    """Qwen3-30B-A3B-GPTQ-Int4's `quantization_config` (its field set and values)."""
+def gptq_config(
+    desc_act: bool = False, bits: int = 4, group: int = GROUP, sym: bool = True
+) -> dict:
+    """Qwen3-30B-A3B-GPTQ-Int4's `quantization_config` (its field set and values; `sym:
+    false` as GPTQModel writes asymmetric weights)."""
     return {
         "bits": bits,
         "damp_percent": 0.01,
@@ -59,20 +60,29 @@ def gptq_config(desc_act: bool = False, bits: int = 4, group: int = GROUP) -> di
         "modules_in_block_to_quantize": None,
         "quant_method": "gptq",
         "static_groups": False,
-        "sym": True,
+        "sym": sym,
         "true_sequential": True,
     }
 
 
-def qwen3_gptq(path: Path, desc_act: bool = False, bits: int = 4, group: int = GROUP) -> Path:
-    """Qwen3-30B-A3B-GPTQ-Int4's experts, scaled down: per expert `qweight`, `qzeros`,
-    `scales` (float16) and `g_idx` (each input's group, `desc_act` off), float16 router."""
+def qwen3_gptq(
+    path: Path,
+    desc_act: bool = False,
+    bits: int = 4,
+    group: int = GROUP,
+    inter: int = INTER,
+    sym: bool = True,
+) -> Path:
+    """Qwen3-30B-A3B-GPTQ-Int4's experts, scaled down (H=256; `inter` 768 is the release's
+    own I): per expert `qweight`, `qzeros`, `scales` (float16) and `g_idx` (each input's
+    group, `desc_act` off), float16 router."""
     gen = torch.Generator().manual_seed(20)
     pack = 32 // bits
     tensors = {}
+    modules = {"gate_proj": (inter, H), "up_proj": (inter, H), "down_proj": (H, inter)}
     for layer in range(LAYERS):
         for e in range(E):
-            for module, (out, inputs) in MODULES.items():
+            for module, (out, inputs) in modules.items():
                 name = f"{prefix(layer)}.{e}.{module}"
                 tensors[f"{name}.qweight"] = int32(inputs // pack, out, gen=gen)
                 tensors[f"{name}.qzeros"] = int32(inputs // group, out // pack, gen=gen)
@@ -84,21 +94,22 @@ def qwen3_gptq(path: Path, desc_act: bool = False, bits: int = 4, group: int = G
         "model_type": "qwen3_moe",
         "num_experts": E,
         "hidden_size": H,
-        "moe_intermediate_size": INTER,
+        "moe_intermediate_size": inter,
         "torch_dtype": "float16",
-        "quantization_config": gptq_config(desc_act, bits, group),
+        "quantization_config": gptq_config(desc_act, bits, group, sym),
     }
     return save(path, tensors, config)
 
 
-def mixtral_awq(path: Path, version: str = "gemm") -> Path:
+def mixtral_awq(path: Path, version: str = "gemm", inter: int = INTER) -> Path:
     """Mixtral-8x7B-Instruct-AWQ's experts (AutoAWQ GEMM), scaled down: per expert `w1`,
     `w3`, `w2` with `qweight [in, out/8]`, `qzeros [in/128, out/8]`, `scales` float16."""
     gen = torch.Generator().manual_seed(21)
     tensors = {}
+    modules = {"w1": (inter, H), "w3": (inter, H), "w2": (H, inter)}
     for layer in range(LAYERS):
         for e in range(E):
-            for module, (out, inputs) in MIXTRAL.items():
+            for module, (out, inputs) in modules.items():
                 name = f"{prefix(layer, 'block_sparse_moe')}.{e}.{module}"
                 tensors[f"{name}.qweight"] = int32(inputs, out // 8, gen=gen)
                 tensors[f"{name}.qzeros"] = int32(inputs // GROUP, out // 8, gen=gen)
@@ -113,7 +124,12 @@ def mixtral_awq(path: Path, version: str = "gemm") -> Path:
         "version": version,
         "zero_point": True,
     }
-    config = {"model_type": "mixtral", "num_local_experts": E, "quantization_config": quant}
+    config = {
+        "model_type": "mixtral",
+        "num_local_experts": E,
+        "intermediate_size": inter,
+        "quantization_config": quant,
+    }
     return save(path, tensors, config)
 
 
@@ -391,3 +407,41 @@ def test_convert_refuses_before_writing_or_carries_every_tensor(gptq, tmp_path, 
     )
     want = expected(gptq, prefix(), GPTQ_NAMES, 1, 2, [1, 2], k_first=True)
     assert_loads_as(out, prefix(), want, tp_rank=1, tp_size=2, local_experts=[1, 2], k_first=True)
+
+
+def test_moe_wna16_split_vllm_cannot_serve_is_refused_naming_those_it_can(tmp_path):
+    """vLLM's `MoeWNA16Method` halves a 128-value group until it divides I/tp and H, never
+    under 32: Qwen3-30B-A3B's I=768 at TP=16 (48 rows a rank) it cannot serve. A layer
+    described so is refused before a byte is written, naming the TP sizes it serves (768's
+    divisors whose shares take groups of 128, 64 or 32)."""
+    from fastmoe_load.engines.spec import ExpertLayerSpec, fill_layer
+    from fastmoe_load.engines.wna16 import Wna16
+
+    path = qwen3_gptq(tmp_path / "gptq", inter=768)
+    wna16 = Wna16(method="gptq", bits=4, group_size=32, zero_points=False)
+    with fml.open(path) as ckpt:
+        layer = ckpt.experts(prefix())
+        shapes = wna16.shapes(E, H, 768 // 16)
+        parameters = {
+            name: torch.full(shape, 0xA5, dtype=torch.uint8)
+            if not name.endswith("scales")
+            else torch.full(shape, float("nan"), dtype=torch.bfloat16)
+            for name, shape in shapes.items()
+        }
+        spec = ExpertLayerSpec(
+            group=layer,
+            parameters=parameters,
+            names={name: name for name in parameters},
+            tp_rank=1,
+            tp_size=16,
+            experts=list(range(E)),
+            interleaved=False,
+            wna16=wna16,
+        )
+        problem = spec.problem()
+        assert problem is not None and "serves tp_size 1, 2, 3, 4, 6, 8, 12, 24" in problem
+        with pytest.raises(fml.RequestError, match="32-value groups do not divide"):
+            fill_layer(ckpt, spec)
+    for name, tensor in parameters.items():
+        poison = tensor.isnan() if tensor.is_floating_point() else tensor == 0xA5
+        assert poison.all(), f"{name} written before the error"

@@ -55,12 +55,16 @@ def checkpoints(tmp_path_factory):
     return saved
 
 
-def vllm_config(path, load_format: str, dtype: str = "bfloat16"):
+def vllm_config(path, load_format: str, dtype: str = "bfloat16", quantization=None):
     """A fresh config per model: vLLM registers each model's attention layers in it."""
     from vllm.config import DeviceConfig, LoadConfig, ModelConfig, VllmConfig
 
     model_config = ModelConfig(
-        model=str(path), dtype=dtype, skip_tokenizer_init=True, enforce_eager=True
+        model=str(path),
+        dtype=dtype,
+        skip_tokenizer_init=True,
+        enforce_eager=True,
+        quantization=quantization,
     )
     # Every model fastmoe_load loads here proves that each parameter was written exactly
     # once, by fastmoe_load or by the model's own load_weights, quantized ones included.
@@ -73,7 +77,7 @@ def vllm_config(path, load_format: str, dtype: str = "bfloat16"):
 
 
 def load(
-    path, load_format: str, dtype: str = "bfloat16", rename=lambda name: name
+    path, load_format: str, dtype: str = "bfloat16", rename=lambda name: name, quantization=None
 ) -> tuple[torch.nn.Module, list[str]]:
     """A vLLM model built with NaN parameters and loaded by the `load_format` loader; with
     the checkpoint names that reached the model's own `load_weights` (given it `rename`d)."""
@@ -82,7 +86,7 @@ def load(
     from vllm.model_executor.model_loader.utils import initialize_model
     from vllm.utils.torch_utils import set_default_torch_dtype
 
-    config = vllm_config(path, load_format, dtype)
+    config = vllm_config(path, load_format, dtype, quantization)
     with set_current_vllm_config(config):
         with set_default_torch_dtype(config.model_config.dtype), torch.device("cpu"):
             model = initialize_model(vllm_config=config, model_config=config.model_config)
@@ -483,3 +487,73 @@ def test_mxfp4_model_matches_default_loader(distributed, mxfp4_checkpoint, monke
     padded = backend == "MARLIN"
     assert w13.dtype == torch.uint8
     assert (w13.shape[1] > 2 * group.intermediate_size) == padded
+
+
+def gptq_awq_expert(stem: str, rows: int, cols: int, gen: torch.Generator, awq: bool) -> dict:
+    """One expert matrix `[rows, cols]` as GPTQ (`qweight [cols/8, rows]`, `qzeros`, float16
+    `scales`, `g_idx`) or AWQ (`qweight [cols, rows/8]`) store it, in 32-value groups."""
+    from test_gptq import int32
+
+    tensors = {
+        f"{stem}.qweight": int32(cols, rows // 8, gen=gen)
+        if awq
+        else int32(cols // 8, rows, gen=gen),
+        f"{stem}.qzeros": int32(cols // 32, rows // 8, gen=gen),
+        f"{stem}.scales": torch.rand(cols // 32, rows, generator=gen).half(),
+    }
+    if not awq:
+        tensors[f"{stem}.g_idx"] = torch.arange(cols, dtype=torch.int32) // 32
+    return tensors
+
+
+@pytest.mark.parametrize("scheme", ["gptq", "awq"])
+def test_moe_wna16_model_matches_default_loader(distributed, tmp_path, monkeypatch, scheme):
+    """A whole Qwen3-MoE model with GPTQ (symmetric) or AWQ experts served by vLLM's
+    `MoeWNA16Method` (`quantization="moe_wna16"`; attention and router unquantized, as
+    `modules_in_block_to_quantize` and `modules_to_not_convert` say): every parameter equal
+    to vLLM's own loading, and no expert tensor (`g_idx` and symmetric zero points included)
+    through the model's loader. vLLM has no WNA16 MoE kernel on the CPU: a Triton backend
+    is named, and AWQ's GPU capability check answered as an Ampere GPU answers it."""
+    from vllm.model_executor.layers.fused_moe.oracle.int_wna16 import WNA16MoEBackend
+    from vllm.model_executor.layers.quantization import moe_wna16
+    from vllm.platforms.interface import DeviceCapability
+
+    chosen = (WNA16MoEBackend.TRITON, None)
+    monkeypatch.setattr(moe_wna16, "select_wna16_moe_backend", lambda *_, **__: chosen)
+    capability = DeviceCapability(8, 0)
+    monkeypatch.setattr(moe_wna16.current_platform, "get_device_capability", lambda *_: capability)
+    awq = scheme == "awq"
+    if awq:
+        quantization = {
+            "quant_method": "awq",
+            "bits": 4,
+            "group_size": 32,
+            "zero_point": True,
+            "version": "gemm",
+            "modules_to_not_convert": ["self_attn", "mlp.gate"],
+        }
+    else:
+        quantization = {
+            "quant_method": "gptq",
+            "bits": 4,
+            "group_size": 32,
+            "desc_act": False,
+            "sym": True,
+            "modules_in_block_to_quantize": [["mlp.experts"]],
+        }
+    quantize = functools.partial(gptq_awq_expert, awq=awq)
+    path = quantized_experts_checkpoint(tmp_path / scheme, quantize, quantization)
+    theirs, _ = load(path, "safetensors", quantization="moe_wna16")
+    ours, received = load(path, "fastmoe", quantization="moe_wna16")
+    assert_same_state(ours, theirs)
+    qweights = [n for n, p in ours.named_parameters() if n.endswith("w13_qweight")]
+    assert len(qweights) == FAMILIES["qwen3_moe"]["num_hidden_layers"]
+    for name in qweights:
+        experts = ours.get_submodule(name.rsplit(".", 1)[0])
+        assert type(experts.quant_method).__name__ == "MoeWNA16Method"
+        assert ours.get_parameter(name).dtype == torch.uint8
+    with fml.open(path) as ckpt:
+        groups = ckpt.moe_layers()
+        assert all(g.quantization.method == scheme for g in groups)
+        expert_names = {name for group in groups for name in group.tensor_names}
+        assert set(received) == set(ckpt.keys()) - expert_names

@@ -905,27 +905,168 @@ def test_gptq_awq_layers_match_vllm_load_weights(
     assert_same_parameters(ours, params)
 
 
-def test_gptq_split_off_the_groups_is_left_to_vllm(vllm_process_groups, tmp_path):
-    """TP=16 gives each rank 64 of I=1024, half a 128-value group: vLLM's GPTQ config then
-    picks `MoeWNA16Method` (halved groups, repeated scales, zero points + 1, N-first uint8),
-    which fastmoe_load does not fill: `load_format="fastmoe"` leaves the layer to vLLM."""
+@contextmanager
+def moe_wna16_on_cpu(attention_tp_rank: int):
+    """vLLM's `MoeWNA16Method` built and loaded on this CPU: a Triton backend named (vLLM has
+    no WNA16 MoE kernel here; the backend decides nothing of the loading), AWQ's GPU
+    capability check answered as an Ampere GPU answers it, and the attention TP rank its
+    zero-point loader asks for (`get_tensor_model_parallel_rank`) set."""
     from unittest import mock
 
-    import test_gptq
-    from fastmoe_load.engines.vllm import describe
     from vllm.model_executor.layers.fused_moe.oracle.int_wna16 import WNA16MoEBackend
     from vllm.model_executor.layers.quantization import moe_wna16
+    from vllm.platforms.interface import DeviceCapability
 
-    path = test_gptq.qwen3_gptq(tmp_path / "gptq")
-    config = gptq_awq_config(path)
-    sizes = (test_gptq.E, test_gptq.H, test_gptq.INTER)
     chosen = (WNA16MoEBackend.TRITON, None)
-    with mock.patch.object(moe_wna16, "select_wna16_moe_backend", lambda *_, **__: chosen):
-        runner = build(16, 3, False, "model.layers.1.mlp", config, sizes)
-    assert type(runner.routed_experts.quant_method).__name__ == "MoeWNA16Method"
+    platform = moe_wna16.current_platform
+    with (
+        mock.patch.object(moe_wna16, "select_wna16_moe_backend", lambda *_, **__: chosen),
+        mock.patch.object(platform, "get_device_capability", lambda *_: DeviceCapability(8, 0)),
+        mock.patch.object(moe_wna16, "get_tensor_model_parallel_rank", lambda: attention_tp_rank),
+    ):
+        yield
+
+
+# (checkpoint, TP size, rank, EP, quantization="moe_wna16"). Without the last, vLLM's own GPTQ
+# or AWQ config picks MoeWNA16Method because I/tp cuts a 128-value group: Qwen3-30B-A3B's
+# I=768 at TP=4 (192 rows a rank, as Qwen3-235B-A22B's 1536 at TP=8: groups halved to 64)
+# and TP=8 (96: halved to 32). EP ranks hold EPLB replicas. Asymmetric GPTQ loads only
+# through `moe_wna16` (vLLM's GPTQ config refuses `sym: false`).
+MOE_WNA16_CASES = [
+    ("gptq", 4, 3, False, False),
+    ("gptq", 8, 5, False, False),
+    ("gptq", 1, 0, False, True),
+    ("gptq", 2, 1, False, True),
+    ("gptq", 2, 1, True, True),
+    ("gptq-asym", 4, 1, False, True),
+    ("gptq-asym", 2, 1, True, True),
+    ("gptq-int8", 8, 2, False, False),
+    ("gptq-int8", 1, 0, False, True),
+    ("awq", 4, 3, False, False),
+    ("awq", 8, 6, False, False),
+    ("awq", 1, 0, False, True),
+    ("awq", 2, 1, True, True),
+]
+
+
+def vllm_loads(runner, path, prefix: str, quant_config, keep=lambda name: True) -> dict:
+    """vLLM's own `load_weights` of the group's tensors that `keep` keeps (names mapped by
+    the quantization config's checkpoint mapper, which drops `.g_idx`); returns the
+    runner's parameters by name, biases aside (nobody writes them here)."""
+    mapper = quant_config.get_checkpoint_weight_mapper()
     with fml.open(path) as ckpt:
-        reason = describe(runner, ckpt, test_gptq.prefix()).unfillable()
-        assert reason is not None and "MoeWNA16Method" in reason
+        names = [n for n in ckpt.keys() if n.startswith(prefix + ".") and keep(n)]
+        loaded = runner.load_weights(
+            (mapped[len(prefix) + 1 :], ckpt.tensor(n))
+            for n in names
+            if (mapped := mapper.map_name(n)) is not None
+        )
+        assert set(loaded)  # a generator: it loads as it is read
+    return {n: p for n, p in runner.routed_experts.named_parameters() if not n.endswith("_bias")}
+
+
+@pytest.mark.parametrize(("scheme", "tp_size", "rank", "ep", "forced"), MOE_WNA16_CASES)
+def test_moe_wna16_layers_match_vllm_load_weights(
+    vllm_process_groups, tmp_path, scheme, tp_size, rank, ep, forced
+):
+    """GPTQ (Qwen3-GPTQ-Int4's names; symmetric, asymmetric with zero points, int8) and AWQ
+    (Mixtral-AWQ's) into vLLM's `MoeWNA16Method`, whose parameters are output-first bytes
+    (`w13_qweight [E, 2I/tp, H/2]` uint8, `w13_scales [E, 2I/tp, H/g]` in the model's dtype,
+    `w13_qzeros [E, I/tp, H/g]` uint8 with GPTQ's points plus one, AWQ's reordered; groups
+    halved where I/tp cuts them, scales and points repeated): every parameter equal to
+    vLLM's own loading, from parameters poisoned first, and every tensor of the group
+    consumed (`g_idx` and symmetric GPTQ's zero points dropped, as vLLM drops them).
+
+    vLLM's own loading of zero points into an EP rank fails (its MoeWNA16 loader writes them
+    by global expert id, past the rank's slots): there each slot's zero points are compared
+    with vLLM's loading of a whole (TP=1) layer, for the slot's logical expert."""
+    import json
+
+    import test_gptq
+    from vllm.model_executor.layers.quantization.moe_wna16 import MoeWNA16Config
+
+    if scheme == "awq":
+        path = test_gptq.mixtral_awq(tmp_path / scheme, inter=768)
+        prefix = test_gptq.prefix(1, "block_sparse_moe")
+        options = {"ckpt_names": ("w1", "w2", "w3")}
+    else:
+        bits = 8 if scheme == "gptq-int8" else 4
+        sym = scheme != "gptq-asym"
+        path = test_gptq.qwen3_gptq(tmp_path / scheme, bits=bits, inter=768, sym=sym)
+        prefix, options = test_gptq.prefix(), {}
+    quantization = json.loads((path / "config.json").read_text())["quantization_config"]
+    sizes = (test_gptq.E, test_gptq.H, 768)
+    name = prefix.removesuffix(".experts")
+    zero_points = scheme in ("gptq-asym", "awq")
+    split_points = ep and zero_points  # what vLLM's EP loading cannot load
+
+    def points(tensor_name: str) -> bool:
+        return tensor_name.endswith(".qzeros")
+
+    eplb = {"enable_eplb": True, "num_redundant_experts": 2} if ep else {}
+    with moe_wna16_on_cpu(0 if ep else rank):
+        config = MoeWNA16Config.from_config(quantization) if forced else gptq_awq_config(path)
+        theirs, ours, failing = (
+            build(tp_size, rank, ep, name, config, sizes, **options, **eplb) for _ in range(3)
+        )
+        experts = ours.routed_experts
+        assert type(experts.quant_method).__name__ == "MoeWNA16Method"
+        assert experts.group_size == {1: 128, 2: 128, 4: 64, 8: 32}[1 if ep else tp_size]
+        params = vllm_loads(
+            theirs, path, prefix, config, lambda n: not (split_points and points(n))
+        )
+        if ep:
+            expert_map = theirs.routed_experts.expert_map.tolist()
+            physical = {slot: p for p, slot in enumerate(expert_map) if slot >= 0}
+            assert max(physical.values()) >= test_gptq.E  # an EPLB replica among the slots
+        if split_points:
+            with pytest.raises(IndexError):
+                vllm_loads(failing, path, prefix, config)
+            whole_layer = build(1, 0, False, name, config, sizes, **options)
+            whole = vllm_loads(whole_layer, path, prefix, config)
+            local = [physical[k] % test_gptq.E for k in range(len(physical))]
+            for kind in ("w13_qzeros", "w2_qzeros"):
+                params[kind] = whole[kind][local]
+    with fml.open(path) as ckpt:
+        consumed = load_fused_moe_layer(ours, ckpt, prefix)
+        assert sorted(consumed) == sorted(n for n in ckpt.keys() if n.startswith(prefix + "."))
+    kinds = ("qweight", "scales", "qzeros") if zero_points else ("qweight", "scales")
+    assert {n for n, p in params.items() if p.numel()} == {
+        f"w{w}_{k}" for w in (13, 2) for k in kinds
+    }
+    params = {n: p for n, p in params.items() if p.numel()}  # symmetric GPTQ's placeholders
+    assert params["w13_qweight"].dtype == torch.uint8
+    assert_same_parameters(ours, params)
+
+
+def test_moe_wna16_layer_of_another_checkpoint_is_refused(vllm_process_groups, tmp_path):
+    """A MoeWNA16 layer built for GPTQ int4 and an AWQ checkpoint of the same shapes (or
+    GPTQ int8): refused before any parameter is written, naming both, and left to vLLM by
+    `load_format="fastmoe"` with that reason."""
+    import test_gptq
+    from fastmoe_load.engines.vllm import describe
+
+    gptq = test_gptq.qwen3_gptq(tmp_path / "gptq", inter=768)
+    config = gptq_awq_config(gptq)
+    others = {
+        "awq": (test_gptq.mixtral_awq(tmp_path / "awq", inter=768), "block_sparse_moe"),
+        "int8": (test_gptq.qwen3_gptq(tmp_path / "int8", bits=8, inter=768), "mlp"),
+    }
+    with moe_wna16_on_cpu(3):
+        runner = build(4, 3, False, "model.layers.1.mlp", config, (test_gptq.E, test_gptq.H, 768))
+    assert type(runner.routed_experts.quant_method).__name__ == "MoeWNA16Method"
+    for other, (path, mlp) in others.items():
+        prefix = test_gptq.prefix(1, mlp)
+        with fml.open(path) as ckpt:
+            reason = describe(runner, ckpt, prefix).unfillable()
+            assert reason is not None and ("int4" in reason) and (other in reason), reason
+            with pytest.raises(fml.RequestError, match="the layer"):
+                load_fused_moe_layer(runner, ckpt, prefix)
+    for param, tensor in runner.routed_experts.named_parameters():
+        if tensor.is_floating_point():
+            assert tensor.isnan().all(), f"{param} written before the error"
+        else:
+            assert (tensor.view(torch.uint8) == 0xA5).all(), f"{param} written before the error"
 
 
 @pytest.mark.parametrize("scheme", ["int8", "nvfp4"])

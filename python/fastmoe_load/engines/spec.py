@@ -22,6 +22,7 @@ from .._fastmoe_load import RequestError
 from ..checkpoint import Checkpoint, MoeLayer
 from ..loader import destination_shapes, fill, plan_destinations, same_bytes
 from ..staging import Destination
+from .wna16 import Wna16
 
 logger = logging.getLogger("fastmoe_load")
 
@@ -75,6 +76,12 @@ class ExpertLayerSpec:
     - `k_first`: each expert's parameters are input-first, the transpose of the shapes above
       (`w13 [E_local, H/pack, 2*I/tp/out_pack]`, block companions alike), as GPTQ and AWQ
       methods keep them (see `destination_shapes`).
+    - `wna16`: the layer keeps GPTQ or AWQ experts output-first in bytes, as vLLM's
+      `MoeWNA16Method` does (`engines.wna16`): every destination is read input-first into
+      scratch, every group the rank's rows touch, and converted into its parameter on the
+      parameter's device; `parameters` then hold the layer's `w13_qweight`, `w13_scales`, ...
+      (their zero points only where the layer has them: symmetric GPTQ's are consumed and
+      dropped, as vLLM drops them).
     - `left_to_engine`: companion destinations (`w13_input_scale`, ...) the engine's own
       loader fills, where it keeps them otherwise than fastmoe_load would write them (SGLang's
       NVFP4 input scales: one value for gate and up, whichever it reads last, for every
@@ -103,6 +110,7 @@ class ExpertLayerSpec:
     unverified: str | None = field(default=None, compare=False)
     k_first: bool = False
     left_to_engine: tuple[str, ...] = ()
+    wna16: Wna16 | None = None
 
     @property
     def where(self) -> str:
@@ -111,6 +119,8 @@ class ExpertLayerSpec:
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """The shape of the values each destination takes for this rank."""
         group = self.group
+        if self.wna16 is not None:
+            return self.wna16.shapes(len(self.experts), group.hidden_size, self.rows[1])
         shapes = {name: shape for name, (shape, _) in self.load_shapes().items()}
         refine = self.scale_refine
         if refine is not None:
@@ -138,15 +148,23 @@ class ExpertLayerSpec:
     @property
     def load_shard(self) -> tuple[int, int] | None:
         """The rows `load_fused_moe` is asked for: explicit where they are not the even
-        split, or where a refined grid means blocks are taken whole and narrowed after."""
-        return self.rows if self.shard is not None or self.scale_refine else None
+        split, or where a refined grid (or MoeWNA16's halved groups) means blocks are taken
+        whole and narrowed after."""
+        whole_blocks = self.scale_refine or self.wna16 is not None
+        return self.rows if self.shard is not None or whole_blocks else None
+
+    @property
+    def load_k_first(self) -> bool:
+        """Whether `load_fused_moe` reads the experts input-first (`k_first`): for
+        parameters that are, and for MoeWNA16's scratch, in the checkpoint's order."""
+        return self.k_first or self.wna16 is not None
 
     def load_shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """What `load_fused_moe` writes for the rank (block scales on the checkpoint's grid,
         every block the rows touch, before any refinement or padding)."""
         experts, tp_size = len(self.experts), self.tp_size
         return destination_shapes(
-            self.group, experts, tp_size, k_first=self.k_first, shard=self.load_shard
+            self.group, experts, tp_size, k_first=self.load_k_first, shard=self.load_shard
         )
 
     def refined(self) -> list[str]:
@@ -173,6 +191,10 @@ class ExpertLayerSpec:
         split_error = self._split_error()
         if split_error is not None:
             return split_error
+        if self.wna16 is not None:
+            wna16_error = self.wna16.problem(group, self.rows[1])
+            if wna16_error is not None:
+                return f"{self.where}: {wna16_error}"
         bad = sorted(
             {e for e in (*self.experts, *self.global_rows) if not 0 <= e < group.num_experts}
         )
@@ -201,6 +223,20 @@ class ExpertLayerSpec:
                 return (
                     f"{self.where}: {self.names.get(name, name)} has shape {have}, expected {want}"
                 )
+        return self._wna16_dtype_error()
+
+    def _wna16_dtype_error(self) -> str | None:
+        """Where a MoeWNA16 layer's packed bytes are not uint8, or its scales not floats."""
+        if self.wna16 is None:
+            return None
+        for name, tensor in self.parameters.items():
+            scales = name.endswith("_scales")
+            if scales != tensor.is_floating_point() or not (scales or tensor.dtype == torch.uint8):
+                want = "a floating-point dtype" if scales else "torch.uint8"
+                return (
+                    f"{self.where}: {self.names.get(name, name)} is {tensor.dtype}, where "
+                    f"MoeWNA16Method keeps {want}"
+                )
         return None
 
     def _split_error(self) -> str | None:
@@ -221,7 +257,7 @@ class ExpertLayerSpec:
                     f"checkpoint's blocks {sorted(blocks)} and the rank's rows [{first}, "
                     f"{first + count}) of H={group.hidden_size}"
                 )
-        elif self.shard is None:
+        elif self.shard is None and self.wna16 is None:
             return group.tp_split_error(self.tp_size)
         try:
             # The core checks the rows against the packs; blocks are taken whole.
@@ -263,7 +299,7 @@ class ExpertLayerSpec:
         if self.unverified is not None:
             return self.unverified
         weights = self.parameters.get("w13")
-        if self.group.quantization is not None and weights is not None:
+        if self.group.quantization is not None and weights is not None and self.wna16 is None:
             if not same_bytes(self.group.dtype, weights.dtype):
                 return (
                     f"its weights are {weights.dtype}, the checkpoint's {self.group.dtype}: "
@@ -322,15 +358,21 @@ def _plan(ckpt: Checkpoint, spec: ExpertLayerSpec) -> _Planned:
     problem = spec.problem()
     if problem is not None:
         raise RequestError(f"{ckpt.path}: {problem}")
-    loaded = {name: shape for name, (shape, _) in spec.load_shapes().items()}
+    loads = spec.load_shapes()
+    loaded = {name: shape for name, (shape, _) in loads.items()}
     refined = spec.refined()
     # Values that land elsewhere than the parameter itself (refined or padded) go through
-    # scratch on its device, in the parameter's dtype.
+    # scratch on its device, in the parameter's dtype; MoeWNA16's are converted from the
+    # checkpoint's, and so are read in its dtype.
     scratch = {
-        name: torch.empty(loaded[name], dtype=tensor.dtype, device=tensor.device)
+        name: torch.empty(
+            loaded[name],
+            dtype=loads[name][1] if spec.wna16 is not None else tensor.dtype,
+            device=tensor.device,
+        )
         for name, tensor in spec.parameters.items()
         if name not in spec.global_experts
-        and (name in refined or tuple(tensor.shape) != loaded[name])
+        and (spec.wna16 is not None or name in refined or tuple(tensor.shape) != loaded[name])
     }
     destinations = {name: scratch.get(name, t) for name, t in spec.parameters.items()}
     biases = {k: destinations[k] for k in BIASES if k in destinations}
@@ -339,6 +381,9 @@ def _plan(ckpt: Checkpoint, spec: ExpertLayerSpec) -> _Planned:
     }
     scales |= dict.fromkeys(spec.global_experts)  # every global expert's: filled after
     scales |= dict.fromkeys(spec.left_to_engine)  # the engine's loader fills these
+    # Zero points a symmetric MoeWNA16 layer has no place for: consumed, never written.
+    if spec.wna16 is not None:
+        scales |= dict.fromkeys(n for n in loaded if n not in (*WEIGHTS, *destinations))
     planned = plan_destinations(
         ckpt,
         spec.group.prefix,
@@ -351,7 +396,7 @@ def _plan(ckpt: Checkpoint, spec: ExpertLayerSpec) -> _Planned:
         allow_cast=True,
         w13_interleaved=spec.interleaved,
         shard=spec.load_shard,
-        k_first=spec.k_first,
+        k_first=spec.load_k_first,
         **biases,
     )
     return _Planned(spec, planned, scratch)
@@ -367,6 +412,10 @@ def _finish(planned: _Planned) -> None:
         if "w2_bias" in spec.parameters and spec.w2_bias_first_rank and spec.tp_rank > 0:
             planned.scratch.get("w2_bias", spec.parameters["w2_bias"]).zero_()
         for name, values in planned.scratch.items():
+            if spec.wna16 is not None:
+                target = spec.parameters[name]
+                spec.wna16.convert(name, values, target, spec.rows[0], spec.group)
+                continue
             if name in refined:
                 values = _refine(spec, name, values)
             _place(spec, name, values)

@@ -10,8 +10,11 @@ module:
 - `w13_weight [E_local, 2*I/tp, H]`, `w2_weight [E_local, H, I/tp]` (named
   `w13_weight_packed`, `w2_weight_packed` by compressed-tensors' `WNA16` method, int32 of
   eight int4 values along the input dimension: `[E_local, 2*I/tp, H/8]`; `w13_qweight`,
-  `w2_qweight` by the GPTQ and AWQ methods, which keep each expert input-first:
-  `K_FIRST_METHODS`, with `w13_scales`, `w13_qzeros`, ...), and for gpt-oss
+  `w2_qweight` by the GPTQ and AWQ methods: the Marlin ones keep each expert input-first,
+  `K_FIRST_METHODS`, with `w13_scales`, `w13_qzeros`, ...; `MoeWNA16Method` keeps them
+  output-first in bytes, `w13_qweight [E_local, 2*I/tp, H/2]` uint8 (int8: `H`),
+  `w13_scales [E_local, 2*I/tp, H/g]`, `w13_qzeros [E_local, I/tp, H/g]` uint8 where its
+  config has zero points, on its served group `g`, see `engines.wna16`), and for gpt-oss
   `w13_bias [E_local, 2*I/tp]`, `w2_bias [E_local, H]`;
 - for quantized checkpoints, the scale parameters vLLM's fp8 and NVFP4 MoE methods
   (`Fp8MoEMethod`, `CompressedTensorsW8A8Fp8MoEMethod`, `ModelOptNvFp4FusedMoE`) create,
@@ -33,7 +36,13 @@ module:
   local slot or -1; absent or None without expert parallelism;
 - `moe_config.activation`, `moe_config.is_act_and_mul`, `moe_config.tp_shard_with_padding`
   and the `quant_method`'s class name, `use_global_sf` and `weight_scale_refine`: what
-  decides whether vLLM's own loading writes what fastmoe_load writes (`QUANTIZED_METHODS`).
+  decides whether vLLM's own loading writes what fastmoe_load writes (`QUANTIZED_METHODS`);
+- for `MoeWNA16Method`, its `quant_config` (`linear_quant_method` `gptq`, `awq` or
+  `awq_marlin`, `weight_bits`, `has_zp`) and the layer's `group_size` (the checkpoint's
+  group halved by `create_weights` until it divides I/tp and H): the conversion
+  (`wna16_of`). A layer whose config does not match the checkpoint (another format, width
+  or group) is refused (`RequestError`), and left to vLLM by `load_format="fastmoe"` with
+  that reason.
 
 Physical experts beyond the checkpoint's (EPLB redundant experts) are replicas of logical
 expert `physical % num_experts`, as vLLM places them initially, unless
@@ -60,6 +69,7 @@ import torch
 from .._fastmoe_load import RequestError
 from ..checkpoint import Checkpoint, MoeLayer
 from .spec import BIASES, ExpertLayerSpec, fill_layer
+from .wna16 import Wna16
 
 # vLLM's quantized MoE methods whose weights and scales fastmoe_load fills as their
 # weight_loader does (checked against vLLM's own loading in its environment).
@@ -78,6 +88,8 @@ QUANTIZED_METHODS = (
     # GPTQ and AWQ into their Marlin methods (input-first), compressed-tensors int8 and NVFP4.
     "AutoGPTQMoEMethod",
     "AutoAWQMoEMethod",
+    # GPTQ and AWQ where Marlin cannot serve the layer (output-first bytes, `engines.wna16`).
+    "MoeWNA16Method",
     "CompressedTensorsW8A8Int8MoEMethod",
     "CompressedTensorsW4A4Nvfp4MoEMethod",
 )
@@ -94,20 +106,23 @@ def experts_module(layer: Any) -> Any:
     return getattr(layer, "routed_experts", layer)
 
 
+# The names of an expert layer's gate/up and down weights: `w13_weight`, `w2_weight`,
+# `w13_weight_packed`, `w2_weight_packed` (compressed-tensors' packed integer weights), or
+# `w13_qweight`, `w2_qweight` (GPTQ's and AWQ's, in their Marlin and MoeWNA16 methods).
+WEIGHT_PARAMETERS = (
+    ("w13_weight", "w2_weight"),
+    ("w13_weight_packed", "w2_weight_packed"),
+    ("w13_qweight", "w2_qweight"),
+)
+
+
 def weight_parameters(layer: Any) -> tuple[str, str]:
-    """The names of the layer's gate/up and down weights: `w13_weight`, `w2_weight`,
-    `w13_weight_packed`, `w2_weight_packed` (compressed-tensors' packed integer weights), or
-    `w13_qweight`, `w2_qweight` (GPTQ's and AWQ's)."""
+    """The names of the layer's gate/up and down weights (`WEIGHT_PARAMETERS`)."""
     layer = experts_module(layer)
-    candidates = (
-        ("w13_weight", "w2_weight"),
-        ("w13_weight_packed", "w2_weight_packed"),
-        ("w13_qweight", "w2_qweight"),
-    )
-    for names in candidates:
+    for names in WEIGHT_PARAMETERS:
         if all(isinstance(getattr(layer, n, None), torch.Tensor) for n in names):
             return names
-    return candidates[1]
+    return WEIGHT_PARAMETERS[1]
 
 
 def _logical(num_experts: int, logical_of_physical: Sequence[int] | None) -> Any:
@@ -222,6 +237,25 @@ def _unverified(layer: Any, group: MoeLayer) -> str | None:
     return None
 
 
+def wna16_of(layer: Any) -> Wna16 | None:
+    """How a `MoeWNA16Method` layer keeps GPTQ or AWQ experts: from its quantization config
+    (`linear_quant_method`, `weight_bits`, `has_zp`) and the group it serves (the layer's
+    `group_size`, halved by `create_weights` until it divides I/tp and H); None for another
+    method."""
+    layer = experts_module(layer)
+    method = getattr(layer, "quant_method", None)
+    if type(method).__name__ != "MoeWNA16Method":
+        return None
+    config = method.quant_config
+    linear = str(config.linear_quant_method)
+    return Wna16(
+        method="awq" if linear in ("awq", "awq_marlin") else linear,
+        bits=int(config.weight_bits),
+        group_size=int(layer.group_size),
+        zero_points=bool(config.has_zp),
+    )
+
+
 def _split(layer: Any, group: MoeLayer) -> dict[str, Any]:
     """How vLLM splits and places the rank's share of `group` in `layer`: the `shard`,
     `padding`, `pad_fill` and `scale_refine` of its `ExpertLayerSpec`.
@@ -241,6 +275,8 @@ def _split(layer: Any, group: MoeLayer) -> dict[str, Any]:
     method = getattr(layer, "quant_method", None)
     tp_rank, tp_size = tensor_parallel(layer)
     inter = group.intermediate_size
+    if type(method).__name__ == "MoeWNA16Method":  # parameters of the rank's exact sizes
+        return {}
     if type(layer).__name__ == "GptOssRoutedExperts":
         # Its bf16 path copies whole parameters: neither padding nor uneven splits load.
         if _method_name(layer) != "GptOssMxfp4MoEMethod":
@@ -283,10 +319,13 @@ def describe(
         names |= {b: b for b in BIASES}
     global_experts: tuple[str, ...] = ()
     global_rows: list[int] = []
+    wna16 = wna16_of(layer)
     if group.quantization is not None:
         for companion in group.quantization.companions:
             for target in ("w13", "w2"):
                 names[f"{target}_{companion.kind}"] = f"{target}_{companion.kind}"
+        if wna16 is not None:  # symmetric GPTQ's zero points: empty placeholders, dropped
+            names = {d: n for d, n in names.items() if d in wna16.destinations()}
         if _global_input_scales(layer, group):
             global_experts = ("w13_input_scale", "w2_input_scale")
             global_rows = global_experts_of(layer, group.num_experts, logical_of_physical)
@@ -314,6 +353,7 @@ def describe(
         merged_must_agree=_method_name(layer).startswith("CompressedTensors"),
         unverified=_unverified(layer, group),
         k_first=_method_name(layer) in K_FIRST_METHODS,
+        wna16=wna16,
         **_split(layer, group),
     )
 

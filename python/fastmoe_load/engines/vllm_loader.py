@@ -41,7 +41,8 @@ What it relies on in vLLM (0.33):
   model on the target device, calls `load_weights(model, model_config)`, then runs
   `process_weights_after_loading`;
 - an expert layer is a module whose own parameters include `w13_weight` and `w2_weight`, or
-  `w13_weight_packed` and `w2_weight_packed` (`RoutedExperts`, or `FusedMoE` before 0.33),
+  `w13_weight_packed` and `w2_weight_packed`, or `w13_qweight` and `w2_qweight` (GPTQ and
+  AWQ; `RoutedExperts`, or `FusedMoE` before 0.33),
   with `moe_config.is_act_and_mul` true and, as its `quant_method`,
   `UnquantizedFusedMoEMethod` (unquantized checkpoints) or one of the quantized methods in
   `engines.vllm.QUANTIZED_METHODS` (fp8, NVFP4, int4, gpt-oss mxfp4) without a refined or
@@ -96,7 +97,7 @@ from ..checkpoint import open as open_checkpoint
 from ..loader import stream_tensors
 from .reload import CheckpointGuard, HostBackup, ReloadStats
 from .spec import ExpertLayerSpec, fill_layer, fill_layers, log_left_to_engine
-from .vllm import describe
+from .vllm import WEIGHT_PARAMETERS, describe
 
 logger = logging.getLogger("fastmoe_load")
 
@@ -164,7 +165,9 @@ class FastMoeModelLoader(BaseModelLoader):
         with open_checkpoint(path, **self.open_options) as ckpt:
             start = time.perf_counter()
             filled, consumed = fill_expert_layers(model, ckpt)
-            layers = sum(name.endswith((".w13_weight", ".w13_weight_packed")) for name in filled)
+            layers = sum(
+                name.endswith(tuple(f".{w13}" for w13, _ in WEIGHT_PARAMETERS)) for name in filled
+            )
             experts_done = time.perf_counter()
             remaining = [name for name in ckpt.keys() if name not in consumed]
             dense = stream_tensors(ckpt, remaining, dense_device(model))
@@ -234,10 +237,7 @@ def expert_layers(model: torch.nn.Module) -> dict[str, tuple[str, torch.nn.Modul
     layers = {}
     for name, module in model.named_modules():
         params = module._parameters.keys()
-        if {"w13_weight", "w2_weight"} <= params or {
-            "w13_weight_packed",
-            "w2_weight_packed",
-        } <= params:
+        if any({w13, w2} <= params for w13, w2 in WEIGHT_PARAMETERS):
             addressed = name.removesuffix(".routed_experts")
             layers[addressed] = (name, module)
     return layers
