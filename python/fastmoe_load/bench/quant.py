@@ -54,6 +54,7 @@ import fastmoe_load as fml
 from .._fastmoe_load import RequestError
 from .._text import plural
 from ..engines.spec import ExpertLayerSpec, fill_layer
+from ..engines.wna16 import Wna16, served_group
 from .generate import (
     Shape,
     announce,
@@ -401,6 +402,14 @@ class Fp8Bench(Bench):
                     "w13_input_scale": empty(n, 2),
                     "w2_input_scale": empty(n),
                 }
+            elif case.split == "wna16":  # `MoeWNA16Method.create_weights`, symmetric
+                shapes = self.wna16(case).shapes(n, h, shard)
+                w13 = empty(*shapes["w13"], dtype=torch.uint8)
+                w2 = empty(*shapes["w2"], dtype=torch.uint8)
+                scales = {
+                    name: empty(*shapes[name], dtype=torch.float16)
+                    for name in ("w13_scales", "w2_scales")
+                }
             elif s.scheme == "gptq":  # `AutoGPTQMoEMethod.create_weights` (input-first)
                 f16, groups = torch.float16, h // GPTQ_GROUP
                 w13 = empty(n, h // 8, 2 * shard, dtype=torch.int32)
@@ -434,6 +443,14 @@ class Fp8Bench(Bench):
             out.append((w13, w2, scales))
         return out
 
+    def wna16(self, case: Case) -> Wna16:
+        """vLLM's `MoeWNA16Method` for the case: Marlin cannot serve a share that cuts the
+        groups, so the group is halved until it divides the share."""
+        rows = self.served(case)[2]
+        group = served_group(GPTQ_GROUP, rows, self.shape.hidden)
+        assert group is not None, f"no MoeWNA16 group for {rows} rows"
+        return Wna16("gptq", 4, group, zero_points=False)
+
     def fastmoe(self, case: Case, **open_args: Any) -> Callable[[list], int]:
         """fastmoe_load as `load_format="fastmoe"` fills a vLLM layer: cases that split as
         vLLM serves them go through the engine-neutral `ExpertLayerSpec` and its filler."""
@@ -446,6 +463,7 @@ class Fp8Bench(Bench):
             "padding": "corner" if case.split == "blocks" else "halves",
             "pad_fill": case.split == "padded",
             "scale_refine": refine,
+            "wna16": self.wna16(case) if case.split == "wna16" else None,
         }
 
         def load(dests: list[tuple]) -> int:
@@ -488,6 +506,8 @@ def served_cases(scheme: str, shape: Fp8Shape) -> list[Case]:
         ]
     if scheme == "mxfp4" and (shape.intermediate // MX_BLOCK) % 4:
         return [Case("TP=4 rank 3", tp_rank=3, tp_size=4, split="blocks")]
+    if scheme == "gptq" and (shape.intermediate // 8) % GPTQ_GROUP:
+        return [Case("TP=8 r1 wna16", tp_rank=1, tp_size=8, split="wna16")]
     return []
 
 
@@ -615,13 +635,10 @@ def main(
             for case in cases:
                 # bf16 first, so that the quantized rows print with their ratio to it.
                 bf16.compare(case, {"fastmoe_load bf16 fused": bf16.fastmoe(case)})
-                fp8.compare(
-                    case,
-                    {
-                        f"fastmoe_load {scheme} + scales": fp8.fastmoe(case),
-                        seed_label: fp8.seed(case),
-                    },
-                )
+                contenders = {f"fastmoe_load {scheme} + scales": fp8.fastmoe(case)}
+                if case.split != "wna16":  # no seed path converts into MoeWNA16's layout
+                    contenders[seed_label] = fp8.seed(case)
+                fp8.compare(case, contenders)
             print()
             print(legend(fp8))
         finally:
