@@ -343,3 +343,18 @@ def test_default_repeats_are_said_in_the_legend(tmp_path):
         "median of 25 runs (as many as time the fastest row of a group for 2 s, 5 to 25; "
         "--repeats sets them) after one warm-up"
     ) in legend
+
+
+def test_a_generated_model_is_reused(tmp_path):
+    """bench --model, --reload and --engine write their model once and reuse it while the
+    shape matches (building the model adds to its config: the marker must not say so)."""
+    from fastmoe_load.bench.model_run import _description, qwen3_moe_config, save_random_model
+
+    directory = str(tmp_path / "model")
+    shape = dict(experts=4, hidden=64, intermediate=32)
+    assert save_random_model(directory, qwen3_moe_config(1, **shape)) is False
+    written = tree(tmp_path / "model")
+    assert generate.generated(directory, "model", _description(qwen3_moe_config(1, **shape)))
+    assert save_random_model(directory, qwen3_moe_config(1, **shape)) is True
+    assert tree(tmp_path / "model") == written
+    assert save_random_model(directory, qwen3_moe_config(2, **shape)) is False  # replaced

@@ -62,7 +62,10 @@ def save_random_model(path: str, config) -> bool:
     directory is written to). Returns whether it was there."""
     from transformers import AutoModelForCausalLM
 
-    if prepare(path, "model", _description(config)):
+    # Taken before the model is built: building it adds to `config` (its dtype and
+    # architectures), and the marker must say what `generated` is asked of later runs.
+    description = _description(config)
+    if prepare(path, "model", description):
         return True
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -72,7 +75,7 @@ def save_random_model(path: str, config) -> bool:
         for param in model.parameters():
             param.normal_(0, 0.02, generator=generator)
     model.save_pretrained(path)
-    finish(path, "model", _description(config))
+    finish(path, "model", description)
     return False
 
 
