@@ -290,13 +290,20 @@ def _compare(path: str, device: str, repeats: int) -> dict[str, Runs]:
     )
     runs = {name: Runs(name) for name in formats}
     for round_ in range(repeats + 1):
+        done = []
         for name in formats:
             if runs[name].error is not None:
                 continue
             spans = _run_child(path, name, device, runs[name])
-            if spans is not None and round_:
+            if spans is None:
+                continue
+            done.append(f"{name} {spans['load_model']:.2f} s")
+            if round_:
                 for part, seconds in spans.items():
                     runs[name].spans.setdefault(part, []).append(seconds)
+        # Each run as it ends: on a busy machine, the spread shows here first.
+        what = "warm-up" if round_ == 0 else f"run {round_} of {repeats}"
+        print(f"{what}, load_model: {', '.join(done) or 'none ran'}", flush=True)
     print(table(runs))
     for name, reason in skipped.items():
         print(f"not run: {name}: {reason}")
