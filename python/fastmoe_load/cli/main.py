@@ -182,6 +182,14 @@ def _parser() -> argparse.ArgumentParser:
         "reload of the same files, and the first load of the experts (needs vLLM)",
     )
     bench.add_argument(
+        "--engine",
+        action="store_true",
+        help="time the whole vLLM engine's model load (every parameter filled and processed) "
+        "of a generated Qwen3-MoE-shaped model (--layers of 1.3 GB, default 2) through "
+        "load_format=fastmoe beside vLLM's own loader and its other safetensors loaders "
+        "that run here (needs vLLM; --repeats default 3)",
+    )
+    bench.add_argument(
         "--quant",
         choices=["fp8", "nvfp4", "int4", "mxfp4", "mxfp4-expert", "gptq"],
         help="quantized experts: a DeepSeek-V3-shaped checkpoint, fp8 with block scales "
@@ -262,6 +270,24 @@ def _bench(args: argparse.Namespace) -> None:
             "--cold empties the page cache before every run, which needs root (it writes "
             "/proc/sys/vm/drop_caches)"
         )
+    if args.engine:
+        names = ("explore", "cold", "transposed", "quant", "model", "reload", "threads")
+        given = [f"--{name}" for name in names if getattr(args, name)]
+        if given:
+            raise RequestError(f"{', '.join(given)} do not apply to bench --engine")
+        from ..bench.engine import main as bench_engine
+
+        bench_engine(
+            args.device,
+            args.layers or 2,
+            args.dir,
+            args.repeats or 3,
+            args.clean,
+            args.experts,
+            args.hidden,
+            args.intermediate,
+        )
+        return
     if args.reload:
         names = ("explore", "cold", "transposed", "quant", "model", "threads")
         names += ("experts", "hidden", "intermediate")
