@@ -21,7 +21,7 @@ vllm = pytest.importorskip("vllm")
 
 import fastmoe_load as fml  # noqa: E402
 from conftest import bits, build_model  # noqa: E402
-from fastmoe_load.engines import vllm_loader  # noqa: E402
+from fastmoe_load.engines import vllm_loader, vllm_reload  # noqa: E402
 from test_vllm_loader import WIDER, WIDER_FAMILY, quantize_fp8_blocks  # noqa: E402
 
 # (case, family, save_pretrained options): Qwen3-MoE fused v5 and per-expert, gpt-oss fused,
@@ -316,9 +316,9 @@ def test_checkpoint_rewritten_during_a_reload_is_refused(
 
         return model_load_weights(self, rewriting())
 
-    original_fill = vllm_loader.fill_layer
+    original_fill = vllm_reload.fill_layer
     with monkeypatch.context() as patched:
-        patched.setattr(vllm_loader, "fill_layer", fill_then_rewrite)
+        patched.setattr(vllm_reload, "fill_layer", fill_then_rewrite)
         if when != "before the first write":
             patched.setattr(type(ours), "load_weights", rewrite_after_the_experts)
         with pytest.raises(fml.FileChangedError, match="rewritten"):

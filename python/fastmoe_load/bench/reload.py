@@ -123,9 +123,10 @@ def _compare(path: str, device: torch.device, repeats: int) -> None:
 
     import fastmoe_load as fml
 
-    from ..engines import vllm_loader
+    from ..engines import vllm_reload
     from ..engines.spec import fill_layer
     from ..engines.vllm import describe
+    from ..engines.vllm_model import expert_layers, model_path_of
 
     def sync() -> None:
         if device.type == "cuda":
@@ -135,7 +136,7 @@ def _compare(path: str, device: torch.device, repeats: int) -> None:
     theirs, their_config = _serve(path, "safetensors", device)
     with fml.open(path) as ckpt:
         expert_names = [n for g in ckpt.moe_layers() for n in g.tensor_names]
-    layers = vllm_loader.expert_layers(ours)
+    layers = expert_layers(ours)
     expert_bytes = sum(
         getattr(module, name).nbytes
         for _, module in layers.values()
@@ -153,7 +154,7 @@ def _compare(path: str, device: torch.device, repeats: int) -> None:
         with fml.open(path) as ckpt:
             specs = []
             for group in ckpt.moe_layers():
-                found = vllm_loader.model_path_of(group, None, layers)
+                found = model_path_of(group, None, layers)
                 assert found is not None
                 spec = describe(layers[found][1], ckpt, group.prefix)
                 if fresh:
@@ -178,9 +179,9 @@ def _compare(path: str, device: torch.device, repeats: int) -> None:
 
     def our_experts() -> float:
         reload(ours, our_config)
-        assert vllm_loader.last_reload is not None
-        fills.append(vllm_loader.last_reload.fill_seconds)
-        return vllm_loader.last_reload.expert_seconds
+        assert vllm_reload.last_reload is not None
+        fills.append(vllm_reload.last_reload.fill_seconds)
+        return vllm_reload.last_reload.expert_seconds
 
     def their_experts() -> float:
         ckpt = fml.open(path)
