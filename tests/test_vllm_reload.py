@@ -392,3 +392,46 @@ def test_missing_checkpoint_is_refused_before_anything_changes(distributed, chec
         reload(ours, config, tmp_path / "empty")
     for name, tensor in state(ours).items():
         assert torch.equal(bits(tensor.reshape(-1)), bits(before[name].reshape(-1))), name
+
+
+def redistribute(model, config, physical_to_logical: torch.Tensor) -> None:
+    """vLLM's expert redistribution from disk (0.34's fault-tolerance recovery after an EP
+    rank died, `reload_experts_from_disk`): every MoE layer reloaded with each physical slot
+    holding the logical expert `physical_to_logical[layer, slot]`, through the loader's
+    `get_all_weights` and the model's `load_weights`."""
+    from vllm.config import set_current_vllm_config
+    from vllm.v1.worker.sentinel.eplb_redistribute import reload_experts_from_disk
+
+    reload_set = {
+        (layer, int(logical)) for layer, row in enumerate(physical_to_logical) for logical in row
+    }
+    with set_current_vllm_config(config):
+        reload_experts_from_disk(model, config, reload_set, physical_to_logical)
+
+
+def test_expert_redistribution_from_disk_matches_vllm(distributed, checkpoints, caplog):
+    """Each slot given another logical expert (here a rotation, one rank, no redundancy):
+    the redistributed experts, read through `load_format="fastmoe"`'s `get_all_weights` (every
+    tensor to the model's `load_weights`: see `vllm_reload`), are vLLM's own, bit for bit,
+    each slot holding its new logical expert."""
+    pytest.importorskip("vllm.v1.worker.sentinel.eplb_redistribute")
+    a, _ = checkpoints["qwen3_moe-fused"]
+    ours, config = serve(a, "fastmoe")
+    theirs, their_config = serve(a, "safetensors")
+    before = {n: t.clone() for n, t in state(ours).items()}
+    experts = len(ours.moe_layers[0].routed_experts.w13_weight)
+    rotated = torch.arange(experts).roll(1).repeat(len(ours.moe_layers), 1)
+    with caplog.at_level("INFO", logger="vllm.fastmoe_load"):
+        redistribute(ours, config, rotated.clone())
+    redistribute(theirs, their_config, rotated.clone())
+    assert_same_state(ours, theirs, "redistributed through fastmoe's loader vs vLLM's")
+    changed = [
+        n
+        for n, t in state(ours).items()
+        if not torch.equal(bits(t.reshape(-1)), bits(before[n].reshape(-1)))
+    ]
+    assert changed and all(".experts." in n for n in changed), changed
+    # Slot s now holds what slot s - 1 held (the served layout is per expert).
+    for name in changed:
+        assert torch.equal(bits(state(ours)[name]), bits(before[name].roll(1, dims=0))), name
+    assert "every tensor goes there" in caplog.text

@@ -183,8 +183,9 @@ class FastMoeModelLoader(BaseModelLoader):
         self, model_config: ModelConfig, model: torch.nn.Module
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """The checkpoint's tensors by name, for vLLM's in-place reload (`reload_weights`,
-        from the served path or a new `weights_path`) and its expert redistribution, which
-        hand them to the model's `load_weights`. Within vLLM's layerwise reload, the expert
+        from the served path or a new `weights_path`) and its expert redistribution from disk
+        (0.34's recovery after an EP rank died), which hand them to the model's
+        `load_weights`. Within vLLM's layerwise reload, the expert
         layers fastmoe_load fills are filled and processed (see `reload_iterator`) and their
         tensors are not yielded. The checkpoint is opened and checked here, before vLLM
         touches the model: an unreadable one raises (`CheckpointError`, ...) with the served

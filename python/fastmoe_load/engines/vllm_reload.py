@@ -8,9 +8,24 @@ layerwise reload the expert layers are filled by fastmoe_load and processed by v
 served layout as at start-up, every other tensor goes through the model's `load_weights`; a
 checkpoint being rewritten is refused (see `reload_iterator`). `model_loader_extra_config`
 `reload_keep_previous: true` keeps a host copy of the served weights during each reload, to
-put back should a change be found after the reload began writing. vLLM's expert
-redistribution (0.34) and `VLLM_RELOAD_MODE=direct` get every tensor through the model's
-`load_weights`, as from vLLM's default loader.
+put back should a change be found after the reload began writing. `VLLM_RELOAD_MODE=direct`
+gets every tensor through the model's `load_weights`, as from vLLM's default loader.
+
+Expert redistribution (vLLM 0.34). EPLB's rebalancing (`rearrange_expert_weights_inplace`,
+`distributed/eplb/rebalance_execute.py`) moves the served expert rows between EP ranks over
+its communicator (`EplbCommunicator`: torch.distributed, PyNCCL or NIXL sends and receives)
+and never reads the checkpoint nor calls the model loader: fastmoe_load takes no part in it.
+Only the fault-tolerance recovery after an EP rank died (`v1/worker/sentinel`,
+`reload_experts_from_disk`) reads the checkpoint: it puts each affected MoE layer alone into a
+layerwise reload (`initialize_layerwise_reload(layer, defer_processing=True)`), wraps the
+layer's expert weight loaders so that each checkpoint expert lands in every local slot now
+holding it (`_placement_weight_loader`), asks the engine's loader for `get_all_weights`, and
+hands the model's `load_weights` the tensors under the affected layers' prefixes, raising if a
+layer received none. With `load_format="fastmoe"` that is `reload_iterator` outside a
+whole-model reload: every tensor is yielded, the experts go through vLLM's wrapped weight
+loaders, bit for bit as with vLLM's default loader (`tests/test_vllm_reload.py`). fastmoe_load
+does not fill those layers itself: the new placement lives only in the wrapped loaders, and a
+layer whose tensors were all consumed would be refused by that check.
 
 How vLLM's in-place reload goes (`model_loader/reload`: `reload_weights` in `inplace.py`,
 0.32-0.34): it first asks the loader for `get_all_weights`, then puts every module back in
@@ -86,7 +101,7 @@ def _in_whole_reload(model: torch.nn.Module, vllm: Any) -> str | None:
     if info is None or not info.can_load():
         return (
             "the model is not inside vLLM's whole-model layerwise reload (expert "
-            "redistribution, VLLM_RELOAD_MODE=direct, or no reload)"
+            "redistribution from disk, VLLM_RELOAD_MODE=direct, or no reload)"
         )
     return None
 
@@ -134,8 +149,8 @@ def reload_iterator(
     last tensor was read; a change found once writing began raises `FileChangedError` too,
     with the previous weights restored where `keep_previous` kept them, else naming how
     many layers already hold new values. Outside a whole-model layerwise reload (expert
-    redistribution, `VLLM_RELOAD_MODE=direct`) every tensor is yielded, as vLLM's default
-    loader yields them, and the log says so.
+    redistribution from disk, `VLLM_RELOAD_MODE=direct`) every tensor is yielded, as vLLM's
+    default loader yields them, and the log says so.
 
     The model's next `load_weights` call also reports the parameters fastmoe_load filled,
     so that vLLM's reload does not warn of them as not loaded.
