@@ -54,8 +54,22 @@ def shards(directory: Path) -> set[str]:
         (["--layers", "-1"], ["--layers", "not '-1'"]),
         (["--threads", "0"], ["--threads", "not '0'"]),
         (["--model", "--explore"], ["--explore do not apply to bench --model"]),
+        (["--reload", "--quant", "nvfp4"], ["--quant nvfp4 do not apply to bench --reload"]),
+        (["--reload", "--experts", "8"], ["--experts without --quant fp8 do not apply"]),
+        (["--reload", "--quant", "fp8", "--hidden", "64"], ["--hidden do not apply"]),
     ],
-    ids=["tpu", "no-such-gpu", "repeats-0", "layers-0", "layers-negative", "threads-0", "model"],
+    ids=[
+        "tpu",
+        "no-such-gpu",
+        "repeats-0",
+        "layers-0",
+        "layers-negative",
+        "threads-0",
+        "model",
+        "reload-nvfp4",
+        "reload-experts-bf16",
+        "reload-fp8-hidden",
+    ],
 )
 def test_bench_mistakes_end_in_one_line(tmp_path, options, words):
     assert_one_error_line(run_main("bench", "--dir", tmp_path / "new", *options), *words)
