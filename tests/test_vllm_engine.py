@@ -19,6 +19,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -220,16 +221,36 @@ RELOAD_JOBS = [
         "gpt_oss-fused",
         "deepseek_v3",
         "deepseek_v3-cpu_mla",
+        "deepseek_v3-fp8-cpu_mla",
     )
 ]
-# Reload jobs whose engines (both) start with other options: reload job -> (checkpoint,
-# `vllm.LLM` keyword arguments). DeepSeek-V3 on vLLM's reference CPU MLA backend, which keeps
-# `kv_b_proj`'s weight (see VLLM_RELOAD_FAILS).
-RELOAD_VARIANTS = {"deepseek_v3-cpu_mla": ("deepseek_v3", {"attention_backend": "CPU_MLA"})}
 
 
-def reload_checkpoint(name: str) -> tuple[str, dict]:
-    return RELOAD_VARIANTS.get(name, (name, {}))
+@dataclass(frozen=True)
+class ReloadVariant:
+    """A reload job's checkpoints built otherwise than its `CHECKPOINTS` entry's."""
+
+    checkpoint: str  # the CHECKPOINTS entry it starts from
+    engine: dict = field(default_factory=dict)  # more `vllm.LLM` keyword arguments (both)
+    sizes: dict = field(default_factory=dict)  # more model sizes
+    fp8: bool = False  # experts rewritten fp8 block-scaled (`test_vllm_reload.fp8_release`)
+
+
+# DeepSeek-V3 on vLLM's reference CPU MLA backend, which keeps `kv_b_proj`'s weight (see
+# VLLM_RELOAD_FAILS), bf16 and with fp8 block-scaled experts (sizes on 128-entry blocks, also
+# per TP rank, which vLLM's CPU fp8 MoE kernel needs; it VNNI-packs the experts at each
+# processing).
+CPU_MLA = {"attention_backend": "CPU_MLA"}
+RELOAD_VARIANTS = {
+    "deepseek_v3-cpu_mla": ReloadVariant("deepseek_v3", CPU_MLA),
+    "deepseek_v3-fp8-cpu_mla": ReloadVariant(
+        "deepseek_v3", CPU_MLA, {"hidden_size": 128, "moe_intermediate_size": 256}, fp8=True
+    ),
+}
+
+
+def reload_variant(name: str) -> ReloadVariant:
+    return RELOAD_VARIANTS.get(name, ReloadVariant(name))
 
 
 # vLLM 0.32's own reload (`reload_weights` through its default loader, checked by hand on the
@@ -267,28 +288,34 @@ def reloaded_engines(
     jobs = [job for job in RELOAD_JOBS if reload_job_id(*job) in selected]
     root = tmp_path_factory.mktemp("reloads")
     saved: dict[tuple[str, str], Path] = {}
-    for name in dict.fromkeys(reload_checkpoint(name)[0] for name, _ in jobs):
-        family, options = CHECKPOINTS[name]
+    for name in dict.fromkeys(name for name, _ in jobs):
+        variant = reload_variant(name)
+        family, options = CHECKPOINTS[variant.checkpoint]
         for which, seed in (("A", 1), ("B", 0)):
-            model = build_model(family, seed=seed, **{**WIDE, **FAMILY[family]})
+            sizes = {**WIDE, **FAMILY[family], **variant.sizes}
+            model = build_model(family, seed=seed, **sizes)
             saved[name, which] = root / f"{name}-{which}"
             model.save_pretrained(saved[name, which], **options)
+            if variant.fp8:
+                from test_vllm_reload import fp8_release
+
+                fp8_release(saved[name, which])
             save_tokenizer(saved[name, which], model.config.vocab_size)
     paths, results, logs = {}, {}, ""
     for name, tp in jobs:
         job = reload_job_id(name, tp)
         paths[job] = root / "jobs" / job
         paths[job].parent.mkdir(exist_ok=True)
-        paths[job].symlink_to(saved[reload_checkpoint(name)[0], "B"], target_is_directory=True)
+        paths[job].symlink_to(saved[name, "B"], target_is_directory=True)
     for tp, extra_env in ((1, {}), (2, {"VLLM_CPU_OMP_THREADS_BIND": "0|1"})):
         group = [
             {
                 "id": reload_job_id(name, t),
                 "path": str(paths[reload_job_id(name, t)]),
-                "reload_from": str(saved[reload_checkpoint(name)[0], "A"]),
+                "reload_from": str(saved[name, "A"]),
                 "tp": t,
                 "ep": False,
-                "engine": reload_checkpoint(name)[1],
+                "engine": reload_variant(name).engine,
             }
             for name, t in jobs
             if t == tp
@@ -311,7 +338,7 @@ def test_fastmoe_reload_matches_a_fresh_engine(reloaded_engines, name: str, tp: 
     fresh, reloaded = results.get(f"{job} auto"), results.get(f"{job} fastmoe")
     assert fresh is not None and reloaded is not None, f"{job}: the driver did not get here"
     assert "error" not in fresh, f"{job}: vLLM's own loader failed:\n{fresh['error']}"
-    family = CHECKPOINTS[reload_checkpoint(name)[0]][0]
+    family = CHECKPOINTS[reload_variant(name).checkpoint][0]
     if name in VLLM_RELOAD_FAILS and VLLM_RELOAD_FAILS[name] in reloaded.get("error", ""):
         pytest.xfail(
             "vLLM's AMX MLA backend releases kv_b_proj's weight, which no in-place reload "
