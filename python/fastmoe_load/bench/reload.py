@@ -23,8 +23,9 @@ Rows (median of `repeats` runs after one warm-up, the checkpoint warm in the pag
 - reload, experts: the expert part of a fastmoe reload (each layer allocated in checkpoint
   format by vLLM, filled, then processed into its served layout and copied into the served
   tensors by vLLM), as the reload reports it, and the fill by fastmoe_load alone;
-- vLLM reload, experts only: vLLM's reload given only the expert tensors (the engine's own
-  path: the model's `load_weights`, the same processing);
+- vLLM reload, experts only: vLLM's reload given only the expert tensors, read as its default
+  loader reads them (the engine's own path: the model's `load_weights`, the same
+  processing);
 - reload, whole model: `reload_weights` from disk, both ways.
 
 GB/s counts the expert bytes the served model holds (whole-model rows too, so that they
@@ -34,6 +35,7 @@ compare with the expert rows), x says how many times faster than vLLM's own path
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import socket
@@ -43,6 +45,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .generate import announce, check_dir, default_dir, finish, generated, prepare, remove
@@ -319,12 +322,19 @@ def _compare(path: str, device: torch.device, repeats: int) -> None:
         fills.append(vllm_reload.last_reload.fill_seconds)
         return vllm_reload.last_reload.expert_seconds
 
+    def expert_tensors():
+        """The expert tensors read as vLLM's default loader reads every tensor
+        (`safetensors_weights_iterator`: each shard in order, `get_tensor` by name), not as
+        zero-copy views of a mapping, whose page faults would slow vLLM's path."""
+        wanted = set(expert_names)
+        for file in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+            with safe_open(file, framework="pt") as shard:
+                for name in shard.keys():
+                    if name in wanted:
+                        yield name, shard.get_tensor(name)
+
     def their_experts() -> float:
-        ckpt = fml.open(path)
-        try:
-            return reload(theirs, their_config, ((n, ckpt.tensor(n)) for n in expert_names))
-        finally:
-            ckpt.close()
+        return reload(theirs, their_config, expert_tensors())
 
     rows: dict[str, Callable[[], float]] = {
         "first load, experts: fastmoe_load (new tensors)": lambda: fill(True),
