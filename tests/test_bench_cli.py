@@ -59,6 +59,9 @@ def shards(directory: Path) -> set[str]:
             ["--reload, --threads do not apply to bench --engine"],
         ),
         (["--engine", "--repeats", "0"], ["--repeats", "not '0'"]),
+        (["--reload", "--quant", "nvfp4"], ["--quant nvfp4 do not apply to bench --reload"]),
+        (["--reload", "--experts", "8"], ["--experts without --quant fp8 do not apply"]),
+        (["--reload", "--quant", "fp8", "--hidden", "64"], ["--hidden do not apply"]),
     ],
     ids=[
         "tpu",
@@ -70,6 +73,9 @@ def shards(directory: Path) -> set[str]:
         "model",
         "engine",
         "engine-repeats-0",
+        "reload-nvfp4",
+        "reload-experts-bf16",
+        "reload-fp8-hidden",
     ],
 )
 def test_bench_mistakes_end_in_one_line(tmp_path, options, words):

@@ -21,25 +21,52 @@ vllm = pytest.importorskip("vllm")
 
 import fastmoe_load as fml  # noqa: E402
 from conftest import bits, build_model  # noqa: E402
-from fastmoe_load.engines import vllm_loader  # noqa: E402
+from fastmoe_load.engines import vllm_loader, vllm_reload  # noqa: E402
 from test_vllm_loader import WIDER, WIDER_FAMILY, quantize_fp8_blocks  # noqa: E402
 
 # (case, family, save_pretrained options): Qwen3-MoE fused v5 and per-expert, gpt-oss fused,
-# and fp8 block-scaled experts (DeepSeek-V3's scheme) in a Qwen3-MoE.
+# fp8 block-scaled experts (DeepSeek-V3's scheme) in a Qwen3-MoE, and DeepSeek-V3 itself (MLA
+# attention, a dense first layer, a shared expert, the router's correction bias), bf16 and with
+# fp8 block-scaled experts, per-expert files as DeepSeek-V3 releases them.
 CASES = {
     "qwen3_moe-fused": ("qwen3_moe", dict(max_shard_size="40KB", save_original_format=False)),
     "qwen3_moe-per_expert": ("qwen3_moe", dict(max_shard_size="40KB")),
     "gpt_oss-fused": ("gpt_oss", dict(save_original_format=False)),
     "fp8-block": ("qwen3_moe", dict(save_original_format=True)),
+    "deepseek_v3": ("deepseek_v3", dict(max_shard_size="40KB")),
+    "deepseek_v3-fp8-block": ("deepseek_v3", dict(save_original_format=True)),
 }
-FP8_SIZES = {"hidden_size": 128, "moe_intermediate_size": 128, "head_dim": 32}
 # Intermediate sizes vLLM's CPU MoE kernel takes unpadded: its padded layers cannot be reloaded
 # by vLLM's own reload either (the reprocessed layer keeps the unpadded size).
 UNPADDED = {"qwen3_moe": {"moe_intermediate_size": 64}}
+# DeepSeek-V3 as released routes with a correction bias (`gate.e_score_correction_bias`,
+# which vLLM builds only for `noaux_tc`), a buffer of the router a reload must refill too.
+FAMILY_SIZES = {
+    "deepseek_v3": {
+        "moe_intermediate_size": 64,
+        "topk_method": "noaux_tc",
+        "scoring_func": "sigmoid",
+    }
+}
+# fp8 experts: sizes on vLLM's 128-entry blocks.
+FP8_FAMILY_SIZES = {
+    "qwen3_moe": {"hidden_size": 128, "moe_intermediate_size": 128, "head_dim": 32},
+    "deepseek_v3": {
+        **FAMILY_SIZES["deepseek_v3"],
+        "hidden_size": 128,
+        "moe_intermediate_size": 128,
+    },
+}
 # Where vLLM's own reload keeps the served experts (gpt-oss's bf16 fused experts in 0.34: its
 # load path bypasses the layerwise reload's accounting, and the layer's previous tensors are
 # put back), so that only the fresh model can be compared with.
 VLLM_RELOAD_KEEPS_EXPERTS = {"gpt_oss-fused"}
+# DeepSeek-V3's attention on a CPU: vLLM's reference MLA backend. The one vLLM prefers where
+# the CPU has AMX (AMX_MLA) packs `kv_b_proj`'s weight into its own and then releases it
+# (`MLAAttention.process_weights_after_loading` leaves `kv_b_proj.weight` of shape [0]), so
+# that no in-place reload, vLLM's own included, can copy the reprocessed weight back (see
+# test_vllm_engine.VLLM_RELOAD_FAILS); it also needs vLLM's CPU ops, absent from CUDA wheels.
+MLA_BACKEND = "CPU_MLA"
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +118,10 @@ def without_cpu_kernels(monkeypatch):
         monkeypatch.setattr(method, "convert_to_unquantized_kernel_format", one_way)
 
 
-def fp8_release(path, layers: int) -> None:
+def fp8_release(path) -> None:
     """Rewrites the bf16 checkpoint at `path` with fp8 block-scaled experts (128 x 128 blocks,
-    float32 `weight_scale_inv`), router and attention left in bfloat16, as Qwen3-FP8 and
-    DeepSeek-V3 release them."""
+    float32 `weight_scale_inv`), every other layer left in bfloat16, the experts as Qwen3-FP8
+    and DeepSeek-V3 release them."""
     with fml.open(path) as ckpt:
         tensors = {name: ckpt.tensor(name).clone() for name in ckpt.keys()}
         experts = {n for group in ckpt.moe_layers() for n in group.tensor_names}
@@ -109,11 +136,15 @@ def fp8_release(path, layers: int) -> None:
         "quant_method": "fp8",
         "activation_scheme": "dynamic",
         "weight_block_size": [128, 128],
-        "modules_to_not_convert": [
-            f"model.layers.{i}.{m}"
-            for i in range(layers)
-            for m in ("mlp.gate", *(f"self_attn.{p}_proj" for p in "qkvo"))
-        ],
+        # Every other linear layer (router, attention, dense and shared MLPs) by its module.
+        "modules_to_not_convert": sorted(
+            name.removesuffix(".weight")
+            for name, tensor in tensors.items()
+            if name.startswith("model.layers.")
+            and name.endswith(".weight")
+            and tensor.dim() == 2
+            and name not in experts
+        ),
     }
     (path / "config.json").write_text(json.dumps(config))
 
@@ -123,23 +154,30 @@ def checkpoints(tmp_path_factory):
     """case -> (checkpoint A, checkpoint B): the same architecture, other random weights."""
     saved = {}
     for case, (family, options) in CASES.items():
-        sizes = FP8_SIZES
-        if not case.startswith("fp8"):
-            sizes = {**WIDER, **WIDER_FAMILY.get(family, {}), **UNPADDED.get(family, {})}
+        fp8 = case.endswith("fp8-block")
+        if fp8:
+            sizes = FP8_FAMILY_SIZES[family]
+        else:
+            sizes = {
+                **WIDER,
+                **WIDER_FAMILY.get(family, {}),
+                **UNPADDED.get(family, {}),
+                **FAMILY_SIZES.get(family, {}),
+            }
         pair = []
         for seed in (1, 2):
             model = build_model(family, seed=seed, **sizes)
             path = tmp_path_factory.mktemp(f"{case}-{'AB'[seed - 1]}")
             model.save_pretrained(path, **options)
-            if case.startswith("fp8"):
-                fp8_release(path, model.config.num_hidden_layers)
+            if fp8:
+                fp8_release(path)
             pair.append(path)
         saved[case] = tuple(pair)
     return saved
 
 
 def vllm_config(path, load_format: str, extra: dict | None = None):
-    from vllm.config import DeviceConfig, LoadConfig, ModelConfig, VllmConfig
+    from vllm.config import AttentionConfig, DeviceConfig, LoadConfig, ModelConfig, VllmConfig
 
     model_config = ModelConfig(
         model=str(path), dtype="bfloat16", skip_tokenizer_init=True, enforce_eager=True
@@ -148,6 +186,7 @@ def vllm_config(path, load_format: str, extra: dict | None = None):
         model_config=model_config,
         load_config=LoadConfig(load_format=load_format, model_loader_extra_config=extra or {}),
         device_config=DeviceConfig(device="cpu"),
+        attention_config=AttentionConfig(backend=MLA_BACKEND if model_config.use_mla else None),
     )
 
 
@@ -316,9 +355,9 @@ def test_checkpoint_rewritten_during_a_reload_is_refused(
 
         return model_load_weights(self, rewriting())
 
-    original_fill = vllm_loader.fill_layer
+    original_fill = vllm_reload.fill_layer
     with monkeypatch.context() as patched:
-        patched.setattr(vllm_loader, "fill_layer", fill_then_rewrite)
+        patched.setattr(vllm_reload, "fill_layer", fill_then_rewrite)
         if when != "before the first write":
             patched.setattr(type(ours), "load_weights", rewrite_after_the_experts)
         with pytest.raises(fml.FileChangedError, match="rewritten"):
@@ -353,3 +392,46 @@ def test_missing_checkpoint_is_refused_before_anything_changes(distributed, chec
         reload(ours, config, tmp_path / "empty")
     for name, tensor in state(ours).items():
         assert torch.equal(bits(tensor.reshape(-1)), bits(before[name].reshape(-1))), name
+
+
+def redistribute(model, config, physical_to_logical: torch.Tensor) -> None:
+    """vLLM's expert redistribution from disk (0.34's fault-tolerance recovery after an EP
+    rank died, `reload_experts_from_disk`): every MoE layer reloaded with each physical slot
+    holding the logical expert `physical_to_logical[layer, slot]`, through the loader's
+    `get_all_weights` and the model's `load_weights`."""
+    from vllm.config import set_current_vllm_config
+    from vllm.v1.worker.sentinel.eplb_redistribute import reload_experts_from_disk
+
+    reload_set = {
+        (layer, int(logical)) for layer, row in enumerate(physical_to_logical) for logical in row
+    }
+    with set_current_vllm_config(config):
+        reload_experts_from_disk(model, config, reload_set, physical_to_logical)
+
+
+def test_expert_redistribution_from_disk_matches_vllm(distributed, checkpoints, caplog):
+    """Each slot given another logical expert (here a rotation, one rank, no redundancy):
+    the redistributed experts, read through `load_format="fastmoe"`'s `get_all_weights` (every
+    tensor to the model's `load_weights`: see `vllm_reload`), are vLLM's own, bit for bit,
+    each slot holding its new logical expert."""
+    pytest.importorskip("vllm.v1.worker.sentinel.eplb_redistribute")
+    a, _ = checkpoints["qwen3_moe-fused"]
+    ours, config = serve(a, "fastmoe")
+    theirs, their_config = serve(a, "safetensors")
+    before = {n: t.clone() for n, t in state(ours).items()}
+    experts = len(ours.moe_layers[0].routed_experts.w13_weight)
+    rotated = torch.arange(experts).roll(1).repeat(len(ours.moe_layers), 1)
+    with caplog.at_level("INFO", logger="vllm.fastmoe_load"):
+        redistribute(ours, config, rotated.clone())
+    redistribute(theirs, their_config, rotated.clone())
+    assert_same_state(ours, theirs, "redistributed through fastmoe's loader vs vLLM's")
+    changed = [
+        n
+        for n, t in state(ours).items()
+        if not torch.equal(bits(t.reshape(-1)), bits(before[n].reshape(-1)))
+    ]
+    assert changed and all(".experts." in n for n in changed), changed
+    # Slot s now holds what slot s - 1 held (the served layout is per expert).
+    for name in changed:
+        assert torch.equal(bits(state(ours)[name]), bits(before[name].roll(1, dims=0))), name
+    assert "every tensor goes there" in caplog.text

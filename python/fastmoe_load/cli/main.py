@@ -178,8 +178,10 @@ def _parser() -> argparse.ArgumentParser:
         "--reload",
         action="store_true",
         help="time vLLM's in-place reload (reload_weights) of a served Qwen3-MoE-shaped model "
-        "(--layers of 1.3 GB, default 2) through load_format=fastmoe beside vLLM's own "
-        "reload of the same files, and the first load of the experts (needs vLLM)",
+        "(--layers of 1.3 GB, default 2; with --quant fp8 a DeepSeek-V3-shaped one, fp8 "
+        "block-scaled experts, --experts a layer, default 32, --layers of 1.4 GB, default 1) "
+        "through load_format=fastmoe beside vLLM's own reload of the same files, and the "
+        "first load of the experts (needs vLLM)",
     )
     bench.add_argument(
         "--engine",
@@ -289,14 +291,20 @@ def _bench(args: argparse.Namespace) -> None:
         )
         return
     if args.reload:
-        names = ("explore", "cold", "transposed", "quant", "model", "threads")
-        names += ("experts", "hidden", "intermediate")
+        names = ("explore", "cold", "transposed", "model", "threads", "hidden", "intermediate")
         given = [f"--{name}" for name in names if getattr(args, name)]
+        if args.quant not in (None, "fp8"):
+            given.append(f"--quant {args.quant}")
+        if args.experts and args.quant is None:
+            given.append("--experts without --quant fp8")
         if given:
             raise RequestError(f"{', '.join(given)} do not apply to bench --reload")
         from ..bench.reload import main as bench_reload
 
-        bench_reload(args.device, args.layers or 2, args.dir, args.repeats, args.clean)
+        layers = args.layers or (1 if args.quant else 2)
+        bench_reload(
+            args.device, layers, args.dir, args.repeats, args.clean, args.quant, args.experts
+        )
         return
     if args.model:
         names = (
