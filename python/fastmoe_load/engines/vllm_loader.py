@@ -83,7 +83,7 @@ from ..checkpoint import Checkpoint
 from ..checkpoint import open as open_checkpoint
 from ..loader import stream_tensors
 from .spec import fill_layers, log_left_to_engine
-from .vllm import describe
+from .vllm import WEIGHT_PARAMETERS, describe
 from .vllm_model import expert_layers, model_path_of
 from .vllm_reload import KEEP_PREVIOUS_OPTION, reload_iterator
 from .vllm_reload import reload as reload  # re-exported: the README's import
