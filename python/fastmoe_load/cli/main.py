@@ -303,7 +303,7 @@ def _bench(args: argparse.Namespace) -> None:
 
         layers = args.layers or (1 if args.quant else 2)
         bench_reload(
-            args.device, layers, args.dir, args.repeats, args.clean, args.quant, args.experts
+            args.device, layers, args.dir, args.repeats or 5, args.clean, args.quant, args.experts
         )
         return
     if args.model:
