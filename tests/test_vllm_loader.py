@@ -281,19 +281,22 @@ def test_unknown_extra_config_is_refused(distributed):
         )
 
 
-def quantized_experts_checkpoint(path, quantize, quantization_config: dict):
+def quantized_experts_checkpoint(path, quantize, quantization_config: dict, seed: int = 0):
     """A Qwen3-MoE model saved per expert, its experts' weights replaced by what
-    `quantize(stem, rows, cols, gen)` returns (tensors by name), the rest in bf16."""
+    `quantize(stem, rows, cols, gen)` returns (tensors by name), the rest in bf16; another
+    `seed`, other values throughout."""
     import json
 
-    model = build_model("qwen3_moe", hidden_size=128, moe_intermediate_size=64, head_dim=32)
+    model = build_model(
+        "qwen3_moe", seed=seed, hidden_size=128, moe_intermediate_size=64, head_dim=32
+    )
     model.save_pretrained(path, save_original_format=True)
     with fml.open(path) as ckpt:
         tensors = {name: ckpt.tensor(name).clone() for name in ckpt.keys()}
         experts = {n for group in ckpt.moe_layers() for n in group.tensor_names}
     for file in path.glob("*.safetensors*"):
         file.unlink()
-    gen = torch.Generator().manual_seed(5)
+    gen = torch.Generator().manual_seed(5 + seed)
     for name in sorted(experts):
         rows, cols = tensors.pop(name).shape
         tensors |= quantize(name.removesuffix(".weight"), rows, cols, gen)
@@ -347,10 +350,14 @@ def nvfp4_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=["symmetric", "asymmetric"])
 def int4_checkpoint(tmp_path_factory, request):
+    path = tmp_path_factory.mktemp(f"int4-{request.param}")
+    return int4_checkpoint_at(path, request.param == "symmetric")
+
+
+def int4_checkpoint_at(path, symmetric: bool, seed: int = 0):
     """Experts in compressed-tensors int4 `pack-quantized` (W4A16, group 32; asymmetric ones
     with `weight_zero_point`, as llm-compressor's `W4A16_ASYM` writes them), the rest in
     `ignore` as llm-compressor lists it."""
-    symmetric = request.param == "symmetric"
     weights = {
         "num_bits": 4,
         "type": "int",
@@ -367,8 +374,7 @@ def int4_checkpoint(tmp_path_factory, request):
         "ignore": ["lm_head", "re:.*self_attn.*", "re:.*mlp[.]gate$"],
     }
     quantize = functools.partial(int4_expert, zero_points=not symmetric)
-    path = tmp_path_factory.mktemp(f"int4-{request.param}")
-    return quantized_experts_checkpoint(path, quantize, config)
+    return quantized_experts_checkpoint(path, quantize, config, seed)
 
 
 def test_nvfp4_model_matches_default_loader(distributed, nvfp4_checkpoint, monkeypatch):
@@ -393,18 +399,32 @@ def test_nvfp4_model_matches_default_loader(distributed, nvfp4_checkpoint, monke
         assert set(received) == set(ckpt.keys()) - expert_names
 
 
+def triton_wna16() -> tuple:
+    """vLLM's Triton WNA16 MoE backend and its experts class, which leave the loaded layout
+    as it is (the kernel is built, never run)."""
+    from vllm.model_executor.layers.fused_moe.oracle import int_wna16
+
+    triton = int_wna16.WNA16MoEBackend.TRITON
+    return triton, int_wna16.backend_to_kernel_cls(triton)[0]
+
+
+def int4_on_this_cpu(monkeypatch) -> None:
+    """vLLM has no WNA16 MoE kernel on the CPU: `CompressedTensorsWNA16MoEMethod` is given
+    the Triton backend (`triton_wna16`), which decides nothing of the loading."""
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe import (
+        compressed_tensors_moe_wna16 as wna16,
+    )
+
+    chosen = triton_wna16()
+    monkeypatch.setattr(wna16, "select_wna16_moe_backend", lambda **_: chosen)
+
+
 def test_int4_model_matches_default_loader(distributed, int4_checkpoint, monkeypatch):
     """A whole int4 model (`CompressedTensorsWNA16MoEMethod` experts): every parameter equal
     to vLLM's own loading, and no expert tensor through the model's loader. vLLM has no WNA16
     MoE kernel on the CPU: the method is given a GPU backend, which decides nothing of the
     loading."""
-    from vllm.model_executor.layers.fused_moe.oracle.int_wna16 import WNA16MoEBackend
-    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe import (
-        compressed_tensors_moe_wna16 as wna16,
-    )
-
-    chosen = (WNA16MoEBackend.TRITON, None)
-    monkeypatch.setattr(wna16, "select_wna16_moe_backend", lambda **_: chosen)
+    int4_on_this_cpu(monkeypatch)
     theirs, _ = load(int4_checkpoint, "safetensors")
     ours, received = load(int4_checkpoint, "fastmoe")
     assert_same_state(ours, theirs)
@@ -506,43 +526,56 @@ def gptq_awq_expert(stem: str, rows: int, cols: int, gen: torch.Generator, awq: 
     return tensors
 
 
+# GPTQ (symmetric) and AWQ `quantization_config`s of 4-bit experts in 32-value groups, the
+# attention and router left unquantized as each format says it.
+GPTQ_AWQ_CONFIGS = {
+    "gptq": {
+        "quant_method": "gptq",
+        "bits": 4,
+        "group_size": 32,
+        "desc_act": False,
+        "sym": True,
+        "modules_in_block_to_quantize": [["mlp.experts"]],
+    },
+    "awq": {
+        "quant_method": "awq",
+        "bits": 4,
+        "group_size": 32,
+        "zero_point": True,
+        "version": "gemm",
+        "modules_to_not_convert": ["self_attn", "mlp.gate"],
+    },
+}
+
+
+def gptq_awq_checkpoint(path, scheme: str, seed: int = 0):
+    """A Qwen3-MoE model with GPTQ or AWQ (`scheme`) experts (`GPTQ_AWQ_CONFIGS`)."""
+    quantize = functools.partial(gptq_awq_expert, awq=scheme == "awq")
+    return quantized_experts_checkpoint(path, quantize, GPTQ_AWQ_CONFIGS[scheme], seed)
+
+
+def moe_wna16_on_this_cpu(monkeypatch) -> None:
+    """vLLM has no WNA16 MoE kernel on the CPU: `MoeWNA16Method` is given the Triton backend
+    (`triton_wna16`), and AWQ's GPU capability check answered as an Ampere GPU answers it;
+    neither decides anything of the loading."""
+    from vllm.model_executor.layers.quantization import moe_wna16
+    from vllm.platforms.interface import DeviceCapability
+
+    chosen = triton_wna16()
+    monkeypatch.setattr(moe_wna16, "select_wna16_moe_backend", lambda *_, **__: chosen)
+    capability = DeviceCapability(8, 0)
+    monkeypatch.setattr(moe_wna16.current_platform, "get_device_capability", lambda *_: capability)
+
+
 @pytest.mark.parametrize("scheme", ["gptq", "awq"])
 def test_moe_wna16_model_matches_default_loader(distributed, tmp_path, monkeypatch, scheme):
     """A whole Qwen3-MoE model with GPTQ (symmetric) or AWQ experts served by vLLM's
     `MoeWNA16Method` (`quantization="moe_wna16"`; attention and router unquantized, as
     `modules_in_block_to_quantize` and `modules_to_not_convert` say): every parameter equal
     to vLLM's own loading, and no expert tensor (`g_idx` and symmetric zero points included)
-    through the model's loader. vLLM has no WNA16 MoE kernel on the CPU: a Triton backend
-    is named, and AWQ's GPU capability check answered as an Ampere GPU answers it."""
-    from vllm.model_executor.layers.fused_moe.oracle.int_wna16 import WNA16MoEBackend
-    from vllm.model_executor.layers.quantization import moe_wna16
-    from vllm.platforms.interface import DeviceCapability
-
-    chosen = (WNA16MoEBackend.TRITON, None)
-    monkeypatch.setattr(moe_wna16, "select_wna16_moe_backend", lambda *_, **__: chosen)
-    capability = DeviceCapability(8, 0)
-    monkeypatch.setattr(moe_wna16.current_platform, "get_device_capability", lambda *_: capability)
-    awq = scheme == "awq"
-    if awq:
-        quantization = {
-            "quant_method": "awq",
-            "bits": 4,
-            "group_size": 32,
-            "zero_point": True,
-            "version": "gemm",
-            "modules_to_not_convert": ["self_attn", "mlp.gate"],
-        }
-    else:
-        quantization = {
-            "quant_method": "gptq",
-            "bits": 4,
-            "group_size": 32,
-            "desc_act": False,
-            "sym": True,
-            "modules_in_block_to_quantize": [["mlp.experts"]],
-        }
-    quantize = functools.partial(gptq_awq_expert, awq=awq)
-    path = quantized_experts_checkpoint(tmp_path / scheme, quantize, quantization)
+    through the model's loader (`moe_wna16_on_this_cpu`)."""
+    moe_wna16_on_this_cpu(monkeypatch)
+    path = gptq_awq_checkpoint(tmp_path / scheme, scheme)
     theirs, _ = load(path, "safetensors", quantization="moe_wna16")
     ours, received = load(path, "fastmoe", quantization="moe_wna16")
     assert_same_state(ours, theirs)

@@ -182,11 +182,15 @@ def checkpoints(tmp_path_factory):
     return saved
 
 
-def vllm_config(path, load_format: str, extra: dict | None = None):
+def vllm_config(path, load_format: str, extra: dict | None = None, quantization=None):
     from vllm.config import AttentionConfig, DeviceConfig, LoadConfig, ModelConfig, VllmConfig
 
     model_config = ModelConfig(
-        model=str(path), dtype="bfloat16", skip_tokenizer_init=True, enforce_eager=True
+        model=str(path),
+        dtype="bfloat16",
+        skip_tokenizer_init=True,
+        enforce_eager=True,
+        quantization=quantization,
     )
     return VllmConfig(
         model_config=model_config,
@@ -196,12 +200,12 @@ def vllm_config(path, load_format: str, extra: dict | None = None):
     )
 
 
-def serve(path, load_format: str, extra: dict | None = None):
+def serve(path, load_format: str, extra: dict | None = None, quantization=None):
     """A model as vLLM serves it: built, loaded and processed by `load_model`."""
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.model_loader import get_model_loader
 
-    config = vllm_config(path, load_format, extra)
+    config = vllm_config(path, load_format, extra, quantization)
     with set_current_vllm_config(config):
         model = get_model_loader(config.load_config).load_model(
             vllm_config=config, model_config=config.model_config
@@ -281,6 +285,50 @@ def test_reload_matches_a_fresh_model(distributed, checkpoints, case, caplog):
         assert set(received) == set(ckpt.keys()) - experts
     (line,) = [r.getMessage() for r in caplog.records if "Reloading" in r.getMessage()]
     assert f"fastmoe_load filled {len(groups)} expert layers" in line, line
+
+
+@pytest.mark.parametrize("scheme", ["gptq", "awq", "int4-symmetric", "int4-asymmetric"])
+def test_int4_reload_matches_a_fresh_model(distributed, tmp_path, monkeypatch, scheme):
+    """4-bit experts: GPTQ and AWQ served by vLLM's `MoeWNA16Method`
+    (`quantization="moe_wna16"`, the method vLLM falls back to where Marlin cannot take a
+    layer), whose loading converts them (unpacked, zero points +1, repacked, AWQ reordered),
+    and compressed-tensors int4 by `CompressedTensorsWNA16MoEMethod`: reloaded A -> B through
+    fastmoe_load, every parameter and buffer bit for bit as a model loaded from B and as
+    vLLM's own reload leaves it, the expert tensors never through `load_weights`."""
+    import test_vllm_loader as loader_tests
+
+    if scheme.startswith("int4"):
+        loader_tests.int4_on_this_cpu(monkeypatch)
+        quantization = None
+        a, b = (
+            loader_tests.int4_checkpoint_at(tmp_path / ab, scheme.endswith("-symmetric"), seed)
+            for seed, ab in enumerate("AB")
+        )
+    else:
+        loader_tests.moe_wna16_on_this_cpu(monkeypatch)
+        quantization = "moe_wna16"
+        a, b = (
+            loader_tests.gptq_awq_checkpoint(tmp_path / ab, scheme, seed)
+            for seed, ab in enumerate("AB")
+        )
+    ours, config = serve(a, "fastmoe", quantization=quantization)
+    served = {n: t.clone() for n, t in state(ours).items()}
+    received = reload(ours, config, b)
+    fresh, _ = serve(b, "safetensors", quantization=quantization)
+    assert_same_state(ours, fresh, f"{scheme}: reloaded A -> B vs a model loaded from B")
+    changed = [
+        n
+        for n, t in state(ours).items()
+        if not torch.equal(bits(t.reshape(-1)), bits(served[n].reshape(-1)))
+    ]
+    assert any(n.endswith(("w13_qweight", "w13_weight_packed")) for n in changed), changed
+
+    theirs, their_config = serve(a, "safetensors", quantization=quantization)
+    reload(theirs, their_config, b)
+    assert_same_state(ours, theirs, f"{scheme}: fastmoe's reload vs vLLM's")
+    with fml.open(b) as ckpt:
+        experts = {name for group in ckpt.moe_layers() for name in group.tensor_names}
+        assert set(received) == set(ckpt.keys()) - experts
 
 
 def test_reload_of_the_served_path_and_back(distributed, checkpoints):
