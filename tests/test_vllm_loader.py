@@ -337,6 +337,10 @@ def int4_expert(
 
 @pytest.fixture(scope="module")
 def nvfp4_checkpoint(tmp_path_factory):
+    return nvfp4_checkpoint_at(tmp_path_factory.mktemp("nvfp4"))
+
+
+def nvfp4_checkpoint_at(path, seed: int = 0):
     """Experts in ModelOpt NVFP4, the rest listed in `exclude_modules` as ModelOpt lists it."""
     config = {
         "quant_method": "modelopt",
@@ -345,7 +349,7 @@ def nvfp4_checkpoint(tmp_path_factory):
         "kv_cache_quant_algo": None,
         "exclude_modules": ["lm_head", "self_attn", "mlp.gate"],
     }
-    return quantized_experts_checkpoint(tmp_path_factory.mktemp("nvfp4"), nvfp4_expert, config)
+    return quantized_experts_checkpoint(path, nvfp4_expert, config, seed)
 
 
 @pytest.fixture(scope="module", params=["symmetric", "asymmetric"])
@@ -377,16 +381,24 @@ def int4_checkpoint_at(path, symmetric: bool, seed: int = 0):
     return quantized_experts_checkpoint(path, quantize, config, seed)
 
 
+def nvfp4_on_this_cpu(monkeypatch) -> None:
+    """vLLM has no NVFP4 MoE kernel on the CPU: `ModelOptNvFp4FusedMoE` is given the emulation
+    backend and its experts class (the kernel is built, never run), which decide nothing of
+    the loading."""
+    from vllm.model_executor.layers.fused_moe.oracle import nvfp4
+    from vllm.model_executor.layers.quantization import modelopt
+
+    emulation = nvfp4.NvFp4MoeBackend.EMULATION
+    chosen = (emulation, nvfp4.backend_to_kernel_cls(emulation)[0])
+    monkeypatch.setattr(modelopt, "select_nvfp4_moe_backend", lambda **_: chosen)
+
+
 def test_nvfp4_model_matches_default_loader(distributed, nvfp4_checkpoint, monkeypatch):
     """A whole NVFP4 model (`ModelOptNvFp4FusedMoE` experts): every parameter equal to vLLM's
     own loading, and neither expert weights nor scales through the model's loader. vLLM has
     no NVFP4 MoE kernel on the CPU: the method is given the emulation backend, which decides
     nothing of the loading."""
-    from vllm.model_executor.layers.fused_moe.oracle.nvfp4 import NvFp4MoeBackend
-    from vllm.model_executor.layers.quantization import modelopt
-
-    chosen = (NvFp4MoeBackend.EMULATION, None)
-    monkeypatch.setattr(modelopt, "select_nvfp4_moe_backend", lambda **_: chosen)
+    nvfp4_on_this_cpu(monkeypatch)
     theirs, _ = load(nvfp4_checkpoint, "safetensors")
     ours, received = load(nvfp4_checkpoint, "fastmoe")
     assert_same_state(ours, theirs)

@@ -287,17 +287,24 @@ def test_reload_matches_a_fresh_model(distributed, checkpoints, case, caplog):
     assert f"fastmoe_load filled {len(groups)} expert layers" in line, line
 
 
-@pytest.mark.parametrize("scheme", ["gptq", "awq", "int4-symmetric", "int4-asymmetric"])
-def test_int4_reload_matches_a_fresh_model(distributed, tmp_path, monkeypatch, scheme):
+@pytest.mark.parametrize("scheme", ["gptq", "awq", "int4-symmetric", "int4-asymmetric", "nvfp4"])
+def test_4_bit_reload_matches_a_fresh_model(distributed, tmp_path, monkeypatch, scheme):
     """4-bit experts: GPTQ and AWQ served by vLLM's `MoeWNA16Method`
     (`quantization="moe_wna16"`, the method vLLM falls back to where Marlin cannot take a
     layer), whose loading converts them (unpacked, zero points +1, repacked, AWQ reordered),
-    and compressed-tensors int4 by `CompressedTensorsWNA16MoEMethod`: reloaded A -> B through
-    fastmoe_load, every parameter and buffer bit for bit as a model loaded from B and as
-    vLLM's own reload leaves it, the expert tensors never through `load_weights`."""
+    compressed-tensors int4 by `CompressedTensorsWNA16MoEMethod`, ModelOpt NVFP4 (weights,
+    block scales, global and input scales) by `ModelOptNvFp4FusedMoE`: reloaded A -> B
+    through fastmoe_load, every parameter and buffer bit for bit as a model loaded from B and
+    as vLLM's own reload leaves it, the expert tensors never through `load_weights`."""
     import test_vllm_loader as loader_tests
 
-    if scheme.startswith("int4"):
+    if scheme == "nvfp4":
+        loader_tests.nvfp4_on_this_cpu(monkeypatch)
+        quantization = None
+        a, b = (
+            loader_tests.nvfp4_checkpoint_at(tmp_path / ab, seed) for seed, ab in enumerate("AB")
+        )
+    elif scheme.startswith("int4"):
         loader_tests.int4_on_this_cpu(monkeypatch)
         quantization = None
         a, b = (
@@ -321,7 +328,8 @@ def test_int4_reload_matches_a_fresh_model(distributed, tmp_path, monkeypatch, s
         for n, t in state(ours).items()
         if not torch.equal(bits(t.reshape(-1)), bits(served[n].reshape(-1)))
     ]
-    assert any(n.endswith(("w13_qweight", "w13_weight_packed")) for n in changed), changed
+    weights = ("w13_qweight", "w13_weight_packed", "w13_weight")
+    assert any(n.endswith(weights) for n in changed), changed
 
     theirs, their_config = serve(a, "safetensors", quantization=quantization)
     reload(theirs, their_config, b)
