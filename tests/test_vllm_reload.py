@@ -22,6 +22,7 @@ vllm = pytest.importorskip("vllm")
 import fastmoe_load as fml  # noqa: E402
 from conftest import bits, build_model  # noqa: E402
 from fastmoe_load.engines import vllm_loader, vllm_reload  # noqa: E402
+from fastmoe_load.engines.vllm_model import expert_layers  # noqa: E402
 from test_vllm_loader import WIDER, WIDER_FAMILY, quantize_fp8_blocks  # noqa: E402
 
 # (case, family, save_pretrained options): Qwen3-MoE fused v5 and per-expert, gpt-oss fused,
@@ -287,9 +288,22 @@ def test_reload_matches_a_fresh_model(distributed, checkpoints, case, caplog):
     assert f"fastmoe_load filled {len(groups)} expert layers" in line, line
 
 
-@pytest.mark.parametrize("scheme", ["gptq", "awq", "int4-symmetric", "int4-asymmetric", "nvfp4"])
+@pytest.mark.parametrize(
+    "scheme",
+    [
+        "gptq",
+        "awq",
+        "gptq-input-first",
+        "awq-input-first",
+        "int4-symmetric",
+        "int4-asymmetric",
+        "nvfp4",
+    ],
+)
 def test_4_bit_reload_matches_a_fresh_model(distributed, tmp_path, monkeypatch, scheme):
-    """4-bit experts: GPTQ and AWQ served by vLLM's `MoeWNA16Method`
+    """4-bit experts: GPTQ and AWQ served by vLLM's `AutoGPTQMoEMethod` and `AutoAWQMoEMethod`
+    (input-first parameters, turned output-first by their processing; the backend named for
+    this CPU, Triton, keeps that layout where Marlin repacks it) and by `MoeWNA16Method`
     (`quantization="moe_wna16"`, the method vLLM falls back to where Marlin cannot take a
     layer), whose loading converts them (unpacked, zero points +1, repacked, AWQ reordered),
     compressed-tensors int4 by `CompressedTensorsWNA16MoEMethod`, ModelOpt NVFP4 (weights,
@@ -300,25 +314,39 @@ def test_4_bit_reload_matches_a_fresh_model(distributed, tmp_path, monkeypatch, 
 
     if scheme == "nvfp4":
         loader_tests.nvfp4_on_this_cpu(monkeypatch)
-        quantization = None
+        quantization, method = None, "ModelOptNvFp4FusedMoE"
         a, b = (
             loader_tests.nvfp4_checkpoint_at(tmp_path / ab, seed) for seed, ab in enumerate("AB")
         )
     elif scheme.startswith("int4"):
         loader_tests.int4_on_this_cpu(monkeypatch)
-        quantization = None
+        quantization, method = None, "CompressedTensorsWNA16MoEMethod"
         a, b = (
             loader_tests.int4_checkpoint_at(tmp_path / ab, scheme.endswith("-symmetric"), seed)
             for seed, ab in enumerate("AB")
         )
+    elif scheme.endswith("-input-first"):
+        from vllm.model_executor.layers.quantization import auto_awq, auto_gptq
+
+        scheme = scheme.removesuffix("-input-first")
+        module = auto_gptq if scheme == "gptq" else auto_awq
+        chosen = loader_tests.triton_wna16()
+        monkeypatch.setattr(module, "select_wna16_moe_backend", lambda *_, **__: chosen)
+        quantization, method = None, f"Auto{scheme.upper()}MoEMethod"
+        a, b = (
+            loader_tests.gptq_awq_checkpoint(tmp_path / ab, scheme, seed)
+            for seed, ab in enumerate("AB")
+        )
     else:
         loader_tests.moe_wna16_on_this_cpu(monkeypatch)
-        quantization = "moe_wna16"
+        quantization, method = "moe_wna16", "MoeWNA16Method"
         a, b = (
             loader_tests.gptq_awq_checkpoint(tmp_path / ab, scheme, seed)
             for seed, ab in enumerate("AB")
         )
     ours, config = serve(a, "fastmoe", quantization=quantization)
+    methods = {type(m.quant_method).__name__ for _, m in expert_layers(ours).values()}
+    assert methods == {method}, methods
     served = {n: t.clone() for n, t in state(ours).items()}
     received = reload(ours, config, b)
     fresh, _ = serve(b, "safetensors", quantization=quantization)
