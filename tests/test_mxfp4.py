@@ -66,22 +66,23 @@ def gpt_oss_mxfp4(path: Path, config: bool = True, inter: int = INTER) -> Path:
     return save(path, tensors, "gpt_oss", quant if config else None)
 
 
-def gpt_oss_release(path: Path, **config) -> Path:
+def gpt_oss_release(path: Path, seed: int = 0, **config) -> Path:
     """A whole tiny gpt-oss model (conftest's, `config` overriding its sizes) saved as
     OpenAI released gpt-oss: the experts as mxfp4 `_blocks` and e8m0 `_scales` (random),
-    bf16 biases and everything else from the model, `quant_method: mxfp4`."""
+    bf16 biases and everything else from the model, `quant_method: mxfp4`; another `seed`,
+    other values throughout."""
     import json
 
     from conftest import build_model
 
-    model = build_model("gpt_oss", **config)
+    model = build_model("gpt_oss", seed=seed, **config)
     model.save_pretrained(path, save_original_format=True)
     with fml.open(path) as ckpt:
         tensors = {name: ckpt.tensor(name).clone() for name in ckpt.keys()}
         groups = ckpt.moe_layers()
     for file in path.glob("*.safetensors*"):
         file.unlink()
-    gen = torch.Generator().manual_seed(6)
+    gen = torch.Generator().manual_seed(6 + seed)
     for group in groups:
         e, h, i = group.num_experts, group.hidden_size, group.intermediate_size
         for stem, rows, cols in (("gate_up_proj", 2 * i, h), ("down_proj", h, i)):

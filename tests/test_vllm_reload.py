@@ -8,6 +8,7 @@ intact. Skipped where vLLM is not installed."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -298,6 +299,7 @@ def test_reload_matches_a_fresh_model(distributed, checkpoints, case, caplog):
         "int4-symmetric",
         "int4-asymmetric",
         "nvfp4",
+        "mxfp4",
     ],
 )
 def test_4_bit_reload_matches_a_fresh_model(distributed, tmp_path, monkeypatch, scheme):
@@ -307,12 +309,37 @@ def test_4_bit_reload_matches_a_fresh_model(distributed, tmp_path, monkeypatch, 
     (`quantization="moe_wna16"`, the method vLLM falls back to where Marlin cannot take a
     layer), whose loading converts them (unpacked, zero points +1, repacked, AWQ reordered),
     compressed-tensors int4 by `CompressedTensorsWNA16MoEMethod`, ModelOpt NVFP4 (weights,
-    block scales, global and input scales) by `ModelOptNvFp4FusedMoE`: reloaded A -> B
+    block scales, global and input scales) by `ModelOptNvFp4FusedMoE`, and gpt-oss mxfp4
+    (blocks, e8m0 scales, biases) by `GptOssMxfp4MoEMethod`: reloaded A -> B
     through fastmoe_load, every parameter and buffer bit for bit as a model loaded from B and
     as vLLM's own reload leaves it, the expert tensors never through `load_weights`."""
     import test_vllm_loader as loader_tests
 
-    if scheme == "nvfp4":
+    if scheme == "mxfp4":
+        from test_mxfp4 import gpt_oss_release
+        from test_vllm_loader import WIDER, WIDER_FAMILY
+        from vllm.model_executor.layers.fused_moe.oracle import mxfp4 as oracle
+        from vllm.model_executor.layers.quantization import mxfp4
+
+        # vLLM's CPU backend, its prepacking (vLLM's CPU ops, absent from CUDA wheels) stood
+        # in for by a one-way layout, as the other CPU MoE prepackings are here.
+        backend = oracle.Mxfp4MoeBackend.CPU
+        chosen = (backend, oracle.backend_to_kernel_cls(backend)[0])
+        monkeypatch.setattr(mxfp4, "select_mxfp4_moe_backend", lambda *_, **__: chosen)
+        cpu_moe = importlib.import_module("vllm.model_executor.layers.fused_moe.experts.cpu_moe")
+        monkeypatch.setattr(
+            cpu_moe,
+            "prepare_mxfp4_moe_layer_for_cpu",
+            lambda *tensors: tuple(one_way_layout(t) for t in tensors),
+        )
+        # Offered on CPUs without AMX tiles too, as the fp8 one (`without_cpu_kernels`).
+        monkeypatch.setattr(chosen[1], "_supports_current_device", staticmethod(lambda: True))
+        quantization, method = None, "GptOssMxfp4MoEMethod"
+        a, b = (
+            gpt_oss_release(tmp_path / ab, seed, **WIDER, **WIDER_FAMILY["gpt_oss"])
+            for seed, ab in enumerate("AB")
+        )
+    elif scheme == "nvfp4":
         loader_tests.nvfp4_on_this_cpu(monkeypatch)
         quantization, method = None, "ModelOptNvFp4FusedMoE"
         a, b = (
