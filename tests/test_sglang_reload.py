@@ -8,6 +8,8 @@ included. Skipped where SGLang is not installed."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -17,10 +19,16 @@ import fastmoe_load as fml
 from conftest import bits, build_model
 from test_sglang import (
     PLACEMENTS,
+    QUANT_PLACEMENTS,
+    QUANT_SCHEMES,
     E,
+    assert_quantized_state,
     assert_same_state,
     build_sglang,
+    build_sglang_quantized,
     load_like_sglang,
+    load_quantized_like_sglang,
+    quantized_checkpoint,
     sglang_ranks,
 )
 
@@ -41,23 +49,32 @@ def checkpoints(tmp_path_factory):
     return saved
 
 
-class Served:
-    """A model of SGLang `FusedMoE` layers served from a checkpoint by the fastmoe loader."""
+def bf16_layers(per_expert_path) -> dict[int, torch.nn.Module]:
+    """SGLang's `FusedMoE` layers of a bf16 checkpoint's expert groups, by layer index."""
+    with fml.open(per_expert_path) as ckpt:
+        return {
+            layer_id: build_sglang(group, layer_id, PLACEMENT)
+            for layer_id, group in enumerate(ckpt.moe_layers())
+        }
 
-    def __init__(self, path, per_expert_path) -> None:
+
+class Served:
+    """A model of SGLang `FusedMoE` layers (`layers`, by layer index) served from a
+    checkpoint by the fastmoe loader."""
+
+    def __init__(self, path, layers: dict[int, torch.nn.Module]) -> None:
         from fastmoe_load.engines.sglang_loader import FastMoeModelLoader
         from sglang.srt.configs.load_config import LoadConfig
 
         self.loader = FastMoeModelLoader(LoadConfig(load_format=FastMoeModelLoader))
         self.model = torch.nn.Module()
         self.model.model = torch.nn.Module()
-        self.model.model.layers = torch.nn.ModuleList()
-        with fml.open(per_expert_path) as ckpt:
-            for layer_id, group in enumerate(ckpt.moe_layers()):
-                block = torch.nn.Module()
-                block.mlp = torch.nn.Module()
-                block.mlp.experts = build_sglang(group, layer_id, PLACEMENT)
-                self.model.model.layers.append(block)
+        blocks = [torch.nn.Module() for _ in range(max(layers) + 1)]
+        self.model.model.layers = torch.nn.ModuleList(blocks)
+        for layer_id, experts in layers.items():
+            blocks[layer_id].mlp = torch.nn.Module()
+            blocks[layer_id].mlp.experts = experts
+        self._experts = list(layers.values())
         self.handed_over: list[str] = []
         self.model.load_weights = lambda weights: self.handed_over.extend(n for n, _ in weights)
         self.loader.initialize_model_for_startup = lambda **_: self.model
@@ -95,7 +112,7 @@ class Served:
         return True, "Succeeded to update model weights."
 
     def experts(self) -> list[torch.nn.Module]:
-        return [block.mlp.experts for block in self.model.model.layers]
+        return self._experts
 
 
 def reference(per_expert_path) -> list[torch.nn.Module]:
@@ -111,7 +128,7 @@ def reference(per_expert_path) -> list[torch.nn.Module]:
 
 def test_update_weights_from_disk_matches_sglang_loading(checkpoints) -> None:
     with sglang_ranks(PLACEMENT):
-        served = Served(checkpoints["A", False], checkpoints["A", True])
+        served = Served(checkpoints["A", False], bf16_layers(checkpoints["A", True]))
         for ours, theirs in zip(served.experts(), reference(checkpoints["A", True]), strict=True):
             assert_same_state(ours, theirs, "served A")
         ok, message = served.update_weights_from_disk(checkpoints["B", False])
@@ -136,7 +153,7 @@ def test_update_refused_untouched_when_the_checkpoint_changes(
     target = tmp_path / "b"
     shutil.copytree(checkpoints["B", False], target)
     with sglang_ranks(PLACEMENT):
-        served = Served(checkpoints["A", False], checkpoints["A", True])
+        served = Served(checkpoints["A", False], bf16_layers(checkpoints["A", True]))
         before = [
             {n: t.clone() for n, t in layer.state_dict().items()} for layer in served.experts()
         ]
@@ -161,3 +178,92 @@ def test_update_refused_untouched_when_the_checkpoint_changes(
         assert ok, message
         for ours, theirs in zip(served.experts(), reference(checkpoints["B", True]), strict=True):
             assert_same_state(ours, theirs, "updated to B after a refused update")
+
+
+def other_experts(a: Path, b: Path) -> Path:
+    """Checkpoint B: A's files with every expert slot holding another expert's tensors (expert
+    e's those of e + 1, fused tensors rolled along the expert dimension): the same scheme,
+    names, dtypes and shapes, other values in each slot."""
+    import json
+    import re
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(a, b, ignore=shutil.ignore_patterns("*.safetensors*"))
+    with fml.open(a) as ckpt:
+        tensors = {name: ckpt.tensor(name).clone() for name in ckpt.keys()}
+        for group in ckpt.moe_layers():
+            n = group.num_experts
+            for name in group.tensor_names:
+                found = re.search(r"\.experts\.(\d+)\.", name)
+                if found:
+                    other = f".experts.{(int(found[1]) + 1) % n}."
+                    tensors[name] = ckpt.tensor(name.replace(found[0], other, 1)).clone()
+                else:
+                    tensors[name] = tensors[name].roll(1, dims=0)
+    save_file(tensors, b / "model.safetensors", metadata={"format": "pt"})
+    assert json.loads((b / "config.json").read_text()) == json.loads(
+        (a / "config.json").read_text()
+    )
+    return b
+
+
+# What SGLang 0.5.23's post-processing of these layers needs (it runs after every load and
+# update, `DefaultModelLoader.postprocess_weights`), which layers built on a CPU lack.
+POSTPROCESSED_ON_GPUS_ONLY = {
+    "int4": "CompressedTensorsWNA16MoE repacks for Marlin (a CUDA op, built with ninja)",
+    "mxfp4": "Mxfp4MoEMethod's Marlin needs SM90+",
+    "nvfp4": "ModelOptNvFp4FusedMoEMethod's processing calls CUDA",
+}
+QUANT_UPDATES = [
+    pytest.param(
+        scheme,
+        marks=pytest.mark.skip(
+            reason=f"{POSTPROCESSED_ON_GPUS_ONLY[scheme]}: SGLang cannot process it on a CPU"
+        ),
+    )
+    if scheme in POSTPROCESSED_ON_GPUS_ONLY
+    else scheme
+    for scheme in sorted(QUANT_SCHEMES)
+]
+
+
+@pytest.mark.parametrize("scheme", QUANT_UPDATES)
+def test_quantized_update_matches_sglang_loading(scheme, tmp_path) -> None:
+    """Quantized experts (DeepSeek-V3 fp8 block scales, ModelOpt NVFP4, compressed-tensors
+    int4, gpt-oss mxfp4) served by the fastmoe loader on SGLang's own quantized layers (TP
+    rank 1 of 2) and updated from another checkpoint as SGLang's `WeightUpdater` does: the
+    layers hold, every parameter as bytes, what SGLang's own loading of the new checkpoint
+    writes, and the expert tensors never reach the model's `load_weights`."""
+    a = quantized_checkpoint(scheme, tmp_path / "a")
+    b = other_experts(a, tmp_path / "b")
+    config = QUANT_PLACEMENTS["tp2-rank1"]
+
+    def layers(path, sglang_loads: bool) -> dict[int, torch.nn.Module]:
+        built = {}
+        with fml.open(path) as ckpt:
+            for group in ckpt.moe_layers():
+                layer_id = int(group.prefix.split(".")[2])
+                built[layer_id] = build_sglang_quantized(ckpt, group, layer_id, config)
+                if sglang_loads:
+                    load_quantized_like_sglang(built[layer_id], ckpt, group, group.tensor_names)
+        return built
+
+    with fml.open(a) as ckpt:
+        logical = ckpt.moe_layers()[0].num_experts
+    with sglang_ranks(config, logical):
+        served = Served(a, layers(a, sglang_loads=False))
+        as_a = layers(a, sglang_loads=True)
+        for ours, theirs in zip(served.experts(), as_a.values(), strict=True):
+            assert_quantized_state(ours, theirs, f"{scheme}: served A")
+        ok, message = served.update_weights_from_disk(b)
+        assert ok, message
+        as_b = layers(b, sglang_loads=True)
+        for ours, theirs, was in zip(served.experts(), as_b.values(), as_a.values(), strict=True):
+            assert_quantized_state(ours, theirs, f"{scheme}: updated to B")
+            weight = QUANT_SCHEMES[scheme][0]
+            assert not torch.equal(bits(getattr(ours, weight)), bits(getattr(was, weight)))
+    with fml.open(b) as ckpt:
+        experts = {n for g in ckpt.moe_layers() for n in g.tensor_names}
+        assert sorted(served.handed_over) == sorted(set(ckpt.keys()) - experts)
