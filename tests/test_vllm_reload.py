@@ -289,6 +289,63 @@ def test_reload_matches_a_fresh_model(distributed, checkpoints, case, caplog):
     assert f"fastmoe_load filled {len(groups)} expert layers" in line, line
 
 
+def quantized_release(scheme: str, monkeypatch):
+    """For a case of `test_4_bit_reload_matches_a_fresh_model`: the `quantization` vLLM is
+    given (None: the checkpoint's own), the experts method it must pick, and
+    `make(path, seed)`, which saves such a release (another seed, other values); vLLM's
+    kernel choice made for this CPU, where it has none of these kernels."""
+    import test_vllm_loader as loader_tests
+
+    if scheme == "mxfp4":
+        from test_mxfp4 import gpt_oss_release
+        from vllm.model_executor.layers.fused_moe.oracle import mxfp4 as oracle
+        from vllm.model_executor.layers.quantization import mxfp4
+
+        # vLLM's CPU backend, its prepacking (vLLM's CPU ops, absent from CUDA wheels) stood
+        # in for by a one-way layout, as the other CPU MoE prepackings are here.
+        backend = oracle.Mxfp4MoeBackend.CPU
+        chosen = (backend, oracle.backend_to_kernel_cls(backend)[0])
+        monkeypatch.setattr(mxfp4, "select_mxfp4_moe_backend", lambda *_, **__: chosen)
+        cpu_moe = importlib.import_module("vllm.model_executor.layers.fused_moe.experts.cpu_moe")
+        monkeypatch.setattr(
+            cpu_moe,
+            "prepare_mxfp4_moe_layer_for_cpu",
+            lambda *tensors: tuple(one_way_layout(t) for t in tensors),
+        )
+        # Offered on CPUs without AMX tiles too, as the fp8 one (`without_cpu_kernels`).
+        monkeypatch.setattr(chosen[1], "_supports_current_device", staticmethod(lambda: True))
+        sizes = {**WIDER, **WIDER_FAMILY["gpt_oss"]}
+        return None, "GptOssMxfp4MoEMethod", lambda path, seed: gpt_oss_release(path, seed, **sizes)
+    if scheme == "nvfp4":
+        loader_tests.nvfp4_on_this_cpu(monkeypatch)
+        return None, "ModelOptNvFp4FusedMoE", loader_tests.nvfp4_checkpoint_at
+    if scheme.startswith("int4"):
+        loader_tests.int4_on_this_cpu(monkeypatch)
+        symmetric = scheme.endswith("-symmetric")
+        return (
+            None,
+            "CompressedTensorsWNA16MoEMethod",
+            lambda path, seed: loader_tests.int4_checkpoint_at(path, symmetric, seed),
+        )
+    if scheme.endswith("-input-first"):
+        from vllm.model_executor.layers.quantization import auto_awq, auto_gptq
+
+        scheme = scheme.removesuffix("-input-first")
+        module = auto_gptq if scheme == "gptq" else auto_awq
+        chosen = loader_tests.triton_wna16()
+        monkeypatch.setattr(module, "select_wna16_moe_backend", lambda *_, **__: chosen)
+        method = f"Auto{scheme.upper()}MoEMethod"
+    else:
+        loader_tests.moe_wna16_on_this_cpu(monkeypatch)
+        method = "MoeWNA16Method"
+    quantization = None if method.startswith("Auto") else "moe_wna16"
+    return (
+        quantization,
+        method,
+        lambda path, seed: loader_tests.gptq_awq_checkpoint(path, scheme, seed),
+    )
+
+
 @pytest.mark.parametrize(
     "scheme",
     [
@@ -313,64 +370,8 @@ def test_4_bit_reload_matches_a_fresh_model(distributed, tmp_path, monkeypatch, 
     (blocks, e8m0 scales, biases) by `GptOssMxfp4MoEMethod`: reloaded A -> B
     through fastmoe_load, every parameter and buffer bit for bit as a model loaded from B and
     as vLLM's own reload leaves it, the expert tensors never through `load_weights`."""
-    import test_vllm_loader as loader_tests
-
-    if scheme == "mxfp4":
-        from test_mxfp4 import gpt_oss_release
-        from test_vllm_loader import WIDER, WIDER_FAMILY
-        from vllm.model_executor.layers.fused_moe.oracle import mxfp4 as oracle
-        from vllm.model_executor.layers.quantization import mxfp4
-
-        # vLLM's CPU backend, its prepacking (vLLM's CPU ops, absent from CUDA wheels) stood
-        # in for by a one-way layout, as the other CPU MoE prepackings are here.
-        backend = oracle.Mxfp4MoeBackend.CPU
-        chosen = (backend, oracle.backend_to_kernel_cls(backend)[0])
-        monkeypatch.setattr(mxfp4, "select_mxfp4_moe_backend", lambda *_, **__: chosen)
-        cpu_moe = importlib.import_module("vllm.model_executor.layers.fused_moe.experts.cpu_moe")
-        monkeypatch.setattr(
-            cpu_moe,
-            "prepare_mxfp4_moe_layer_for_cpu",
-            lambda *tensors: tuple(one_way_layout(t) for t in tensors),
-        )
-        # Offered on CPUs without AMX tiles too, as the fp8 one (`without_cpu_kernels`).
-        monkeypatch.setattr(chosen[1], "_supports_current_device", staticmethod(lambda: True))
-        quantization, method = None, "GptOssMxfp4MoEMethod"
-        a, b = (
-            gpt_oss_release(tmp_path / ab, seed, **WIDER, **WIDER_FAMILY["gpt_oss"])
-            for seed, ab in enumerate("AB")
-        )
-    elif scheme == "nvfp4":
-        loader_tests.nvfp4_on_this_cpu(monkeypatch)
-        quantization, method = None, "ModelOptNvFp4FusedMoE"
-        a, b = (
-            loader_tests.nvfp4_checkpoint_at(tmp_path / ab, seed) for seed, ab in enumerate("AB")
-        )
-    elif scheme.startswith("int4"):
-        loader_tests.int4_on_this_cpu(monkeypatch)
-        quantization, method = None, "CompressedTensorsWNA16MoEMethod"
-        a, b = (
-            loader_tests.int4_checkpoint_at(tmp_path / ab, scheme.endswith("-symmetric"), seed)
-            for seed, ab in enumerate("AB")
-        )
-    elif scheme.endswith("-input-first"):
-        from vllm.model_executor.layers.quantization import auto_awq, auto_gptq
-
-        scheme = scheme.removesuffix("-input-first")
-        module = auto_gptq if scheme == "gptq" else auto_awq
-        chosen = loader_tests.triton_wna16()
-        monkeypatch.setattr(module, "select_wna16_moe_backend", lambda *_, **__: chosen)
-        quantization, method = None, f"Auto{scheme.upper()}MoEMethod"
-        a, b = (
-            loader_tests.gptq_awq_checkpoint(tmp_path / ab, scheme, seed)
-            for seed, ab in enumerate("AB")
-        )
-    else:
-        loader_tests.moe_wna16_on_this_cpu(monkeypatch)
-        quantization, method = "moe_wna16", "MoeWNA16Method"
-        a, b = (
-            loader_tests.gptq_awq_checkpoint(tmp_path / ab, scheme, seed)
-            for seed, ab in enumerate("AB")
-        )
+    quantization, method, make = quantized_release(scheme, monkeypatch)
+    a, b = (make(tmp_path / ab, seed) for seed, ab in enumerate("AB"))
     ours, config = serve(a, "fastmoe", quantization=quantization)
     methods = {type(m.quant_method).__name__ for _, m in expert_layers(ours).values()}
     assert methods == {method}, methods

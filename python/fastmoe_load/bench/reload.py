@@ -48,7 +48,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .._fastmoe_load import FastMoeLoadError, RequestError
+from .._fastmoe_load import RequestError
 from .generate import announce, check_dir, default_dir, finish, generated, prepare, remove
 from .model_run import _description, qwen3_moe_config, save_random_model
 from .quant import MODULES, QUANTIZATION_CONFIGS, module_tensors
@@ -252,8 +252,6 @@ def _serve(path: str, load_format: str, device: torch.device):
             model = get_model_loader(config.load_config).load_model(
                 vllm_config=config, model_config=config.model_config
             )
-        except FastMoeLoadError:
-            raise
         except Exception as error:
             if load_format == LOAD_FORMAT:
                 raise
