@@ -184,7 +184,6 @@ def other_experts(a: Path, b: Path) -> Path:
     """Checkpoint B: A's files with every expert slot holding another expert's tensors (expert
     e's those of e + 1, fused tensors rolled along the expert dimension): the same scheme,
     names, dtypes and shapes, other values in each slot."""
-    import json
     import re
     import shutil
 
@@ -203,9 +202,6 @@ def other_experts(a: Path, b: Path) -> Path:
                 else:
                     tensors[name] = tensors[name].roll(1, dims=0)
     save_file(tensors, b / "model.safetensors", metadata={"format": "pt"})
-    assert json.loads((b / "config.json").read_text()) == json.loads(
-        (a / "config.json").read_text()
-    )
     return b
 
 
