@@ -368,6 +368,30 @@ def test_default_repeats_are_said_in_the_legend(tmp_path):
     ) in legend
 
 
+def test_model_checkpoint_holds_its_directory_and_cleans_up(tmp_path, capsys):
+    """`model_checkpoint`, the block bench --model, --reload and --engine run in: the model
+    is written and announced, another bench is refused the directory meanwhile, and with
+    `clean` the directory is gone afterwards, also when the block raised."""
+    from fastmoe_load import RequestError
+    from fastmoe_load.bench.model_run import _description, model_checkpoint, qwen3_moe_config
+
+    directory = str(tmp_path / "model")
+    shape = dict(experts=4, hidden=64, intermediate=32)
+    config = qwen3_moe_config(1, **shape)
+    with pytest.raises(KeyError), model_checkpoint(directory, config, "tiny", clean=True):
+        # A config of its own: building the model adds to the one it saved.
+        described = _description(qwen3_moe_config(1, **shape))
+        assert generate.generated(directory, "model", described)
+        with pytest.raises(RequestError, match="another bench is using this directory"):
+            with generate.claim(directory):
+                pass
+        raise KeyError("the bench failed")
+    assert not os.path.exists(directory)
+    assert "checkpoint: " + directory + " (tiny; written now, removed after this run)" in (
+        capsys.readouterr().out
+    )
+
+
 def test_a_generated_model_is_reused(tmp_path):
     """bench --model, --reload and --engine write their model once and reuse it while the
     shape matches (building the model adds to its config: the marker must not say so)."""

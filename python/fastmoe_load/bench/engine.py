@@ -44,9 +44,9 @@ from typing import Any, TypeVar
 
 from .._fastmoe_load import RequestError
 from .._text import plural
-from .generate import announce, check_dir, claim, default_dir, generated, remove
+from .generate import default_dir
 from .harness import MIN_RUNS, ROUGH_SPREAD
-from .model_run import _description, qwen3_moe_config, save_random_model
+from .model_run import model_checkpoint, qwen3_moe_config
 
 # vLLM's own loader, the baseline every ratio divides.
 BASELINE = "auto"
@@ -261,16 +261,8 @@ def main(
     require_vllm()
     config = qwen3_moe_config(layers, experts=experts, hidden=hidden, intermediate=intermediate)
     path = directory or default_dir("fastmoe_model_bench")
-    check_dir(path)
-    with claim(path):  # no other bench writes or removes it meanwhile
-        reused = generated(path, "model", _description(config))
-        announce(path, f"Qwen3-MoE shapes, {plural(layers, 'layer')}", reused, clean)
-        try:
-            save_random_model(path, config)
-            return _compare(path, device, repeats)
-        finally:
-            if clean:
-                remove(path)
+    with model_checkpoint(path, config, f"Qwen3-MoE shapes, {plural(layers, 'layer')}", clean):
+        return _compare(path, device, repeats)
 
 
 def _compare(path: str, device: str, repeats: int) -> dict[str, Runs]:

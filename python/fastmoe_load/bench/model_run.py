@@ -3,10 +3,13 @@ beside `AutoModelForCausalLM.from_pretrained` of the same checkpoint, in one run
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
 import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -79,6 +82,30 @@ def save_random_model(path: str, config) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def model_checkpoint(
+    path: str,
+    config,
+    what: str,
+    clean: bool,
+    save: Callable[[str, Any], bool] = save_random_model,
+) -> Iterator[None]:
+    """Holds directory `path` for the block (`claim`: no other bench writes or removes it
+    meanwhile) with the model checkpoint of `config` in it, written by `save` unless it is
+    there already (said, with `what`), and removed afterwards with `clean`. Raises
+    `RequestError` for a path `check_dir` refuses."""
+    check_dir(path)
+    with claim(path):
+        reused = generated(path, "model", _description(config))
+        announce(path, what, reused, clean)
+        try:
+            save(path, config)
+            yield
+        finally:
+            if clean:
+                remove(path)
+
+
 def main(
     device: str, layers: int, directory: str | None, repeats: int, clean: bool = False
 ) -> None:
@@ -86,16 +113,8 @@ def main(
     the shape matches; removed afterwards with `clean`) and prints the comparison."""
     config = qwen3_moe_config(layers)
     path = directory or default_dir("fastmoe_model_bench")
-    check_dir(path)
-    with claim(path):  # no other bench writes or removes it meanwhile
-        reused = generated(path, "model", _description(config))
-        announce(path, f"Qwen3-MoE shapes, {plural(layers, 'layer')}", reused, clean)
-        try:
-            save_random_model(path, config)
-            _compare(path, torch.device(device), repeats)
-        finally:
-            if clean:
-                remove(path)
+    with model_checkpoint(path, config, f"Qwen3-MoE shapes, {plural(layers, 'layer')}", clean):
+        _compare(path, torch.device(device), repeats)
 
 
 def _compare(path: str, target: torch.device, repeats: int) -> None:

@@ -49,8 +49,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .._fastmoe_load import RequestError
-from .generate import announce, check_dir, default_dir, finish, generated, prepare, remove
-from .model_run import _description, qwen3_moe_config, save_random_model
+from .._text import plural
+from .generate import default_dir, finish, prepare
+from .model_run import _description, model_checkpoint, qwen3_moe_config, save_random_model
 from .quant import MODULES, QUANTIZATION_CONFIGS, module_tensors
 
 
@@ -82,16 +83,9 @@ def main(
         path = directory or default_dir("fastmoe_model_bench")
         shapes = "Qwen3-MoE shapes"
         save = save_random_model
-    check_dir(path)
-    reused = generated(path, "model", _description(config))
-    announce(path, f"{shapes}, {layers} layers", reused, clean)
-    try:
-        save(path, config)
+    with model_checkpoint(path, config, f"{shapes}, {plural(layers, 'layer')}", clean, save):
         with vllm_process_groups():
             _compare(path, torch.device(device), repeats)
-    finally:
-        if clean:
-            remove(path)
 
 
 class vllm_process_groups:
