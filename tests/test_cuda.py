@@ -166,19 +166,25 @@ def test_quantized_layers_on_cuda(tmp_path, scheme):
         )
 
 
-@pytest.mark.parametrize("batch_bytes", [1, 1 << 30])
-def test_dense_tensors_stream_to_the_device_bit_for_bit(saved_models, batch_bytes):
-    """Every tensor of a checkpoint staged to the GPU in order, in batches of one tensor
-    (a tensor larger than the batch alone) or all at once, equal to the file's bytes."""
-    from fastmoe_load.loader import stream_tensors
+def test_weight_loader_copies_land_on_the_device_bit_for_bit(saved_models):
+    """`DirectCopies` on a GPU: rank 1 of 2's rows and columns of every 2-D tensor, and
+    every other tensor whole, copied from the checkpoint's views into poisoned CUDA tensors
+    as weight loaders copy, land through the staging pipeline equal to the file's bytes."""
+    from fastmoe_load.direct_copies import DirectCopies
 
     saved = saved_models["qwen3_moe", False]
     with fml.open(saved.path, staging_bytes=1 << 20, staging_buffers=2) as ckpt:
-        names = ckpt.keys()
-        streamed = stream_tensors(ckpt, names, "cuda", batch_bytes=batch_bytes)
-        seen = []
-        for name, tensor in streamed:
-            assert tensor.device.type == "cuda"
-            assert_bitwise_equal(tensor.cpu(), ckpt.tensor(name), name)
-            seen.append(name)
-        assert seen == names
+        wanted, landed = {}, {}
+        with DirectCopies(ckpt, "cuda") as copies:
+            for name, view in copies.views(ckpt.keys()):
+                parts = [view]
+                if view.dim() == 2:
+                    rows, cols = view.shape
+                    parts = [view[rows // 2 :], view[:, cols // 2 :]]
+                for i, part in enumerate(parts):
+                    wanted[name, i] = part.clone()
+                    landed[name, i] = poisoned(part.shape, part.dtype, "cuda")
+                    landed[name, i].copy_(part)
+        for key, tensor in landed.items():
+            assert_bitwise_equal(tensor.cpu(), wanted[key], str(key))
+        assert copies.copied_bytes == sum(t.nbytes for t in landed.values())

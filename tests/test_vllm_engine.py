@@ -198,15 +198,19 @@ def test_fastmoe_engine_matches_vllm_loader(engines, name: str, tp: int, ep: boo
         assert len(theirs["tokens"]) == 16
         assert ours["tokens"] == theirs["tokens"], f"{job}: the completions differ"
 
-    # Every worker filled the experts through fastmoe_load and said so under vLLM's default
-    # logging, next to where vLLM's own loader reports.
+    # Every worker filled the experts through fastmoe_load, and made the copies of the
+    # model's own weight loaders from the checkpoint (each TP rank its slices), and said so
+    # under vLLM's default logging, next to where vLLM's own loader reports.
     family = CHECKPOINTS[name][0]
     lines = re.findall(
         rf"Loading weights took [\d.]+ seconds \({re.escape(str(paths[job]))}\): "
-        r"fastmoe_load filled (\d+) expert layers, [\d.]+ GB in [\d.]+ s \([\d.]+ GB/s\)",
+        r"fastmoe_load filled (\d+) expert layers, [\d.]+ GB in [\d.]+ s \([\d.]+ GB/s\); "
+        r"\w+\.load_weights loaded \d+ other tensors in [\d.]+ s, "
+        r"(\d+) of its copies \([\d.]+ GB\) made by fastmoe_load",
         logs,
     )
-    assert lines == [str(MOE_LAYERS.get(family, 2))] * tp, f"{job}: {lines}"
+    assert [layers for layers, _ in lines] == [str(MOE_LAYERS.get(family, 2))] * tp, job
+    assert all(int(copies) > 0 for _, copies in lines), f"{job}: {lines}"
 
 
 # Reloads: a `fastmoe` engine serves checkpoint A (other random weights), reloads checkpoint B

@@ -167,6 +167,12 @@ class Checkpoint:
     def tensor_plan(
         self, name: str, *, dim: int | None = None, rank: int = 0, size: int = 1
     ) -> CopyPlan: ...
+    def view_plan(
+        self, name: str, *, offset: int, rows: int, cols: int, row_stride: int
+    ) -> CopyPlan:
+        """`rows` runs of `cols` contiguous elements of `name`, from element `offset`,
+        `row_stride` elements apart, packed. Raises `LayoutError` for a view past the
+        tensor's bytes or of a dtype below one byte."""
     def plan(
         self,
         prefix: str,

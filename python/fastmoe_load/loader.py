@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ._fastmoe_load import RequestError
 from ._validate import as_index
-from .checkpoint import Checkpoint, Companion, MoeLayer, covering_blocks, torch_dtype
+from .checkpoint import Checkpoint, Companion, MoeLayer, covering_blocks
 from .progress import Progress, execute_with_progress
 from .staging import Destination, StagingPool
 
@@ -504,50 +504,6 @@ def fill(
             _fill_direct(ckpt, [Destination(d.name, scratch, d.plan)], staging, progress)
             _transpose_stored(d.stored, scratch, d.tensor, d.interleaved)  # caller's stream
     return sum(d.plan.nbytes for d in destinations)
-
-
-# Device memory a batch of `stream_tensors` holds at once: the tensors handed on before the
-# next batch is staged.
-STREAM_BATCH_BYTES = 1 << 30
-
-
-def stream_tensors(
-    ckpt: Checkpoint,
-    names: Iterable[str],
-    device: torch.device | str,
-    *,
-    batch_bytes: int = STREAM_BATCH_BYTES,
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """`(name, tensor)` for each of `names`, in order: on a CUDA `device`, a device tensor
-    filled through the staging pipeline (pinned buffers, asynchronous copies; batches of at
-    most `batch_bytes` of device memory, a tensor larger than that alone), for an engine's
-    own `load_weights` to copy device to device instead of from pageable host memory;
-    elsewhere the zero-copy view `Checkpoint.tensor` gives. Each device tensor is complete
-    on the caller's current stream when it is yielded, and its memory is the caller's once
-    it lets it go."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        for name in names:
-            yield name, ckpt.tensor(name)
-        return
-    batch: list[Destination] = []
-    held = 0
-
-    def staged() -> Iterator[tuple[str, torch.Tensor]]:
-        fill(ckpt, batch)
-        for d in batch:
-            yield d.name, d.tensor
-
-    for name in names:
-        _, dtype, shape, _, _ = ckpt._handle.tensor_info(name)
-        tensor = torch.empty(shape, dtype=torch_dtype(dtype, name), device=device)
-        if batch and held + tensor.nbytes > batch_bytes:
-            yield from staged()
-            batch, held = [], 0
-        batch.append(Destination(name, tensor, ckpt._handle.tensor_plan(name)))
-        held += tensor.nbytes
-    if batch:
-        yield from staged()
 
 
 def _fill_direct(

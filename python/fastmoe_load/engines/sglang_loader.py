@@ -1,7 +1,8 @@
 """An SGLang model loader: routed experts go straight from the checkpoint into SGLang's
 `FusedMoE` parameters (each rank reads only its TP slice and its own experts, fused or
 per-expert files alike); every other tensor goes through the model's own `load_weights`, as
-with SGLang's default loader.
+with SGLang's default loader, whose weight loaders narrow and place it while fastmoe_load
+makes their copies from the checkpoint (`direct_copies.DirectCopies`).
 
 Turning it on. SGLang takes a loader class as `load_format` (its `get_model_loader` builds
 `load_format(load_config)` for any class it is given); the class pickles by name, so it
@@ -29,8 +30,10 @@ reading the changed files; a change found later is refused too, and SGLang's rol
 loads the path again.
 
 What it relies on in SGLang (0.5.23): `DefaultModelLoader.initialize_model_for_startup`
-(builds the model on the target device) and `load_weights_and_postprocess` (the model's
-`load_weights`, then each quantization method's `process_weights_after_loading`);
+(builds the model on the target device), `load_weights_only` (the model's `load_weights`,
+after SGLang's renaming of the checkpoint's names) and `postprocess_weights` (each
+quantization method's `process_weights_after_loading`), the two halves of its
+`load_weights_and_postprocess`;
 `get_global_expert_location_metadata()`; `weight_utils.download_weights_from_hf`;
 `model_config.model_path`, `.revision`, `.dtype`; `load_config.download_dir`,
 `.ignore_patterns`, `.model_loader_extra_config`; and, for the expert layers, what
@@ -41,7 +44,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -57,6 +60,7 @@ from .._fastmoe_load import RequestError
 from .._validate import local_checkpoint, open_options
 from ..checkpoint import Checkpoint
 from ..checkpoint import open as open_checkpoint
+from ..direct_copies import DirectCopies
 from .reload import CheckpointGuard
 from .sglang import fill_expert_layers
 
@@ -109,10 +113,8 @@ class FastMoeModelLoader(DefaultModelLoader):
             experts_done = time.perf_counter()
             remaining = [name for name in ckpt.keys() if name not in consumed]
             with set_default_torch_dtype(model_config.dtype):
-                DefaultModelLoader.load_weights_and_postprocess(
-                    model,
-                    ((name, ckpt.tensor(name)) for name in remaining),
-                    torch.device(device_config.device),
+                load_weights_and_postprocess(
+                    model, ckpt, remaining, torch.device(device_config.device)
                 )
         self.counter_after_loading_weights = time.perf_counter()
         logger.info(
@@ -178,12 +180,13 @@ class FastMoeModelLoader(DefaultModelLoader):
             experts_done = time.perf_counter()
             remaining = [name for name in ckpt.keys() if name not in consumed]
 
-            def others() -> Iterator[tuple[str, torch.Tensor]]:
-                for name in remaining:
-                    guard.check_tensor(name, "while the update read it")
-                    yield name, ckpt.tensor(name)
-
-            DefaultModelLoader.load_weights_and_postprocess(model, others(), target_device)
+            load_weights_and_postprocess(
+                model,
+                ckpt,
+                remaining,
+                target_device,
+                check=lambda name: guard.check_tensor(name, "while the update read it"),
+            )
             guard.check("while the update read it")
         logger.info(
             "%s: update: experts filled in %.2f s, %d other tensors loaded by %s in %.2f s",
@@ -193,3 +196,24 @@ class FastMoeModelLoader(DefaultModelLoader):
             type(model).__name__,
             time.perf_counter() - experts_done,
         )
+
+
+def load_weights_and_postprocess(
+    model: torch.nn.Module,
+    ckpt: Checkpoint,
+    names: list[str],
+    target_device: torch.device,
+    check: Callable[[str], None] = lambda name: None,
+) -> None:
+    """SGLang's `DefaultModelLoader.load_weights_and_postprocess` of checkpoint tensors
+    `names`, with the copies the model's weight loaders make from them made by fastmoe_load
+    (`DirectCopies`); `check(name)` runs before each tensor is handed on."""
+
+    def views(copies: DirectCopies) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, view in copies.views(names):
+            check(name)
+            yield name, view
+
+    with DirectCopies(ckpt, target_device) as copies:
+        DefaultModelLoader.load_weights_only(model, views(copies), target_device)
+    DefaultModelLoader.postprocess_weights(model, target_device)

@@ -1,7 +1,9 @@
 """A vLLM model loader, `load_format="fastmoe"`: routed experts go straight from the
 checkpoint into vLLM's expert parameters (each rank reads only its TP slice and its own
 experts, fused or per-expert files alike); every other tensor goes through the model's own
-`load_weights`, as with vLLM's default loader.
+`load_weights`, as with vLLM's default loader, whose weight loaders narrow and place it while
+fastmoe_load makes their copies from the checkpoint (`direct_copies.DirectCopies`: only the
+rank's bytes read, through the staging pipeline on a GPU).
 
 Turning it on. In the process that builds the model:
 
@@ -81,7 +83,7 @@ from .._fastmoe_load import LayoutError, RequestError, TensorNotFoundError
 from .._validate import local_checkpoint, open_options
 from ..checkpoint import Checkpoint
 from ..checkpoint import open as open_checkpoint
-from ..loader import stream_tensors
+from ..direct_copies import DirectCopies
 from .spec import fill_layers, log_left_to_engine
 from .vllm import WEIGHT_PARAMETERS, describe
 from .vllm_model import expert_layers, model_path_of
@@ -152,14 +154,15 @@ class FastMoeModelLoader(BaseModelLoader):
             )
             experts_done = time.perf_counter()
             remaining = [name for name in ckpt.keys() if name not in consumed]
-            dense = stream_tensors(ckpt, remaining, dense_device(model))
-            loaded = model.load_weights(dense)
+            with DirectCopies(ckpt, next(model.parameters()).device) as copies:
+                loaded = model.load_weights(copies.views(remaining))
         # Through vLLM's logger, which vLLM shows by default (it configures no other), worded
         # like its own loader's line, so that it is found where vLLM users look.
         expert_bytes = sum(model.get_parameter(name).nbytes for name in filled)
         logging.getLogger("vllm.fastmoe_load").info(
             "Loading weights took %.2f seconds (%s): fastmoe_load filled %d expert layers, "
-            "%.3f GB in %.2f s (%.2f GB/s); %s.load_weights loaded %d other tensors in %.2f s",
+            "%.3f GB in %.2f s (%.2f GB/s); %s.load_weights loaded %d other tensors in %.2f s, "
+            "%d of its copies (%.3f GB) made by fastmoe_load",
             time.perf_counter() - start,
             path,
             layers,
@@ -169,6 +172,8 @@ class FastMoeModelLoader(BaseModelLoader):
             type(model).__name__,
             len(remaining),
             time.perf_counter() - experts_done,
+            copies.copies_made,
+            copies.copied_bytes / 1e9,
         )
         quantized = model_config.quantization is not None
         track = self.enable_weights_track
@@ -199,19 +204,6 @@ class FastMoeModelLoader(BaseModelLoader):
             self.open_options,
             keep_previous=self.keep_previous,
         )
-
-
-def dense_device(model: torch.nn.Module) -> torch.device:
-    """Where the dense tensors go before the model's `load_weights` sees them: its GPU
-    through the staging pipeline, where each rank keeps whole tensors (no tensor
-    parallelism: a TP rank's own weight loaders narrow a CPU view to its slice and copy only
-    that); the zero-copy CPU views otherwise."""
-    from vllm.distributed import get_tensor_model_parallel_world_size
-
-    device = next(model.parameters()).device
-    if device.type == "cuda" and get_tensor_model_parallel_world_size() == 1:
-        return device
-    return torch.device("cpu")
 
 
 def fill_expert_layers(model: torch.nn.Module, ckpt: Checkpoint) -> tuple[set[str], set[str]]:

@@ -475,8 +475,15 @@ impl CopyPlan {
                 }
             }
         };
+        CopyPlan::view(ckpt, &view)
+    }
+
+    /// The plan that copies a strided view of one tensor (`view.col_stride` must be 1 for
+    /// whole-row runs), packed as a contiguous tensor: what a weight loader's narrowing of a
+    /// checkpoint tensor selects. A view past the tensor's bytes is an error.
+    pub fn view(ckpt: &Checkpoint, view: &MatrixView) -> Result<CopyPlan> {
         let mut plan = CopyPlan::default();
-        plan.push_matrix(ckpt, &view)?;
+        plan.push_matrix(ckpt, view)?;
         Ok(plan)
     }
 

@@ -7,8 +7,8 @@ use std::sync::{Arc, RwLock};
 
 use fastmoe_load_core::quant::{companion_kind, Grid, QuantConfig};
 use fastmoe_load_core::{
-    unsupported_groups, Checkpoint, CopyPlan, Executor, LoadRequest, MoeLayer, Part, ReadMode,
-    Shard, Target,
+    unsupported_groups, Checkpoint, CopyPlan, Executor, LoadRequest, MatrixView, MoeLayer, Part,
+    ReadMode, Shard, Target,
 };
 use pyo3::exceptions::PyValueError;
 use pyo3::ffi;
@@ -298,6 +298,31 @@ impl PyCheckpoint {
         let state = self.state()?;
         let plan =
             CopyPlan::tensor(&state.ckpt, name, dim.map(|d| (d, rank, size))).map_err(to_py)?;
+        Ok(PyCopyPlan::new(plan, state.clone()))
+    }
+
+    /// The plan that copies `rows` runs of `cols` contiguous elements of tensor `name`, the
+    /// first at element `offset` and each `row_stride` elements after the one before, packed:
+    /// a strided view such as a weight loader's narrowing selects.
+    #[pyo3(signature = (name, *, offset, rows, cols, row_stride))]
+    fn view_plan(
+        &self,
+        name: &str,
+        offset: usize,
+        rows: usize,
+        cols: usize,
+        row_stride: usize,
+    ) -> PyResult<PyCopyPlan> {
+        let state = self.state()?;
+        let view = MatrixView {
+            tensor: name.to_string(),
+            offset,
+            rows,
+            cols,
+            row_stride,
+            col_stride: 1,
+        };
+        let plan = CopyPlan::view(&state.ckpt, &view).map_err(to_py)?;
         Ok(PyCopyPlan::new(plan, state.clone()))
     }
 
