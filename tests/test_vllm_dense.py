@@ -14,15 +14,20 @@ from unittest import mock
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 vllm = pytest.importorskip("vllm")
 
-import fastmoe_load as fml  # noqa: E402
-from fastmoe_load.direct_copies import DirectCopies  # noqa: E402
-
-H, HEAD, HEADS, KV_HEADS, INTER, VOCAB = 256, 128, 8, 2, 1024, 1000
+from dense_layers import (  # noqa: E402
+    HEAD,
+    HEADS,
+    INTER,
+    KV_HEADS,
+    VOCAB,
+    H,
+    assert_direct_copies_fill_the_same,
+    poison,
+)
 
 
 def build_layers(tp_size: int, rank: int, fp8: bool) -> dict[str, torch.nn.Module]:
@@ -80,83 +85,7 @@ def build_layers(tp_size: int, rank: int, fp8: bool) -> dict[str, torch.nn.Modul
             "embed_tokens": vocab_parallel_embedding.VocabParallelEmbedding(VOCAB, H),
             "lm_head": vocab_parallel_embedding.ParallelLMHead(VOCAB, H, prefix="lm_head"),
         }
-    with torch.no_grad():
-        for layer in layers.values():
-            for param in layer.parameters():
-                if param.is_floating_point() and param.element_size() > 1:
-                    param.fill_(float("nan"))
-                else:
-                    param.view(torch.uint8).fill_(0xA5)
-    return layers
-
-
-# checkpoint tensor -> (layer, parameter, shard id or None), as a model's load_weights maps it
-def mapping(fp8: bool) -> dict[str, tuple[str, str, object]]:
-    weights = {
-        "q_proj": ("qkv_proj", "q"),
-        "k_proj": ("qkv_proj", "k"),
-        "v_proj": ("qkv_proj", "v"),
-        "o_proj": ("o_proj", None),
-        "gate_proj": ("gate_up_proj", 0),
-        "up_proj": ("gate_up_proj", 1),
-        "down_proj": ("down_proj", None),
-    }
-    out = {}
-    for name, (layer, shard) in weights.items():
-        out[f"{name}.weight"] = (layer, "weight", shard)
-        if fp8:
-            out[f"{name}.weight_scale_inv"] = (layer, "weight_scale_inv", shard)
-    if not fp8:
-        for name in ("q_proj", "k_proj", "v_proj"):
-            out[f"{name}.bias"] = ("qkv_proj", "bias", name[0])
-    out["router.weight"] = ("router", "weight", None)
-    out["embed_tokens.weight"] = ("embed_tokens", "weight", None)
-    out["lm_head.weight"] = ("lm_head", "weight", None)
-    return out
-
-
-def checkpoint(path, fp8: bool) -> dict[str, torch.Tensor]:
-    torch.manual_seed(1)
-    shapes = {
-        "q_proj": (HEADS * HEAD, H),
-        "k_proj": (KV_HEADS * HEAD, H),
-        "v_proj": (KV_HEADS * HEAD, H),
-        "o_proj": (H, HEADS * HEAD),
-        "gate_proj": (INTER, H),
-        "up_proj": (INTER, H),
-        "down_proj": (H, INTER),
-    }
-    tensors = {}
-    for name, (rows, cols) in shapes.items():
-        weight = torch.randn(rows, cols)
-        if fp8:
-            tensors[f"{name}.weight"] = weight.to(torch.float8_e4m3fn)
-            blocks = (-(-rows // 128), -(-cols // 128))
-            tensors[f"{name}.weight_scale_inv"] = torch.rand(blocks, dtype=torch.float32)
-        else:
-            tensors[f"{name}.weight"] = weight.to(torch.bfloat16)
-    if not fp8:
-        for name in ("q_proj", "k_proj", "v_proj"):
-            tensors[f"{name}.bias"] = torch.randn(shapes[name][0], dtype=torch.bfloat16)
-    tensors["router.weight"] = torch.randn(8, H, dtype=torch.bfloat16)
-    tensors["embed_tokens.weight"] = torch.randn(VOCAB, H, dtype=torch.bfloat16)
-    tensors["lm_head.weight"] = torch.randn(VOCAB, H, dtype=torch.bfloat16)
-    save_file(tensors, path / "model.safetensors")
-    return tensors
-
-
-def load(layers, tensors, fp8: bool) -> None:
-    """What a vLLM model's `load_weights` does with each checkpoint tensor."""
-    from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-
-    for name, loaded in tensors:
-        layer, param_name, shard = mapping(fp8)[name]
-        param = getattr(layers[layer], param_name)
-        weight_loader = getattr(param, "weight_loader", default_weight_loader)
-        if shard is None:
-            weight_loader(param, loaded)
-        else:
-            weight_loader(param, loaded, shard)
+    return poison(layers)
 
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8-block"])
@@ -167,17 +96,7 @@ def test_weight_loaders_fill_the_same_through_direct_copies(
     """At TP=4 and 8 the two k/v heads are replicated across ranks; the vocabulary is
     padded to whole 64-row blocks per rank (the padding zeroed); fp8 block scales are cut
     on their 128-row blocks."""
-    tensors = checkpoint(tmp_path, fp8)
-    theirs = build_layers(tp_size, rank, fp8)
-    ours = build_layers(tp_size, rank, fp8)
-    load(theirs, ((name, tensor.clone()) for name, tensor in tensors.items()), fp8)
-    with fml.open(tmp_path) as ckpt:
-        with DirectCopies(ckpt, "cpu") as copies:
-            load(ours, copies.views(tensors), fp8)
-    for layer, module in theirs.items():
-        for name, expected in module.named_parameters():
-            actual = ours[layer].get_parameter(name)
-            assert actual.shape == expected.shape, (layer, name)
-            assert torch.equal(actual.view(torch.uint8), expected.view(torch.uint8)), (layer, name)
-    # Each tensor's one copy was made by fastmoe_load, none by torch one at a time.
-    assert copies.copies_made == len(tensors)
+    from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+
+    build = lambda: build_layers(tp_size, rank, fp8)  # noqa: E731
+    assert_direct_copies_fill_the_same(build, tmp_path, fp8, default_weight_loader)
