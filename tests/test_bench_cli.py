@@ -12,6 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import fastmoe_load as fml
 import pytest
 import torch
 from fastmoe_load.bench import generate
@@ -405,3 +406,30 @@ def test_a_generated_model_is_reused(tmp_path):
     assert save_random_model(directory, qwen3_moe_config(1, **shape)) is True
     assert tree(tmp_path / "model") == written
     assert save_random_model(directory, qwen3_moe_config(2, **shape)) is False  # replaced
+
+
+def test_dense_rows_time_a_ranks_share_and_check_it(tmp_path):
+    """bench --model's dense rows: a TP rank's share of every tensor but the routed experts,
+    copied one `copy_` at a time and through `DirectCopies`, each run timed, the bytes landed
+    checked against the file."""
+    from fastmoe_load.bench.model_run import (
+        _rank_share,
+        _time_dense,
+        qwen3_moe_config,
+        save_random_model,
+    )
+
+    directory = str(tmp_path / "model")
+    save_random_model(directory, qwen3_moe_config(1, experts=4, hidden=64, intermediate=32))
+    with fml.open(directory) as ckpt:
+        experts = {name for layer in ckpt.moe_layers() for name in layer.tensor_names}
+        names = [name for name in ckpt.keys() if name not in experts]
+        share = sum(_rank_share(ckpt.tensor(name), 8, 1).nbytes for name in names)
+        whole = sum(ckpt.tensor(name).nbytes for name in names)
+    assert "model.embed_tokens.weight" in names and share < whole
+    nbytes, times = _time_dense(directory, names, torch.device("cpu"), 8, 1, repeats=2)
+    assert nbytes == share
+    assert {name: len(runs) for name, runs in times.items()} == {
+        "copy_, one at a time": 2,
+        "DirectCopies": 2,
+    }

@@ -115,6 +115,7 @@ def main(
     path = directory or default_dir("fastmoe_model_bench")
     with model_checkpoint(path, config, f"Qwen3-MoE shapes, {plural(layers, 'layer')}", clean):
         _compare(path, torch.device(device), repeats)
+        _compare_dense(path, torch.device(device), repeats)
 
 
 def _compare(path: str, target: torch.device, repeats: int) -> None:
@@ -168,3 +169,81 @@ def _compare(path: str, target: torch.device, repeats: int) -> None:
         "fill alone: every tensor, dense and experts, through one pipeline into memory "
         "allocated beforehand (the model built on the meta device, then placed)"
     )
+
+
+def _compare_dense(path: str, target: torch.device, repeats: int) -> None:
+    """A TP rank's share of the model's dense tensors (everything but the routed experts:
+    see `_rank_share`), copied from the checkpoint's views into parameters allocated and
+    written once beforehand: one `copy_` at a time, as an engine's weight loaders copy under
+    its default loader, and inside `DirectCopies`, as under fastmoe_load's loaders."""
+    with fml.open(path) as ckpt:
+        experts = {name for layer in ckpt.moe_layers() for name in layer.tensor_names}
+        names = [name for name in ckpt.keys() if name not in experts]
+    print(f"\n{'dense tensors of a rank':<36} {'seconds':>8} {'GB/s':>7} {'x copy_':>8}")
+    for tp, rank in ((1, 0), (8, 1)):
+        nbytes, times = _time_dense(path, names, target, tp, rank, repeats)
+        base = statistics.median(times["copy_, one at a time"])
+        for name, seconds in times.items():
+            median = statistics.median(seconds)
+            label = f"TP={tp} r{rank}: {name}" if tp > 1 else f"TP=1: {name}"
+            print(f"{label:<36} {median:8.3f} {nbytes / median / 1e9:7.2f} {base / median:8.2f}")
+    print(
+        "dense tensors of a rank: rows of each matrix as a column-parallel weight loader "
+        "narrows them, the rest whole, into parameters written before; copy_ is what an "
+        "engine's weight loaders do with checkpoint views under its default loader"
+    )
+
+
+def _rank_share(view: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
+    """Rows `rank` of `tp` of a matrix, as a column-parallel weight loader narrows it;
+    anything else whole."""
+    if view.dim() == 2 and view.shape[0] % tp == 0:
+        rows = view.shape[0] // tp
+        return view.narrow(0, rank * rows, rows)
+    return view
+
+
+def _time_dense(
+    path: str, names: list[str], target: torch.device, tp: int, rank: int, repeats: int
+) -> tuple[int, dict[str, list[float]]]:
+    """The bytes of the rank's share of tensors `names`, and the seconds of each timed run
+    of each way of copying it, round-robin after one warm-up run each; the bytes landed are
+    checked against the file's."""
+    from ..direct_copies import DirectCopies
+
+    with fml.open(path) as ckpt:
+        params = [
+            torch.zeros_like(_rank_share(ckpt.tensor(n), tp, rank), device=target) for n in names
+        ]
+
+    def one_at_a_time() -> None:
+        with fml.open(path) as ckpt:
+            for param, name in zip(params, names, strict=True):
+                param.copy_(_rank_share(ckpt.tensor(name), tp, rank))
+
+    def direct() -> None:
+        with fml.open(path) as ckpt, DirectCopies(ckpt, target) as copies:
+            for param, (_, view) in zip(params, copies.views(names), strict=True):
+                param.copy_(_rank_share(view, tp, rank))
+
+    loads = {"copy_, one at a time": one_at_a_time, "DirectCopies": direct}
+    times: dict[str, list[float]] = {name: [] for name in loads}
+    for run in range(repeats + 1):
+        for name, load in loads.items():
+            if target.type == "cuda":
+                torch.cuda.synchronize(target)
+            start = time.perf_counter()
+            load()
+            if target.type == "cuda":
+                torch.cuda.synchronize(target)
+            if run:
+                times[name].append(time.perf_counter() - start)
+    for param in params:  # once more into poisoned parameters, checked against the file
+        param.view(torch.uint8).fill_(0xA5)
+    direct()
+    with fml.open(path) as ckpt:
+        for param, name in zip(params, names, strict=True):
+            share = _rank_share(ckpt.tensor(name), tp, rank)
+            if not torch.equal(param.cpu().view(torch.uint8), share.view(torch.uint8)):
+                raise AssertionError(f"{path}: DirectCopies landed other bytes for `{name}`")
+    return sum(p.nbytes for p in params), times
