@@ -168,8 +168,9 @@ def test_quantized_layers_on_cuda(tmp_path, scheme):
 
 def test_weight_loader_copies_land_on_the_device_bit_for_bit(saved_models):
     """`DirectCopies` on a GPU: rank 1 of 2's rows and columns of every 2-D tensor, and
-    every other tensor whole, copied from the checkpoint's views into poisoned CUDA tensors
-    as weight loaders copy, land through the staging pipeline equal to the file's bytes."""
+    every other tensor whole, copied from the checkpoint's views into the second half of
+    poisoned CUDA tensors as weight loaders copy into a parameter's shard, land through the
+    staging pipeline equal to the file's bytes, and nothing else is written."""
     from fastmoe_load.direct_copies import DirectCopies
 
     saved = saved_models["qwen3_moe", False]
@@ -183,8 +184,9 @@ def test_weight_loader_copies_land_on_the_device_bit_for_bit(saved_models):
                     parts = [view[rows // 2 :], view[:, cols // 2 :]]
                 for i, part in enumerate(parts):
                     wanted[name, i] = part.clone()
-                    landed[name, i] = poisoned(part.shape, part.dtype, "cuda")
-                    landed[name, i].copy_(part)
+                    landed[name, i] = poisoned((2, *part.shape), part.dtype, "cuda")
+                    landed[name, i][1].copy_(part)
         for key, tensor in landed.items():
-            assert_bitwise_equal(tensor.cpu(), wanted[key], str(key))
-        assert copies.copied_bytes == sum(t.nbytes for t in landed.values())
+            assert tensor[0].isnan().all(), key
+            assert_bitwise_equal(tensor[1].cpu(), wanted[key], str(key))
+        assert copies.copied_bytes == sum(t.nbytes // 2 for t in landed.values())
