@@ -100,15 +100,13 @@ class DirectCopies(TorchDispatchMode):
         ):
             return False
         name = self._sources.get(src.untyped_storage().data_ptr())
-        runs = name and strided_runs(src)
-        if not runs:
+        storage = dst.untyped_storage().data_ptr()
+        runs = name and storage not in self._sources and strided_runs(src)
+        if not runs:  # not from the checkpoint, into it, or not in runs: left to torch
             return False
         try:
             plan = self.ckpt._handle.view_plan(name, offset=src.storage_offset(), **runs)
         except LayoutError:  # elements below one byte: left to torch
-            return False
-        storage = dst.untyped_storage().data_ptr()
-        if storage in self._sources:  # a write into the checkpoint's own view
             return False
         start = dst.data_ptr()
         written = (start, start + dst.nbytes)
