@@ -151,36 +151,42 @@ impl Executor {
         }
         let dst = Destination(dst);
         let mode = self.mode;
-        self.pool()?.install(|| {
-            tasks(ops).par_iter().try_for_each(|task| {
-                let ops = &ops[task.clone()];
-                let (first, last) = (&ops[0], &ops[ops.len() - 1]);
-                // SAFETY: checked above that every source lies inside its shard's mapping and
-                // every destination inside the window the caller vouches for; operations of a
-                // plan write disjoint ranges, and a task's operations the range they tile.
-                unsafe {
-                    prefault(
-                        dst.at(first.dst - window_start),
-                        last.dst + last.len() - first.dst,
-                    );
-                    for op in ops {
-                        let dst = dst.at(op.dst - window_start);
-                        if mode == ReadMode::Read
-                            && op.has_contiguous_rows()
-                            && op.cols * op.elem >= MIN_READ_BYTES
-                        {
-                            read_rows(&shards[op.shard], dst, op)?;
-                        } else {
-                            let shard = &shards[op.shard];
-                            let src = shard.as_ptr().add(op.src);
-                            shard.read_mapped(op.src, op.src_end(), || copy(src, dst, op))?;
-                        }
+        let run_task = |task: &std::ops::Range<usize>| -> Result<()> {
+            let ops = &ops[task.clone()];
+            let (first, last) = (&ops[0], &ops[ops.len() - 1]);
+            // SAFETY: checked above that every source lies inside its shard's mapping and
+            // every destination inside the window the caller vouches for; operations of a
+            // plan write disjoint ranges, and a task's operations the range they tile.
+            unsafe {
+                prefault(
+                    dst.at(first.dst - window_start),
+                    last.dst + last.len() - first.dst,
+                );
+                for op in ops {
+                    let dst = dst.at(op.dst - window_start);
+                    if mode == ReadMode::Read
+                        && op.has_contiguous_rows()
+                        && op.cols * op.elem >= MIN_READ_BYTES
+                    {
+                        read_rows(&shards[op.shard], dst, op)?;
+                    } else {
+                        let shard = &shards[op.shard];
+                        let src = shard.as_ptr().add(op.src);
+                        shard.read_mapped(op.src, op.src_end(), || copy(src, dst, op))?;
                     }
                 }
-                stream_fence();
-                Ok(())
-            })
-        })
+            }
+            stream_fence();
+            Ok(())
+        };
+        let tasks = tasks(ops);
+        if let [task] = &tasks[..] {
+            // One task (a norm's weight, a scale): run here. Handing it to a copy thread
+            // took 28 us where the copy of 4 KiB takes 3 (2-core EPYC).
+            return run_task(task);
+        }
+        self.pool()?
+            .install(|| tasks.par_iter().try_for_each(run_task))
     }
 }
 
