@@ -8,8 +8,9 @@
 //! sees the mark and fails the load with a typed error, so no process dies and no zeros pass
 //! as data. Signals outside a guarded range go to the handler that was installed before.
 //!
-//! Only the copy threads are guarded: zero-copy views handed to Python read the mapping
-//! directly, like any other `mmap`.
+//! Only the executor's copies are guarded (on a copy thread, or on the caller's for a plan of
+//! one task): zero-copy views handed to Python read the mapping directly, like any other
+//! `mmap`.
 
 use std::cell::Cell;
 use std::ops::Range;
