@@ -148,3 +148,68 @@ def test_strided_runs(make, runs):
     """Views of a [2, 3, 4] tensor as rows of contiguous elements, where they are."""
     view = make(torch.arange(24).view(2, 3, 4))
     assert strided_runs(view) == runs
+
+
+def test_a_view_the_loader_wrote_into_is_copied_as_written(tmp_path):
+    """Weight loaders that change the checkpoint's tensor before copying it (SGLang's Gemma
+    adds 1 to its norms; gpt-oss zeroes the down-projection bias on all TP ranks but the
+    first): the copy holds the changed values, as torch's would; a copy made before the
+    change holds the file's."""
+    norm = torch.full((4,), 0.5, dtype=torch.bfloat16)
+    bias = torch.full((4,), 2.0, dtype=torch.bfloat16)
+    save_file({"norm.weight": norm, "w2_bias": bias}, tmp_path / "model.safetensors")
+    before, after, zeroed = nan((4,)), nan((4,)), nan((4,))
+    with fml.open(tmp_path) as ckpt, DirectCopies(ckpt, "cpu") as copies:
+        views = dict(copies.views(ckpt.keys()))
+        before.copy_(views["norm.weight"])
+        views["norm.weight"] += 1.0
+        after.copy_(views["norm.weight"])
+        views["w2_bias"][1:].zero_()
+        zeroed.copy_(views["w2_bias"])
+    assert before.tolist() == [0.5] * 4
+    assert after.tolist() == [1.5] * 4
+    assert zeroed.tolist() == [2.0, 0.0, 0.0, 0.0]
+    assert copies.copies_made == 1  # the copy made before any change
+
+
+def test_views_as_other_elements_run_as_torch_runs_them(saved):
+    """A view of the tensor's bytes as another dtype (narrower or wider elements), and
+    conjugate or negative views: the values torch gives, and nothing written past the
+    destination."""
+    path, tensors = saved
+    gate = tensors["model.layers.0.mlp.gate.weight"]
+    narrower = torch.zeros(2, 8 * 32 * 2, dtype=torch.uint8)
+    wider = torch.zeros(2, 8, 16, dtype=torch.float32)
+    negated = nan((32,), torch.float32)
+    with fml.open(path) as ckpt, DirectCopies(ckpt, "cpu") as copies:
+        views = dict(copies.views(ckpt.keys()))
+        narrower[0].copy_(views["model.layers.0.mlp.gate.weight"].view(torch.uint8).view(-1))
+        wider[0].copy_(views["model.layers.0.mlp.gate.weight"].view(torch.float32))
+        negated.copy_(torch._neg_view(views["model.norm.weight"]))
+    assert torch.equal(narrower[0], gate.view(torch.uint8).view(-1))
+    assert torch.equal(wider[0], gate.view(torch.float32))
+    assert not narrower[1].any() and not wider[1].any()
+    assert torch.equal(negated, -tensors["model.norm.weight"])
+    assert copies.copies_made == 0
+
+
+def test_reads_under_inference_mode_see_the_copies(saved):
+    """Under `torch.inference_mode()`, `float()` and `contiguous()` of a target reach the
+    mode as operators that may alias their input, yet copy it: the copies are made first."""
+    path, tensors = saved
+    gate = tensors["model.layers.0.mlp.gate.weight"]
+    dst = nan((8, 32))
+    with fml.open(path) as ckpt, DirectCopies(ckpt, "cpu") as copies, torch.inference_mode():
+        dst.copy_(dict(copies.views(ckpt.keys()))["model.layers.0.mlp.gate.weight"])
+        widened = dst.float()
+        transposed = dst.t().contiguous()
+    assert torch.equal(widened, gate.float())
+    assert torch.equal(transposed, gate.t().contiguous())
+
+
+def test_blocks_do_not_nest(saved):
+    path, _ = saved
+    with fml.open(path) as ckpt, DirectCopies(ckpt, "cpu"):
+        with pytest.raises(RuntimeError, match="DirectCopies blocks do not nest"):
+            with DirectCopies(ckpt, "cpu"):
+                pass

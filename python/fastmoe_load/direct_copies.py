@@ -12,7 +12,9 @@ the recorded copies are made together through the staging pipeline (pinned buffe
 copy threads) when the load ends, every `FLUSH_BYTES` (which bounds the scratch
 memory of dtype conversions), and before anything else reads or writes the memory they
 target, so every operation sees what it would have seen. Anything else (a
-strided destination, a source the loader computed, a dtype below one byte) runs as before.
+strided destination, a source the loader computed or wrote into, a view of another element
+size, a dtype below one byte) runs as before. Reads that run no torch operator (`tolist()`,
+`numpy()`, `print`) see a pending destination as it was before its copy.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode_stack
 from torch.utils._pytree import tree_leaves
 
 from ._fastmoe_load import LayoutError
@@ -30,6 +32,34 @@ from .loader import fill
 from .staging import Destination
 
 _COPY = torch.ops.aten.copy_.default
+_ATEN = torch.ops.aten
+# Operators that only make a view, never read or copy data: they may touch a pending
+# destination (a weight loader narrows a parameter before copying into it) without making
+# the copies first. Anything else that touches one makes them first (`to`, `reshape` and
+# `contiguous` may return an alias, yet copy).
+_VIEWS = {
+    _ATEN.alias,
+    _ATEN.as_strided,
+    _ATEN.chunk,
+    _ATEN.detach,
+    _ATEN.diagonal,
+    _ATEN.expand,
+    _ATEN.narrow,
+    _ATEN.permute,
+    _ATEN.select,
+    _ATEN.slice,
+    _ATEN.split,
+    _ATEN.split_with_sizes,
+    _ATEN.squeeze,
+    _ATEN.t,
+    _ATEN.transpose,
+    _ATEN.unbind,
+    _ATEN.unflatten,
+    _ATEN.unfold,
+    _ATEN.unsqueeze,
+    _ATEN.view,
+    _ATEN._reshape_alias,
+}
 # Bytes of recorded copies made at once: the pipeline's batch, and the bound on the scratch
 # memory that copies converting a dtype take on the device.
 FLUSH_BYTES = 1 << 30
@@ -51,7 +81,8 @@ class DirectCopies(TorchDispatchMode):
         self.device = torch.device(device)
         self.copied_bytes = 0  # of the copies made, and how many they were
         self.copies_made = 0
-        self._sources: dict[int, str] = {}  # storage address of a view -> tensor name
+        # Storage address of a view -> the tensor's name and element size.
+        self._sources: dict[int, tuple[str, int]] = {}
         self._pending: list[Destination] = []
         self._pending_bytes = 0
         # Storage address -> byte ranges the pending copies write into it.
@@ -61,7 +92,7 @@ class DirectCopies(TorchDispatchMode):
         for name in names:
             view = self.ckpt.tensor(name)
             if view.numel():
-                self._sources[view.untyped_storage().data_ptr()] = name
+                self._sources[view.untyped_storage().data_ptr()] = (name, view.element_size())
             yield name, view
 
     def flush(self) -> None:
@@ -71,6 +102,11 @@ class DirectCopies(TorchDispatchMode):
         if pending:
             self.copied_bytes += fill(self.ckpt, pending)
             self.copies_made += len(pending)
+
+    def __enter__(self) -> DirectCopies:
+        if any(isinstance(mode, DirectCopies) for mode in _get_current_dispatch_mode_stack()):
+            raise RuntimeError("DirectCopies blocks do not nest")
+        return super().__enter__()
 
     def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
         super().__exit__(kind, error, traceback)
@@ -83,9 +119,23 @@ class DirectCopies(TorchDispatchMode):
         kwargs = kwargs or {}
         if func is _COPY and self._record(*args, **kwargs):
             return args[0]
-        if self._pending and not func.is_view and self._touches_targets(args, kwargs):
-            self.flush()
+        if func.overloadpacket not in _VIEWS:
+            self._forget_written_sources(func, args, kwargs)
+            if self._pending and self._touches_targets(args, kwargs):
+                self.flush()
         return func(*args, **kwargs)
+
+    def _forget_written_sources(self, func, args: Any, kwargs: Any) -> None:
+        """A checkpoint view the loader writes into (`loaded += 1`, `loaded.zero_()`) holds
+        other values than the file from then on: later copies from it are left to torch,
+        which reads the view. Copies recorded before read the file, as torch would have."""
+        for i, argument in enumerate(func._schema.arguments):
+            if argument.alias_info is None or not argument.alias_info.is_write:
+                continue
+            value = args[i] if i < len(args) else kwargs.get(argument.name)
+            for leaf in tree_leaves(value):
+                if isinstance(leaf, torch.Tensor):
+                    self._sources.pop(leaf.untyped_storage().data_ptr(), None)
 
     def _record(self, dst: torch.Tensor, src: torch.Tensor, non_blocking: bool = False) -> bool:
         """Records `dst.copy_(src)` as a planned copy where it is one; False to run it."""
@@ -97,11 +147,18 @@ class DirectCopies(TorchDispatchMode):
             or not dst.is_contiguous()
             or (dst.requires_grad and torch.is_grad_enabled())
             or src.numel() == 0
+            or src.is_conj()
+            or src.is_neg()
         ):
             return False
-        name = self._sources.get(src.untyped_storage().data_ptr())
+        name, element_size = self._sources.get(src.untyped_storage().data_ptr(), (None, 0))
         storage = dst.untyped_storage().data_ptr()
-        runs = name and storage not in self._sources and strided_runs(src)
+        runs = (
+            name
+            and element_size == src.element_size()  # not a view as another dtype's elements
+            and storage not in self._sources
+            and strided_runs(src)
+        )
         if not runs:  # not from the checkpoint, into it, or not in runs: left to torch
             return False
         try:
