@@ -15,6 +15,30 @@ from safetensors.torch import save_file
 H, HEAD, HEADS, KV_HEADS, INTER, VOCAB = 256, 128, 8, 2, 1024, 1000
 
 
+def build_block(linear, embedding, quant_config=None) -> dict[str, torch.nn.Module]:
+    """A Llama/Qwen-shaped block of an engine's own layers, from its `linear` and
+    `vocab_parallel_embedding` modules (vLLM's and SGLang's share their classes' names and
+    arguments), bfloat16, every parameter poisoned; `quant_config` quantizes the linear
+    layers but the router. Built as the TP rank the engine's parallel state says."""
+    options = {"params_dtype": torch.bfloat16}
+    quantized = {**options, "quant_config": quant_config} if quant_config else options
+    return poison(
+        {
+            "qkv_proj": linear.QKVParallelLinear(
+                H, HEAD, HEADS, KV_HEADS, bias=quant_config is None, **quantized
+            ),
+            "o_proj": linear.RowParallelLinear(HEADS * HEAD, H, bias=False, **quantized),
+            "gate_up_proj": linear.MergedColumnParallelLinear(
+                H, [INTER, INTER], bias=False, **quantized
+            ),
+            "down_proj": linear.RowParallelLinear(INTER, H, bias=False, **quantized),
+            "router": linear.ReplicatedLinear(H, 8, bias=False, **options),
+            "embed_tokens": embedding.VocabParallelEmbedding(VOCAB, H, **options),
+            "lm_head": embedding.ParallelLMHead(VOCAB, H, **options),
+        }
+    )
+
+
 def poison(layers: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
     """Every parameter NaN, or 0xA5 bytes where it holds one-byte values."""
     with torch.no_grad():

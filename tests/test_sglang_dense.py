@@ -12,16 +12,7 @@ import torch
 
 pytest.importorskip("sglang.srt.layers.linear")
 
-from dense_layers import (
-    HEAD,
-    HEADS,
-    INTER,
-    KV_HEADS,
-    VOCAB,
-    H,
-    assert_direct_copies_fill_the_same,
-    poison,
-)
+from dense_layers import assert_direct_copies_fill_the_same, build_block
 
 
 def build_layers(tp_size: int, rank: int) -> dict[str, torch.nn.Module]:
@@ -30,20 +21,8 @@ def build_layers(tp_size: int, rank: int) -> dict[str, torch.nn.Module]:
     from sglang.srt.runtime_context import get_context, get_parallel
 
     ranks = dict(tp_rank=rank, tp_size=tp_size, attn_tp_rank=rank, attn_tp_size=tp_size)
-    bf16 = {"params_dtype": torch.bfloat16}
     with get_context().override_server_args(tp_size=tp_size), get_parallel().override(**ranks):
-        layers = {
-            "qkv_proj": linear.QKVParallelLinear(H, HEAD, HEADS, KV_HEADS, bias=True, **bf16),
-            "o_proj": linear.RowParallelLinear(HEADS * HEAD, H, bias=False, **bf16),
-            "gate_up_proj": linear.MergedColumnParallelLinear(
-                H, [INTER, INTER], bias=False, **bf16
-            ),
-            "down_proj": linear.RowParallelLinear(INTER, H, bias=False, **bf16),
-            "router": linear.ReplicatedLinear(H, 8, bias=False, **bf16),
-            "embed_tokens": embedding.VocabParallelEmbedding(VOCAB, H, **bf16),
-            "lm_head": embedding.ParallelLMHead(VOCAB, H, **bf16),
-        }
-    return poison(layers)
+        return build_block(linear, embedding)
 
 
 @pytest.mark.parametrize(("tp_size", "rank"), [(1, 0), (2, 1), (4, 3), (8, 5)])

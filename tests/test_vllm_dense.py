@@ -18,16 +18,7 @@ import torch
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 vllm = pytest.importorskip("vllm")
 
-from dense_layers import (  # noqa: E402
-    HEAD,
-    HEADS,
-    INTER,
-    KV_HEADS,
-    VOCAB,
-    H,
-    assert_direct_copies_fill_the_same,
-    poison,
-)
+from dense_layers import assert_direct_copies_fill_the_same, build_block  # noqa: E402
 
 
 def build_layers(tp_size: int, rank: int, fp8: bool) -> dict[str, torch.nn.Module]:
@@ -68,24 +59,7 @@ def build_layers(tp_size: int, rank: int, fp8: bool) -> dict[str, torch.nn.Modul
         )
         stack.enter_context(supported)
         stack.enter_context(set_default_torch_dtype(torch.bfloat16))
-        layers = {
-            "qkv_proj": linear.QKVParallelLinear(
-                H, HEAD, HEADS, KV_HEADS, bias=not fp8, quant_config=quant, prefix="qkv_proj"
-            ),
-            "o_proj": linear.RowParallelLinear(
-                HEADS * HEAD, H, bias=False, quant_config=quant, prefix="o_proj"
-            ),
-            "gate_up_proj": linear.MergedColumnParallelLinear(
-                H, [INTER, INTER], bias=False, quant_config=quant, prefix="gate_up_proj"
-            ),
-            "down_proj": linear.RowParallelLinear(
-                INTER, H, bias=False, quant_config=quant, prefix="down_proj"
-            ),
-            "router": linear.ReplicatedLinear(H, 8, bias=False, prefix="router"),
-            "embed_tokens": vocab_parallel_embedding.VocabParallelEmbedding(VOCAB, H),
-            "lm_head": vocab_parallel_embedding.ParallelLMHead(VOCAB, H, prefix="lm_head"),
-        }
-    return poison(layers)
+        return build_block(linear, vocab_parallel_embedding, quant)
 
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8-block"])
