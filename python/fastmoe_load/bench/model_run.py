@@ -128,10 +128,6 @@ def _compare(path: str, target: torch.device, repeats: int) -> None:
     )
     print(f"{size / 1e9:.2f} GB of safetensors, loaded {repeats} times each (median)")
 
-    def sync() -> None:
-        if target.type == "cuda":
-            torch.cuda.synchronize(target)
-
     def with_from_pretrained() -> torch.nn.Module:
         # transformers loads to the CPU by default; other devices go through `device_map`.
         placement = {} if target.type == "cpu" else {"device_map": str(target)}
@@ -148,17 +144,8 @@ def _compare(path: str, target: torch.device, repeats: int) -> None:
         fills.append(report.seconds)
         return model
 
-    times: dict[str, list[float]] = {"from_pretrained": [], "load_model": []}
     loaders = {"from_pretrained": with_from_pretrained, "load_model": with_load_model}
-    for run in range(repeats + 1):
-        for name, load in loaders.items():
-            sync()
-            start = time.perf_counter()
-            model = load()
-            sync()
-            if run:
-                times[name].append(time.perf_counter() - start)
-            del model
+    times = _round_robin(loaders, repeats, target)
     base = statistics.median(times["from_pretrained"])
     print(f"{'path':<36} {'seconds':>8} {'GB/s':>7} {'x from_pretrained':>18}")
     times["load_model, fill alone"] = fills[1:]  # the warm-up's is left out, as above
@@ -226,18 +213,9 @@ def _time_dense(
             for param, (_, view) in zip(params, copies.views(names), strict=True):
                 param.copy_(_rank_share(view, tp, rank))
 
-    loads = {"copy_, one at a time": one_at_a_time, "DirectCopies": direct}
-    times: dict[str, list[float]] = {name: [] for name in loads}
-    for run in range(repeats + 1):
-        for name, load in loads.items():
-            if target.type == "cuda":
-                torch.cuda.synchronize(target)
-            start = time.perf_counter()
-            load()
-            if target.type == "cuda":
-                torch.cuda.synchronize(target)
-            if run:
-                times[name].append(time.perf_counter() - start)
+    times = _round_robin(
+        {"copy_, one at a time": one_at_a_time, "DirectCopies": direct}, repeats, target
+    )
     for param in params:  # once more into poisoned parameters, checked against the file
         param.view(torch.uint8).fill_(0xA5)
     direct()
@@ -247,3 +225,27 @@ def _time_dense(
             if not torch.equal(param.cpu().view(torch.uint8), share.view(torch.uint8)):
                 raise AssertionError(f"{path}: DirectCopies landed other bytes for `{name}`")
     return sum(p.nbytes for p in params), times
+
+
+def _round_robin(
+    loads: dict[str, Callable[[], object]], repeats: int, target: torch.device
+) -> dict[str, list[float]]:
+    """The seconds of each of `repeats` timed runs of each load, round-robin after one
+    warm-up run each, the device synchronized around each; what a load returns is let go
+    outside its timing."""
+
+    def sync() -> None:
+        if target.type == "cuda":
+            torch.cuda.synchronize(target)
+
+    times: dict[str, list[float]] = {name: [] for name in loads}
+    for run in range(repeats + 1):
+        for name, load in loads.items():
+            sync()
+            start = time.perf_counter()
+            result = load()
+            sync()
+            if run:
+                times[name].append(time.perf_counter() - start)
+            del result
+    return times
