@@ -97,8 +97,7 @@ class DirectCopies(TorchDispatchMode):
 
     def flush(self) -> None:
         """Makes the recorded copies now, on the caller's current stream."""
-        pending, self._pending, self._targets = self._pending, [], {}
-        self._pending_bytes = 0
+        pending = self._take_pending()
         if pending:
             self.copied_bytes += fill(self.ckpt, pending)
             self.copies_made += len(pending)
@@ -113,7 +112,12 @@ class DirectCopies(TorchDispatchMode):
         if kind is None:
             self.flush()
         else:
-            self._pending, self._targets, self._pending_bytes = [], {}, 0
+            self._take_pending()  # dropped: the load failed
+
+    def _take_pending(self) -> list[Destination]:
+        """The recorded copies, no longer recorded."""
+        pending, self._pending, self._targets, self._pending_bytes = self._pending, [], {}, 0
+        return pending
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
